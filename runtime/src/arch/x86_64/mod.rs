@@ -1,0 +1,33 @@
+//! x86_64: the trap instruction, decoding and classifying the displaced
+//! instruction, relocating it into an out-of-line stub, emulating it in the
+//! handler, the register frame, and the thread pointer.
+//!
+//! # The interface the generic core uses
+//! - [`TRAP_INSN`]: the byte written over a probed instruction (`int3`).
+//! - [`analyze`]: decode and classify the instruction at a probe address.
+//! - [`check_boundary`]: refuse an address inside an instruction.
+//! - [`emit_out_of_line`]: the bytes of an out-of-line stub.
+//! - [`emulate`]: apply an emulated instruction to a [`Regs`] (signal-safe).
+//! - [`thread_pointer`]: a signal-safe, allocation-free thread identity.
+
+mod emulate;
+mod insn;
+mod regs;
+mod relocate;
+mod tp;
+
+pub use emulate::emulate;
+pub use insn::{analyze, check_boundary, Displaced};
+pub use regs::{Reg, Regs};
+pub use relocate::emit_out_of_line;
+pub use tp::thread_pointer;
+
+/// The breakpoint instruction: `int3`.
+pub const TRAP_INSN: u8 = 0xCC;
+/// The longest x86 instruction.
+pub const MAX_INSN_LEN: usize = 15;
+/// Size of one out-of-line stub slot in the trampoline pool. A stub is the
+/// relocated instruction followed by a `jmp rel32` back.
+pub const STUB_SLOT: usize = 32;
+/// An instruction that faults (`ud2`), used to poison freed stub slots.
+pub const POISON: [u8; 2] = [0x0F, 0x0B];

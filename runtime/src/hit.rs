@@ -1,0 +1,80 @@
+//! What a handler receives and returns.
+//!
+//! # Safety
+//!
+//! [`Hit::regs_mut`] dereferences the register pointer the dispatcher stored;
+//! it points at a live [`Regs`] for the duration of the handler call.
+#![allow(unsafe_code)]
+
+use std::ffi::c_void;
+
+use crate::arch::Regs;
+
+/// What a handler asks for after a hit.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Keep the consumer attached.
+    Continue = 0,
+    /// Detach this consumer: no further calls after the ones already running
+    /// finish, and its handle becomes stale. (Its resources are reclaimed by
+    /// the next probert call made in normal context.)
+    Remove = 1,
+}
+
+impl Action {
+    /// Reads an action returned through the C ABI: anything but `1` is
+    /// [`Action::Continue`].
+    #[inline]
+    pub fn from_raw(raw: u32) -> Action {
+        if raw == Action::Remove as u32 {
+            Action::Remove
+        } else {
+            Action::Continue
+        }
+    }
+}
+
+/// One execution of a probed instruction, as a handler sees it. Layout-equal
+/// to `probert_hit` in the C ABI.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Hit {
+    /// The probed address.
+    pub addr: usize,
+    /// Registers at the probed instruction; writes take effect on resume.
+    pub regs: *mut Regs,
+    /// The `user_data` given at attach.
+    pub user_data: *mut c_void,
+}
+
+impl Hit {
+    /// The registers of the thread that hit the probe, writable.
+    ///
+    /// # Signal safety
+    /// A pointer dereference.
+    #[inline]
+    pub fn regs_mut(&mut self) -> &mut Regs {
+        // SAFETY: the dispatcher sets `regs` to a live, exclusively borrowed
+        // `Regs` for the duration of the handler call, and `Hit` is only
+        // handed out by `&mut` for that duration.
+        unsafe { &mut *self.regs }
+    }
+
+    /// The registers of the thread that hit the probe.
+    #[inline]
+    pub fn regs(&self) -> &Regs {
+        // SAFETY: as in `regs_mut`.
+        unsafe { &*self.regs }
+    }
+}
+
+/// A handler, as the C ABI declares it: called on every hit with the hit, and
+/// returns an [`Action`] as an integer (`0` continue, `1` remove).
+///
+/// Handlers may run in signal context (the trap path), so they must be
+/// **async-signal-safe**: no `malloc`, no locks another thread may hold, no
+/// `println!`, no panics (a panic in an `extern "C"` function aborts).
+/// Handlers may call probed code: the nested hit is counted as *missed* and the
+/// consumers are not called again.
+pub type Handler = unsafe extern "C" fn(hit: *mut Hit) -> u32;

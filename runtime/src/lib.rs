@@ -1,0 +1,139 @@
+//! # probert — probes on live code, in process
+//!
+//! probert lets a program (a JIT, a VM, any C/C++/Rust host) attach *probes* to
+//! any instruction of its own code — ELF code and code it generates at run
+//! time — and get a callback with the thread's registers every time the
+//! instruction executes. No ptrace, no root, no restart.
+//!
+//! ```no_run
+//! use probert::{Action, Hit};
+//!
+//! #[inline(never)]
+//! extern "C" fn work(x: u64) -> u64 { x * 2 }
+//!
+//! static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+//!
+//! // SAFETY: `work` is a function of this program; the handler is
+//! // async-signal-safe (one atomic add).
+//! let probe = unsafe {
+//!     probert::probe(work as usize, |hit: &mut Hit| {
+//!         SEEN.fetch_add(hit.regs().arg(0).unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+//!         Action::Continue
+//!     })
+//! }?;
+//! work(21);
+//! drop(probe); // detaches and waits until the handler can no longer run
+//! assert_eq!(SEEN.load(std::sync::atomic::Ordering::Relaxed), 21);
+//! # Ok::<(), probert::Error>(())
+//! ```
+//!
+//! # How it works
+//!
+//! **Patching.** Attaching writes `int3` (`0xCC`) over the first byte of the
+//! instruction — one byte, so other threads running the code see the old
+//! instruction or the trap, never a mix. Code is written through a cached
+//! `/proc/self/mem` descriptor (no protection change, works under
+//! `PR_SET_MDWE`), falling back to a brief RWX → RX protection change; code
+//! pages are never made non-executable. JIT regions may supply their own
+//! write callback (e.g. for a dual-mapped memfd whose executable view is never
+//! writable). Detaching the last consumer writes the original byte back.
+//!
+//! **The trap path.** probert's `SIGTRAP` handler looks the address up in the
+//! probe index, calls the consumers with the registers, and resumes at the
+//! displaced instruction: emulated in the handler (`call` — so the callee
+//! sees the original return address —, `jmp`, `jcc`, `loop`, `push`, `ret`,
+//! `nop`, `endbr64`), or run *out of line* from a stub holding a copy
+//! relocated to the stub's address followed by a jump back. No single-step,
+//! ever. A trap that is not probert's goes to the handler installed before
+//! (or to the default action).
+//!
+//! **The index** is read by the handler without locks, and the handler may
+//! have interrupted the writer on its own thread, so it can never wait: the
+//! index is a hash table kept in two copies behind a *latch* sequence counter
+//! (the kernel's `seqcount_latch`), so a lookup always reads a consistent copy
+//! and finishes in bounded steps ([`map`](crate) module docs).
+//!
+//! **Read-side sections and grace periods.** Every handler call runs inside a
+//! read-side section that takes no lock and writes only its own thread's
+//! cache line. [`sync`] waits one *grace period* — until every section that
+//! began before it has ended — using one `membarrier` and a scan of the
+//! section table. Detaching consumers is cheap and batched: [`detach_nosync`]
+//! any number, then one [`sync`]; [`detach_batch`] does both. Trampoline
+//! stubs are reused only after, in addition, a thread scan has seen no thread
+//! inside them.
+//!
+//! # Contracts
+//!
+//! - After [`detach`], [`detach_batch`] or [`sync`] returns, the handler is
+//!   never called again for those consumers and their user data may be freed.
+//! - After [`region_remove`] returns, probert never reads or writes that
+//!   memory again.
+//! - Every execution of a probed instruction, by any thread, while a consumer
+//!   is attached for the whole duration of that execution, calls that consumer
+//!   exactly once — except a *missed* hit: a probe hit by a thread that is
+//!   already running a handler (a consumer called probed code) runs the
+//!   instruction but not the consumers, and counts in [`Stats::missed`].
+//! - Detaching everything restores the code byte for byte.
+//! - Bad input returns an [`Error`] and changes nothing.
+//!
+//! # Handlers run in signal context
+//!
+//! A handler on the trap path runs inside a `SIGTRAP` handler, so it must be
+//! **async-signal-safe**: no allocation, no locks another thread may hold, no
+//! `println!`, no panics (a panic in a handler aborts the process: it cannot
+//! unwind through a signal frame). Atomics, `write(2)`, reading and writing
+//! the registers are fine. A handler may call probed code (counted as
+//! missed), but must not call [`sync`], [`detach`] or anything that waits for
+//! a grace period — those return an error when called from a handler.
+//!
+//! # Limitations
+//!
+//! x86_64 Linux only. A module unloaded (`dlclose`) with probes still attached
+//! leaves them dangling: detach first. A thread that sits inside an
+//! out-of-line stub while a *different* signal's handler runs on it for the
+//! whole duration of a thread scan is not seen by that scan (the scan sees
+//! only the innermost context).
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+mod api;
+mod arch;
+mod arena;
+mod error;
+mod grace;
+mod hit;
+mod map;
+mod patch;
+mod probe;
+mod region;
+mod runtime;
+mod sigctx;
+mod sys;
+mod trap;
+mod xol;
+
+pub use api::{attach, attach_ex, attach_fn, probe, Probe};
+pub use arch::{Reg, Regs};
+pub use error::{Error, Result};
+pub use hit::{Action, Handler, Hit};
+pub use region::{RegionDesc, RegionId, WriteFn};
+pub use runtime::{
+    attach_batch, detach, detach_batch, detach_nosync, init, probe_count, probe_mode,
+    recycle_stubs, region_add, region_remove, retired_stubs, stats, sync, AttachReq, ConsumerId,
+    Mode, Stats,
+};
+
+/// Whether the calling thread is running a probert handler right now (it is
+/// inside a read-side section). Calls that take the writer lock or wait for
+/// a grace period must not be made there; the C ABI checks this and refuses
+/// them.
+///
+/// # Signal safety
+/// Scans the section table for this thread's slots: no allocation, lock or
+/// panic.
+pub fn in_handler() -> bool {
+    grace::in_section()
+}
+
+/// The crate version, e.g. `"0.1.0"`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

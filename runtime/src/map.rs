@@ -1,0 +1,394 @@
+//! The probe index: address → probe record, behind a *latch* sequence counter,
+//! read without locks from the `SIGTRAP` handler.
+//!
+//! # Why a latch
+//!
+//! The reader that matters runs in a signal handler and may have interrupted
+//! the writer on its own thread: it can never wait for the writer. So the index
+//! is kept twice (the kernel's `seqcount_latch`, as in `latch_tree` for
+//! NMI-safe module lookups). The counter's low bit picks the copy readers use;
+//! the writer
+//!
+//! 1. bumps the counter (readers move to the other copy),
+//! 2. changes the idle copy,
+//! 3. bumps the counter again (readers move back),
+//! 4. changes the other copy.
+//!
+//! A reader loads the counter, reads the copy it selects, and re-checks the
+//! counter; if it moved, a writer on another thread made progress and the
+//! reader retries. A reader interrupting the writer on its own thread always
+//! reads the copy the writer is not touching and never retries: the lookup
+//! finishes in a bounded number of steps.
+//!
+//! # Memory
+//!
+//! Each copy is an open-addressed hash table (linear probing, backward-shift
+//! deletion, so no tombstones). Tables are replaced only when they grow; a
+//! replaced table is handed back to the caller to free after a grace period,
+//! because readers — always inside a read-side section — may still be probing
+//! it. Every field a reader touches is an atomic: a speculative read can see a
+//! torn state, never undefined behaviour, and its result is discarded.
+//!
+//! # Safety
+//!
+//! Readers dereference the table pointers they load. A table is freed only
+//! after it was unpublished and a grace period passed ([`Retired`] is given to
+//! the caller, who must drop it after `grace::synchronize`), and readers only
+//! run inside read-side sections.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+use crate::sigctx::SignalContext;
+
+/// Key of an empty bucket. Address 0 is never probed.
+const EMPTY: usize = 0;
+const MIN_CAPACITY: usize = 64;
+
+#[derive(Debug)]
+struct Bucket {
+    key: AtomicUsize,
+    value: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Table {
+    mask: usize,
+    buckets: Box<[Bucket]>,
+}
+
+impl Table {
+    fn new(capacity: usize) -> Box<Table> {
+        debug_assert!(capacity.is_power_of_two());
+        let buckets = (0..capacity)
+            .map(|_| Bucket {
+                key: AtomicUsize::new(EMPTY),
+                value: AtomicUsize::new(0),
+            })
+            .collect();
+        Box::new(Table {
+            mask: capacity - 1,
+            buckets,
+        })
+    }
+
+    #[inline(always)]
+    fn home(&self, key: usize) -> usize {
+        // Code addresses share high bits and alignment; mix before masking.
+        ((key as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize & self.mask
+    }
+
+    /// Speculative lookup: bounded by the capacity even on a torn table.
+    ///
+    /// # Signal safety
+    /// Atomic loads and masked indexing only.
+    #[inline]
+    fn get_speculative(&self, key: usize) -> Option<usize> {
+        let mut i = self.home(key);
+        for _ in 0..=self.mask {
+            let b = &self.buckets[i & self.mask];
+            // Ordering: Relaxed — validated by the latch counter re-check in
+            // `Index::read_speculative`.
+            let k = b.key.load(Ordering::Relaxed);
+            if k == key {
+                return Some(b.value.load(Ordering::Relaxed));
+            }
+            if k == EMPTY {
+                return None;
+            }
+            i = i.wrapping_add(1);
+        }
+        None
+    }
+
+    /// Writer only. Inserts or overwrites.
+    fn insert(&self, key: usize, value: usize) {
+        let mut i = self.home(key);
+        loop {
+            let b = &self.buckets[i & self.mask];
+            // Ordering: Relaxed — this copy is idle (readers are on the other
+            // one); publication is by the latch counter's Release.
+            let k = b.key.load(Ordering::Relaxed);
+            if k == key || k == EMPTY {
+                b.value.store(value, Ordering::Relaxed);
+                b.key.store(key, Ordering::Relaxed);
+                return;
+            }
+            i = i.wrapping_add(1);
+        }
+    }
+
+    /// Writer only. Removes with backward-shift deletion.
+    fn remove(&self, key: usize) {
+        let mask = self.mask;
+        let mut i = self.home(key);
+        loop {
+            // Ordering (all below): Relaxed — idle copy, see `insert`.
+            let k = self.buckets[i & mask].key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                return;
+            }
+            if k == key {
+                break;
+            }
+            i = i.wrapping_add(1);
+        }
+        // Shift later members of the cluster back over the hole.
+        let mut hole = i & mask;
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let k = self.buckets[j].key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                break;
+            }
+            let h = self.home(k);
+            // Can `k` (home h, at j) move to `hole`? Only if `hole` lies
+            // cyclically in [h, j).
+            let movable = if hole <= j {
+                h <= hole || h > j
+            } else {
+                h <= hole && h > j
+            };
+            if movable {
+                let v = self.buckets[j].value.load(Ordering::Relaxed);
+                self.buckets[hole].value.store(v, Ordering::Relaxed);
+                self.buckets[hole].key.store(k, Ordering::Relaxed);
+                hole = j;
+            }
+        }
+        self.buckets[hole].key.store(EMPTY, Ordering::Relaxed);
+    }
+
+    fn entries(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.buckets.iter().filter_map(|b| {
+            // Ordering: Relaxed — writer only, under the writer lock.
+            let k = b.key.load(Ordering::Relaxed);
+            (k != EMPTY).then(|| (k, b.value.load(Ordering::Relaxed)))
+        })
+    }
+}
+
+/// Tables unpublished by a resize; drop after a grace period.
+#[derive(Debug)]
+#[allow(clippy::vec_box)] // each table is unpublished by pointer, so it lives in its own box
+pub(crate) struct Retired(#[allow(dead_code)] Vec<Box<Table>>);
+
+/// The latch-protected address → value index.
+#[derive(Debug)]
+pub(crate) struct Index {
+    /// The latch counter; its low bit selects the copy readers use.
+    seq: AtomicU64,
+    copies: [AtomicPtr<Table>; 2],
+    /// Writer only (under the writer lock).
+    len: AtomicUsize,
+}
+
+impl Index {
+    /// An index with no tables yet (const, for a `static`).
+    pub(crate) const fn new() -> Index {
+        Index {
+            seq: AtomicU64::new(0),
+            copies: [
+                AtomicPtr::new(std::ptr::null_mut()),
+                AtomicPtr::new(std::ptr::null_mut()),
+            ],
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Runs `f` on the value stored for `key` (or `None`) inside a validated
+    /// speculative window: `f` may run several times (each run must be
+    /// side-effect free), and the result of the run whose window no writer
+    /// crossed is returned. Reads `f` makes are validated too, if they read
+    /// state that writers change only between latch bumps.
+    ///
+    /// Must be called inside a read-side section (tables are freed after a
+    /// grace period).
+    ///
+    /// # Signal safety
+    /// Loads and fences only; bounded per attempt, and an attempt is repeated
+    /// only when a writer on another thread completed a step.
+    #[inline]
+    pub(crate) fn read_speculative<R>(
+        &self,
+        _cx: SignalContext,
+        key: usize,
+        mut f: impl FnMut(Option<usize>) -> R,
+    ) -> R {
+        loop {
+            // Ordering: Acquire — pairs with the Release of `latch_bump`: the
+            // selected copy's contents as of the bump are visible.
+            let seq = self.seq.load(Ordering::Acquire);
+            // Ordering: Acquire — the table's buckets were initialised before
+            // the pointer was published (Release in `grow`).
+            let table = self.copies[(seq & 1) as usize].load(Ordering::Acquire);
+            let found = if table.is_null() {
+                None
+            } else {
+                // SAFETY: a published table is freed only after it was
+                // unpublished and a grace period passed; we are inside a
+                // read-side section that began before any such grace period
+                // could end.
+                unsafe { &*table }.get_speculative(key)
+            };
+            let result = f(found);
+            // Ordering: Acquire fence — if any read above saw a store the
+            // writer made after a bump, the counter load below sees that bump
+            // — pairs with the Release fence in `latch_bump`.
+            fence(Ordering::Acquire);
+            if self.seq.load(Ordering::Relaxed) == seq {
+                return result;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The latch step: readers move to the other copy.
+    fn latch_bump(&self) {
+        // Ordering: Relaxed load — the writer is the only one storing `seq`.
+        let seq = self.seq.load(Ordering::Relaxed);
+        // Ordering: Release — changes to the copy readers are moved *to* are
+        // visible to readers that see the new value (Acquire in
+        // `read_speculative`).
+        self.seq.store(seq + 1, Ordering::Release);
+        // Ordering: Release fence — the bump is ordered before the changes to
+        // the now-idle copy that follow, so a reader that sees any of them
+        // sees the bump on its re-check — pairs with the Acquire fence in
+        // `read_speculative`.
+        fence(Ordering::Release);
+    }
+
+    /// Applies `op` to both copies under the latch protocol. Writer only
+    /// (caller holds the writer lock); touches no libc, so it never runs code
+    /// a user may have probed while a copy is inconsistent.
+    fn update(&self, op: impl Fn(&Table)) {
+        for _ in 0..2 {
+            self.latch_bump();
+            // Ordering: Relaxed — only the writer stores the pointers.
+            let idle = self.copies[(self.seq.load(Ordering::Relaxed) & 1 ^ 1) as usize]
+                .load(Ordering::Relaxed);
+            // SAFETY: the writer owns the tables; readers never write them.
+            op(unsafe { &*idle });
+        }
+    }
+
+    /// Number of entries. Writer only.
+    pub(crate) fn len(&self) -> usize {
+        // Ordering: Relaxed — writer only.
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Inserts `key → value`. Writer only. Returns tables to free after a
+    /// grace period if the index grew.
+    pub(crate) fn insert(&self, key: usize, value: usize) -> Option<Retired> {
+        debug_assert_ne!(key, EMPTY);
+        let retired = self.reserve(self.len() + 1);
+        self.update(|t| t.insert(key, value));
+        // Ordering: Relaxed — writer only.
+        self.len.fetch_add(1, Ordering::Relaxed);
+        retired
+    }
+
+    /// Removes `key`. Writer only.
+    pub(crate) fn remove(&self, key: usize) {
+        self.update(|t| t.remove(key));
+        // Ordering: Relaxed — writer only.
+        self.len.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Makes room for `n` entries (load factor ≤ 1/2), replacing both copies
+    /// if needed. Writer only.
+    pub(crate) fn reserve(&self, n: usize) -> Option<Retired> {
+        // Ordering: Relaxed — writer only.
+        let cur = self.copies[0].load(Ordering::Relaxed);
+        // SAFETY: the writer owns the tables.
+        let cap = if cur.is_null() {
+            0
+        } else {
+            unsafe { &*cur }.buckets.len()
+        };
+        if n * 2 <= cap {
+            return None;
+        }
+        let new_cap = (n * 2).next_power_of_two().max(MIN_CAPACITY);
+        let mut old = Vec::new();
+        for _ in 0..2 {
+            self.latch_bump();
+            let idle = (self.seq.load(Ordering::Relaxed) & 1 ^ 1) as usize;
+            let table = Table::new(new_cap);
+            if !cur.is_null() {
+                // SAFETY: the writer owns the tables; `cur` is still live.
+                for (k, v) in unsafe { &*cur }.entries() {
+                    table.insert(k, v);
+                }
+            }
+            // Ordering: Release — the buckets are initialised before readers
+            // can load the pointer (Acquire in `read_speculative`).
+            let prev = self.copies[idle].swap(Box::into_raw(table), Ordering::Release);
+            if !prev.is_null() {
+                // SAFETY: `prev` came from `Box::into_raw` and is now
+                // unpublished; it is freed by the caller after a grace period.
+                old.push(unsafe { Box::from_raw(prev) });
+            }
+        }
+        // Readers end on the table filled last; both copies hold everything.
+        Some(Retired(old))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cx() -> SignalContext {
+        // SAFETY: tests call only signal-safe functions with it.
+        unsafe { SignalContext::new() }
+    }
+
+    fn lookup(ix: &Index, k: usize) -> Option<usize> {
+        ix.read_speculative(cx(), k, |v| v)
+    }
+
+    #[test]
+    fn insert_remove_grow_against_a_model() {
+        let ix = Index::new();
+        let mut model = HashMap::new();
+        let mut rng = 0x1234_5678_9abc_def0u64;
+        for step in 0..20_000 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            // Clustered keys (code addresses) exercise backward shifts.
+            let key = 0x40_0000 + (rng % 512) as usize * 3;
+            if rng & (1 << 40) != 0 {
+                if let std::collections::hash_map::Entry::Vacant(e) = model.entry(key) {
+                    e.insert(step);
+                    drop(ix.insert(key, step));
+                }
+            } else if model.remove(&key).is_some() {
+                ix.remove(key);
+            }
+            if step % 97 == 0 {
+                for k in (0x40_0000..0x40_0000 + 512 * 3).step_by(3) {
+                    assert_eq!(lookup(&ix, k), model.get(&k).copied(), "key {k:#x}");
+                }
+            }
+        }
+        assert_eq!(ix.len(), model.len());
+    }
+
+    #[test]
+    fn reader_on_the_writers_thread_sees_the_other_copy() {
+        // Simulate a signal arriving mid-update: run a lookup from inside the
+        // writer's update of the idle copy.
+        let ix = Index::new();
+        drop(ix.insert(0x1000, 1));
+        ix.update(|t| {
+            // The reader must see the consistent copy and never retry.
+            assert_eq!(ix.read_speculative(cx(), 0x1000, |v| v), Some(1));
+            t.remove(0x1000);
+        });
+    }
+}

@@ -1,0 +1,215 @@
+//! Probes, consumers, and the dispatcher every path runs.
+//!
+//! A *probe* is one patched address. Its [`ProbeRecord`] (in a never-unmapped
+//! arena) holds what the trap path needs: the displaced instruction, its
+//! out-of-line stub, and the consumer list. The list is immutable and
+//! published by one atomic pointer: attaching or detaching builds a new list
+//! and swaps it in; the old list is freed after a grace period.
+//!
+//! A *consumer* is a handler plus user data. Its [`ConsumerRecord`] holds the
+//! state the dispatcher checks (a handler that returned `Remove` flips it) and
+//! the statistics.
+//!
+//! # Safety
+//!
+//! The dispatcher dereferences a consumer-list pointer loaded inside a
+//! read-side section; lists are freed only after being unpublished and a
+//! grace period passing. Handlers are called through the function pointer the
+//! user supplied at attach, with the contract documented on [`Handler`].
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::arch::{Displaced, Regs};
+use crate::arena::{Arena, Zeroable};
+use crate::hit::{Action, Handler, Hit};
+use crate::sigctx::SignalContext;
+
+/// Most probes alive at once.
+pub(crate) const MAX_PROBES: usize = 1 << 20;
+/// Most consumers alive at once.
+pub(crate) const MAX_CONSUMERS: usize = 1 << 20;
+
+/// What the trap path reads about a probe, speculatively.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct ProbeRecord {
+    /// The probed address (0 while the record is free).
+    pub addr: AtomicUsize,
+    /// Length of the displaced instruction.
+    pub len: AtomicUsize,
+    /// `Displaced::encode` of the displaced instruction.
+    pub displaced: [AtomicU64; 3],
+    /// Address of the out-of-line stub (0 when emulated).
+    pub stub: AtomicUsize,
+    /// The current consumer list (never null while the probe is indexed).
+    pub consumers: AtomicPtr<ConsumerList>,
+}
+
+// SAFETY: atomics only.
+unsafe impl Zeroable for ProbeRecord {}
+
+/// A consumer's state and statistics.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct ConsumerRecord {
+    /// One of the `STATE_*` values.
+    pub state: AtomicU32,
+    /// Handler calls.
+    pub hits: AtomicU64,
+    /// Hits skipped because the thread was already in a handler.
+    pub missed: AtomicU64,
+}
+
+// SAFETY: atomics only.
+unsafe impl Zeroable for ConsumerRecord {}
+
+/// The record is free.
+pub(crate) const STATE_FREE: u32 = 0;
+/// Attached: the dispatcher calls it.
+pub(crate) const STATE_ACTIVE: u32 = 1;
+/// Its handler returned `Remove`; awaiting reclamation by the writer.
+pub(crate) const STATE_REMOVED: u32 = 2;
+/// Detached by the writer; awaiting a grace period.
+pub(crate) const STATE_DETACHED: u32 = 3;
+
+pub(crate) static PROBES: Arena<ProbeRecord> = Arena::new(MAX_PROBES);
+pub(crate) static CONSUMERS: Arena<ConsumerRecord> = Arena::new(MAX_CONSUMERS);
+
+/// Set by a handler's `Remove`: the writer should reap removed consumers.
+pub(crate) static REAP_PENDING: AtomicU32 = AtomicU32::new(0);
+
+/// One consumer as the dispatcher calls it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Entry {
+    pub handler: Handler,
+    pub user_data: usize,
+    pub consumer: u32,
+}
+
+/// An immutable list of consumers, published by one atomic pointer.
+#[derive(Debug)]
+pub(crate) struct ConsumerList {
+    pub entries: Box<[Entry]>,
+}
+
+impl ConsumerList {
+    /// A heap list, as a raw pointer to publish.
+    pub(crate) fn publishable(entries: Vec<Entry>) -> *mut ConsumerList {
+        Box::into_raw(Box::new(ConsumerList {
+            entries: entries.into_boxed_slice(),
+        }))
+    }
+}
+
+/// A snapshot of a probe, taken in one validated speculative window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ProbeView {
+    pub len: u8,
+    pub displaced: Displaced,
+    pub stub: usize,
+    pub consumers: *const ConsumerList,
+}
+
+impl ProbeRecord {
+    /// Reads the record for `addr`; `None` if it is not (or no longer) the
+    /// record of `addr` or its fields are torn. The caller validates the
+    /// window.
+    ///
+    /// # Signal safety
+    /// Atomic loads and a pure decode.
+    #[inline]
+    pub(crate) fn view_speculative(&self, _cx: SignalContext, addr: usize) -> Option<ProbeView> {
+        // Ordering (all): Relaxed — validated by the latch re-check in
+        // `Index::read_speculative`; the writer initialises a record before
+        // indexing it (Release by the latch bump).
+        if self.addr.load(Ordering::Relaxed) != addr {
+            return None;
+        }
+        let words = [
+            self.displaced[0].load(Ordering::Relaxed),
+            self.displaced[1].load(Ordering::Relaxed),
+            self.displaced[2].load(Ordering::Relaxed),
+        ];
+        let len = self.len.load(Ordering::Relaxed);
+        if len == 0 || len > crate::arch::MAX_INSN_LEN {
+            return None;
+        }
+        Some(ProbeView {
+            len: len as u8,
+            displaced: Displaced::decode(words)?,
+            stub: self.stub.load(Ordering::Relaxed),
+            // Ordering: Acquire — the list was built before it was published
+            // (Release in the writer's swap).
+            consumers: self.consumers.load(Ordering::Acquire),
+        })
+    }
+}
+
+/// Calls every consumer of a probe hit at `addr`. The one dispatcher of every
+/// path (trap and fast). Must run inside a read-side section; `nested` is
+/// whether that section is a recursive one, in which case no handler runs and
+/// each consumer counts a missed hit.
+///
+/// # Signal safety
+/// Atomic loads and counters, and the user's handlers, which the attach
+/// contract requires to be async-signal-safe. No allocation, lock or panic.
+#[inline]
+pub(crate) fn dispatch(
+    _cx: SignalContext,
+    list: *const ConsumerList,
+    addr: usize,
+    regs: &mut Regs,
+    nested: bool,
+) {
+    if list.is_null() {
+        return;
+    }
+    // SAFETY: loaded inside the caller's read-side section; lists are freed
+    // only after being unpublished and a grace period passing.
+    let list = unsafe { &*list };
+    let mut hit = Hit {
+        addr,
+        regs,
+        user_data: std::ptr::null_mut(),
+    };
+    for e in list.entries.iter() {
+        let Some(rec) = CONSUMERS.get(e.consumer as usize) else {
+            continue;
+        };
+        if nested {
+            // Ordering: Relaxed — a statistic.
+            rec.missed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        // Ordering: Relaxed — a detached consumer is guaranteed no calls only
+        // after the grace period that follows its unpublishing; this check
+        // just stops calls early once a handler asked to be removed.
+        if rec.state.load(Ordering::Relaxed) != STATE_ACTIVE {
+            continue;
+        }
+        hit.user_data = e.user_data as *mut _;
+        // SAFETY: the handler and user data were supplied together at attach,
+        // under the documented contract of `Handler`.
+        let raw = unsafe { (e.handler)(&mut hit) };
+        // Ordering: Relaxed — a statistic.
+        rec.hits.fetch_add(1, Ordering::Relaxed);
+        if Action::from_raw(raw) == Action::Remove {
+            // Ordering: Relaxed on the state (the writer re-reads it under
+            // its lock); Release on the flag so the writer that sees it (Acquire
+            // in `reap`) sees the state change.
+            if rec
+                .state
+                .compare_exchange(
+                    STATE_ACTIVE,
+                    STATE_REMOVED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                REAP_PENDING.store(1, Ordering::Release);
+            }
+        }
+    }
+}

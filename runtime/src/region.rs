@@ -1,0 +1,201 @@
+//! Code regions: where probes may go, and how their bytes are written.
+//!
+//! Two kinds of region:
+//! - **modules** — ELF code (the executable, shared libraries), found on
+//!   demand from the address via `dl_iterate_phdr`; never registered;
+//! - **JIT regions** — code a host generates, registered with
+//!   [`crate::region_add`] and removed with [`crate::region_remove`] before the
+//!   memory is freed or reused.
+//!
+//! Regions are used by the writer only (attach, detach, restore), under the
+//! writer lock: the trap path needs only the probe index, never a region.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::sys::{mem, modules};
+
+/// Writes `src` at the executable address `dst` of a JIT region whose
+/// executable view is not writable (e.g. a dual-mapped memfd).
+pub type WriteFn = dyn Fn(usize, &[u8]) -> std::result::Result<(), String> + Send + Sync;
+
+/// A JIT region to register.
+pub struct RegionDesc {
+    /// First byte of executable code; also taken as a function start for
+    /// instruction-boundary checks.
+    pub start: usize,
+    /// Length in bytes (> 0).
+    pub len: usize,
+    /// A name for messages.
+    pub name: String,
+    /// How to write code bytes; `None` writes through `/proc/self/mem`
+    /// (falling back to a brief RWX protection change).
+    pub write: Option<Box<WriteFn>>,
+}
+
+impl fmt::Debug for RegionDesc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegionDesc")
+            .field("start", &format_args!("{:#x}", self.start))
+            .field("len", &self.len)
+            .field("name", &self.name)
+            .field("write", &self.write.as_ref().map(|_| "callback"))
+            .finish()
+    }
+}
+
+/// A handle to a registered JIT region; never 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId(pub u64);
+
+/// Where a probe lives and how to write there.
+#[derive(Clone)]
+pub(crate) struct Target {
+    /// The region's bounds: reads of code never cross them.
+    pub start: usize,
+    pub end: usize,
+    /// Start of the enclosing function, when known.
+    pub func_start: Option<usize>,
+    /// The JIT region, if any.
+    pub region: Option<RegionId>,
+    /// The writer.
+    pub write: Option<Arc<WriteFn>>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("start", &format_args!("{:#x}", self.start))
+            .field("end", &format_args!("{:#x}", self.end))
+            .field("region", &self.region)
+            .finish()
+    }
+}
+
+impl Target {
+    /// Writes code bytes at `addr` (within this region).
+    pub(crate) fn write(&self, addr: usize, bytes: &[u8]) -> Result<()> {
+        match &self.write {
+            None => mem::write_code(addr, bytes),
+            Some(w) => w(addr, bytes).map_err(|reason| Error::Protect {
+                addr,
+                reason: format!("the region's write callback failed: {reason}").into(),
+            }),
+        }
+    }
+}
+
+struct Jit {
+    id: RegionId,
+    end: usize,
+    name: String,
+    write: Option<Arc<WriteFn>>,
+}
+
+/// The registered JIT regions. Writer only.
+#[derive(Default)]
+pub(crate) struct Regions {
+    by_start: BTreeMap<usize, Jit>,
+    next_id: u64,
+}
+
+impl fmt::Debug for Regions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.by_start
+                    .iter()
+                    .map(|(s, j)| (format!("{s:#x}..{:#x}", j.end), &j.name)),
+            )
+            .finish()
+    }
+}
+
+impl Regions {
+    /// Registers a JIT region.
+    pub(crate) fn add(&mut self, desc: RegionDesc) -> Result<RegionId> {
+        if desc.start == 0 || desc.len == 0 {
+            return Err(Error::InvalidArgument(
+                "a region needs a start and a length".into(),
+            ));
+        }
+        let end = desc
+            .start
+            .checked_add(desc.len)
+            .ok_or(Error::InvalidArgument(
+                "region wraps around the address space".into(),
+            ))?;
+        let overlap = |s: usize, e: usize| s < end && desc.start < e;
+        let before = self.by_start.range(..end).next_back();
+        if let Some((&s, j)) = before {
+            if overlap(s, j.end) {
+                return Err(Error::RegionOverlap {
+                    start: desc.start,
+                    end,
+                    other_start: s,
+                    other_end: j.end,
+                });
+            }
+        }
+        self.next_id += 1;
+        let id = RegionId(self.next_id);
+        self.by_start.insert(
+            desc.start,
+            Jit {
+                id,
+                end,
+                name: desc.name,
+                write: desc.write.map(Arc::from),
+            },
+        );
+        Ok(id)
+    }
+
+    /// The bounds of a registered region.
+    pub(crate) fn bounds(&self, id: RegionId) -> Option<(usize, usize)> {
+        self.by_start
+            .iter()
+            .find(|(_, j)| j.id == id)
+            .map(|(&s, j)| (s, j.end))
+    }
+
+    /// Forgets a region (its probes must be gone).
+    pub(crate) fn remove(&mut self, id: RegionId) -> Result<()> {
+        let (start, _) = self.bounds(id).ok_or(Error::NotFound)?;
+        self.by_start.remove(&start);
+        Ok(())
+    }
+
+    /// The region holding `addr`: a registered JIT region, else the loaded
+    /// module's executable segment.
+    pub(crate) fn resolve(&self, addr: usize) -> Result<Target> {
+        if let Some((&start, j)) = self.by_start.range(..=addr).next_back() {
+            if addr < j.end {
+                return Ok(Target {
+                    start,
+                    end: j.end,
+                    func_start: Some(start),
+                    region: Some(j.id),
+                    write: j.write.clone(),
+                });
+            }
+        }
+        let m = modules::module_containing(addr).ok_or(Error::NoRegion { addr })?;
+        let func_start = modules::function_containing(addr).map(|s| s.start);
+        Ok(Target {
+            start: m.start,
+            end: m.end,
+            func_start,
+            region: None,
+            write: None,
+        })
+    }
+
+    /// The name of the function at `addr` (module code only), for refusing
+    /// probert's own code.
+    pub(crate) fn function_name(addr: usize) -> Option<String> {
+        modules::function_containing(addr).map(|s| s.name)
+    }
+}

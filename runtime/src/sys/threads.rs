@@ -1,0 +1,1038 @@
+//! Threads of this process, and the thread scan: the grace period for
+//! trampoline memory (DESIGN.md part 7).
+//!
+//! # The thread scan
+//!
+//! A retired out-of-line stub may still hold a thread: one that was
+//! preempted inside it, or that trapped and has not yet reached the handler.
+//! Read-side sections cannot see those threads, so before a stub is reused
+//! [`quiescent`] looks at every thread's program counter:
+//!
+//! 1. One scan at a time (a mutex; normal context). The caller's half-open
+//!    ranges `[a, b)` are published in a static table under a sequence lock,
+//!    whose even value after publication is the scan's *generation*.
+//! 2. Every other thread listed in `/proc/self/task` gets [`scan_signal`]
+//!    through `rt_tgsigqueueinfo`, carrying the generation and an ack slot in
+//!    `si_value`. Its handler reads the interrupted `rip` from the
+//!    `ucontext`, checks it against the ranges under the sequence lock (a
+//!    stale or foreign signal is ignored) and acks `inside`/`outside` into the
+//!    slot with one compare-and-swap, then wakes the scanner with a futex.
+//! 3. The scanner waits for every slot. A thread that has exited
+//!    (`tgkill(.., 0)` → `ESRCH`) or is a zombie counts as quiescent. A thread
+//!    that does not ack within 20 ms (it blocks the signal, or is in
+//!    uninterruptible sleep) is read from `/proc/self/task/<tid>/syscall`: if
+//!    it is blocked in the kernel with its user `pc` outside the ranges, it is
+//!    quiescent; if it is running, the scanner keeps polling.
+//! 4. Any thread seen inside a range, or not seen before the timeout, makes
+//!    the answer `false`: the caller keeps the memory retired and asks again
+//!    later. `false` is always safe; `true` means every thread was observed
+//!    outside every range at some moment after the call began, and since the
+//!    caller made the ranges unreachable before calling, none can enter them
+//!    again.
+//!
+//! Limits, all erring on `false` except the first:
+//! - Only the innermost context is seen. A thread that took a host signal
+//!   while inside a stub, and still runs (or sleeps in) that handler, shows
+//!   the handler's `pc`. Callers include probert's own handler entry in the
+//!   ranges for the trap path; foreign handlers interrupting a stub for the
+//!   whole scan are not detected.
+//! - Threads blocking [`scan_signal`] are checked through procfs only; one
+//!   spinning with the signal blocked is never seen (the scan times out). At
+//!   most one of our signals is left pending per such thread (a tid seen
+//!   blocking it is checked in `/proc/self/task/<tid>/status` first).
+//! - `SA_RESTART` restarts most interrupted system calls, but the ones
+//!   signal(7) lists as never restarted (`epoll_wait`, `poll`, `select`,
+//!   `nanosleep`, `sigtimedwait`, timed socket reads, …) return `EINTR` in
+//!   the signalled thread, as with any signal (a profiler's `SIGPROF` does the
+//!   same); hosts must already handle that.
+//!
+//! # Safety
+//!
+//! The unsafe code here installs a signal handler (`sigaction`), sends
+//! signals to threads of this process only (`rt_tgsigqueueinfo` and `tgkill`
+//! with our own pid), reads the kernel-provided `siginfo_t` and `ucontext_t`
+//! inside the handler, and waits and wakes on a static futex word. The
+//! handler touches nothing but static atomics, allocates nothing and cannot
+//! panic.
+
+#![allow(unsafe_code)]
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::raw;
+use crate::error::{Error, Result};
+use crate::sigctx::SignalContext;
+
+/// The calling thread's kernel thread id (raw `gettid`).
+///
+/// # Signal safety
+/// One raw system call: async-signal-safe, `errno` untouched.
+pub fn gettid() -> i32 {
+    // SAFETY: gettid has no arguments and no memory effects.
+    let tid = unsafe { raw::syscall0(libc::SYS_gettid) };
+    // Thread ids fit in i32 (PID_MAX_LIMIT is 2^22).
+    tid as i32
+}
+
+/// The thread ids of this process, from `/proc/self/task`, in no particular
+/// order; empty if procfs is unavailable. Normal context only.
+pub fn list_tids() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The real-time signal the thread scan uses: `SIGRTMAX - 1` (63 with glibc
+/// and musl).
+///
+/// The top of the real-time range, because libcs and runtimes reserve its
+/// bottom (glibc takes 32–33 for threads and cancellation, musl 32–34) and
+/// `SIGRTMAX` itself is the one applications most often pick. A host that
+/// uses `SIGRTMAX - 1` conflicts: [`scan_init`] refuses to replace a handler
+/// it finds there, and [`quiescent`] fails if the host replaces ours.
+pub fn scan_signal() -> i32 {
+    libc::SIGRTMAX() - 1
+}
+
+/// Most ranges one scan round publishes; [`quiescent`] splits larger sets.
+pub const MAX_RANGES: usize = 4096;
+/// Most threads one scan round signals; [`quiescent`] batches more.
+const ACK_SLOTS: usize = 1024;
+/// Bits of `si_value` holding the ack slot; the generation sits above.
+const SLOT_BITS: u32 = 16;
+/// The generation as carried in `si_value` and ack words (48 bits).
+const GEN_MASK: u64 = (1 << 48) - 1;
+
+/// Ack word state: the scanner is waiting for this slot's thread.
+const ARMED: u64 = 1;
+/// Ack word state: the thread was outside every range.
+const OUTSIDE: u64 = 2;
+/// Ack word state: the thread was inside a range (or its pc is unknown).
+const INSIDE: u64 = 3;
+
+/// Sequence lock over [`RANGES`] and [`RANGE_COUNT`]: odd while the scanner
+/// writes them; the even value after is the scan generation.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+/// Number of valid ranges in [`RANGES`].
+static RANGE_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// `[a0, b0, a1, b1, …]`: the published half-open ranges.
+static RANGES: [AtomicUsize; 2 * MAX_RANGES] = [const { AtomicUsize::new(0) }; 2 * MAX_RANGES];
+/// Per-slot ack words: `generation << 2 | ARMED/OUTSIDE/INSIDE`.
+static ACKS: [AtomicU64; ACK_SLOTS] = [const { AtomicU64::new(0) }; ACK_SLOTS];
+/// Futex word bumped by every ack; the scanner sleeps on it.
+static ACK_EVENTS: AtomicU32 = AtomicU32::new(0);
+/// The pid the current scan's signals come from (checked in the handler).
+static SCAN_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Scanner state kept between scans; the mutex makes scans one at a time.
+struct ScanState {
+    /// Threads seen blocking [`scan_signal`]: checked before re-signalling,
+    /// so at most one of our signals waits in their queue.
+    blocked: Vec<i32>,
+}
+
+/// The one-scan-at-a-time lock and its state. Normal context only.
+static SCAN: Mutex<ScanState> = Mutex::new(ScanState {
+    blocked: Vec::new(),
+});
+/// Whether [`scan_init`] installed the handler. Normal context only.
+static INSTALLED: Mutex<bool> = Mutex::new(false);
+
+/// `siginfo_t` as `rt_tgsigqueueinfo` takes it for `SI_QUEUE`: the kernel's
+/// 128-byte layout with the `_rt` member of the union.
+#[repr(C)]
+struct QueueInfo {
+    signo: c_int,
+    errno: c_int,
+    code: c_int,
+    _pad: c_int,
+    pid: libc::pid_t,
+    uid: libc::uid_t,
+    value: usize,
+    _rest: [u64; 12],
+}
+
+const _: () = assert!(std::mem::size_of::<QueueInfo>() == 128);
+const _: () = assert!(std::mem::size_of::<libc::siginfo_t>() == 128);
+
+/// Installs (once) the handler for [`scan_signal`].
+///
+/// Flags: `SA_SIGINFO` to receive `si_value` (the generation and slot) and
+/// the `ucontext` (the interrupted `rip`); `SA_RESTART` so the scan is
+/// invisible to system calls that can be restarted. Not `SA_ONSTACK`: the
+/// handler needs a few hundred bytes, and the interrupted stack has them. No
+/// `SA_NODEFER`: a second scan signal waits until the first returns.
+///
+/// Fails with [`Error::Signal`] if another handler is installed for the
+/// signal (the host uses it). Idempotent and thread-safe. Normal context only.
+pub fn scan_init() -> Result<()> {
+    let mut installed = INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *installed {
+        return Ok(());
+    }
+    let sig = scan_signal();
+    let current = current_handler(sig)?;
+    if current != libc::SIG_DFL && current != libc::SIG_IGN && current != our_handler() {
+        return Err(Error::Signal(
+            format!("the thread-scan signal {sig} (SIGRTMAX-1) already has a handler").into(),
+        ));
+    }
+    // SAFETY: `sigaction` is plain data; all-zero is a valid start.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = our_handler();
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: `sa.sa_mask` is a valid sigset to initialise.
+    unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+    // SAFETY: installs a handler that is async-signal-safe (see
+    // `on_scan_signal`) for a signal checked above to be unused.
+    if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(Error::Signal(
+            format!(
+                "sigaction({sig}) for the thread scan: {}",
+                std::io::Error::last_os_error()
+            )
+            .into(),
+        ));
+    }
+    *installed = true;
+    Ok(())
+}
+
+/// The handler's address as `sigaction` stores it.
+fn our_handler() -> libc::sighandler_t {
+    on_scan_signal as unsafe extern "C" fn(c_int, *mut libc::siginfo_t, *mut c_void) as usize
+}
+
+/// The handler currently installed for `sig`.
+fn current_handler(sig: c_int) -> Result<libc::sighandler_t> {
+    // SAFETY: `sigaction` is plain data; all-zero is valid.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a query (null new action) writing only `old`.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+        return Err(Error::Signal(
+            format!(
+                "sigaction({sig}) query: {}",
+                std::io::Error::last_os_error()
+            )
+            .into(),
+        ));
+    }
+    Ok(old.sa_sigaction)
+}
+
+/// Whether every other thread has been observed with its program counter
+/// outside every half-open range `[a, b)` of `ranges`.
+///
+/// `Ok(true)`: every thread was seen outside (or has exited) at some moment
+/// after the call began. `Ok(false)`: a thread was seen inside, or could not
+/// be seen before `timeout`; keep the memory retired and try again later.
+/// The calling thread is not checked. The ranges must already be unreachable
+/// (no thread can newly enter them), or the answer means nothing.
+///
+/// Costs one signal per thread (tens of microseconds idle, milliseconds with
+/// more threads than CPUs), so batch retirements. Scans are serialized.
+/// `Err` if the signal handler cannot be installed or was replaced. Normal
+/// context only.
+pub fn quiescent(ranges: &[(usize, usize)], timeout: Duration) -> Result<bool> {
+    let ranges = merged(ranges);
+    if ranges.is_empty() {
+        return Ok(true);
+    }
+    scan_init()?;
+    let sig = scan_signal();
+    if current_handler(sig)? != our_handler() {
+        return Err(Error::Signal(
+            format!("the thread-scan signal {sig} (SIGRTMAX-1) handler was replaced").into(),
+        ));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut state = SCAN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let me = gettid();
+    let tids: Vec<i32> = list_tids().into_iter().filter(|&t| t != me).collect();
+    state.blocked.retain(|t| tids.contains(t));
+    for chunk in ranges.chunks(MAX_RANGES) {
+        for batch in tids.chunks(ACK_SLOTS) {
+            if !scan_round(chunk, batch, deadline, &mut state) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// `ranges` without empty ranges, sorted and with overlapping or touching
+/// ones merged.
+fn merged(ranges: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut v: Vec<(usize, usize)> = ranges.iter().copied().filter(|&(a, b)| a < b).collect();
+    v.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(v.len());
+    for (a, b) in v {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// When an unacked thread is first checked for having exited.
+const LIVENESS_AFTER: Duration = Duration::from_millis(2);
+/// When an unacked thread is first read from procfs.
+const PROC_AFTER: Duration = Duration::from_millis(20);
+/// How often an unacked thread is re-read from procfs.
+const PROC_EVERY: Duration = Duration::from_millis(5);
+/// Longest single sleep of the scanner.
+const MAX_SLEEP: Duration = Duration::from_millis(1);
+
+/// One thread of a round.
+#[derive(Debug)]
+struct Pending {
+    tid: i32,
+    slot: usize,
+    /// Go straight to procfs (the signal could not be sent or is blocked).
+    proc_now: bool,
+    /// Seen outside, or gone.
+    done: bool,
+    /// Last procfs read.
+    last_proc: Option<Instant>,
+}
+
+/// One round: publish `ranges`, signal `tids`, wait. `false` if a thread was
+/// inside or the deadline passed.
+fn scan_round(
+    ranges: &[(usize, usize)],
+    tids: &[i32],
+    deadline: Instant,
+    state: &mut ScanState,
+) -> bool {
+    let gen = publish(ranges);
+    let pid = std::process::id() as i32;
+    // Ordering: Relaxed — read by handlers run because of the signals sent
+    // below; the kernel's signal queueing orders the two — pairs with the
+    // load in `on_scan_signal`.
+    SCAN_PID.store(pid, Ordering::Relaxed);
+    let sig = scan_signal();
+    let bit = 1u64 << (sig - 1);
+    let mut pending: Vec<Pending> = Vec::with_capacity(tids.len());
+    for (slot, &tid) in tids.iter().enumerate() {
+        // Ordering: Release — the arm precedes the signal that runs the
+        // handler, which must see it — pairs with the compare_exchange in
+        // `on_scan_signal`.
+        ACKS[slot].store(gen << 2 | ARMED, Ordering::Release);
+        let mut p = Pending {
+            tid,
+            slot,
+            proc_now: false,
+            done: false,
+            last_proc: None,
+        };
+        let mut send = true;
+        if state.blocked.contains(&tid) {
+            match sig_masks(tid) {
+                Some((blk, pnd)) if blk & bit != 0 => {
+                    p.proc_now = true;
+                    send = pnd & bit == 0;
+                }
+                Some(_) => state.blocked.retain(|&t| t != tid),
+                None => p.proc_now = true,
+            }
+        }
+        if send {
+            match send_scan_signal(pid, tid, sig, gen, slot) {
+                Ok(()) => {}
+                Err(libc::ESRCH) => p.done = true,
+                // EAGAIN: the queue limit (RLIMIT_SIGPENDING) is reached.
+                Err(_) => p.proc_now = true,
+            }
+        }
+        pending.push(p);
+    }
+    let start = Instant::now();
+    loop {
+        // Ordering: Acquire — an ack counted here is visible in its slot
+        // below — pairs with the fetch_add in `on_scan_signal`.
+        let events = ACK_EVENTS.load(Ordering::Acquire);
+        let mut all_done = true;
+        for p in pending.iter_mut().filter(|p| !p.done) {
+            // Ordering: Acquire — reads the handler's ack — pairs with the
+            // compare_exchange in `on_scan_signal`.
+            let ack = ACKS[p.slot].load(Ordering::Acquire);
+            if ack == gen << 2 | INSIDE {
+                return false;
+            }
+            p.done = ack == gen << 2 | OUTSIDE;
+            if !p.done && start.elapsed() >= LIVENESS_AFTER && !thread_alive(pid, p.tid) {
+                p.done = true;
+            }
+            let proc_due = (p.proc_now || start.elapsed() >= PROC_AFTER)
+                && p.last_proc.map_or(true, |t| t.elapsed() >= PROC_EVERY);
+            if !p.done && proc_due {
+                if p.last_proc.is_none()
+                    && sig_masks(p.tid).is_some_and(|(blk, _)| blk & bit != 0)
+                    && !state.blocked.contains(&p.tid)
+                {
+                    state.blocked.push(p.tid);
+                }
+                p.last_proc = Some(Instant::now());
+                match proc_state(p.tid) {
+                    ProcState::Gone => p.done = true,
+                    ProcState::Blocked(pc) if in_ranges(ranges, pc) => return false,
+                    ProcState::Blocked(_) => p.done = true,
+                    ProcState::Running => {}
+                }
+            }
+            all_done &= p.done;
+        }
+        if all_done {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        futex_wait(&ACK_EVENTS, events, (deadline - now).min(MAX_SLEEP));
+    }
+}
+
+/// Publishes `ranges` (at most [`MAX_RANGES`]) under the sequence lock and
+/// returns the new generation (48 bits, even, non-zero). Scanner only, under
+/// [`SCAN`].
+fn publish(ranges: &[(usize, usize)]) -> u64 {
+    // Ordering: Relaxed — only the scanner, under SCAN, writes SEQ.
+    let seq = SEQ.load(Ordering::Relaxed);
+    // Skip generation 0 (and wrap at 48 bits): the seqlock stays even/odd.
+    let odd = (seq + 1) & GEN_MASK;
+    // Ordering: Relaxed, then the Release fence: a handler that reads any
+    // range written below sees this odd value on its re-check — pairs with
+    // the Acquire fence in `ranges_contain`.
+    SEQ.store(odd, Ordering::Relaxed);
+    fence(Ordering::Release);
+    let n = ranges.len().min(MAX_RANGES);
+    for (i, &(a, b)) in ranges.iter().take(n).enumerate() {
+        // Ordering: Relaxed — published by the Release store of SEQ below.
+        RANGES[2 * i].store(a, Ordering::Relaxed);
+        // Ordering: Relaxed — as above.
+        RANGES[2 * i + 1].store(b, Ordering::Relaxed);
+    }
+    // Ordering: Relaxed — as above.
+    RANGE_COUNT.store(n, Ordering::Relaxed);
+    let mut gen = (odd + 1) & GEN_MASK;
+    if gen == 0 {
+        gen = 2;
+    }
+    // Ordering: Release publishes the ranges — pairs with the Acquire load
+    // in `ranges_contain`.
+    SEQ.store(gen, Ordering::Release);
+    gen
+}
+
+/// Sends [`scan_signal`] to `tid` with `si_value = gen << 16 | slot`.
+fn send_scan_signal(pid: i32, tid: i32, sig: c_int, gen: u64, slot: usize) -> Result<(), i32> {
+    let info = QueueInfo {
+        signo: sig,
+        errno: 0,
+        code: libc::SI_QUEUE,
+        _pad: 0,
+        pid,
+        // SAFETY: getuid has no preconditions.
+        uid: unsafe { libc::getuid() },
+        value: ((gen << SLOT_BITS) | slot as u64) as usize,
+        _rest: [0; 12],
+    };
+    // SAFETY: `info` is a readable 128-byte siginfo; the target is a thread
+    // of our own process, whose handler for `sig` is installed.
+    let ret = unsafe {
+        raw::syscall4(
+            libc::SYS_rt_tgsigqueueinfo,
+            i64::from(pid),
+            i64::from(tid),
+            i64::from(sig),
+            &info as *const QueueInfo as i64,
+        )
+    };
+    raw::check(ret).map(drop)
+}
+
+/// The handler of [`scan_signal`].
+///
+/// # Signal safety
+/// Static atomics, the kernel-provided `siginfo`/`ucontext`, and at most one
+/// raw `futex` wake: no allocation, lock, formatting, panic or thread-local.
+/// It calls no libc function, and the raw system call cannot write `errno`,
+/// so `errno` needs no saving.
+unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
+    // SAFETY: we are at the entry of a signal handler.
+    let cx = unsafe { SignalContext::new() };
+    if info.is_null() {
+        return;
+    }
+    // SAFETY: the kernel passes a 128-byte siginfo; `QueueInfo` is its
+    // layout for SI_QUEUE, and we read it only after checking `code`.
+    let info = unsafe { &*info.cast::<QueueInfo>() };
+    // Ordering: Relaxed — stored before the signal was sent — pairs with
+    // the store in `scan_round`.
+    if info.code != libc::SI_QUEUE || info.pid != SCAN_PID.load(Ordering::Relaxed) {
+        return;
+    }
+    let value = info.value as u64;
+    let (gen, slot) = (
+        value >> SLOT_BITS,
+        (value & ((1 << SLOT_BITS) - 1)) as usize,
+    );
+    let Some(ack) = ACKS.get(slot) else {
+        return;
+    };
+    // SAFETY: with SA_SIGINFO the third argument is the interrupted
+    // context, valid for the duration of the handler.
+    let pc = unsafe { interrupted_pc(cx, ctx) };
+    let inside = match pc {
+        Some(pc) => match ranges_contain(cx, gen, pc) {
+            Some(inside) => inside,
+            // A stale signal from an earlier round: not ours to answer.
+            None => return,
+        },
+        // Unknown pc: say inside, the answer that is always safe.
+        None => true,
+    };
+    let answer = gen << 2 | if inside { INSIDE } else { OUTSIDE };
+    // Ordering: AcqRel — Acquire pairs with the scanner's Release arm (the
+    // slot is for this round), Release publishes the answer — pairs with
+    // the Acquire load in `scan_round`.
+    if ack
+        .compare_exchange(
+            gen << 2 | ARMED,
+            answer,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        // Ordering: Release — a scanner that sees the new count sees the
+        // ack — pairs with the Acquire load in `scan_round`.
+        ACK_EVENTS.fetch_add(1, Ordering::Release);
+        futex_wake(cx, &ACK_EVENTS);
+    }
+}
+
+/// The interrupted program counter from a handler's `ucontext`.
+///
+/// # Safety
+/// `ctx` is null or the third argument of an `SA_SIGINFO` handler.
+///
+/// # Signal safety
+/// Reads the context only.
+#[cfg(target_arch = "x86_64")]
+unsafe fn interrupted_pc(_cx: SignalContext, ctx: *mut c_void) -> Option<usize> {
+    if ctx.is_null() {
+        return None;
+    }
+    // SAFETY: the caller passes the kernel's ucontext; glibc and musl both
+    // lay out `ucontext_t` as the kernel does on x86_64.
+    let uc = unsafe { &*ctx.cast::<libc::ucontext_t>() };
+    let rip = *uc.uc_mcontext.gregs.get(libc::REG_RIP as usize)?;
+    Some(rip as usize)
+}
+
+/// The interrupted program counter: unknown off x86_64 (answers "inside").
+///
+/// # Safety
+/// None needed; kept `unsafe` to match the x86_64 version.
+///
+/// # Signal safety
+/// Does nothing.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interrupted_pc(_cx: SignalContext, _ctx: *mut c_void) -> Option<usize> {
+    None
+}
+
+/// Whether `pc` is in the ranges published as generation `gen`; `None` if
+/// that generation is not (or no longer) the published one.
+///
+/// # Signal safety
+/// Atomic loads only; bounded by [`MAX_RANGES`].
+fn ranges_contain(_cx: SignalContext, gen: u64, pc: usize) -> Option<bool> {
+    // Ordering: Acquire — sees the ranges published with `gen` — pairs with
+    // the Release store of SEQ in `publish`.
+    let seq = SEQ.load(Ordering::Acquire);
+    if seq != gen || seq & 1 != 0 {
+        return None;
+    }
+    // Ordering: Relaxed — validated by the SEQ re-check below.
+    let n = RANGE_COUNT.load(Ordering::Relaxed).min(MAX_RANGES);
+    let mut inside = false;
+    for i in 0..n {
+        // Ordering: Relaxed — validated by the SEQ re-check below.
+        let a = RANGES[2 * i].load(Ordering::Relaxed);
+        // Ordering: Relaxed — as above.
+        let b = RANGES[2 * i + 1].load(Ordering::Relaxed);
+        if a <= pc && pc < b {
+            inside = true;
+            break;
+        }
+    }
+    // Ordering: Acquire fence — if a range read above was written by a later
+    // `publish`, its odd SEQ store is visible below — pairs with the Release
+    // fence in `publish`.
+    fence(Ordering::Acquire);
+    // Ordering: Relaxed — ordered by the fence above.
+    (SEQ.load(Ordering::Relaxed) == seq).then_some(inside)
+}
+
+/// Whether `pc` is in one of `ranges`.
+fn in_ranges(ranges: &[(usize, usize)], pc: usize) -> bool {
+    ranges.iter().any(|&(a, b)| a <= pc && pc < b)
+}
+
+/// `FUTEX_WAIT | FUTEX_PRIVATE_FLAG`.
+const FUTEX_WAIT_PRIVATE: i64 = 128;
+/// `FUTEX_WAKE | FUTEX_PRIVATE_FLAG`.
+const FUTEX_WAKE_PRIVATE: i64 = 1 | 128;
+
+/// Sleeps until `word` changes from `expected`, a wake, or `timeout`.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        // Callers sleep at most MAX_SLEEP; saturate anything absurd.
+        tv_sec: timeout.as_secs().try_into().unwrap_or(i32::MAX.into()),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+    };
+    // SAFETY: `word` is a live, aligned u32; `ts` is readable. A spurious or
+    // early return is fine: the caller re-checks.
+    unsafe {
+        raw::syscall4(
+            libc::SYS_futex,
+            word.as_ptr() as i64,
+            FUTEX_WAIT_PRIVATE,
+            i64::from(expected),
+            &ts as *const libc::timespec as i64,
+        )
+    };
+}
+
+/// Wakes the scanner sleeping on `word`.
+///
+/// # Signal safety
+/// One raw system call; `errno` untouched.
+fn futex_wake(_cx: SignalContext, word: &AtomicU32) {
+    // SAFETY: `word` is a live static u32; waking has no memory effects.
+    unsafe { raw::syscall3(libc::SYS_futex, word.as_ptr() as i64, FUTEX_WAKE_PRIVATE, 1) };
+}
+
+/// Whether `tid` is still a thread of process `pid` (`tgkill(pid, tid, 0)`).
+fn thread_alive(pid: i32, tid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the thread exists.
+    let ret = unsafe { raw::syscall3(libc::SYS_tgkill, i64::from(pid), i64::from(tid), 0) };
+    raw::check(ret) != Err(libc::ESRCH)
+}
+
+/// `(SigBlk, SigPnd)` of `tid` from `/proc/self/task/<tid>/status`.
+fn sig_masks(tid: i32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    Some((field("SigBlk:")?, field("SigPnd:")?))
+}
+
+/// What procfs says about a thread that did not ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProcState {
+    /// Exited, or a zombie: it runs no more code.
+    Gone,
+    /// Blocked in the kernel; it will resume at this user `pc`.
+    Blocked(usize),
+    /// Running or runnable, or unreadable: nothing known.
+    Running,
+}
+
+/// Reads `/proc/self/task/<tid>/{stat,syscall}`.
+fn proc_state(tid: i32) -> ProcState {
+    let stat = match std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ProcState::Gone,
+        Err(_) => return ProcState::Running,
+    };
+    // "tid (comm) S …": the state follows the last ')' (comm may hold one).
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 1..))
+        .and_then(|s| s.trim_start().chars().next());
+    if matches!(state, Some('Z' | 'X')) {
+        return ProcState::Gone;
+    }
+    match std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) {
+        Ok(s) => parse_syscall_file(&s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ProcState::Gone,
+        Err(_) => ProcState::Running,
+    }
+}
+
+/// Parses `/proc/<tid>/syscall`: `running`, or `nr args… sp pc` while in a
+/// system call, or `-1 sp pc` while blocked outside one (e.g. a page fault).
+fn parse_syscall_file(s: &str) -> ProcState {
+    let s = s.trim();
+    if s.is_empty() || s == "running" {
+        return ProcState::Running;
+    }
+    s.split_whitespace()
+        .last()
+        .and_then(|pc| pc.strip_prefix("0x"))
+        .and_then(|pc| usize::from_str_radix(pc, 16).ok())
+        .map_or(ProcState::Running, ProcState::Blocked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    /// Runs `body` in a fresh copy of the test binary running only this
+    /// test, so the scan sees only the threads the test makes (other tests'
+    /// threads may block signals while running).
+    fn in_own_process(name: &str, body: fn()) {
+        const VAR: &str = "PROBERT_THREADS_CHILD_TEST";
+        if std::env::var(VAR).as_deref() == Ok(name) {
+            body();
+            return;
+        }
+        let status = std::process::Command::new(std::env::current_exe().expect("exe"))
+            .args([name, "--exact", "--test-threads=1", "--nocapture"])
+            .env(VAR, name)
+            .status()
+            .expect("spawn the test binary");
+        assert!(
+            status.success(),
+            "{name} failed in its own process: {status}"
+        );
+    }
+
+    /// Sets `*started`, then spins until `*stop` is non-zero, entirely in
+    /// this function's own instructions.
+    #[inline(never)]
+    extern "C" fn spin_until(started: *const AtomicBool, stop: *const AtomicBool) {
+        // SAFETY: both pointers are live atomics owned by the test; the
+        // loop only reads and writes their bytes.
+        unsafe {
+            std::arch::asm!(
+                "mov byte ptr [{started}], 1",
+                "2:",
+                "pause",
+                "cmp byte ptr [{stop}], 0",
+                "je 2b",
+                started = in(reg) started,
+                stop = in(reg) stop,
+            );
+        }
+    }
+
+    /// `[start, end)` of `spin_until`.
+    fn spin_range() -> (usize, usize) {
+        let f =
+            std::hint::black_box(spin_until as extern "C" fn(*const AtomicBool, *const AtomicBool))
+                as usize;
+        let sym = super::super::modules::function_containing(f).expect("spin_until symbol");
+        assert_eq!(sym.start, f);
+        (sym.start, sym.start + sym.size)
+    }
+
+    /// A thread spinning in `spin_until`, stopped and joined on drop.
+    struct Spinner {
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Spinner {
+        fn start() -> Spinner {
+            let started = Arc::new(AtomicBool::new(false));
+            let stop = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let (started, stop) = (started.clone(), stop.clone());
+                std::thread::spawn(move || spin_until(&*started, &*stop))
+            };
+            // Ordering: Acquire — the spinner is in its loop once this is set
+            // — pairs with the asm store in `spin_until`.
+            while !started.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            Spinner {
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Spinner {
+        fn drop(&mut self) {
+            // Ordering: Relaxed — the spinner only polls it; joined below.
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Blocks every signal in the calling thread.
+    fn block_all_signals() {
+        // SAFETY: sigset_t is plain data; it is filled before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` is a valid sigset; pthread_sigmask only changes this
+        // thread's mask.
+        unsafe {
+            libc::sigfillset(&mut set);
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn gettid_matches_libc_and_differs_per_thread() {
+        // SAFETY: gettid has no preconditions.
+        assert_eq!(gettid(), unsafe { libc::gettid() });
+        let main = gettid();
+        let other = std::thread::spawn(gettid).join().expect("thread");
+        assert_ne!(main, other);
+        assert!(list_tids().contains(&main));
+    }
+
+    #[test]
+    fn list_tids_sees_a_live_thread() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(gettid()).expect("send");
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().expect("tid");
+        assert!(list_tids().contains(&tid));
+        drop(done_tx);
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn scan_signal_is_sigrtmax_minus_one_and_init_is_idempotent() {
+        assert_eq!(scan_signal(), libc::SIGRTMAX() - 1);
+        assert!(scan_signal() > libc::SIGRTMIN());
+        scan_init().expect("init");
+        scan_init().expect("init again");
+        assert_eq!(
+            current_handler(scan_signal()).expect("query"),
+            our_handler()
+        );
+    }
+
+    #[test]
+    fn merges_and_drops_ranges() {
+        assert_eq!(
+            merged(&[(10, 20), (5, 5), (15, 30), (30, 40), (50, 60), (1, 2)]),
+            [(1, 2), (10, 40), (50, 60)]
+        );
+        assert!(merged(&[(3, 3), (4, 1)]).is_empty());
+    }
+
+    #[test]
+    fn parses_proc_syscall() {
+        assert_eq!(parse_syscall_file("running\n"), ProcState::Running);
+        assert_eq!(
+            parse_syscall_file("230 0x1 0x0 0x7ffc 0x0 0x0 0x0 0x7ffd1230 0x7f12abcd\n"),
+            ProcState::Blocked(0x7f12abcd)
+        );
+        assert_eq!(
+            parse_syscall_file("-1 0x7ffd1230 0x55aa00\n"),
+            ProcState::Blocked(0x55aa00)
+        );
+        assert_eq!(parse_syscall_file(""), ProcState::Running);
+    }
+
+    #[test]
+    fn stale_generations_are_not_answered() {
+        // SAFETY: a test standing in for the handler; nothing here needs
+        // signal safety beyond what the functions document.
+        let cx = unsafe { SignalContext::new() };
+        let _scan = SCAN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gen = publish(&[(100, 200), (300, 400)]);
+        assert_eq!(gen % 2, 0);
+        assert_eq!(ranges_contain(cx, gen, 150), Some(true));
+        assert_eq!(ranges_contain(cx, gen, 200), Some(false));
+        assert_eq!(ranges_contain(cx, gen, 399), Some(true));
+        assert_eq!(ranges_contain(cx, gen - 2, 150), None);
+        let next = publish(&[(0, 1)]);
+        assert_ne!(next, gen);
+        assert_eq!(ranges_contain(cx, gen, 0), None);
+        assert_eq!(ranges_contain(cx, next, 0), Some(true));
+    }
+
+    #[test]
+    fn empty_ranges_are_quiescent() {
+        assert_eq!(quiescent(&[], Duration::ZERO), Ok(true));
+        assert_eq!(quiescent(&[(5, 5)], Duration::ZERO), Ok(true));
+    }
+
+    fn spinner_inside_is_not_quiescent_body() {
+        let range = spin_range();
+        let spinner = Spinner::start();
+        let t = Instant::now();
+        assert_eq!(quiescent(&[range], Duration::from_secs(5)), Ok(false));
+        // It answers as soon as the spinner acks "inside", not at timeout.
+        assert!(t.elapsed() < Duration::from_secs(4));
+        // Disjoint ranges: everyone is outside.
+        let (a, b) = range;
+        let disjoint = [(1, a), (b, b + 4096)];
+        assert_eq!(quiescent(&disjoint, Duration::from_secs(5)), Ok(true));
+        // Many ranges (several rounds), one containing the spinner.
+        let mut many: Vec<(usize, usize)> = (0..2 * MAX_RANGES)
+            .map(|i| (b + 16 * i + 16, b + 16 * i + 24))
+            .collect();
+        assert_eq!(quiescent(&many, Duration::from_secs(5)), Ok(true));
+        many.push(range);
+        assert_eq!(quiescent(&many, Duration::from_secs(5)), Ok(false));
+        drop(spinner);
+        assert_eq!(quiescent(&[range], Duration::from_secs(5)), Ok(true));
+    }
+
+    #[test]
+    fn spinner_inside_is_not_quiescent() {
+        in_own_process(
+            "sys::threads::tests::spinner_inside_is_not_quiescent",
+            spinner_inside_is_not_quiescent_body,
+        );
+    }
+
+    fn blocked_sleeper_is_quiescent_via_procfs_body() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sleeper = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                block_all_signals();
+                tx.send(gettid()).expect("send");
+                // Ordering: Relaxed — polled between sleeps; joined below.
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        let tid = rx.recv().expect("tid");
+        std::thread::sleep(Duration::from_millis(10));
+        let (start, end) = spin_range();
+        for _ in 0..3 {
+            assert_eq!(quiescent(&[(start, end)], Duration::from_secs(5)), Ok(true));
+        }
+        // It was seen blocking the signal: later scans check its queue
+        // before sending, so at most one of our signals waits there.
+        let (blk, pnd) = sig_masks(tid).expect("status");
+        let bit = 1u64 << (scan_signal() - 1);
+        assert_ne!(blk & bit, 0);
+        assert_ne!(pnd & bit, 0, "one scan signal stays queued");
+        assert!(SCAN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .blocked
+            .contains(&tid));
+        // Ordering: Relaxed — the sleeper polls it; joined below.
+        stop.store(true, Ordering::Relaxed);
+        sleeper.join().expect("join");
+    }
+
+    #[test]
+    fn blocked_sleeper_is_quiescent_via_procfs() {
+        in_own_process(
+            "sys::threads::tests::blocked_sleeper_is_quiescent_via_procfs",
+            blocked_sleeper_is_quiescent_via_procfs_body,
+        );
+    }
+
+    fn exiting_thread_does_not_hang_the_scan_body() {
+        // A thread that blocks the signal and keeps running (so procfs says
+        // "running"), then exits mid-scan: the scan notices it is gone.
+        let ready = Arc::new(AtomicBool::new(false));
+        let runner = {
+            let ready = ready.clone();
+            std::thread::spawn(move || {
+                block_all_signals();
+                // Ordering: Release — the main thread scans after this.
+                ready.store(true, Ordering::Release);
+                let until = Instant::now() + Duration::from_millis(150);
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        // Ordering: Acquire — pairs with the runner's Release store.
+        while !ready.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        let (start, end) = spin_range();
+        let t = Instant::now();
+        assert_eq!(
+            quiescent(&[(start, end)], Duration::from_secs(10)),
+            Ok(true)
+        );
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        runner.join().expect("join");
+        // Threads coming and going during scans never hang them either.
+        let stop = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                // Ordering: Relaxed — a test flag; joined below.
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::spawn(|| std::hint::black_box(0))
+                        .join()
+                        .expect("join");
+                }
+            })
+        };
+        for _ in 0..20 {
+            let t = Instant::now();
+            let r = quiescent(&[(start, end)], Duration::from_secs(2)).expect("scan");
+            assert!(r, "no thread is in spin_until");
+            assert!(t.elapsed() < Duration::from_secs(2));
+        }
+        // Ordering: Relaxed — see above.
+        stop.store(true, Ordering::Relaxed);
+        churn.join().expect("join");
+    }
+
+    #[test]
+    fn exiting_thread_does_not_hang_the_scan() {
+        in_own_process(
+            "sys::threads::tests::exiting_thread_does_not_hang_the_scan",
+            exiting_thread_does_not_hang_the_scan_body,
+        );
+    }
+
+    #[test]
+    fn foreign_handler_is_not_replaced() {
+        in_own_process(
+            "sys::threads::tests::foreign_handler_is_not_replaced",
+            || {
+                extern "C" fn host(_: c_int) {}
+                let sig = scan_signal();
+                // SAFETY: installs a no-op handler in this child process.
+                unsafe { libc::signal(sig, host as extern "C" fn(c_int) as usize) };
+                assert!(matches!(scan_init(), Err(Error::Signal(_))));
+                assert!(matches!(
+                    quiescent(&[(1, 2)], Duration::from_millis(10)),
+                    Err(Error::Signal(_))
+                ));
+            },
+        );
+    }
+}
