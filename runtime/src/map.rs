@@ -302,10 +302,10 @@ impl Index {
     pub(crate) fn reserve(&self, n: usize) -> Option<Retired> {
         // Ordering: Relaxed — writer only.
         let cur = self.copies[0].load(Ordering::Relaxed);
-        // SAFETY: the writer owns the tables.
         let cap = if cur.is_null() {
             0
         } else {
+            // SAFETY: the writer owns the tables.
             unsafe { &*cur }.buckets.len()
         };
         if n * 2 <= cap {
@@ -385,10 +385,16 @@ mod tests {
         // writer's update of the idle copy.
         let ix = Index::new();
         drop(ix.insert(0x1000, 1));
+        let calls = std::cell::Cell::new(0);
         ix.update(|t| {
-            // The reader must see the consistent copy and never retry.
-            assert_eq!(ix.read_speculative(cx(), 0x1000, |v| v), Some(1));
+            // The reader sees the copy not being changed, consistent, and
+            // never retries (a retry would spin forever here): the old state
+            // while the first copy changes, the new one while the second does.
+            let expect = if calls.get() == 0 { Some(1) } else { None };
+            assert_eq!(ix.read_speculative(cx(), 0x1000, |v| v), expect);
             t.remove(0x1000);
+            calls.set(calls.get() + 1);
         });
+        assert_eq!(calls.get(), 2);
     }
 }

@@ -10,7 +10,8 @@
 //! original instruction would have (with the handler's `rip`).
 #![allow(unsafe_code)]
 
-use super::{Displaced, LoopKind, Reg, Regs, Target};
+use super::insn::{LoopKind, Target};
+use super::{Displaced, Reg, Regs};
 use crate::sigctx::SignalContext;
 
 /// RFLAGS bits that condition codes read.
@@ -204,8 +205,8 @@ unsafe fn store_u64(addr: u64, value: u64) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::insn::{Cond, MemOperand};
     use super::*;
-    use crate::arch::{Cond, MemOperand};
 
     const ADDR: u64 = 0x40_1000;
 
