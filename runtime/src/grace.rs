@@ -35,6 +35,15 @@
 //! [`TRANSIENT`] slots for the length of one section (claimed by CAS, released
 //! by a store); a transient slot is equally exclusive while borrowed.
 //!
+//! # Per-thread hit counts
+//!
+//! Counting every hit into the consumer's record would write a cache line
+//! every hitting thread shares, and two threads hitting one probe would
+//! bounce it between cores. So a slot also holds a small direct-mapped cache
+//! of `(consumer tag, count)`, written only by the slot's owner; an entry is
+//! flushed into the consumer record when another consumer needs its place,
+//! and [`pending_hits`] adds up what is still cached when statistics are read.
+//!
 //! # Recursion
 //!
 //! A thread that enters while its slot is already odd is inside a handler (a
@@ -62,21 +71,38 @@ const SLOTS: usize = PERSISTENT + TRANSIENT;
 /// Marks a transient owner: thread pointers are at least 8-aligned.
 const TRANSIENT_TAG: usize = 1;
 
-/// One thread's read-side state, alone on its cache line so that entering and
-/// leaving sections writes no line another thread writes.
-#[repr(C, align(64))]
+/// Entries of a slot's hit cache.
+const HIT_WAYS: usize = 7;
+
+/// A consumer's hits counted by one thread and not yet flushed.
+struct HitEntry {
+    /// The consumer's tag (0: empty).
+    tag: AtomicU64,
+    count: AtomicU64,
+}
+
+/// One thread's read-side state, alone on its cache lines so that entering
+/// and leaving sections and counting hits write no line another thread writes.
+#[repr(C, align(128))]
 struct Slot {
     /// Thread pointer of the owner (`| TRANSIENT_TAG` for a borrowed slot);
     /// 0 when free.
     owner: AtomicUsize,
     /// Odd while the owner is inside a section.
     seq: AtomicU64,
+    hits: [HitEntry; HIT_WAYS],
 }
 
 #[allow(clippy::declare_interior_mutable_const)] // only used to initialise TABLE
 const FREE_SLOT: Slot = Slot {
     owner: AtomicUsize::new(0),
     seq: AtomicU64::new(0),
+    hits: [const {
+        HitEntry {
+            tag: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }; HIT_WAYS],
 };
 static TABLE: [Slot; SLOTS] = [FREE_SLOT; SLOTS];
 
@@ -106,12 +132,41 @@ impl Section {
         self.kind == Kind::Nested
     }
 
+    /// Counts one hit of the consumer `tag` on this thread; `flush` adds an
+    /// evicted entry's count to its consumer's record.
+    ///
+    /// # Signal safety
+    /// Loads and stores to the caller's own slot; `flush` must be
+    /// signal-safe. Called only inside a non-nested section, so no other hit
+    /// on this thread can interleave with it (a probe hit by a signal handler
+    /// meanwhile is nested and only counts as missed).
+    #[inline]
+    pub(crate) fn count_hit(&self, _cx: SignalContext, tag: u64, flush: impl FnOnce(u64, u64)) {
+        let e = &TABLE[self.slot as usize % SLOTS].hits[(tag % HIT_WAYS as u64) as usize];
+        // Ordering (all): Relaxed — the entry is written by its owner only;
+        // readers (`pending_hits`) want a value, not an ordering.
+        let cur = e.tag.load(Ordering::Relaxed);
+        if cur == tag {
+            e.count
+                .store(e.count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            return;
+        }
+        let old = e.count.load(Ordering::Relaxed);
+        e.tag.store(0, Ordering::Relaxed);
+        if cur != 0 && old != 0 {
+            flush(cur, old);
+        }
+        e.count.store(1, Ordering::Relaxed);
+        e.tag.store(tag, Ordering::Relaxed);
+    }
+
     /// Leaves the section.
     ///
     /// # Signal safety
     /// One store (and one more for a transient slot); no allocation, lock or
     /// panic.
     #[inline]
+    #[link_section = "probert_fast"] // see `crate::fast::code_range`
     pub(crate) fn exit(self, _cx: SignalContext) {
         let slot = &TABLE[self.slot as usize % SLOTS];
         match self.kind {
@@ -165,6 +220,7 @@ fn home(tp: usize) -> usize {
 /// and one non-locked `inc`; bounded by the table size; no allocation, lock or
 /// panic.
 #[inline]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
 pub(crate) fn enter(cx: SignalContext) -> Section {
     let tp = thread_pointer();
     let start = home(tp);
@@ -220,6 +276,7 @@ fn enter_slot(idx: usize, kind: Kind) -> Section {
 /// Bounded scans and CAS; if every transient slot is busy it spins until one
 /// is released, which only another thread's running handler can delay.
 #[cold]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
 fn enter_transient(_cx: SignalContext, tp: usize) -> Section {
     let tagged = tp | TRANSIENT_TAG;
     // A borrowed slot of ours means this is a recursive entry.
@@ -257,6 +314,19 @@ pub(crate) fn in_section() -> bool {
         let owner = s.owner.load(Ordering::Relaxed);
         (owner == tp || owner == tp | TRANSIENT_TAG) && s.seq.load(Ordering::Relaxed) & 1 == 1
     })
+}
+
+/// Hits of the consumer `tag` counted by threads and not yet flushed to its
+/// record. Exact once the consumer's hits have stopped; while they run, a
+/// concurrent eviction may be missed or counted twice for an instant.
+pub(crate) fn pending_hits(tag: u64) -> u64 {
+    TABLE
+        .iter()
+        .flat_map(|s| s.hits.iter())
+        // Ordering: Relaxed — statistics.
+        .filter(|e| e.tag.load(Ordering::Relaxed) == tag)
+        .map(|e| e.count.load(Ordering::Relaxed))
+        .sum()
 }
 
 /// Waits one grace period: every section that began before this call has
@@ -309,12 +379,24 @@ fn wait_for(slot: &Slot, seq: u64) {
 ///
 /// # Signal safety
 /// Plain atomic stores.
-pub(crate) fn reset_after_fork() {
+pub(crate) fn reset_after_fork(flush: impl Fn(u64, u64)) {
     let tp = thread_pointer();
     for slot in TABLE.iter() {
         // Ordering: Relaxed — single-threaded here (the child has one thread).
         let owner = slot.owner.load(Ordering::Relaxed);
         if owner != tp && owner != tp | TRANSIENT_TAG {
+            // The hits those threads counted in the parent still count.
+            for e in &slot.hits {
+                let (tag, n) = (
+                    e.tag.load(Ordering::Relaxed),
+                    e.count.load(Ordering::Relaxed),
+                );
+                if tag != 0 && n != 0 {
+                    flush(tag, n);
+                }
+                e.tag.store(0, Ordering::Relaxed);
+                e.count.store(0, Ordering::Relaxed);
+            }
             slot.seq.store(0, Ordering::Relaxed);
             // Ordering: Release — pairs with the Acquire claim in `enter`.
             slot.owner.store(0, Ordering::Release);

@@ -100,6 +100,7 @@ mod api;
 mod arch;
 mod arena;
 mod error;
+mod fast;
 mod grace;
 mod hit;
 mod map;

@@ -1,30 +1,44 @@
 //! Writing and restoring code bytes, batched per page.
 //!
-//! Each patch is one byte (`int3` over the first byte of an instruction, or
-//! the original byte back): a one-byte store is atomic with respect to
-//! instruction fetch on x86, so other threads running the code see the old
-//! instruction or the trap, never a torn one. Patches to the same page of the
-//! same region are merged into one write of the span they cover (the bytes in
-//! between are rewritten with their current values, read under the writer
-//! lock), so attaching or detaching a thousand probes costs about as many
-//! writes as pages.
+//! A one-byte patch (`int3` over the first byte of an instruction, or the
+//! original byte back) is atomic with respect to instruction fetch on x86:
+//! other threads see the old instruction or the trap, never a mix. Longer
+//! patches (the tail of a fast site's jump) are only ever written behind an
+//! `int3` at the site's first byte, so no thread decodes them half-written
+//! (see `runtime` for the protocol).
+//!
+//! Patches to the same page of the same region are merged into one write of
+//! the span they cover (the bytes in between are rewritten with their current
+//! values, read under the writer lock), so attaching or detaching a thousand
+//! probes costs about as many writes as pages.
 
 use crate::error::Result;
 use crate::region::Target;
 use crate::sys::{code, mem};
 
-/// One byte to write.
+/// Bytes to write at one address.
 #[derive(Clone, Debug)]
 pub(crate) struct Patch {
     pub target: Target,
     pub addr: usize,
-    pub byte: u8,
+    pub bytes: Vec<u8>,
 }
 
-/// Writes `patches` (at distinct addresses), merged per page and region.
-/// On error, returns how many patches (in the sorted order it reports back
-/// through `done`) were written, so the caller can undo them.
-pub(crate) fn write_all(patches: &mut [Patch], done: &mut Vec<(usize, u8)>) -> Result<()> {
+impl Patch {
+    /// A one-byte patch.
+    pub(crate) fn byte(target: &Target, addr: usize, byte: u8) -> Patch {
+        Patch {
+            target: target.clone(),
+            addr,
+            bytes: vec![byte],
+        }
+    }
+}
+
+/// Writes `patches` (non-overlapping), merged per page and region. Each patch
+/// fully written is recorded in `done` with the bytes it replaced, so a
+/// caller can undo them after an error.
+pub(crate) fn write_all(patches: &mut [Patch], done: &mut Vec<Patch>) -> Result<()> {
     patches.sort_by_key(|p| p.addr);
     let page = mem::page_size();
     let mut i = 0;
@@ -35,17 +49,26 @@ pub(crate) fn write_all(patches: &mut [Patch], done: &mut Vec<(usize, u8)>) -> R
         while j < patches.len()
             && patches[j].addr / page == page_of
             && patches[j].target.region == first.target.region
-            && patches[j].addr < first.target.end
+            && patches[j].addr + patches[j].bytes.len() <= first.target.end
         {
             j += 1;
         }
         let lo = first.addr;
-        let hi = patches[j - 1].addr + 1;
+        let hi = patches[i..j]
+            .iter()
+            .map(|p| p.addr + p.bytes.len())
+            .max()
+            .unwrap_or(lo);
         let mut span = code::read_code(lo, hi);
         let mut before = Vec::with_capacity(j - i);
         for p in &patches[i..j] {
-            before.push((p.addr, span[p.addr - lo]));
-            span[p.addr - lo] = p.byte;
+            let at = p.addr - lo..p.addr - lo + p.bytes.len();
+            before.push(Patch {
+                target: p.target.clone(),
+                addr: p.addr,
+                bytes: span[at.clone()].to_vec(),
+            });
+            span[at].copy_from_slice(&p.bytes);
         }
         first.target.write(lo, &span)?;
         done.extend(before);

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arch::{Displaced, Regs};
 use crate::arena::{Arena, Zeroable};
+use crate::grace::Section;
 use crate::hit::{Action, Handler, Hit};
 use crate::sigctx::SignalContext;
 
@@ -42,8 +43,11 @@ pub(crate) struct ProbeRecord {
     pub displaced: [AtomicU64; 3],
     /// Address of the out-of-line stub (0 when emulated).
     pub stub: AtomicUsize,
-    /// The current consumer list (never null while the probe is indexed).
+    /// The current consumer list (null while the probe has none).
     pub consumers: AtomicPtr<ConsumerList>,
+    /// Bumped each time the record is given to a new probe; fast-path stubs
+    /// carry it in their tag, so a stub outliving its probe is recognised.
+    pub gen: AtomicU32,
 }
 
 // SAFETY: atomics only.
@@ -55,7 +59,11 @@ unsafe impl Zeroable for ProbeRecord {}
 pub(crate) struct ConsumerRecord {
     /// One of the `STATE_*` values.
     pub state: AtomicU32,
-    /// Handler calls.
+    /// Bumped each time the record is given to a new consumer.
+    pub gen: AtomicU32,
+    /// Handler calls flushed from the threads' caches: the low 16 bits of
+    /// `gen` in the top 16 bits, the count in the low 48 (see [`hits_word`]),
+    /// so a late flush for a previous consumer of the record is refused.
     pub hits: AtomicU64,
     /// Hits skipped because the thread was already in a handler.
     pub missed: AtomicU64,
@@ -85,6 +93,53 @@ pub(crate) struct Entry {
     pub handler: Handler,
     pub user_data: usize,
     pub consumer: u32,
+    /// [`consumer_tag`] of the consumer.
+    pub tag: u64,
+}
+
+const HITS_BITS: u32 = 48;
+const HITS_MASK: u64 = (1 << HITS_BITS) - 1;
+
+/// The value of [`ConsumerRecord::hits`] for generation `gen` and `count`.
+pub(crate) fn hits_word(gen: u32, count: u64) -> u64 {
+    (u64::from(gen & 0xFFFF) << HITS_BITS) | (count & HITS_MASK)
+}
+
+/// The count in a [`ConsumerRecord::hits`] word.
+pub(crate) fn hits_count(word: u64) -> u64 {
+    word & HITS_MASK
+}
+
+/// The tag a thread's hit cache files a consumer under: never 0.
+pub(crate) fn consumer_tag(idx: u32, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | (u64::from(idx) + 1)
+}
+
+/// Adds `n` hits counted by a thread to the consumer `tag`'s record, unless
+/// the record has since been given to another consumer.
+///
+/// # Signal safety
+/// A bounded CAS loop on one atomic.
+pub(crate) fn flush_hits(tag: u64, n: u64) {
+    let idx = (tag & 0xFFFF_FFFF).wrapping_sub(1) as usize;
+    let gen = (tag >> 32) as u32;
+    let Some(rec) = CONSUMERS.get(idx) else {
+        return;
+    };
+    // Ordering: Relaxed — a statistic; the generation in the word makes the
+    // add conditional on the record still being this consumer's.
+    let mut w = rec.hits.load(Ordering::Relaxed);
+    while w >> HITS_BITS == u64::from(gen & 0xFFFF) {
+        match rec.hits.compare_exchange_weak(
+            w,
+            w.wrapping_add(n),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return,
+            Err(cur) => w = cur,
+        }
+    }
 }
 
 /// An immutable list of consumers, published by one atomic pointer.
@@ -156,12 +211,13 @@ impl ProbeRecord {
 /// contract requires to be async-signal-safe. No allocation, lock or panic.
 #[inline]
 pub(crate) fn dispatch(
-    _cx: SignalContext,
+    cx: SignalContext,
+    section: &Section,
     list: *const ConsumerList,
     addr: usize,
     regs: &mut Regs,
-    nested: bool,
 ) {
+    let nested = section.is_nested();
     if list.is_null() {
         return;
     }
@@ -192,8 +248,7 @@ pub(crate) fn dispatch(
         // SAFETY: the handler and user data were supplied together at attach,
         // under the documented contract of `Handler`.
         let raw = unsafe { (e.handler)(&mut hit) };
-        // Ordering: Relaxed — a statistic.
-        rec.hits.fetch_add(1, Ordering::Relaxed);
+        section.count_hit(cx, e.tag, flush_hits);
         if Action::from_raw(raw) == Action::Remove {
             // Ordering: Relaxed on the state (the writer re-reads it under
             // its lock); Release on the flag so the writer that sees it (Acquire

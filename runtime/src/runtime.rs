@@ -20,6 +20,26 @@
 //! 4. after a grace period: free the record and the old lists; the stub waits
 //!    for a thread scan as well (see [`crate::xol`]).
 //!
+//! # Fast sites
+//!
+//! A probe whose site qualifies ([`arch::fast_eligible`]) and has no consumer
+//! that asked for the trap path is switched to a `jmp` to its own stub
+//! ([`crate::fast`]). Switching between trap and fast never lets a thread run
+//! a torn instruction (the `int3`-first protocol of cross-modifying code):
+//!
+//! - trap → fast: the site already starts with `int3`; write the jump's tail
+//!   (bytes 1..5), serialise every core, write the jump's head (`e9`),
+//!   serialise again;
+//! - fast → trap: write `int3` over the head, serialise, restore the original
+//!   tail, serialise.
+//!
+//! A thread that reaches the site mid-switch executes the `int3` and takes
+//! the trap path, which stays valid for every probe whatever its mode.
+//! "Serialise" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`:
+//! every thread of the process executes a core-serialising instruction before
+//! it returns, so no core keeps a stale decoding of the bytes being changed.
+//! Without it (old kernels) every probe stays on the trap path.
+//!
 //! # Safety
 //!
 //! The `pthread_atfork` handlers keep a `MutexGuard` in a static between the
@@ -39,8 +59,8 @@ use crate::hit::Handler;
 use crate::map::Retired;
 use crate::patch::{self, Patch};
 use crate::probe::{
-    ConsumerList, Entry, CONSUMERS, PROBES, REAP_PENDING, STATE_ACTIVE, STATE_DETACHED, STATE_FREE,
-    STATE_REMOVED,
+    consumer_tag, hits_count, hits_word, ConsumerList, Entry, CONSUMERS, PROBES, REAP_PENDING,
+    STATE_ACTIVE, STATE_DETACHED, STATE_FREE, STATE_REMOVED,
 };
 use crate::region::{RegionDesc, RegionId, Regions, Target};
 use crate::sys::{code, membarrier, threads};
@@ -114,18 +134,52 @@ pub(crate) type Owner = Box<dyn Any + Send>;
 
 struct ProbeState {
     rec: u32,
-    /// The original first byte, written back on removal.
-    orig: u8,
+    /// The original bytes of the instruction, written back on removal.
+    orig: [u8; MAX_INSN_LEN],
     len: u8,
+    displaced: Displaced,
     target: Target,
+    /// The out-of-line stub of the trap path, if the instruction needs one.
     stub: Option<usize>,
     consumers: Vec<u32>,
+    /// Consumers that asked for the trap path ([`Mode::Trap`]).
+    pins: usize,
+    /// Whether the site can be a fast site.
+    eligible: bool,
+    /// The fast stub, while the site is (or is becoming) a jump to it.
+    fast: Option<FastSite>,
+}
+
+/// A site switched, or switching, to the fast path.
+#[derive(Clone, Copy, Debug)]
+struct FastSite {
+    stub: usize,
+    /// The site's bytes 1..5 are the jump's tail.
+    tail: bool,
+    /// The site's byte 0 is the jump's `e9` (the site is fast).
+    head: bool,
+}
+
+impl ProbeState {
+    fn wants_fast(&self, fast_ok: bool) -> bool {
+        fast_ok && self.eligible && self.pins == 0 && !self.consumers.is_empty()
+    }
+
+    /// How many bytes from the probe address differ from the original code.
+    fn patched_len(&self) -> usize {
+        if self.fast.is_some_and(|f| f.tail || f.head) {
+            arch::JMP_LEN
+        } else {
+            1
+        }
+    }
 }
 
 struct Live {
     addr: usize,
     handler: Handler,
     user_data: usize,
+    mode: Mode,
     owner: Option<Owner>,
 }
 
@@ -149,6 +203,8 @@ unsafe impl Send for Deferred {}
 
 #[derive(Default)]
 struct State {
+    /// Whether cores can be serialised after code changes (fast sites).
+    fast_ok: bool,
     regions: Regions,
     pool: Pool,
     probes: BTreeMap<usize, ProbeState>,
@@ -201,7 +257,7 @@ fn init_state() -> Result<State> {
         drop(unsafe { (*std::ptr::addr_of_mut!(FORK_GUARD)).take() });
     }
     extern "C" fn child() {
-        grace::reset_after_fork();
+        grace::reset_after_fork(crate::probe::flush_hits);
         crate::sys::mem::after_fork_child();
         // SAFETY: see `prepare`.
         drop(unsafe { (*std::ptr::addr_of_mut!(FORK_GUARD)).take() });
@@ -211,7 +267,10 @@ fn init_state() -> Result<State> {
     if rc != 0 {
         return Err(Error::NoMemory("pthread_atfork failed".into()));
     }
-    Ok(State::default())
+    Ok(State {
+        fast_ok: membarrier::register_sync_core(),
+        ..State::default()
+    })
 }
 
 /// Initialises probert (idempotent): the `SIGTRAP` handler, the
@@ -241,7 +300,7 @@ fn is_probert_code(st: &State, addr: usize) -> bool {
 struct Prepared {
     addr: usize,
     rec: u32,
-    orig: u8,
+    orig: [u8; MAX_INSN_LEN],
     len: u8,
     displaced: Displaced,
     target: Target,
@@ -274,12 +333,14 @@ impl State {
         let rec = CONSUMERS
             .get(idx as usize)
             .ok_or(Error::Internal("consumer record out of range".into()))?;
+        let slot = &mut self.consumers[idx as usize];
         // Ordering: Relaxed — the record is published with the consumer list
-        // (Release swap in `publish_list`).
-        rec.hits.store(0, Ordering::Relaxed);
+        // (Release swap in `publish_list`); the generation in `hits` fences
+        // off late flushes for the record's previous consumer.
+        rec.gen.store(slot.gen, Ordering::Relaxed);
+        rec.hits.store(hits_word(slot.gen, 0), Ordering::Relaxed);
         rec.missed.store(0, Ordering::Relaxed);
         rec.state.store(STATE_ACTIVE, Ordering::Relaxed);
-        let slot = &mut self.consumers[idx as usize];
         slot.live = Some(live);
         Ok(ConsumerId::new(idx, slot.gen))
     }
@@ -288,8 +349,13 @@ impl State {
     /// the bytes they displaced.
     fn original_code(&self, start: usize, end: usize) -> Vec<u8> {
         let mut bytes = code::read_code(start, end);
-        for (&a, p) in self.probes.range(start..end) {
-            bytes[a - start] = p.orig;
+        let from = start.saturating_sub(arch::JMP_LEN);
+        for (&a, p) in self.probes.range(from..end) {
+            for (i, &orig) in p.orig.iter().enumerate().take(p.patched_len()) {
+                if let Some(b) = (a + i).checked_sub(start).and_then(|k| bytes.get_mut(k)) {
+                    *b = orig;
+                }
+            }
         }
         bytes
     }
@@ -325,10 +391,12 @@ impl State {
                 return Err(e);
             }
         };
+        let mut orig = [0; MAX_INSN_LEN];
+        orig[..insn.len()].copy_from_slice(&insn);
         Ok(Prepared {
             addr,
             rec,
-            orig: insn[0],
+            orig,
             len: decoded.len,
             displaced: decoded.displaced,
             target,
@@ -352,11 +420,13 @@ impl State {
             .consumers
             .iter()
             .filter_map(|&c| {
-                let live = self.consumers[c as usize].live.as_ref()?;
+                let slot = &self.consumers[c as usize];
+                let live = slot.live.as_ref()?;
                 Some(Entry {
                     handler: live.handler,
                     user_data: live.user_data,
                     consumer: c,
+                    tag: consumer_tag(c, slot.gen),
                 })
             })
             .collect();
@@ -379,8 +449,13 @@ impl State {
     fn attach_batch(
         &mut self,
         reqs: &[AttachReq],
+        modes: &[Mode],
         owners: Vec<Option<Owner>>,
     ) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+        let free = self.free_consumers.len() + (CONSUMERS.capacity() - self.consumers.len());
+        if reqs.len() > free {
+            return Err((0, Error::NoMemory("too many consumers".into())));
+        }
         // 1. Prepare new probes (nothing visible yet).
         let mut prepared: Vec<Prepared> = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
@@ -388,14 +463,33 @@ impl State {
                 self.unprepare_all(prepared);
                 return Err((i, Error::InvalidArgument("null address".into())));
             }
-            if self.probes.contains_key(&r.addr) || prepared.iter().any(|p| p.addr == r.addr) {
-                continue;
+            if !self.probes.contains_key(&r.addr) && !prepared.iter().any(|p| p.addr == r.addr) {
+                match self.prepare(r.addr) {
+                    Ok(p) => prepared.push(p),
+                    Err(e) => {
+                        self.unprepare_all(prepared);
+                        return Err((i, e));
+                    }
+                }
             }
-            match self.prepare(r.addr) {
-                Ok(p) => prepared.push(p),
-                Err(e) => {
+            if modes.get(i) == Some(&Mode::Fast) {
+                let eligible = match self.probes.get(&r.addr) {
+                    Some(p) => p.eligible,
+                    None => prepared
+                        .iter()
+                        .find(|p| p.addr == r.addr)
+                        .is_some_and(|p| arch::fast_eligible(p.len, &p.displaced)),
+                };
+                if !self.fast_ok || !eligible {
+                    let why = if self.fast_ok {
+                        "not a fast site: needs a 5-byte NOP or a first instruction of at least \
+                         5 bytes that can be displaced"
+                    } else {
+                        "fast probes need membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE), \
+                         which this kernel does not offer"
+                    };
                     self.unprepare_all(prepared);
-                    return Err((i, e));
+                    return Err((i, Error::unsupported(r.addr, why)));
                 }
             }
         }
@@ -406,6 +500,13 @@ impl State {
                 .get(p.rec as usize)
                 .ok_or((0, Error::Internal("probe record out of range".into())))?;
             let words = p.displaced.encode();
+            // Ordering: a new generation first, then a Release fence, so a
+            // fast dispatcher that reads any field below also sees the new
+            // generation on its re-check — pairs with the Acquire fence in
+            // `fast_dispatch`.
+            let gen = rec.gen.load(Ordering::Relaxed).wrapping_add(1);
+            rec.gen.store(gen, Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Release);
             // Ordering (all): Relaxed — published by the index insert's
             // latch bump (Release).
             rec.len.store(p.len as usize, Ordering::Relaxed);
@@ -421,27 +522,12 @@ impl State {
         }
         let mut patches: Vec<Patch> = prepared
             .iter()
-            .map(|p| Patch {
-                target: p.target.clone(),
-                addr: p.addr,
-                byte: TRAP_INSN,
-            })
+            .map(|p| Patch::byte(&p.target, p.addr, TRAP_INSN))
             .collect();
         let mut written = Vec::new();
         if let Err(e) = patch::write_all(&mut patches, &mut written) {
             // Undo: restore what was written, unindex, free.
-            let mut undo: Vec<Patch> = written
-                .iter()
-                .filter_map(|&(a, orig)| {
-                    let p = prepared.iter().find(|p| p.addr == a)?;
-                    Some(Patch {
-                        target: p.target.clone(),
-                        addr: a,
-                        byte: orig,
-                    })
-                })
-                .collect();
-            let _ = patch::write_all(&mut undo, &mut Vec::new());
+            let _ = patch::write_all(&mut written, &mut Vec::new());
             let failed = patches
                 .get(written.len())
                 .map(|p| p.addr)
@@ -455,7 +541,7 @@ impl State {
                 }
                 // A thread may have trapped and be inside the stub already.
                 if let Some(s) = p.stub {
-                    self.pool.retire(s);
+                    self.pool.retire(s, false);
                 }
                 self.deferred.push(Deferred::ProbeRecord(p.rec));
             }
@@ -468,35 +554,45 @@ impl State {
                     rec: p.rec,
                     orig: p.orig,
                     len: p.len,
+                    displaced: p.displaced,
+                    eligible: arch::fast_eligible(p.len, &p.displaced),
                     target: p.target,
                     stub: p.stub,
                     consumers: Vec::new(),
+                    pins: 0,
+                    fast: None,
                 },
             );
         }
         // 3. Consumers, then their lists.
         let mut ids = Vec::with_capacity(reqs.len());
         let mut owners = owners.into_iter();
-        for r in reqs {
+        for (i, r) in reqs.iter().enumerate() {
+            let mode = modes.get(i).copied().unwrap_or_default();
             let live = Live {
                 addr: r.addr,
                 handler: r.handler,
                 user_data: r.user_data as usize,
+                mode,
                 owner: owners.next().flatten(),
             };
             let id = self.alloc_consumer(live).map_err(|e| (ids.len(), e))?;
             let (idx, _) = id.parts().ok_or((0, Error::Internal("bad id".into())))?;
             if let Some(p) = self.probes.get_mut(&r.addr) {
                 p.consumers.push(idx);
+                p.pins += usize::from(mode == Mode::Trap);
             }
             ids.push(id);
         }
         let mut addrs: Vec<usize> = reqs.iter().map(|r| r.addr).collect();
         addrs.sort_unstable();
         addrs.dedup();
-        for a in addrs {
+        for &a in &addrs {
             self.publish_list(a).map_err(|e| (0, e))?;
         }
+        // 4. Sites that can be fast become fast. A failure here leaves them
+        //    on the trap path, which serves every consumer just the same.
+        let _ = self.apply_modes(&addrs);
         Ok(ids)
     }
 
@@ -539,6 +635,7 @@ impl State {
             }
             if let Some(p) = self.probes.get_mut(&live.addr) {
                 p.consumers.retain(|&c| c != idx);
+                p.pins -= usize::from(live.mode == Mode::Trap);
                 touched.push(live.addr);
             }
             self.deferred.push(Deferred::ConsumerRecord(idx));
@@ -551,10 +648,11 @@ impl State {
         let (empty, busy): (Vec<usize>, Vec<usize>) = touched
             .into_iter()
             .partition(|a| self.probes.get(a).is_some_and(|p| p.consumers.is_empty()));
-        for a in busy {
+        for &a in &busy {
             self.publish_list(a)?;
         }
-        self.remove_probes(&empty)
+        let switched = self.apply_modes(&busy);
+        self.remove_probes(&empty).and(switched)
     }
 
     /// Removes probes (their consumers are gone): restore, unindex, defer.
@@ -562,6 +660,13 @@ impl State {
         if addrs.is_empty() {
             return Ok(());
         }
+        // Fast sites go back to the trap path first (int3 head, original tail).
+        let fast: Vec<usize> = addrs
+            .iter()
+            .copied()
+            .filter(|a| self.probes.get(a).is_some_and(|p| p.fast.is_some()))
+            .collect();
+        let switched = self.switch_to_trap(&fast);
         let mut patches = Vec::with_capacity(addrs.len());
         for a in addrs {
             let Some(p) = self.probes.get(a) else {
@@ -573,14 +678,10 @@ impl State {
             // Restore only what is still our int3: if the module was unloaded
             // and something else mapped there, leave it alone.
             if code::read_code_byte(*a) == TRAP_INSN {
-                patches.push(Patch {
-                    target: p.target.clone(),
-                    addr: *a,
-                    byte: p.orig,
-                });
+                patches.push(Patch::byte(&p.target, *a, p.orig[0]));
             }
         }
-        let result = patch::write_all(&mut patches, &mut Vec::new());
+        let result = patch::write_all(&mut patches, &mut Vec::new()).and(switched);
         for a in addrs {
             let Some(p) = self.probes.remove(a) else {
                 continue;
@@ -595,12 +696,189 @@ impl State {
                 }
             }
             if let Some(s) = p.stub {
-                self.pool.retire(s);
+                self.pool.retire(s, false);
+            }
+            if let Some(f) = p.fast {
+                // Only if switching back failed half-way: the site's head is
+                // int3 again in every case that reaches here, so the stub is
+                // unreachable for new entries.
+                self.pool.retire(f.stub, true);
             }
             self.deferred.push(Deferred::ProbeRecord(p.rec));
-            let _ = p.len;
         }
         result
+    }
+
+    /// Switches each probe at `addrs` to the mechanism its consumers want.
+    fn apply_modes(&mut self, addrs: &[usize]) -> Result<()> {
+        let fast_ok = self.fast_ok;
+        let (mut to_fast, mut to_trap) = (Vec::new(), Vec::new());
+        for a in addrs {
+            let Some(p) = self.probes.get(a) else {
+                continue;
+            };
+            match (p.wants_fast(fast_ok), p.fast.is_some_and(|f| f.head)) {
+                (true, false) => to_fast.push(*a),
+                (false, true) => to_trap.push(*a),
+                _ => {}
+            }
+        }
+        let back = self.switch_to_trap(&to_trap);
+        to_fast.retain(|a| self.prepare_fast(*a).is_ok());
+        back.and(self.switch_to_fast(&to_fast))
+    }
+
+    /// Builds the fast stub of a probe (not yet reachable).
+    fn prepare_fast(&mut self, addr: usize) -> Result<()> {
+        let p = self
+            .probes
+            .get(&addr)
+            .ok_or(Error::Internal("no probe to make fast".into()))?;
+        if p.fast.is_some() {
+            return Ok(());
+        }
+        let rec = PROBES
+            .get(p.rec as usize)
+            .ok_or(Error::Internal("probe record out of range".into()))?;
+        // Ordering: Relaxed — the writer's own store.
+        let tag = crate::fast::tag(p.rec, rec.gen.load(Ordering::Relaxed));
+        let (orig, len, displaced) = (p.orig, p.len, p.displaced);
+        let stub = self
+            .pool
+            .create_fast(&orig[..len as usize], addr, len, &displaced, tag)?;
+        if let Some(p) = self.probes.get_mut(&addr) {
+            p.fast = Some(FastSite {
+                stub,
+                tail: false,
+                head: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Trap → fast, for probes whose fast stub is prepared: tail, serialise,
+    /// head, serialise. The head is `int3` throughout the tail write.
+    fn switch_to_fast(&mut self, addrs: &[usize]) -> Result<()> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        // The int3 of new probes must be visible to every core before any
+        // other byte of the instruction changes.
+        membarrier::sync_core();
+        let mut tails = Vec::new();
+        for a in addrs {
+            let p = &self.probes[a];
+            let f = p.fast.ok_or(Error::Internal("no fast stub".into()))?;
+            let jmp = arch::site_jump(*a, f.stub)?;
+            tails.push(Patch {
+                target: p.target.clone(),
+                addr: a + 1,
+                bytes: jmp[1..].to_vec(),
+            });
+        }
+        let mut done = Vec::new();
+        let tails_ok = patch::write_all(&mut tails, &mut done);
+        for d in &done {
+            if let Some(f) = self
+                .probes
+                .get_mut(&(d.addr - 1))
+                .and_then(|p| p.fast.as_mut())
+            {
+                f.tail = true;
+            }
+        }
+        membarrier::sync_core();
+        let mut heads: Vec<Patch> = done
+            .iter()
+            .map(|d| Patch::byte(&d.target, d.addr - 1, 0xE9))
+            .collect();
+        let mut done = Vec::new();
+        let heads_ok = patch::write_all(&mut heads, &mut done);
+        for d in &done {
+            if let Some(f) = self.probes.get_mut(&d.addr).and_then(|p| p.fast.as_mut()) {
+                f.head = true;
+            }
+        }
+        membarrier::sync_core();
+        // Sites that did not make it stay on the trap path.
+        let stuck: Vec<usize> = addrs
+            .iter()
+            .copied()
+            .filter(|a| self.probes[a].fast.is_some_and(|f| !f.head))
+            .collect();
+        let back = self.switch_to_trap(&stuck);
+        tails_ok.and(heads_ok).and(back)
+    }
+
+    /// Fast → trap: `int3` over the head, serialise, the original tail back,
+    /// serialise; then the fast stub is retired.
+    fn switch_to_trap(&mut self, addrs: &[usize]) -> Result<()> {
+        let mut heads = Vec::new();
+        for a in addrs {
+            let Some(p) = self.probes.get(a) else {
+                continue;
+            };
+            if p.fast.is_some_and(|f| f.head) {
+                heads.push(Patch::byte(&p.target, *a, TRAP_INSN));
+            }
+        }
+        let mut done = Vec::new();
+        let heads_ok = patch::write_all(&mut heads, &mut done);
+        for d in &done {
+            if let Some(f) = self.probes.get_mut(&d.addr).and_then(|p| p.fast.as_mut()) {
+                f.head = false;
+            }
+        }
+        if !addrs.is_empty() {
+            membarrier::sync_core();
+        }
+        let mut tails = Vec::new();
+        for a in addrs {
+            let Some(p) = self.probes.get(a) else {
+                continue;
+            };
+            if p.fast.is_some_and(|f| f.tail && !f.head) {
+                tails.push(Patch {
+                    target: p.target.clone(),
+                    addr: a + 1,
+                    bytes: p.orig[1..arch::JMP_LEN].to_vec(),
+                });
+            }
+        }
+        let mut done = Vec::new();
+        let tails_ok = patch::write_all(&mut tails, &mut done);
+        for d in &done {
+            if let Some(f) = self
+                .probes
+                .get_mut(&(d.addr - 1))
+                .and_then(|p| p.fast.as_mut())
+            {
+                f.tail = false;
+            }
+        }
+        if !tails.is_empty() {
+            membarrier::sync_core();
+        }
+        for a in addrs {
+            let Some(p) = self.probes.get_mut(a) else {
+                continue;
+            };
+            if let Some(f) = p.fast.filter(|f| !f.head && !f.tail) {
+                p.fast = None;
+                self.pool.retire(f.stub, true);
+            }
+        }
+        heads_ok.and(tails_ok)
+    }
+
+    /// The mechanism serving the probe at `addr`.
+    fn mode_of(&self, addr: usize) -> Result<Mode> {
+        let p = self.probes.get(&addr).ok_or(Error::NotFound)?;
+        Ok(if p.fast.is_some_and(|f| f.head) {
+            Mode::Fast
+        } else {
+            Mode::Trap
+        })
     }
 
     /// Detaches consumers whose handler returned `Remove`.
@@ -668,12 +946,6 @@ pub(crate) fn attach_owned(
     mode: Mode,
     owner: Option<Owner>,
 ) -> Result<ConsumerId> {
-    if mode == Mode::Fast {
-        return Err(Error::unsupported(
-            addr,
-            "no fast-path probes in this build: use Auto or Trap",
-        ));
-    }
     let req = AttachReq {
         addr,
         handler,
@@ -681,7 +953,7 @@ pub(crate) fn attach_owned(
     };
     with_state(|st| {
         ensure_handler()?;
-        st.attach_batch(&[req], vec![owner])
+        st.attach_batch(&[req], &[mode], vec![owner])
             .map(|ids| ids[0])
             .map_err(|(_, e)| e)
     })
@@ -711,7 +983,7 @@ pub fn attach_batch(reqs: &[AttachReq]) -> std::result::Result<Vec<ConsumerId>, 
     st.reap();
     ensure_handler().map_err(|e| (0, e))?;
     let owners = reqs.iter().map(|_| None).collect();
-    st.attach_batch(reqs, owners)
+    st.attach_batch(reqs, &[], owners)
 }
 
 /// Detaches without waiting: the handler may still be running (or about to
@@ -757,15 +1029,15 @@ pub fn sync() -> Result<()> {
             "sync (or detach) called from inside a handler would wait for itself".into(),
         ));
     }
-    let (items, pending) =
-        with_state(|st| Ok((std::mem::take(&mut st.deferred), st.pool.pending_len())))?;
+    let (items, snap) =
+        with_state(|st| Ok((std::mem::take(&mut st.deferred), st.pool.grace_snapshot())))?;
     grace::synchronize();
     let owners = {
         let mut guard = lock();
         let st = guard
             .as_mut()
             .ok_or(Error::Internal("state vanished".into()))?;
-        st.pool.after_grace_period(pending);
+        st.pool.after_grace_period(snap);
         st.free_deferred(items)
     };
     // Dropping owners runs user code (closure destructors): outside the lock.
@@ -778,9 +1050,10 @@ pub fn stats(id: ConsumerId) -> Result<Stats> {
     with_state(|st| {
         let idx = st.lookup(id)?;
         let rec = CONSUMERS.get(idx as usize).ok_or(Error::NotFound)?;
+        let tag = consumer_tag(idx, st.consumers[idx as usize].gen);
         // Ordering: Relaxed — statistics.
         Ok(Stats {
-            hits: rec.hits.load(Ordering::Relaxed),
+            hits: hits_count(rec.hits.load(Ordering::Relaxed)) + grace::pending_hits(tag),
             missed: rec.missed.load(Ordering::Relaxed),
         })
     })
@@ -812,13 +1085,7 @@ pub fn region_remove(id: RegionId) -> Result<()> {
 /// The mechanism serving a probed address right now (never [`Mode::Auto`]);
 /// [`Error::NotFound`] if nothing is attached there.
 pub fn probe_mode(addr: usize) -> Result<Mode> {
-    with_state(|st| {
-        if st.probes.contains_key(&addr) {
-            Ok(Mode::Trap)
-        } else {
-            Err(Error::NotFound)
-        }
-    })
+    with_state(|st| st.mode_of(addr))
 }
 
 /// Stubs that freed probes left behind, not yet reusable: (waiting for a
@@ -832,7 +1099,10 @@ pub fn probe_count() -> usize {
     with_state(|st| Ok(st.probes.len())).unwrap_or_default()
 }
 
-/// Tries to recycle retired stubs now (one thread scan).
+/// Tries to make retired stubs reusable now: a thread scan, a grace period
+/// and another scan (fast stubs need all three).
 pub fn recycle_stubs() -> Result<()> {
+    with_state(|st| st.pool.recycle())?;
+    sync()?;
     with_state(|st| st.pool.recycle())
 }

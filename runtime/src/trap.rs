@@ -84,7 +84,7 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
         Lookup::Probe(view) => {
             let mut regs = Regs::from_mcontext(mc);
             regs.rip = addr as u64;
-            probe::dispatch(cx, view.consumers, addr, &mut regs, section.is_nested());
+            probe::dispatch(cx, &section, view.consumers, addr, &mut regs);
             if regs.rip == addr as u64 {
                 resume_displaced(cx, &view, addr, &mut regs);
             }

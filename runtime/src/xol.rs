@@ -20,22 +20,35 @@
 //! 2. *retiring* until a thread scan ([`crate::sys::threads::quiescent`])
 //!    has seen every thread outside it.
 //!
+//! A fast-path stub is entered by a jump and reaches its read-side section
+//! only inside the dispatcher it calls, so a thread can be on its way in
+//! (in the stub, the chunk's trampoline or the dispatcher's prologue) with no
+//! section to wait for. Such a stub needs a scan *before* its grace period
+//! too — one that treats the trampolines and the dispatcher's code
+//! ([`crate::fast::code_range`]) as busy — then the grace period, then the
+//! scan after it: in, through, out.
+//!
 //! Scans cost microseconds to milliseconds, so they are batched: the pool
 //! scans only when it would otherwise have to map a new chunk. A recycled slot
 //! is poisoned with `ud2` first, so a violation of the above crashes loudly
 //! instead of running stale code.
 
-use crate::arch::{self, POISON, STUB_SLOT};
+use crate::arch::{self, Displaced, POISON, STUB_SLOT, TRAMPOLINE_SIZE};
 use crate::error::{Error, Result};
+use crate::fast;
 use crate::sys::{mem, threads};
 
-/// Bytes mapped per chunk.
+/// Bytes mapped per chunk: a fast-path trampoline, then stub slots.
 const CHUNK: usize = 64 * 1024;
 /// Farthest a stub may be from the code it serves (rel32 reach, with margin
 /// for the chunk and the instruction).
 const REACH: usize = (2 << 30) - (1 << 20);
 /// Retiring stubs at which an allocation scans rather than maps.
 const SCAN_BATCH: usize = 64;
+/// Scans tried in a row before giving up for now (threads running fast
+/// probes pass through the shared trampoline often, which a scan must treat
+/// as busy).
+const SCAN_TRIES: usize = 20;
 
 #[derive(Debug)]
 struct Chunk {
@@ -43,13 +56,42 @@ struct Chunk {
     used: usize,
 }
 
+impl Chunk {
+    fn trampoline(&self) -> usize {
+        self.base
+    }
+}
+
+/// A retired stub waiting for its grace periods.
+#[derive(Debug, Clone, Copy)]
+struct Retired {
+    addr: usize,
+    /// A fast-path stub also needs a scan *before* the grace period: a thread
+    /// can be on its way in (stub, trampoline, dispatcher) before entering a
+    /// read-side section.
+    fast: bool,
+    /// The number of the scan that saw no thread inside it, if any.
+    prescanned: Option<u64>,
+}
+
+/// What [`Pool::grace_snapshot`] saw when a grace period began.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Snapshot {
+    pending: usize,
+    scans: u64,
+}
+
 /// The stub pool. Writer only (under the writer lock).
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     chunks: Vec<Chunk>,
     free: Vec<usize>,
-    pending: Vec<usize>,
+    /// Retired, waiting for a read-side grace period.
+    pending: Vec<Retired>,
+    /// Past their grace period, waiting for a thread scan.
     retiring: Vec<usize>,
+    /// Successful scans so far.
+    scans: u64,
 }
 
 fn within_reach(a: usize, b: usize) -> bool {
@@ -64,22 +106,37 @@ impl Pool {
             .any(|c| (c.base..c.base + CHUNK).contains(&addr))
     }
 
-    /// Builds and writes the stub for the instruction `code` at `addr`;
-    /// returns its address.
+    /// Builds and writes the out-of-line stub for the instruction `code` at
+    /// `addr`; returns its address.
     pub(crate) fn create(&mut self, code: &[u8], addr: usize) -> Result<usize> {
-        let slot = self.alloc(addr)?;
-        let bytes = match arch::emit_out_of_line(code, addr, slot) {
-            Ok(b) => b,
+        let slot = self.alloc(addr)?.0;
+        let bytes = arch::emit_out_of_line(code, addr, slot);
+        self.fill(slot, bytes)
+    }
+
+    /// Builds and writes the fast-path stub of the site `site`; returns its
+    /// address.
+    pub(crate) fn create_fast(
+        &mut self,
+        code: &[u8],
+        site: usize,
+        len: u8,
+        displaced: &Displaced,
+        tag: u32,
+    ) -> Result<usize> {
+        let (slot, trampoline) = self.alloc(site)?;
+        let bytes = arch::emit_site_stub(code, site, len, displaced, slot, trampoline, tag);
+        self.fill(slot, bytes)
+    }
+
+    fn fill(&mut self, slot: usize, bytes: Result<Vec<u8>>) -> Result<usize> {
+        match bytes.and_then(|b| mem::write_code(slot, &b)) {
+            Ok(()) => Ok(slot),
             Err(e) => {
                 self.free.push(slot);
-                return Err(e);
+                Err(e)
             }
-        };
-        if let Err(e) = mem::write_code(slot, &bytes) {
-            self.free.push(slot);
-            return Err(e);
         }
-        Ok(slot)
     }
 
     /// Frees a stub that was never published (no thread can be in it).
@@ -87,30 +144,50 @@ impl Pool {
         self.free.push(slot);
     }
 
-    /// Frees a published stub: reused only after a grace period and a
-    /// thread scan.
-    pub(crate) fn retire(&mut self, slot: usize) {
-        self.pending.push(slot);
+    /// Frees a published stub: reused only after its grace periods.
+    pub(crate) fn retire(&mut self, slot: usize, fast: bool) {
+        self.pending.push(Retired {
+            addr: slot,
+            fast,
+            prescanned: None,
+        });
     }
 
-    /// A read-side grace period has passed since every stub now pending was
-    /// retired.
-    pub(crate) fn after_grace_period(&mut self, pending_then: usize) {
-        let n = pending_then.min(self.pending.len());
-        self.retiring.extend(self.pending.drain(..n));
+    /// Taken when a read-side grace period begins; pass it to
+    /// [`Pool::after_grace_period`] when it ends.
+    pub(crate) fn grace_snapshot(&self) -> Snapshot {
+        Snapshot {
+            pending: self.pending.len(),
+            scans: self.scans,
+        }
     }
 
-    /// Number of stubs pending now (to pass to [`Pool::after_grace_period`]).
-    pub(crate) fn pending_len(&self) -> usize {
-        self.pending.len()
+    /// A read-side grace period that began at `snap` has passed: stubs
+    /// retired before it (and, for fast stubs, scanned before it) now wait
+    /// only for a thread scan.
+    pub(crate) fn after_grace_period(&mut self, snap: Snapshot) {
+        let n = snap.pending.min(self.pending.len());
+        let mut keep = Vec::new();
+        for r in self.pending.drain(..n) {
+            if !r.fast || r.prescanned.is_some_and(|p| p <= snap.scans) {
+                self.retiring.push(r.addr);
+            } else {
+                keep.push(r);
+            }
+        }
+        keep.append(&mut self.pending);
+        self.pending = keep;
     }
 
-    /// Stubs not yet reusable: (pending, retiring).
+    /// Stubs not yet reusable: (waiting for a grace period, waiting for a
+    /// thread scan).
     pub(crate) fn retired_counts(&self) -> (usize, usize) {
         (self.pending.len(), self.retiring.len())
     }
 
-    fn alloc(&mut self, near: usize) -> Result<usize> {
+    /// Allocates a slot within reach of `near`; returns it and the
+    /// trampoline of its chunk.
+    fn alloc(&mut self, near: usize) -> Result<(usize, usize)> {
         if let Some(s) = self.take_free(near) {
             return Ok(s);
         }
@@ -125,40 +202,86 @@ impl Pool {
             }
         }
         let base = mem::map_exec_near(near, CHUNK)?;
-        self.chunks.push(Chunk { base, used: 0 });
+        let tramp = arch::emit_trampoline(base, fast::dispatcher_address())?;
+        mem::write_code(base, &tramp)?;
+        self.chunks.push(Chunk {
+            base,
+            used: TRAMPOLINE_SIZE,
+        });
         self.bump(near)
             .ok_or_else(|| Error::Internal("a fresh stub chunk has no room".into()))
     }
 
-    fn take_free(&mut self, near: usize) -> Option<usize> {
-        let i = self.free.iter().rposition(|&s| within_reach(s, near))?;
-        Some(self.free.swap_remove(i))
+    fn chunk_of(&self, slot: usize) -> Option<&Chunk> {
+        self.chunks
+            .iter()
+            .find(|c| (c.base..c.base + CHUNK).contains(&slot))
     }
 
-    fn bump(&mut self, near: usize) -> Option<usize> {
+    fn take_free(&mut self, near: usize) -> Option<(usize, usize)> {
+        let i = self.free.iter().rposition(|&s| within_reach(s, near))?;
+        let s = self.free.swap_remove(i);
+        Some((s, self.chunk_of(s)?.trampoline()))
+    }
+
+    fn bump(&mut self, near: usize) -> Option<(usize, usize)> {
         let c = self
             .chunks
             .iter_mut()
             .find(|c| c.used + STUB_SLOT <= CHUNK && within_reach(c.base + c.used, near))?;
         let s = c.base + c.used;
         c.used += STUB_SLOT;
-        Some(s)
+        Some((s, c.trampoline()))
     }
 
-    /// Scans threads once; if none is inside a retiring stub, poisons them
-    /// and makes them free.
+    /// Scans threads; if none is inside a retired stub (or, when fast stubs
+    /// are retired, on its way through a trampoline or the fast dispatcher),
+    /// retiring stubs are poisoned and freed, and pending fast stubs count
+    /// as scanned.
     pub(crate) fn recycle(&mut self) -> Result<()> {
-        if self.retiring.is_empty() {
+        if self.pending.is_empty() && self.retiring.is_empty() {
             return Ok(());
         }
-        let ranges: Vec<(usize, usize)> =
-            self.retiring.iter().map(|&s| (s, s + STUB_SLOT)).collect();
-        if !threads::quiescent(&ranges, std::time::Duration::from_millis(200))? {
+        let mut ranges: Vec<(usize, usize)> = self
+            .retiring
+            .iter()
+            .copied()
+            .chain(self.pending.iter().map(|r| r.addr))
+            .map(|s| (s, s + STUB_SLOT))
+            .collect();
+        if self.pending.iter().any(|r| r.fast) {
+            ranges.extend(
+                self.chunks
+                    .iter()
+                    .map(|c| (c.base, c.base + TRAMPOLINE_SIZE)),
+            );
+            ranges.push(fast::code_range());
+        }
+        let mut quiet = false;
+        for _ in 0..SCAN_TRIES {
+            if threads::quiescent(&ranges, std::time::Duration::from_millis(200))? {
+                quiet = true;
+                break;
+            }
+            std::thread::yield_now();
+        }
+        if !quiet {
             return Ok(());
+        }
+        self.scans += 1;
+        for r in self
+            .pending
+            .iter_mut()
+            .filter(|r| r.fast && r.prescanned.is_none())
+        {
+            r.prescanned = Some(self.scans);
         }
         let poison: Vec<u8> = POISON.iter().copied().cycle().take(STUB_SLOT).collect();
-        for s in std::mem::take(&mut self.retiring) {
-            mem::write_code(s, &poison)?;
+        while let Some(s) = self.retiring.pop() {
+            if let Err(e) = mem::write_code(s, &poison) {
+                self.retiring.push(s);
+                return Err(e);
+            }
             self.free.push(s);
         }
         Ok(())

@@ -11,20 +11,49 @@ mod targets;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use common::{bytes, count, counter};
-use probert::{Action, ConsumerId, Error, Hit, Reg};
+use probert::{Action, ConsumerId, Error, Hit, Mode, Reg};
 use targets::*;
 
-/// Attaches a counting consumer at `addr`, checks `call` returns `expect`
-/// `n` times with exactly `n` hits, detaches, and checks the bytes restored
-/// and no more hits.
-fn probe_and_check(addr: usize, n: u64, call: impl Fn() -> u64, expect: u64) {
+/// Attaches a counting consumer at `addr` on the trap path, then with the
+/// default mode (the fast path where the site allows it); each time checks
+/// `call` returns `expect` `n` times with exactly `n` hits, detaches, and
+/// checks the bytes restored and no more hits.
+/// `auto` is the mechanism the default mode must pick for this site.
+fn probe_and_check(addr: usize, n: u64, call: impl Fn() -> u64, expect: u64, auto: Mode) {
+    probe_and_check_mode(addr, n, &call, expect, Mode::Trap, Mode::Trap);
+    probe_and_check_mode(addr, n, &call, expect, Mode::Auto, auto);
+    if auto == Mode::Fast {
+        probe_and_check_mode(addr, n, &call, expect, Mode::Fast, Mode::Fast);
+    } else {
+        let err = unsafe { probert::attach_ex(addr, count, std::ptr::null_mut(), Mode::Fast) };
+        assert!(
+            matches!(err, Err(Error::UnsupportedInstruction { .. })),
+            "{err:?}"
+        );
+    }
+}
+
+fn probe_and_check_mode(
+    addr: usize,
+    n: u64,
+    call: &impl Fn() -> u64,
+    expect: u64,
+    mode: Mode,
+    served_expected: Mode,
+) {
     static HITS: AtomicU64 = AtomicU64::new(0);
     HITS.store(0, Ordering::SeqCst);
     let before = bytes(addr, 16);
     assert_eq!(call(), expect, "unprobed result");
     // SAFETY: a target of this test; `count` is async-signal-safe.
-    let id = unsafe { probert::attach(addr, count, counter(&HITS)) }.expect("attach");
-    assert_eq!(bytes(addr, 1), [0xCC]);
+    let id = unsafe { probert::attach_ex(addr, count, counter(&HITS), mode) }.expect("attach");
+    let served = probert::probe_mode(addr).unwrap();
+    match served {
+        Mode::Trap => assert_eq!(bytes(addr, 1), [0xCC]),
+        Mode::Fast => assert_eq!(bytes(addr, 1), [0xE9]),
+        Mode::Auto => panic!("probe_mode never answers Auto"),
+    }
+    assert_eq!(served, served_expected, "mechanism for {mode:?}");
     for _ in 0..n {
         assert_eq!(call(), expect, "probed result");
     }
@@ -38,29 +67,65 @@ fn probe_and_check(addr: usize, n: u64, call: impl Fn() -> u64, expect: u64) {
 }
 
 isolated!(push_rbp, {
-    probe_and_check(addr!(t_push_rbp), 10, || unsafe { t_push_rbp(41) }, 42);
+    probe_and_check(
+        addr!(t_push_rbp),
+        10,
+        || unsafe { t_push_rbp(41) },
+        42,
+        Mode::Trap,
+    );
 });
 
 isolated!(endbr64, {
-    probe_and_check(addr!(t_endbr), 10, || unsafe { t_endbr(40) }, 42);
+    probe_and_check(
+        addr!(t_endbr),
+        10,
+        || unsafe { t_endbr(40) },
+        42,
+        Mode::Trap,
+    );
 });
 
 isolated!(rip_relative_mov, {
-    probe_and_check(addr!(t_riprel_mov), 10, || unsafe { t_riprel_mov(5) }, 1005);
+    probe_and_check(
+        addr!(t_riprel_mov),
+        10,
+        || unsafe { t_riprel_mov(5) },
+        1005,
+        Mode::Fast,
+    );
 });
 
 isolated!(rip_relative_cmp, {
-    probe_and_check(addr!(t_riprel_cmp), 5, || unsafe { t_riprel_cmp(999) }, 0);
-    probe_and_check(addr!(t_riprel_cmp), 5, || unsafe { t_riprel_cmp(1000) }, 1);
+    probe_and_check(
+        addr!(t_riprel_cmp),
+        5,
+        || unsafe { t_riprel_cmp(999) },
+        0,
+        Mode::Fast,
+    );
+    probe_and_check(
+        addr!(t_riprel_cmp),
+        5,
+        || unsafe { t_riprel_cmp(1000) },
+        1,
+        Mode::Fast,
+    );
 });
 
 isolated!(call_rel32_callee_sees_original_return_address, {
     let expect = addr!(t_call) as u64 + 5;
-    probe_and_check(addr!(t_call), 10, || unsafe { t_call() }, expect);
+    probe_and_check(
+        addr!(t_call),
+        10,
+        || unsafe { t_call() },
+        expect,
+        Mode::Fast,
+    );
 });
 
 isolated!(jmp_rel32, {
-    probe_and_check(addr!(t_jmp), 10, || unsafe { t_jmp(39) }, 42);
+    probe_and_check(addr!(t_jmp), 10, || unsafe { t_jmp(39) }, 42, Mode::Fast);
 });
 
 isolated!(jcc_taken_and_not_taken, {
@@ -69,14 +134,25 @@ isolated!(jcc_taken_and_not_taken, {
         (t_jcc8, "rel8"),
     ] {
         let site = f as *const () as usize + 3;
-        probe_and_check(site, 5, || unsafe { f(0) }, 2);
-        probe_and_check(site, 5, || unsafe { f(1) }, 1);
-        let _ = name;
+        // jz rel32 is 6 bytes (fast); jz rel8 is 2 (trap only).
+        let auto = if name == "rel32" {
+            Mode::Fast
+        } else {
+            Mode::Trap
+        };
+        probe_and_check(site, 5, || unsafe { f(0) }, 2, auto);
+        probe_and_check(site, 5, || unsafe { f(1) }, 1, auto);
     }
 });
 
 isolated!(sub_rsp, {
-    probe_and_check(addr!(t_sub_rsp), 10, || unsafe { t_sub_rsp(37) }, 42);
+    probe_and_check(
+        addr!(t_sub_rsp),
+        10,
+        || unsafe { t_sub_rsp(37) },
+        42,
+        Mode::Trap,
+    );
 });
 
 isolated!(rsp_read, {
@@ -85,19 +161,19 @@ isolated!(rsp_read, {
     let call = || unsafe { t_rsp_read() };
     let _ = expect;
     let unprobed: Vec<u64> = (0..3).map(|_| call()).collect();
-    probe_and_check(addr!(t_rsp_read), 3, call, unprobed[0]);
+    probe_and_check(addr!(t_rsp_read), 3, call, unprobed[0], Mode::Trap);
 });
 
 isolated!(lock_prefixed_rip_relative, {
     let before = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(t_counter)) };
-    probe_and_check(addr!(t_lock), 10, || unsafe { t_lock(42) }, 42);
+    probe_and_check(addr!(t_lock), 10, || unsafe { t_lock(42) }, 42, Mode::Fast);
     let after = unsafe { std::ptr::read_volatile(std::ptr::addr_of!(t_counter)) };
-    // One unprobed call before, ten probed, one after.
-    assert_eq!(after - before, 12);
+    // Three mechanisms: one unprobed call before, ten probed, one after.
+    assert_eq!(after - before, 36);
 });
 
 isolated!(nop5_site, {
-    probe_and_check(addr!(t_nop5), 10, || unsafe { t_nop5(33) }, 42);
+    probe_and_check(addr!(t_nop5), 10, || unsafe { t_nop5(33) }, 42, Mode::Fast);
 });
 
 isolated!(register_writes_are_observed, {
@@ -155,7 +231,11 @@ isolated!(two_consumers_on_one_address, {
         assert_eq!(unsafe { t_riprel_mov(1) }, 1001);
     }
     probert::detach(a).unwrap();
-    assert_eq!(bytes(addr, 1), [0xCC], "b still attached");
+    assert_eq!(
+        probert::probe_mode(addr),
+        Ok(Mode::Fast),
+        "b still attached"
+    );
     assert_eq!(unsafe { t_riprel_mov(1) }, 1001);
     probert::detach(b).unwrap();
     assert_eq!((A.load(Ordering::SeqCst), B.load(Ordering::SeqCst)), (7, 8));

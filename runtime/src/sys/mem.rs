@@ -966,12 +966,16 @@ mod tests {
     fn fork_and_write_in_child(reset: bool) {
         let p = page_with(0xc3, libc::PROT_READ | libc::PROT_EXEC);
         write_code(p, &[0xc3]).expect("opens the descriptor in the parent");
+        // Without `after_fork_child`, a child forked while another test
+        // thread holds the write lock would spin forever: hold it across the
+        // fork ourselves, so each side releases its own copy.
+        let held = (!reset).then(WriteLock::lock);
         // SAFETY: the child runs only raw system calls and `write_code`'s
-        // success path (no allocation; the one lock another thread may hold
-        // is reset by `after_fork_child`, or free since this thread's write
-        // above, which all mem tests in this process take briefly) and leaves
-        // with exit_group.
+        // success path (no allocation; the write lock is reset by
+        // `after_fork_child` or released by `held`) and leaves with
+        // exit_group.
         let pid = unsafe { libc::fork() };
+        drop(held);
         assert!(pid >= 0, "fork");
         if pid == 0 {
             let mut code = 0;

@@ -253,6 +253,17 @@ mod tests {
         assert_eq!(register_sync_core(), register_sync_core());
     }
 
+    /// Spins a while, then yields: on a loaded machine the other side may
+    /// need this CPU to make progress.
+    fn spin_or_yield(spins: &mut u32) {
+        *spins += 1;
+        if *spins < 1000 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+
     /// Store buffering with an asymmetric fence: the light side stores X and
     /// loads Y with only a compiler fence, the heavy side stores Y, calls
     /// `heavy`, loads X. Both loads seeing 0 is forbidden. (Without `heavy`
@@ -276,17 +287,17 @@ mod tests {
             let xy = xy.clone();
             std::thread::spawn(move || {
                 let [x, y] = &*xy;
-                let mut seen = 0;
+                let (mut seen, mut spins) = (0, 0u32);
                 // Ordering: Relaxed — the test's own flag; joins below.
                 while !stop.load(Ordering::Relaxed) {
                     // Ordering: Acquire sees the round's reset of X/Y —
                     // pairs with the Release store of `go` below.
                     let round = go.load(Ordering::Acquire);
                     if round == seen {
-                        std::hint::spin_loop();
+                        spin_or_yield(&mut spins);
                         continue;
                     }
-                    seen = round;
+                    (seen, spins) = (round, 0);
                     // Ordering: Relaxed on purpose: the light side of an
                     // asymmetric fence — pairs with `heavy`.
                     x.store(1, Ordering::Relaxed);
@@ -315,8 +326,9 @@ mod tests {
             let r2 = x.load(Ordering::Relaxed);
             // Ordering: Acquire reads the light thread's r1 — pairs with its
             // Release store of `done`.
+            let mut spins = 0;
             while done.load(Ordering::Acquire) != round {
-                std::hint::spin_loop();
+                spin_or_yield(&mut spins);
             }
             // Ordering: Relaxed — ordered by `done`.
             let r1 = r1.load(Ordering::Relaxed);

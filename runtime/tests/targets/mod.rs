@@ -119,6 +119,130 @@ t_counter: .quad 0
     ret
     END t_foreign
 
+    // Live values in every GPR, xmm0-15 and CF across a NOP site; writes
+    // what survived to the array at rdi: gpr[16] (rsp slot: rsp delta),
+    // xmm[16] (low quadwords), then CF.
+    FUNC t_clobber
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi
+    mov rax, 0x100
+    movq xmm0, rax
+    mov rax, 0x101
+    movq xmm1, rax
+    mov rax, 0x102
+    movq xmm2, rax
+    mov rax, 0x103
+    movq xmm3, rax
+    mov rax, 0x104
+    movq xmm4, rax
+    mov rax, 0x105
+    movq xmm5, rax
+    mov rax, 0x106
+    movq xmm6, rax
+    mov rax, 0x107
+    movq xmm7, rax
+    mov rax, 0x108
+    movq xmm8, rax
+    mov rax, 0x109
+    movq xmm9, rax
+    mov rax, 0x10a
+    movq xmm10, rax
+    mov rax, 0x10b
+    movq xmm11, rax
+    mov rax, 0x10c
+    movq xmm12, rax
+    mov rax, 0x10d
+    movq xmm13, rax
+    mov rax, 0x10e
+    movq xmm14, rax
+    mov rax, 0x10f
+    movq xmm15, rax
+    mov rax, 0x1111
+    mov rbx, 0x2222
+    mov rcx, 0x3333
+    mov rdx, 0x4444
+    mov rsi, 0x5555
+    mov rdi, 0x6666
+    mov rbp, 0x7777
+    mov r8, 0x8888
+    mov r9, 0x9999
+    mov r10, 0xaaaa
+    mov r11, 0xbbbb
+    mov r12, 0xcccc
+    mov r13, 0xdddd
+    mov r14, 0xeeee
+    mov r15, rsp
+    stc
+    .globl t_clobber_site
+t_clobber_site:
+    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
+    push rax
+    mov rax, [rsp + 8]
+    setc byte ptr [rax + 0x100]
+    mov [rax + 0x08], rbx
+    mov [rax + 0x10], rcx
+    mov [rax + 0x18], rdx
+    mov [rax + 0x20], rsi
+    mov [rax + 0x28], rdi
+    mov [rax + 0x30], rbp
+    mov [rax + 0x40], r8
+    mov [rax + 0x48], r9
+    mov [rax + 0x50], r10
+    mov [rax + 0x58], r11
+    mov [rax + 0x60], r12
+    mov [rax + 0x68], r13
+    mov [rax + 0x70], r14
+    lea rbx, [rsp + 8]
+    sub rbx, r15
+    mov [rax + 0x38], rbx
+    mov [rax + 0x78], r15
+    movq [rax + 0x80], xmm0
+    movq [rax + 0x88], xmm1
+    movq [rax + 0x90], xmm2
+    movq [rax + 0x98], xmm3
+    movq [rax + 0xa0], xmm4
+    movq [rax + 0xa8], xmm5
+    movq [rax + 0xb0], xmm6
+    movq [rax + 0xb8], xmm7
+    movq [rax + 0xc0], xmm8
+    movq [rax + 0xc8], xmm9
+    movq [rax + 0xd0], xmm10
+    movq [rax + 0xd8], xmm11
+    movq [rax + 0xe0], xmm12
+    movq [rax + 0xe8], xmm13
+    movq [rax + 0xf0], xmm14
+    movq [rax + 0xf8], xmm15
+    pop qword ptr [rax]
+    add rsp, 8
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+    END t_clobber
+
+    // A leaf function with live red-zone data across a NOP site mid-function
+    // → rdi + 0x1234 + 0x5678.
+    FUNC t_redzone
+    mov qword ptr [rsp - 8], rdi
+    mov qword ptr [rsp - 16], 0x1234
+    mov qword ptr [rsp - 128], 0x5678
+    .globl t_redzone_site
+t_redzone_site:
+    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
+    mov rax, qword ptr [rsp - 8]
+    add rax, qword ptr [rsp - 16]
+    add rax, qword ptr [rsp - 128]
+    ret
+    END t_redzone
+
     FUNC t_nop5              // nop5 → rdi + 9 (the JIT-style patchable site)
     .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
     lea rax, [rdi + 9]
@@ -144,6 +268,10 @@ extern "C" {
     pub fn t_lock(x: u64) -> u64;
     pub fn t_foreign(x: u64) -> u64;
     pub fn t_nop5(x: u64) -> u64;
+    pub fn t_clobber(out: *mut u64);
+    pub fn t_clobber_site();
+    pub fn t_redzone(x: u64) -> u64;
+    pub fn t_redzone_site();
 }
 
 /// The address of a target.

@@ -9,14 +9,21 @@
 //! - [`emit_out_of_line`]: the bytes of an out-of-line stub.
 //! - [`emulate`]: apply an emulated instruction to a [`Regs`] (signal-safe).
 //! - [`thread_pointer`]: a signal-safe, allocation-free thread identity.
+//! - the fast path: [`emit_trampoline`], [`emit_site_stub`], [`site_jump`],
+//!   [`FastFrame`].
 
 mod emulate;
+mod fast;
 mod insn;
 mod regs;
 mod relocate;
 mod tp;
 
 pub use emulate::emulate;
+pub use fast::{
+    emit_site_stub, emit_trampoline, fast_eligible, site_jump, FastFrame, EXIT_POP, JMP_LEN,
+    TRAMPOLINE_SIZE,
+};
 pub use insn::{analyze, check_boundary, Displaced};
 pub use regs::{Reg, Regs};
 pub use relocate::emit_out_of_line;
@@ -26,8 +33,8 @@ pub use tp::thread_pointer;
 pub const TRAP_INSN: u8 = 0xCC;
 /// The longest x86 instruction.
 pub const MAX_INSN_LEN: usize = 15;
-/// Size of one out-of-line stub slot in the trampoline pool. A stub is the
-/// relocated instruction followed by a `jmp rel32` back.
-pub const STUB_SLOT: usize = 32;
+/// Size of one stub slot in the trampoline pool: an out-of-line stub (the
+/// relocated instruction and a `jmp rel32` back) or a fast-path site stub.
+pub const STUB_SLOT: usize = 64;
 /// An instruction that faults (`ud2`), used to poison freed stub slots.
 pub const POISON: [u8; 2] = [0x0F, 0x0B];

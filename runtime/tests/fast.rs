@@ -1,0 +1,311 @@
+//! The fast path: jump-patched sites that reach handlers without a signal.
+//! Every test patches code, so each runs in its own process (`isolated!`).
+#![allow(unsafe_code)]
+// Test code calls assembly targets, libc and probert's unsafe attach on
+// purpose; the safety premise of every such call is the test itself.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
+mod common;
+mod targets;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::{bytes, count, counter};
+use probert::{Action, Error, Hit, Mode, Reg};
+use targets::*;
+
+/// A handler that scribbles on every caller-saved GPR, xmm0–15 and the
+/// flags, as an ordinary function may.
+unsafe extern "C" fn scribble(hit: *mut Hit) -> u32 {
+    unsafe {
+        std::arch::asm!(
+            "mov rax, -1", "mov rcx, -1", "mov rdx, -1", "mov rsi, -1", "mov rdi, -1",
+            "mov r8, -1", "mov r9, -1", "mov r10, -1", "mov r11, -1",
+            "pcmpeqd xmm0, xmm0", "pcmpeqd xmm1, xmm1", "pcmpeqd xmm2, xmm2",
+            "pcmpeqd xmm3, xmm3", "pcmpeqd xmm4, xmm4", "pcmpeqd xmm5, xmm5",
+            "pcmpeqd xmm6, xmm6", "pcmpeqd xmm7, xmm7", "pcmpeqd xmm8, xmm8",
+            "pcmpeqd xmm9, xmm9", "pcmpeqd xmm10, xmm10", "pcmpeqd xmm11, xmm11",
+            "pcmpeqd xmm12, xmm12", "pcmpeqd xmm13, xmm13", "pcmpeqd xmm14, xmm14",
+            "pcmpeqd xmm15, xmm15", "clc",
+            out("rax") _, out("rcx") _, out("rdx") _, out("rsi") _, out("rdi") _,
+            out("r8") _, out("r9") _, out("r10") _, out("r11") _,
+            out("xmm0") _, out("xmm1") _, out("xmm2") _, out("xmm3") _,
+            out("xmm4") _, out("xmm5") _, out("xmm6") _, out("xmm7") _,
+            out("xmm8") _, out("xmm9") _, out("xmm10") _, out("xmm11") _,
+            out("xmm12") _, out("xmm13") _, out("xmm14") _, out("xmm15") _,
+        );
+        // And a deep stack: the frame must not land in the red zone.
+        let mut junk = [0xA5u8; 2048];
+        std::hint::black_box(&mut junk);
+        count(hit)
+    }
+}
+
+isolated!(every_register_survives_a_fast_hit, {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let site = addr!(t_clobber_site);
+    let id = unsafe { probert::attach_ex(site, scribble, counter(&HITS), Mode::Fast) }.unwrap();
+    assert_eq!(probert::probe_mode(site), Ok(Mode::Fast));
+    for _ in 0..3 {
+        let mut out = [0u64; 33];
+        unsafe { t_clobber(out.as_mut_ptr()) };
+        let gpr = [0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666, 0x7777];
+        assert_eq!(&out[..7], &gpr, "rax..rbp");
+        assert_eq!(out[7], 0, "rsp moved");
+        assert_eq!(
+            &out[8..15],
+            &[0x8888, 0x9999, 0xaaaa, 0xbbbb, 0xcccc, 0xdddd, 0xeeee],
+            "r8..r14"
+        );
+        for (i, x) in out[16..32].iter().enumerate() {
+            assert_eq!(*x, 0x100 + i as u64, "xmm{i}");
+        }
+        assert_eq!(out[32] & 0xFF, 1, "CF");
+    }
+    assert_eq!(HITS.load(Ordering::SeqCst), 3);
+    probert::detach(id).unwrap();
+});
+
+isolated!(red_zone_survives_a_fast_hit, {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let site = addr!(t_redzone_site);
+    let before = bytes(site, 5);
+    let id = unsafe { probert::attach_ex(site, scribble, counter(&HITS), Mode::Fast) }.unwrap();
+    for i in 0..100 {
+        assert_eq!(unsafe { t_redzone(i) }, i + 0x1234 + 0x5678);
+    }
+    assert_eq!(HITS.load(Ordering::SeqCst), 100);
+    probert::detach(id).unwrap();
+    assert_eq!(bytes(site, 5), before);
+});
+
+isolated!(registers_are_read_and_written_on_the_fast_path, {
+    unsafe extern "C" fn h(hit: *mut Hit) -> u32 {
+        let hit = unsafe { &mut *hit };
+        assert_eq!(hit.regs().rip, hit.addr as u64);
+        let x = hit.regs().arg(0).unwrap();
+        hit.regs_mut().set(Reg::Rdi, x * 10);
+        Action::Continue as u32
+    }
+    let id =
+        unsafe { probert::attach_ex(addr!(t_nop5), h, std::ptr::null_mut(), Mode::Fast) }.unwrap();
+    assert_eq!(unsafe { t_nop5(3) }, 39);
+    probert::detach(id).unwrap();
+    assert_eq!(unsafe { t_nop5(3) }, 12);
+});
+
+isolated!(rip_and_rsp_writes_redirect_on_the_fast_path, {
+    // Send t_nop5 to t_endbr instead (same stack).
+    unsafe extern "C" fn redirect(hit: *mut Hit) -> u32 {
+        let hit = unsafe { &mut *hit };
+        hit.regs_mut().rip = targets::t_endbr as *const () as usize as u64;
+        Action::Continue as u32
+    }
+    let id =
+        unsafe { probert::attach_ex(addr!(t_nop5), redirect, std::ptr::null_mut(), Mode::Fast) }
+            .unwrap();
+    assert_eq!(unsafe { t_nop5(40) }, 42);
+    probert::detach(id).unwrap();
+    // Emulate a `ret` from t_nop5's entry: pop the return address into RIP.
+    unsafe extern "C" fn early_return(hit: *mut Hit) -> u32 {
+        let hit = unsafe { &mut *hit };
+        let r = hit.regs_mut();
+        let rsp = r.get(Reg::Rsp);
+        r.rip = unsafe { *(rsp as *const u64) };
+        r.set(Reg::Rsp, rsp + 8);
+        r.set(Reg::Rax, 777);
+        Action::Continue as u32
+    }
+    let id = unsafe {
+        probert::attach_ex(
+            addr!(t_nop5),
+            early_return,
+            std::ptr::null_mut(),
+            Mode::Fast,
+        )
+    }
+    .unwrap();
+    for _ in 0..3 {
+        assert_eq!(unsafe { t_nop5(1) }, 777);
+    }
+    probert::detach(id).unwrap();
+});
+
+isolated!(recursion_and_remove_on_the_fast_path, {
+    unsafe extern "C" fn recurse(_: *mut Hit) -> u32 {
+        assert_eq!(unsafe { targets::t_nop5(1) }, 10);
+        Action::Continue as u32
+    }
+    let id =
+        unsafe { probert::attach_ex(addr!(t_nop5), recurse, std::ptr::null_mut(), Mode::Fast) }
+            .unwrap();
+    for _ in 0..4 {
+        assert_eq!(unsafe { t_nop5(2) }, 11);
+    }
+    let s = probert::stats(id).unwrap();
+    assert_eq!((s.hits, s.missed), (4, 4));
+    probert::detach(id).unwrap();
+
+    static ONCE: AtomicU64 = AtomicU64::new(0);
+    unsafe extern "C" fn once(hit: *mut Hit) -> u32 {
+        unsafe { count(hit) };
+        Action::Remove as u32
+    }
+    let before = bytes(addr!(t_nop5), 5);
+    let id =
+        unsafe { probert::attach_ex(addr!(t_nop5), once, counter(&ONCE), Mode::Fast) }.unwrap();
+    for _ in 0..5 {
+        assert_eq!(unsafe { t_nop5(2) }, 11);
+    }
+    assert_eq!(ONCE.load(Ordering::SeqCst), 1);
+    assert_eq!(probert::detach(id), Err(Error::NotFound));
+    probert::sync().unwrap();
+    assert_eq!(bytes(addr!(t_nop5), 5), before);
+});
+
+isolated!(mode_follows_the_consumers, {
+    static A: AtomicU64 = AtomicU64::new(0);
+    static B: AtomicU64 = AtomicU64::new(0);
+    let site = addr!(t_riprel_mov);
+    let before = bytes(site, 8);
+    let a = unsafe { probert::attach(site, count, counter(&A)) }.unwrap();
+    assert_eq!(probert::probe_mode(site), Ok(Mode::Fast));
+    unsafe { t_riprel_mov(1) };
+    // A consumer that wants the trap path pins the site there...
+    let b = unsafe { probert::attach_ex(site, count, counter(&B), Mode::Trap) }.unwrap();
+    assert_eq!(probert::probe_mode(site), Ok(Mode::Trap));
+    assert_eq!(bytes(site, 1), [0xCC]);
+    assert_eq!(
+        &bytes(site, 8)[1..],
+        &before[1..],
+        "the tail is original on the trap path"
+    );
+    unsafe { t_riprel_mov(1) };
+    // ...until it leaves.
+    probert::detach(b).unwrap();
+    assert_eq!(probert::probe_mode(site), Ok(Mode::Fast));
+    unsafe { t_riprel_mov(1) };
+    assert_eq!((A.load(Ordering::SeqCst), B.load(Ordering::SeqCst)), (3, 1));
+    probert::detach(a).unwrap();
+    assert_eq!(probert::probe_mode(site), Err(Error::NotFound));
+    assert_eq!(bytes(site, 8), before);
+});
+
+isolated!(fast_probes_work_in_a_forked_child, {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let id = unsafe { probert::attach(addr!(t_nop5), count, counter(&HITS)) }.unwrap();
+    assert_eq!(probert::probe_mode(addr!(t_nop5)), Ok(Mode::Fast));
+    unsafe { t_nop5(1) };
+    match unsafe { libc::fork() } {
+        0 => {
+            unsafe { t_nop5(1) };
+            let ok = HITS.load(Ordering::SeqCst) == 2
+                && probert::stats(id).map(|s| s.hits) == Ok(2)
+                && probert::detach(id).is_ok()
+                && bytes(addr!(t_nop5), 1) != [0xE9];
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        pid => {
+            let mut status = 0;
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "child status {status:#x}"
+            );
+        }
+    }
+    assert_eq!(
+        bytes(addr!(t_nop5), 1),
+        [0xE9],
+        "the child's detach wrote its own memory"
+    );
+    unsafe { t_nop5(1) };
+    assert_eq!(probert::stats(id).unwrap().hits, 2);
+    probert::detach(id).unwrap();
+});
+
+isolated!(
+    torture_hammer_while_attach_detach_and_mode_switches_churn,
+    {
+        // Hammer threads call four fast-capable sites for a fixed time while a
+        // churn thread attaches and detaches consumers in every mode (switching
+        // the sites between trap and fast) and recycles stubs (poisoned with ud2
+        // when freed, so a stub reused too early crashes the test).
+        const RUN: std::time::Duration = std::time::Duration::from_secs(2);
+        static STEADY_NOP: AtomicU64 = AtomicU64::new(0);
+        static STEADY_MOV: AtomicU64 = AtomicU64::new(0);
+        static CHURN: AtomicU64 = AtomicU64::new(0);
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let sites = [
+            addr!(t_nop5),
+            addr!(t_riprel_mov),
+            addr!(t_jmp),
+            addr!(t_call),
+        ];
+        let before: Vec<Vec<u8>> = sites.iter().map(|&s| bytes(s, 8)).collect();
+        let a = unsafe { probert::attach(sites[0], count, counter(&STEADY_NOP)) }.unwrap();
+        let b = unsafe { probert::attach(sites[1], count, counter(&STEADY_MOV)) }.unwrap();
+        let deadline = std::time::Instant::now() + RUN;
+        let hammers: Vec<_> = (0..3)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut calls = 0u64;
+                    while std::time::Instant::now() < deadline {
+                        for i in calls..calls + 1000 {
+                            assert_eq!(unsafe { t_nop5(i) }, i + 9);
+                            assert_eq!(unsafe { t_riprel_mov(i) }, i + 1000);
+                            assert_eq!(unsafe { t_jmp(i) }, i + 3);
+                            if t == 0 {
+                                assert_eq!(unsafe { t_call() }, addr!(t_call) as u64 + 5);
+                            }
+                        }
+                        calls += 1000;
+                    }
+                    calls
+                })
+            })
+            .collect();
+        let churn = std::thread::spawn(move || {
+            let mut cycles = 0u64;
+            while !STOP.load(Ordering::SeqCst) {
+                let mode = [Mode::Auto, Mode::Trap, Mode::Fast][cycles as usize % 3];
+                let ids: Vec<_> = sites
+                    .iter()
+                    .map(|&s| {
+                        unsafe { probert::attach_ex(s, count, counter(&CHURN), mode) }.unwrap()
+                    })
+                    .collect();
+                probert::detach_nosync(ids[0]).unwrap();
+                probert::detach_batch(&ids[1..3]).unwrap();
+                probert::detach(ids[3]).unwrap();
+                if cycles % 16 == 0 {
+                    probert::recycle_stubs().unwrap();
+                }
+                cycles += 1;
+            }
+            cycles
+        });
+        let calls: u64 = hammers.into_iter().map(|h| h.join().unwrap()).sum();
+        STOP.store(true, Ordering::SeqCst);
+        let cycles = churn.join().unwrap();
+        assert!(cycles > 3, "churn made progress: {cycles}");
+        assert_eq!(
+            STEADY_NOP.load(Ordering::SeqCst),
+            calls,
+            "exactly once per call"
+        );
+        assert_eq!(STEADY_MOV.load(Ordering::SeqCst), calls);
+        assert_eq!(probert::stats(a).unwrap().hits, calls);
+        assert_eq!(probert::stats(b).unwrap().hits, calls);
+        probert::detach_batch(&[a, b]).unwrap();
+        for (s, orig) in sites.iter().zip(&before) {
+            assert_eq!(&bytes(*s, 8), orig, "restored byte for byte at {s:#x}");
+        }
+        probert::recycle_stubs().unwrap();
+        eprintln!(
+        "calls per site: {calls}, churn cycles: {cycles}, churn hits: {}, retired stubs left: {:?}",
+        CHURN.load(Ordering::SeqCst),
+        probert::retired_stubs()
+    );
+    }
+);
