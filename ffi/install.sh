@@ -20,6 +20,7 @@ install -d "$dest$prefix/include" "$dest$prefix/lib/pkgconfig"
 install -m 644 include/probert.h "$dest$prefix/include/probert.h"
 install -m 755 target/release/libprobert.so "$dest$prefix/lib/libprobert.so"
 install -m 644 target/release/libprobert.a "$dest$prefix/lib/libprobert.a"
+# --no-as-needed: see ffi/build.rs (the library may precede the sources).
 cat >"$dest$prefix/lib/pkgconfig/probert.pc" <<PC
 prefix=$prefix
 includedir=\${prefix}/include
@@ -29,7 +30,7 @@ Name: probert
 Description: In-process dynamic instrumentation: probes on live code
 Version: $version
 Cflags: -I\${includedir}
-Libs: -L\${libdir} -lprobert -lpthread -ldl
+Libs: -L\${libdir} -Wl,--push-state,--no-as-needed -lprobert -Wl,--pop-state -lpthread -ldl
 Libs.private: $native_static_libs
 PC
 echo "installed probert $version under $dest$prefix"

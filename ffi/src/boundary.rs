@@ -147,3 +147,42 @@ macro_rules! try_rt {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::probert_status::*;
+
+    fn panics() -> probert_status {
+        ffi_panic_boundary! {
+            let v: Vec<u8> = Vec::new();
+            // An out-of-bounds index: a panic inside an exported body.
+            if v[usize::from(v.is_empty())] == 0 {
+                return PROBERT_OK;
+            }
+            PROBERT_OK
+        }
+    }
+
+    fn null_in(p: *const u64) -> probert_status {
+        ffi_panic_boundary! {
+            let v = try_ref!(p);
+            if *v == 7 { PROBERT_OK } else { PROBERT_ERR_NOT_FOUND }
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_internal_never_an_unwind() {
+        assert_eq!(panics(), PROBERT_ERR_INTERNAL);
+        assert_eq!(guard(|| -> u64 { panic!("boom") }), 0);
+        let s: *const c_char = guard(|| panic!("boom"));
+        assert!(!s.is_null());
+    }
+
+    #[test]
+    fn null_is_invalid_argument() {
+        assert_eq!(null_in(std::ptr::null()), PROBERT_ERR_INVALID_ARGUMENT);
+        assert_eq!(null_in(&7), PROBERT_OK);
+        assert_eq!(null_in(&8), PROBERT_ERR_NOT_FOUND);
+    }
+}

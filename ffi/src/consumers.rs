@@ -170,8 +170,11 @@ pub extern "C" fn probert_attach(
 /// (PROBERT_MODE_AUTO, the default, also when `opts` is NULL;
 /// PROBERT_MODE_TRAP keeps the site on the int3 path while this consumer is
 /// attached; PROBERT_MODE_FAST fails with PROBERT_ERR_UNSUPPORTED_INSN unless
-/// the site can be fast — in this build no site can, fast probes are not
-/// implemented yet). Set `opts->size = sizeof(probert_attach_opts)`.
+/// the site can be fast: a 5-byte NOP, or a first instruction of at least 5
+/// bytes that can be displaced, on a kernel with
+/// `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`). A fast site is a `jmp` to a
+/// per-site stub: handlers run without a signal, in a few nanoseconds. Set
+/// `opts->size = sizeof(probert_attach_opts)`.
 ///
 /// Errors: those of `probert_attach`, and PROBERT_ERR_INVALID_ARGUMENT for an
 /// `opts->size` smaller than this library's `probert_attach_opts` (or larger

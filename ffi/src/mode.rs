@@ -79,8 +79,9 @@ pub(crate) fn read_opts(opts: *const probert_attach_opts) -> Result<Mode, prober
 }
 
 /// Writes to `*out` the mechanism serving the probed address `addr` right now
-/// (PROBERT_MODE_TRAP or PROBERT_MODE_FAST, never PROBERT_MODE_AUTO). This
-/// build has no fast probes yet, so it is always PROBERT_MODE_TRAP.
+/// (PROBERT_MODE_TRAP or PROBERT_MODE_FAST, never PROBERT_MODE_AUTO).
+/// A site switches between the two as consumers that want the trap path come
+/// and go.
 ///
 /// Errors: PROBERT_ERR_NOT_FOUND (nothing is attached at `addr`),
 /// PROBERT_ERR_INVALID_ARGUMENT (`addr` or `out` NULL, called from a

@@ -7,8 +7,9 @@ use std::borrow::Cow;
 /// Everything that can go wrong in a probert call.
 ///
 /// Errors are produced in normal context only; the trap path never builds one.
+/// Deliberately exhaustive: each variant is one C status code, and the C ABI
+/// maps them with a `match` that has no wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
 pub enum Error {
     /// A null pointer, zero length, out-of-range enum or similar misuse.
     #[error("invalid argument: {0}")]

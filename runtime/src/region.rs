@@ -58,6 +58,8 @@ pub(crate) struct Target {
     pub end: usize,
     /// Start of the enclosing function, when known.
     pub func_start: Option<usize>,
+    /// Its symbol name (module code only).
+    pub func_name: Option<String>,
     /// The JIT region, if any.
     pub region: Option<RegionId>,
     /// The writer.
@@ -177,25 +179,21 @@ impl Regions {
                     start,
                     end: j.end,
                     func_start: Some(start),
+                    func_name: None,
                     region: Some(j.id),
                     write: j.write.clone(),
                 });
             }
         }
         let m = modules::module_containing(addr).ok_or(Error::NoRegion { addr })?;
-        let func_start = modules::function_containing(addr).map(|s| s.start);
+        let func = modules::function_containing(addr);
         Ok(Target {
             start: m.start,
             end: m.end,
-            func_start,
+            func_start: func.as_ref().map(|s| s.start),
+            func_name: func.map(|s| s.name),
             region: None,
             write: None,
         })
-    }
-
-    /// The name of the function at `addr` (module code only), for refusing
-    /// probert's own code.
-    pub(crate) fn function_name(addr: usize) -> Option<String> {
-        modules::function_containing(addr).map(|s| s.name)
     }
 }

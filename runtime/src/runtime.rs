@@ -206,6 +206,8 @@ struct State {
     /// Whether cores can be serialised after code changes (fast sites).
     fast_ok: bool,
     regions: Regions,
+    /// Instruction starts of JIT regions, decoded on their first attach.
+    boundaries: std::collections::HashMap<RegionId, arch::Boundaries>,
     pool: Pool,
     probes: BTreeMap<usize, ProbeState>,
     consumers: Vec<ConsumerSlot>,
@@ -279,13 +281,13 @@ pub fn init() -> Result<()> {
     with_state(|_| Ok(()))
 }
 
-/// Whether the handler should refuse to probe `addr` because it is probert's
-/// own code (the trap path, the writer, the stubs).
-fn is_probert_code(st: &State, addr: usize) -> bool {
+/// Whether `addr` is probert's own code (the trap path, the writer, the
+/// stubs), which must never be probed.
+fn is_probert_code(st: &State, addr: usize, target: &Target) -> bool {
     if st.pool.contains(addr) {
         return true;
     }
-    match Regions::function_name(addr) {
+    match &target.func_name {
         Some(name) => {
             name.starts_with("probert_")
                 || name
@@ -362,20 +364,33 @@ impl State {
 
     /// Decodes, checks and prepares a new probe at `addr` (nothing published).
     fn prepare(&mut self, addr: usize) -> Result<Prepared> {
-        if is_probert_code(self, addr) {
+        let target = self.regions.resolve(addr)?;
+        if is_probert_code(self, addr, &target) {
             return Err(Error::InvalidArgument(
                 format!("{addr:#x} is inside probert's own code").into(),
             ));
         }
-        let target = self.regions.resolve(addr)?;
         let end = target.end.min(addr + MAX_INSN_LEN);
         let insn = self.original_code(addr, end);
         if insn.first() == Some(&TRAP_INSN) {
             return Err(Error::Conflict { addr });
         }
-        if let Some(func) = target.func_start.filter(|&f| f < addr) {
-            let bytes = self.original_code(func, end);
-            arch::check_boundary(&bytes, func, addr)?;
+        match target.region {
+            // A JIT region decodes from its start: once, then cached.
+            Some(id) => {
+                if !self.boundaries.contains_key(&id) {
+                    let code = self.original_code(target.start, target.end);
+                    let b = arch::Boundaries::decode(&code, target.start);
+                    self.boundaries.insert(id, b);
+                }
+                self.boundaries[&id].check(addr)?;
+            }
+            None => {
+                if let Some(func) = target.func_start.filter(|&f| f < addr) {
+                    let bytes = self.original_code(func, end);
+                    arch::check_boundary(&bytes, func, addr)?;
+                }
+            }
         }
         let decoded = arch::analyze(&insn, addr)?;
         let stub = match decoded.displaced {
@@ -1077,6 +1092,7 @@ pub fn region_remove(id: RegionId) -> Result<()> {
         // Probes whose consumers all asked for removal already have none.
         let empty: Vec<usize> = st.probes.range(start..end).map(|(&a, _)| a).collect();
         st.remove_probes(&empty)?;
+        st.boundaries.remove(&id);
         st.regions.remove(id)
     })?;
     sync()

@@ -156,12 +156,14 @@ isolated!(sub_rsp, {
 });
 
 isolated!(rsp_read, {
-    let expect = unsafe { t_rsp_read() };
-    // The same call site gives the same return address.
-    let call = || unsafe { t_rsp_read() };
-    let _ = expect;
-    let unprobed: Vec<u64> = (0..3).map(|_| call()).collect();
-    probe_and_check(addr!(t_rsp_read), 3, call, unprobed[0], Mode::Trap);
+    // One call site, so the return address `t_rsp_read` reads is the same on
+    // every call (a closure could be inlined at several sites in release).
+    #[inline(never)]
+    fn call() -> u64 {
+        std::hint::black_box(unsafe { t_rsp_read() })
+    }
+    let unprobed = call();
+    probe_and_check(addr!(t_rsp_read), 3, call, unprobed, Mode::Trap);
 });
 
 isolated!(lock_prefixed_rip_relative, {

@@ -121,7 +121,7 @@ t_counter: .quad 0
 
     // Live values in every GPR, xmm0-15 and CF across a NOP site; writes
     // what survived to the array at rdi: gpr[16] (rsp slot: rsp delta),
-    // xmm[16] (low quadwords), then CF.
+    // xmm[16] (low quadwords), then RFLAGS.
     FUNC t_clobber
     push rbx
     push rbp
@@ -162,6 +162,8 @@ t_counter: .quad 0
     movq xmm14, rax
     mov rax, 0x10f
     movq xmm15, rax
+    mov eax, 0x7f
+    add al, 1                // OF SF AF set, ZF PF clear
     mov rax, 0x1111
     mov rbx, 0x2222
     mov rcx, 0x3333
@@ -177,13 +179,14 @@ t_counter: .quad 0
     mov r13, 0xdddd
     mov r14, 0xeeee
     mov r15, rsp
-    stc
+    stc                      // CF set
     .globl t_clobber_site
 t_clobber_site:
     .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
     push rax
     mov rax, [rsp + 8]
-    setc byte ptr [rax + 0x100]
+    pushfq
+    pop qword ptr [rax + 0x100]
     mov [rax + 0x08], rbx
     mov [rax + 0x10], rcx
     mov [rax + 0x18], rdx

@@ -17,7 +17,8 @@
 //! the handler sees the same [`Regs`] layout as on the trap path), clears DF
 //! (the ABI requires it clear at calls), aligns the stack, calls
 //! `dispatch(tag, frame)`, restores everything from the frame (so register
-//! writes take effect) and leaves with
+//! writes take effect; the status flags and DF of RFLAGS, but not the system
+//! flags) and leaves with
 //!
 //! ```text
 //!             mov  rsp, [frame.exit]
@@ -36,7 +37,7 @@
 //! shared with the assembly it emits, checked by the compile-time assertions.
 
 use dynasmrt::x64::X64Relocation;
-use dynasmrt::{dynasm, DynasmApi, VecAssembler};
+use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi, VecAssembler};
 
 use super::insn::Target;
 use super::{emit_out_of_line, Displaced, Regs, STUB_SLOT};
@@ -165,8 +166,24 @@ pub fn emit_trampoline(at: usize, dispatch: usize) -> Result<Vec<u8>> {
         ; mov r13, [rsp + 0x68]
         ; mov r14, [rsp + 0x70]
         ; mov r15, [rsp + 0x78]
-        ; push QWORD [rsp + 0x88]
-        ; popfq
+        // RFLAGS without `popfq` (microcoded, tens of cycles): DF by hand,
+        // OF from an `add` that overflows exactly when it was set, then
+        // SF ZF AF PF CF with `sahf`. The system flags (IF, TF, AC...) are
+        // not the handler's to change. rax and rcx are reloaded after.
+        ; mov rax, [rsp + 0x88]
+        ; bt eax, 10
+        ; jnc >no_df
+        ; std
+        ; no_df:
+        ; mov ecx, eax
+        ; shr ecx, 11
+        ; and ecx, 1
+        ; mov ah, al
+        ; mov al, cl
+        ; add al, 0x7f
+        ; sahf
+        ; mov rax, [rsp + 0x00]
+        ; mov rcx, [rsp + 0x10]
         ; mov rsp, [rsp + FRAME_SUB - 8]
         ; ret EXIT_POP as i16
     );

@@ -24,7 +24,7 @@ pub use fast::{
     emit_site_stub, emit_trampoline, fast_eligible, site_jump, FastFrame, EXIT_POP, JMP_LEN,
     TRAMPOLINE_SIZE,
 };
-pub use insn::{analyze, check_boundary, Displaced};
+pub use insn::{analyze, check_boundary, Boundaries, Displaced};
 pub use regs::{Reg, Regs};
 pub use relocate::emit_out_of_line;
 pub use tp::thread_pointer;
