@@ -57,22 +57,38 @@
 //! `AtomicU64` that other threads read with atomic loads.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{compiler_fence, fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::compiler_fence;
 
+#[cfg(not(all(test, loom)))]
 use crate::arch::thread_pointer;
 use crate::sigctx::SignalContext;
+use crate::sync::{fence, AtomicU64, AtomicUsize, Ordering};
+#[cfg(not(all(test, loom)))]
 use crate::sys::membarrier;
 
-/// Slots claimed for good by one thread pointer.
-pub(crate) const PERSISTENT: usize = 448;
+/// Slots claimed for good by one thread pointer (a power of two: the hash
+/// is a multiply and a shift, the probe step a mask).
+#[cfg(not(all(test, loom)))]
+pub(crate) const PERSISTENT: usize = 512;
+/// Loom explores every step: two threads need two slots.
+#[cfg(all(test, loom))]
+pub(crate) const PERSISTENT: usize = 2;
+const PERSISTENT_BITS: u32 = PERSISTENT.trailing_zeros();
 /// Slots borrowed for one section when the persistent table is full.
+#[cfg(not(all(test, loom)))]
 pub(crate) const TRANSIENT: usize = 64;
+#[cfg(all(test, loom))]
+pub(crate) const TRANSIENT: usize = 1;
 const SLOTS: usize = PERSISTENT + TRANSIENT;
 /// Marks a transient owner: thread pointers are at least 8-aligned.
 const TRANSIENT_TAG: usize = 1;
 
-/// Entries of a slot's hit cache.
-const HIT_WAYS: usize = 7;
+/// Entries of a slot's hit cache (a power of two: the way is a mask of the
+/// tag, whose low bits are the consumer index).
+#[cfg(not(all(test, loom)))]
+const HIT_WAYS: usize = 8;
+#[cfg(all(test, loom))]
+const HIT_WAYS: usize = 2;
 
 /// A consumer's hits counted by one thread and not yet flushed.
 struct HitEntry {
@@ -83,7 +99,7 @@ struct HitEntry {
 
 /// One thread's read-side state, alone on its cache lines so that entering
 /// and leaving sections and counting hits write no line another thread writes.
-#[repr(C, align(128))]
+#[repr(C, align(64))]
 struct Slot {
     /// Thread pointer of the owner (`| TRANSIENT_TAG` for a borrowed slot);
     /// 0 when free.
@@ -93,6 +109,18 @@ struct Slot {
     hits: [HitEntry; HIT_WAYS],
 }
 
+/// The section table: the algorithm is its methods. Production has one,
+/// [`TABLE`], a `static` (the slot lookup is a static address); each loom
+/// model builds its own (see `loom_tests`).
+struct Sections {
+    slots: [Slot; SLOTS],
+    /// Loom only: whether `synchronize` issues the (modelled) membarrier —
+    /// `false` in the model that shows it is needed.
+    #[cfg(all(test, loom))]
+    membarrier: bool,
+}
+
+#[cfg(not(all(test, loom)))]
 #[allow(clippy::declare_interior_mutable_const)] // only used to initialise TABLE
 const FREE_SLOT: Slot = Slot {
     owner: AtomicUsize::new(0),
@@ -104,7 +132,60 @@ const FREE_SLOT: Slot = Slot {
         }
     }; HIT_WAYS],
 };
-static TABLE: [Slot; SLOTS] = [FREE_SLOT; SLOTS];
+
+impl Sections {
+    #[cfg(not(all(test, loom)))]
+    const fn new() -> Sections {
+        Sections {
+            slots: [FREE_SLOT; SLOTS],
+        }
+    }
+
+    /// Loom's atomics are not `const`: built at run time, in the model.
+    #[cfg(all(test, loom))]
+    fn new(membarrier: bool) -> Sections {
+        Sections {
+            slots: std::array::from_fn(|_| Slot {
+                owner: AtomicUsize::new(0),
+                seq: AtomicU64::new(0),
+                hits: std::array::from_fn(|_| HitEntry {
+                    tag: AtomicU64::new(0),
+                    count: AtomicU64::new(0),
+                }),
+            }),
+            membarrier,
+        }
+    }
+}
+
+#[cfg(not(all(test, loom)))]
+static TABLE: Sections = Sections::new();
+
+// Only so that the free functions compile under loom: models use their own
+// `Sections` (a loom lazy static is per execution, so this one would work too).
+#[cfg(all(test, loom))]
+loom::lazy_static! {
+    static ref TABLE: Sections = Sections::new(true);
+}
+
+/// Under loom, a thread's identity: loom threads share one OS thread (and
+/// its `%fs`), so the thread pointer comes from loom's thread number, shaped
+/// like a thread pointer (non-zero, page-aligned). It must be the same in
+/// every execution (loom replays them), which rules out hashing the
+/// `ThreadId` (it includes the execution's id); the number is only
+/// reachable through `Debug`.
+#[cfg(all(test, loom))]
+fn thread_pointer() -> usize {
+    // The real one is unused under loom; say so rather than warn.
+    let _ = crate::arch::thread_pointer;
+    let id = format!("{:?}", loom::thread::current().id());
+    let n: usize = id
+        .trim_start_matches("ThreadId(")
+        .trim_end_matches(')')
+        .parse()
+        .expect("loom's ThreadId(n)");
+    (n + 1) << 12
+}
 
 /// A read-side section; leave it with [`Section::exit`].
 #[derive(Debug)]
@@ -141,8 +222,114 @@ impl Section {
     /// on this thread can interleave with it (a probe hit by a signal handler
     /// meanwhile is nested and only counts as missed).
     #[inline]
-    pub(crate) fn count_hit(&self, _cx: SignalContext, tag: u64, flush: impl FnOnce(u64, u64)) {
-        let e = &TABLE[self.slot as usize % SLOTS].hits[(tag % HIT_WAYS as u64) as usize];
+    pub(crate) fn count_hit(&self, cx: SignalContext, tag: u64, flush: impl FnOnce(u64, u64)) {
+        TABLE.count_hit(self, cx, tag, flush);
+    }
+
+    /// Leaves the section.
+    ///
+    /// # Signal safety
+    /// One store (and one more for a transient slot); no allocation, lock or
+    /// panic.
+    #[inline]
+    #[link_section = "probert_fast"] // see `crate::fast::code_range`
+    pub(crate) fn exit(self, cx: SignalContext) {
+        TABLE.exit(self, cx);
+    }
+}
+
+/// Increments `slot.seq` with one non-locked `inc`.
+///
+/// # Signal safety
+/// One instruction: a signal on this thread sees it done or not done.
+#[cfg(not(all(test, loom)))]
+#[inline(always)]
+fn slot_inc(slot: &Slot) {
+    // SAFETY: the slot belongs to the calling thread (persistent owner or
+    // current borrower), so no other thread writes `seq` concurrently; `inc`
+    // on an aligned u64 is a single-copy-atomic store for other threads'
+    // atomic loads; the pointer comes from a live `AtomicU64`.
+    unsafe {
+        core::arch::asm!("inc qword ptr [{0}]", in(reg) slot.seq.as_ptr(),
+            options(nostack));
+    }
+}
+
+/// Under loom: the `inc` as a load and a store — the owner is the only
+/// writer, and no signal interleaves inside a model.
+#[cfg(all(test, loom))]
+fn slot_inc(slot: &Slot) {
+    // Ordering: Relaxed — our own slot.
+    let seq = slot.seq.load(Ordering::Relaxed);
+    // Ordering: Release — an x86 store is a release store (what `exit`
+    // relies on) — pairs with the Acquire loads in `synchronize`/`wait_for`.
+    slot.seq.store(seq + 1, Ordering::Release);
+}
+
+/// A cheap, well-mixed hash of a thread pointer into the persistent table.
+#[inline(always)]
+fn home(tp: usize) -> usize {
+    // Fibonacci hashing; thread pointers differ mostly in the middle bits.
+    ((tp as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PERSISTENT_BITS)) as usize
+}
+
+/// Enters a read-side section on the calling thread.
+///
+/// # Signal safety
+/// Loads, at most one CAS per slot probed (only on a thread's first section)
+/// and one non-locked `inc`; bounded by the table size; no allocation, lock or
+/// panic.
+#[inline]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
+pub(crate) fn enter(cx: SignalContext) -> Section {
+    TABLE.enter(cx)
+}
+
+/// Whether the calling thread is inside a section right now (so waiting for
+/// a grace period would wait for itself).
+pub(crate) fn in_section() -> bool {
+    TABLE.in_section()
+}
+
+/// Hits of the consumer `tag` counted by threads and not yet flushed to its
+/// record. Exact once the consumer's hits have stopped; while they run, a
+/// concurrent eviction may be missed or counted twice for an instant.
+pub(crate) fn pending_hits(tag: u64) -> u64 {
+    TABLE.pending_hits(tag)
+}
+
+/// Waits one grace period: every section that began before this call has
+/// ended when it returns. Normal context only; must not be called from inside
+/// a section (see [`in_section`]).
+pub(crate) fn synchronize() {
+    TABLE.synchronize();
+}
+
+/// In a forked child only the forking thread survives; every other slot is
+/// freed (its owner may have been mid-section at `fork`, and would otherwise
+/// hold grace periods forever). Runs in the `pthread_atfork` child handler.
+///
+/// # Signal safety
+/// Plain atomic stores.
+pub(crate) fn reset_after_fork(flush: impl Fn(u64, u64)) {
+    TABLE.reset_after_fork(flush);
+}
+
+/// The algorithm, on one table; see the free functions above for the
+/// contracts. The fast-path methods are `inline(always)`, so the free
+/// functions (in `probert_fast`) compile to what they did with the table a
+/// bare `static`.
+impl Sections {
+    /// See [`Section::count_hit`].
+    #[inline(always)]
+    fn count_hit(
+        &self,
+        section: &Section,
+        _cx: SignalContext,
+        tag: u64,
+        flush: impl FnOnce(u64, u64),
+    ) {
+        let e = &self.slots[section.slot as usize % SLOTS].hits[tag as usize & (HIT_WAYS - 1)];
         // Ordering (all): Relaxed — the entry is written by its owner only;
         // readers (`pending_hits`) want a value, not an ordering.
         let cur = e.tag.load(Ordering::Relaxed);
@@ -160,16 +347,11 @@ impl Section {
         e.tag.store(tag, Ordering::Relaxed);
     }
 
-    /// Leaves the section.
-    ///
-    /// # Signal safety
-    /// One store (and one more for a transient slot); no allocation, lock or
-    /// panic.
-    #[inline]
-    #[link_section = "probert_fast"] // see `crate::fast::code_range`
-    pub(crate) fn exit(self, _cx: SignalContext) {
-        let slot = &TABLE[self.slot as usize % SLOTS];
-        match self.kind {
+    /// See [`Section::exit`].
+    #[inline(always)]
+    fn exit(&self, section: Section, _cx: SignalContext) {
+        let slot = &self.slots[section.slot as usize % SLOTS];
+        match section.kind {
             Kind::Nested => {}
             Kind::Persistent => {
                 // Ordering: the compiler fence keeps the section's reads before
@@ -188,173 +370,180 @@ impl Section {
             }
         }
     }
-}
 
-/// Increments `slot.seq` with one non-locked `inc`.
-///
-/// # Signal safety
-/// One instruction: a signal on this thread sees it done or not done.
-#[inline(always)]
-fn slot_inc(slot: &Slot) {
-    // SAFETY: the slot belongs to the calling thread (persistent owner or
-    // current borrower), so no other thread writes `seq` concurrently; `inc`
-    // on an aligned u64 is a single-copy-atomic store for other threads'
-    // atomic loads; the pointer comes from a live `AtomicU64`.
-    unsafe {
-        core::arch::asm!("inc qword ptr [{0}]", in(reg) slot.seq.as_ptr(),
-            options(nostack));
-    }
-}
-
-/// A cheap, well-mixed hash of a thread pointer into the persistent table.
-#[inline(always)]
-fn home(tp: usize) -> usize {
-    // Fibonacci hashing; thread pointers differ mostly in the middle bits.
-    ((tp as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize % PERSISTENT
-}
-
-/// Enters a read-side section on the calling thread.
-///
-/// # Signal safety
-/// Loads, at most one CAS per slot probed (only on a thread's first section)
-/// and one non-locked `inc`; bounded by the table size; no allocation, lock or
-/// panic.
-#[inline]
-#[link_section = "probert_fast"] // see `crate::fast::code_range`
-pub(crate) fn enter(cx: SignalContext) -> Section {
-    let tp = thread_pointer();
-    let start = home(tp);
-    for i in 0..PERSISTENT {
-        let idx = (start + i) % PERSISTENT;
-        let slot = &TABLE[idx];
-        // Ordering: Relaxed — only this thread ever stores `tp` here, so
-        // seeing it means we (or a dead thread with our pointer) claimed it.
-        let owner = slot.owner.load(Ordering::Relaxed);
-        if owner == 0 {
-            // Ordering: Acquire on success — we take over the slot's `seq`
-            // history; pairs with the Release in `reset_after_fork`.
-            match slot
-                .owner
-                .compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed)
-            {
-                Ok(_) => return enter_slot(idx, Kind::Persistent),
-                Err(other) if other == tp => return enter_slot(idx, Kind::Persistent),
-                Err(_) => continue,
+    /// See [`enter`].
+    #[inline(always)]
+    fn enter(&self, cx: SignalContext) -> Section {
+        let tp = thread_pointer();
+        let start = home(tp);
+        for i in 0..PERSISTENT {
+            let idx = (start + i) & (PERSISTENT - 1);
+            let slot = &self.slots[idx];
+            // Ordering: Relaxed — only this thread ever stores `tp` here, so
+            // seeing it means we (or a dead thread with our pointer) claimed it.
+            let owner = slot.owner.load(Ordering::Relaxed);
+            if owner == 0 {
+                // Ordering: Acquire on success — we take over the slot's `seq`
+                // history; pairs with the Release in `reset_after_fork`.
+                match slot
+                    .owner
+                    .compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed)
+                {
+                    Ok(_) => return self.enter_slot(idx, Kind::Persistent),
+                    Err(other) if other == tp => return self.enter_slot(idx, Kind::Persistent),
+                    Err(_) => continue,
+                }
+            }
+            if owner == tp {
+                return self.enter_slot(idx, Kind::Persistent);
             }
         }
-        if owner == tp {
-            return enter_slot(idx, Kind::Persistent);
-        }
+        self.enter_transient(cx, tp)
     }
-    enter_transient(cx, tp)
-}
 
-#[inline(always)]
-fn enter_slot(idx: usize, kind: Kind) -> Section {
-    let slot = &TABLE[idx];
-    // Ordering: Relaxed — our own slot; we are its only writer.
-    if slot.seq.load(Ordering::Relaxed) & 1 == 1 {
-        return Section {
-            slot: idx as u16,
-            kind: Kind::Nested,
-        };
-    }
-    slot_inc(slot);
-    // Ordering: the compiler fence keeps the protected reads after the `inc`;
-    // the CPU-level store→load order is supplied by the writer's membarrier —
-    // pairs with `synchronize`.
-    compiler_fence(Ordering::SeqCst);
-    Section {
-        slot: idx as u16,
-        kind,
-    }
-}
-
-/// The persistent table is full: borrow a transient slot for this section.
-///
-/// # Signal safety
-/// Bounded scans and CAS; if every transient slot is busy it spins until one
-/// is released, which only another thread's running handler can delay.
-#[cold]
-#[link_section = "probert_fast"] // see `crate::fast::code_range`
-fn enter_transient(_cx: SignalContext, tp: usize) -> Section {
-    let tagged = tp | TRANSIENT_TAG;
-    // A borrowed slot of ours means this is a recursive entry.
-    for (idx, slot) in TABLE.iter().enumerate().skip(PERSISTENT) {
-        // Ordering: Relaxed — only this thread stores `tagged`.
-        if slot.owner.load(Ordering::Relaxed) == tagged {
+    #[inline(always)]
+    fn enter_slot(&self, idx: usize, kind: Kind) -> Section {
+        let slot = &self.slots[idx];
+        // Ordering: Relaxed — our own slot; we are its only writer.
+        if slot.seq.load(Ordering::Relaxed) & 1 == 1 {
             return Section {
                 slot: idx as u16,
                 kind: Kind::Nested,
             };
         }
+        slot_inc(slot);
+        // Ordering: the compiler fence keeps the protected reads after the `inc`;
+        // the CPU-level store→load order is supplied by the writer's membarrier —
+        // pairs with `synchronize`.
+        compiler_fence(Ordering::SeqCst);
+        // Under loom: what membarrier does to this thread. Loom cannot model
+        // a barrier one thread forces onto another, so the model gives the
+        // reader the full fence membarrier executes on it (the writer's
+        // `barrier()` becomes a local fence): it checks the algorithm given
+        // that membarrier provides what it promises, not membarrier itself.
+        #[cfg(all(test, loom))]
+        if self.membarrier {
+            // Ordering: SeqCst — the modelled membarrier, reader side —
+            // pairs with the fence standing for `barrier()` in `synchronize`.
+            fence(Ordering::SeqCst);
+        }
+        Section {
+            slot: idx as u16,
+            kind,
+        }
     }
-    loop {
-        for (idx, slot) in TABLE.iter().enumerate().skip(PERSISTENT) {
-            // Ordering: Acquire — see the previous borrower's last `seq`
-            // store; pairs with the Release in `Section::exit`.
-            if slot
-                .owner
-                .compare_exchange(0, tagged, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                return enter_slot(idx, Kind::Transient);
+
+    /// The persistent table is full: borrow a transient slot for this section.
+    ///
+    /// # Signal safety
+    /// Bounded scans and CAS; if every transient slot is busy it spins until one
+    /// is released, which only another thread's running handler can delay.
+    #[cold]
+    #[link_section = "probert_fast"] // see `crate::fast::code_range`
+    fn enter_transient(&self, _cx: SignalContext, tp: usize) -> Section {
+        let tagged = tp | TRANSIENT_TAG;
+        // A borrowed slot of ours means this is a recursive entry.
+        for (idx, slot) in self.slots.iter().enumerate().skip(PERSISTENT) {
+            // Ordering: Relaxed — only this thread stores `tagged`.
+            if slot.owner.load(Ordering::Relaxed) == tagged {
+                return Section {
+                    slot: idx as u16,
+                    kind: Kind::Nested,
+                };
             }
         }
-        std::hint::spin_loop();
-    }
-}
-
-/// Whether the calling thread is inside a section right now (so waiting for
-/// a grace period would wait for itself).
-pub(crate) fn in_section() -> bool {
-    let tp = thread_pointer();
-    TABLE.iter().any(|s| {
-        // Ordering: Relaxed — our own slot, written only by this thread.
-        let owner = s.owner.load(Ordering::Relaxed);
-        (owner == tp || owner == tp | TRANSIENT_TAG) && s.seq.load(Ordering::Relaxed) & 1 == 1
-    })
-}
-
-/// Hits of the consumer `tag` counted by threads and not yet flushed to its
-/// record. Exact once the consumer's hits have stopped; while they run, a
-/// concurrent eviction may be missed or counted twice for an instant.
-pub(crate) fn pending_hits(tag: u64) -> u64 {
-    TABLE
-        .iter()
-        .flat_map(|s| s.hits.iter())
-        // Ordering: Relaxed — statistics.
-        .filter(|e| e.tag.load(Ordering::Relaxed) == tag)
-        .map(|e| e.count.load(Ordering::Relaxed))
-        .sum()
-}
-
-/// Waits one grace period: every section that began before this call has
-/// ended when it returns. Normal context only; must not be called from inside
-/// a section (see [`in_section`]).
-pub(crate) fn synchronize() {
-    // Ordering: a full barrier on every thread — pairs with the compiler
-    // fences in `enter_slot`/`Section::exit`. Everything the caller
-    // unpublished before this point is invisible to sections that begin after
-    // it, and sections already running have their odd `seq` visible below.
-    fence(Ordering::SeqCst);
-    membarrier::barrier();
-    let mut waiting = [(0u16, 0u64); SLOTS];
-    let mut n = 0;
-    for (idx, slot) in TABLE.iter().enumerate() {
-        // Ordering: Acquire — pairs with the readers' `inc` in enter/exit.
-        let seq = slot.seq.load(Ordering::Acquire);
-        if seq & 1 == 1 {
-            waiting[n] = (idx as u16, seq);
-            n += 1;
+        loop {
+            for (idx, slot) in self.slots.iter().enumerate().skip(PERSISTENT) {
+                // Ordering: Acquire — see the previous borrower's last `seq`
+                // store; pairs with the Release in `Section::exit`.
+                if slot
+                    .owner
+                    .compare_exchange(0, tagged, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    return self.enter_slot(idx, Kind::Transient);
+                }
+            }
+            crate::sync::spin_loop();
         }
     }
-    for &(idx, seq) in &waiting[..n] {
-        wait_for(&TABLE[idx as usize], seq);
+
+    fn in_section(&self) -> bool {
+        let tp = thread_pointer();
+        self.slots.iter().any(|s| {
+            // Ordering: Relaxed — our own slot, written only by this thread.
+            let owner = s.owner.load(Ordering::Relaxed);
+            (owner == tp || owner == tp | TRANSIENT_TAG) && s.seq.load(Ordering::Relaxed) & 1 == 1
+        })
     }
-    // Ordering: the caller frees memory after this; the Acquire loads in
-    // `wait_for` ordered the readers' accesses before it.
-    fence(Ordering::SeqCst);
+
+    fn pending_hits(&self, tag: u64) -> u64 {
+        self.slots
+            .iter()
+            .flat_map(|s| s.hits.iter())
+            // Ordering: Relaxed — statistics.
+            .filter(|e| e.tag.load(Ordering::Relaxed) == tag)
+            .map(|e| e.count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn synchronize(&self) {
+        // Ordering: a full barrier on every thread — pairs with the compiler
+        // fences in `enter_slot`/`Section::exit`. Everything the caller
+        // unpublished before this point is invisible to sections that begin
+        // after it, and sections already running have their odd `seq`
+        // visible below.
+        fence(Ordering::SeqCst);
+        #[cfg(not(all(test, loom)))]
+        membarrier::barrier();
+        #[cfg(all(test, loom))]
+        if self.membarrier {
+            // Ordering: SeqCst — the modelled membarrier, writer side (see
+            // `enter_slot`) — pairs with the reader's fence there.
+            fence(Ordering::SeqCst);
+        }
+        let mut waiting = [(0u16, 0u64); SLOTS];
+        let mut n = 0;
+        for (idx, slot) in self.slots.iter().enumerate() {
+            // Ordering: Acquire — pairs with the readers' `inc` in enter/exit.
+            let seq = slot.seq.load(Ordering::Acquire);
+            if seq & 1 == 1 {
+                waiting[n] = (idx as u16, seq);
+                n += 1;
+            }
+        }
+        for &(idx, seq) in &waiting[..n] {
+            wait_for(&self.slots[idx as usize], seq);
+        }
+        // Ordering: the caller frees memory after this; the Acquire loads in
+        // `wait_for` ordered the readers' accesses before it.
+        fence(Ordering::SeqCst);
+    }
+
+    fn reset_after_fork(&self, flush: impl Fn(u64, u64)) {
+        let tp = thread_pointer();
+        for slot in self.slots.iter() {
+            // Ordering: Relaxed — single-threaded here (the child has one thread).
+            let owner = slot.owner.load(Ordering::Relaxed);
+            if owner != tp && owner != tp | TRANSIENT_TAG {
+                // The hits those threads counted in the parent still count.
+                for e in &slot.hits {
+                    let (tag, n) = (
+                        e.tag.load(Ordering::Relaxed),
+                        e.count.load(Ordering::Relaxed),
+                    );
+                    if tag != 0 && n != 0 {
+                        flush(tag, n);
+                    }
+                    e.tag.store(0, Ordering::Relaxed);
+                    e.count.store(0, Ordering::Relaxed);
+                }
+                slot.seq.store(0, Ordering::Relaxed);
+                // Ordering: Release — pairs with the Acquire claim in `enter`.
+                slot.owner.store(0, Ordering::Release);
+            }
+        }
+    }
 }
 
 fn wait_for(slot: &Slot, seq: u64) {
@@ -363,43 +552,12 @@ fn wait_for(slot: &Slot, seq: u64) {
     // once we see the sequence move, the section's reads are done.
     while slot.seq.load(Ordering::Acquire) == seq {
         spins += 1;
-        if spins < 64 {
-            std::hint::spin_loop();
+        if cfg!(all(test, loom)) || spins < 64 {
+            crate::sync::spin_loop();
         } else if spins < 256 {
             std::thread::yield_now();
         } else {
             std::thread::sleep(std::time::Duration::from_micros(50));
-        }
-    }
-}
-
-/// In a forked child only the forking thread survives; every other slot is
-/// freed (its owner may have been mid-section at `fork`, and would otherwise
-/// hold grace periods forever). Runs in the `pthread_atfork` child handler.
-///
-/// # Signal safety
-/// Plain atomic stores.
-pub(crate) fn reset_after_fork(flush: impl Fn(u64, u64)) {
-    let tp = thread_pointer();
-    for slot in TABLE.iter() {
-        // Ordering: Relaxed — single-threaded here (the child has one thread).
-        let owner = slot.owner.load(Ordering::Relaxed);
-        if owner != tp && owner != tp | TRANSIENT_TAG {
-            // The hits those threads counted in the parent still count.
-            for e in &slot.hits {
-                let (tag, n) = (
-                    e.tag.load(Ordering::Relaxed),
-                    e.count.load(Ordering::Relaxed),
-                );
-                if tag != 0 && n != 0 {
-                    flush(tag, n);
-                }
-                e.tag.store(0, Ordering::Relaxed);
-                e.count.store(0, Ordering::Relaxed);
-            }
-            slot.seq.store(0, Ordering::Relaxed);
-            // Ordering: Release — pairs with the Acquire claim in `enter`.
-            slot.owner.store(0, Ordering::Release);
         }
     }
 }
@@ -490,5 +648,115 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), n, "two live threads shared a slot");
+    }
+}
+
+/// Loom models of the real section table: `enter`, `exit` and `synchronize`
+/// on a per-model [`Sections`], with `membarrier` modelled as described in
+/// `Sections::enter_slot`. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test -p probert --release --lib loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// What the writer's "free" leaves in an object.
+    const DEAD: u64 = 0;
+
+    fn cx() -> SignalContext {
+        // SAFETY: the models call only signal-safe functions with it.
+        unsafe { SignalContext::new() }
+    }
+
+    /// A reader runs `sections` sections, each loading the published object
+    /// and reading it; the writer publishes the other object, waits a grace
+    /// period and frees (overwrites) the old one. Loom reports the free
+    /// racing with a read as a causality violation, and the reader asserts
+    /// it never sees a dead object.
+    fn unpublish_and_free(membarrier: bool, sections: usize) {
+        crate::sync::model(move || {
+            let table = Arc::new(Sections::new(membarrier));
+            let objects = Arc::new([UnsafeCell::new(1u64), UnsafeCell::new(2u64)]);
+            let published = Arc::new(AtomicUsize::new(0));
+            let reader = {
+                let (table, objects, published) =
+                    (table.clone(), objects.clone(), published.clone());
+                thread::spawn(move || {
+                    for _ in 0..sections {
+                        let section = table.enter(cx());
+                        assert!(!section.is_nested());
+                        // Ordering: Acquire — the object was initialised
+                        // before it was published.
+                        let i = published.load(Ordering::Acquire);
+                        // SAFETY: a shared read inside a section; loom checks
+                        // it against the free.
+                        let v = objects[i].with(|p| unsafe { *p });
+                        assert_ne!(v, DEAD, "read a freed object");
+                        table.exit(section, cx());
+                    }
+                })
+            };
+            // Ordering: Release — as the runtime publishes a new list.
+            published.store(1, Ordering::Release);
+            table.synchronize();
+            // SAFETY: the free; loom reports a race with any unordered read.
+            objects[0].with_mut(|p| unsafe { *p = DEAD });
+            reader.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn loom_grace_period_orders_every_read_before_the_free() {
+        unpublish_and_free(true, 1);
+    }
+
+    /// The second section reuses the slot the first one claimed.
+    #[test]
+    fn loom_grace_period_with_back_to_back_sections() {
+        unpublish_and_free(true, 2);
+    }
+
+    /// Without the (modelled) membarrier the reader's slot store and its
+    /// load of the pointer can pass the writer's pointer store and slot scan
+    /// (store buffering): the model must fail, which shows it can.
+    #[test]
+    #[should_panic(expected = "Causality violation")]
+    fn loom_grace_period_without_the_barrier_is_caught() {
+        unpublish_and_free(false, 1);
+    }
+
+    /// A nested entry (a handler interrupting a section on the same thread)
+    /// leaves the outer section running: the writer still waits for it.
+    #[test]
+    fn loom_nested_section_keeps_the_outer_one() {
+        crate::sync::model(|| {
+            let table = Arc::new(Sections::new(true));
+            let object = Arc::new(UnsafeCell::new(1u64));
+            let published = Arc::new(AtomicUsize::new(1));
+            let reader = {
+                let (table, object, published) = (table.clone(), object.clone(), published.clone());
+                thread::spawn(move || {
+                    let outer = table.enter(cx());
+                    let inner = table.enter(cx());
+                    assert!(inner.is_nested());
+                    table.exit(inner, cx());
+                    // Ordering: Acquire, as above.
+                    if published.load(Ordering::Acquire) == 1 {
+                        // SAFETY: loom checks it against the free.
+                        let v = object.with(|p| unsafe { *p });
+                        assert_ne!(v, DEAD, "read a freed object");
+                    }
+                    table.exit(outer, cx());
+                })
+            };
+            // Ordering: Release, as above.
+            published.store(0, Ordering::Release);
+            table.synchronize();
+            // SAFETY: the free, as above.
+            object.with_mut(|p| unsafe { *p = DEAD });
+            reader.join().unwrap();
+        });
     }
 }

@@ -109,6 +109,7 @@ mod probe;
 mod region;
 mod runtime;
 mod sigctx;
+mod sync;
 mod sys;
 mod trap;
 mod xol;
@@ -134,6 +135,102 @@ pub use runtime::{
 /// panic.
 pub fn in_handler() -> bool {
     grace::in_section()
+}
+
+pub mod __fuzz {
+    //! Internals exposed for `fuzz/` only. **Not API**: no stability, no
+    //! semver; anything here may change or vanish in any release.
+    //!
+    //! # Safety
+    //!
+    //! The one `unsafe` creates a `SignalContext` for a lookup that calls only
+    //! signal-safe functions, exactly as the trap handler does.
+    #![doc(hidden)]
+    #![allow(missing_docs, missing_debug_implementations, unsafe_code)]
+
+    /// The size of one trampoline slot; an out-of-line stub never exceeds it.
+    pub const STUB_SLOT: usize = crate::arch::STUB_SLOT;
+
+    /// Decodes and classifies the instruction `code` mapped at `addr`:
+    /// `(length, out_of_line, disassembly)`.
+    pub fn analyze(code: &[u8], addr: usize) -> crate::Result<(usize, bool, String)> {
+        let d = crate::arch::analyze(code, addr)?;
+        let ool = d.displaced == crate::arch::Displaced::OutOfLine;
+        Ok((usize::from(d.len), ool, d.text))
+    }
+
+    /// The bytes of an out-of-line stub for `code` (at `addr`) placed at `stub`.
+    pub fn emit_out_of_line(code: &[u8], addr: usize, stub: usize) -> crate::Result<Vec<u8>> {
+        crate::arch::emit_out_of_line(code, addr, stub)
+    }
+
+    /// The probe index (latch map) with its real reader: a lookup runs inside
+    /// a read-side section. Writers must be serialised by the caller, insert
+    /// only absent keys and remove only present ones (as the runtime does).
+    pub struct LatchIndex {
+        index: crate::map::Index,
+        retired: std::sync::Mutex<Vec<crate::map::Retired>>,
+    }
+
+    impl Default for LatchIndex {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl LatchIndex {
+        pub const fn new() -> LatchIndex {
+            LatchIndex {
+                index: crate::map::Index::new(),
+                retired: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+
+        /// Writer only. `key != 0`, absent.
+        pub fn insert(&self, key: usize, value: usize) {
+            assert_ne!(key, 0, "key 0 marks an empty bucket");
+            if let Some(r) = self.index.insert(key, value) {
+                self.retired
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(r);
+            }
+        }
+
+        /// Writer only. `key` present.
+        pub fn remove(&self, key: usize) {
+            self.index.remove(key);
+        }
+
+        /// Writer only.
+        pub fn len(&self) -> usize {
+            self.index.len()
+        }
+
+        /// Writer only.
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+
+        /// Any thread: the speculative read the trap handler does.
+        pub fn lookup(&self, key: usize) -> Option<usize> {
+            // SAFETY: only signal-safe functions get the token: `enter`,
+            // `read_speculative` and `exit`.
+            let cx = unsafe { crate::sigctx::SignalContext::new() };
+            let section = crate::grace::enter(cx);
+            let v = self.index.read_speculative(cx, key, |v| v);
+            section.exit(cx);
+            v
+        }
+
+        /// Frees the tables replaced by growth, after a grace period. Not
+        /// from inside a lookup.
+        pub fn collect(&self) {
+            let old = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+            crate::grace::synchronize();
+            drop(old);
+        }
+    }
 }
 
 /// The crate version, e.g. `"0.1.0"`.

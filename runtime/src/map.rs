@@ -37,13 +37,16 @@
 //! run inside read-side sections.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-
 use crate::sigctx::SignalContext;
+use crate::sync::{fence, AtomicUsize, ConstAtomicPtr, ConstAtomicU64, ConstAtomicUsize, Ordering};
 
 /// Key of an empty bucket. Address 0 is never probed.
 const EMPTY: usize = 0;
+#[cfg(not(all(test, loom)))]
 const MIN_CAPACITY: usize = 64;
+/// Loom explores every step: keep its tables tiny.
+#[cfg(all(test, loom))]
+const MIN_CAPACITY: usize = 4;
 
 #[derive(Debug)]
 struct Bucket {
@@ -178,22 +181,24 @@ pub(crate) struct Retired(#[allow(dead_code)] Vec<Box<Table>>);
 #[derive(Debug)]
 pub(crate) struct Index {
     /// The latch counter; its low bit selects the copy readers use.
-    seq: AtomicU64,
-    copies: [AtomicPtr<Table>; 2],
+    seq: ConstAtomicU64,
+    copies: [ConstAtomicPtr<Table>; 2],
     /// Writer only (under the writer lock).
-    len: AtomicUsize,
+    len: ConstAtomicUsize,
 }
 
 impl Index {
-    /// An index with no tables yet (const, for a `static`).
+    /// An index with no tables yet (const, for a `static`). A loom model
+    /// must touch it (e.g. insert) before it starts threads (see
+    /// [`crate::sync`]).
     pub(crate) const fn new() -> Index {
         Index {
-            seq: AtomicU64::new(0),
+            seq: ConstAtomicU64::new(0),
             copies: [
-                AtomicPtr::new(std::ptr::null_mut()),
-                AtomicPtr::new(std::ptr::null_mut()),
+                ConstAtomicPtr::new(std::ptr::null_mut()),
+                ConstAtomicPtr::new(std::ptr::null_mut()),
             ],
-            len: AtomicUsize::new(0),
+            len: ConstAtomicUsize::new(0),
         }
     }
 
@@ -240,7 +245,7 @@ impl Index {
             if self.seq.load(Ordering::Relaxed) == seq {
                 return result;
             }
-            std::hint::spin_loop();
+            crate::sync::spin_loop();
         }
     }
 
@@ -396,5 +401,123 @@ mod tests {
             calls.set(calls.get() + 1);
         });
         assert_eq!(calls.get(), 2);
+    }
+}
+
+/// Loom models of the real index: every interleaving and weak-memory outcome
+/// of `read_speculative` against `insert`/`remove`, within the preemption
+/// bound of [`crate::sync::model`]. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test -p probert --release --lib loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    fn cx() -> SignalContext {
+        // SAFETY: the models call only signal-safe functions with it.
+        unsafe { SignalContext::new() }
+    }
+
+    /// Two keys with the same home bucket in a `MIN_CAPACITY` table: the
+    /// second sits one bucket on, and removing the first shifts it back —
+    /// the update a torn read would get wrong.
+    fn colliding_keys() -> (usize, usize) {
+        let t = Table::new(MIN_CAPACITY);
+        let a = 0x1000;
+        let b = (a + 1..)
+            .find(|&k| t.home(k) == t.home(a))
+            .expect("a colliding key");
+        (a, b)
+    }
+
+    /// An index holding `a → 10, b → 20`, built before any thread starts.
+    fn index_with(a: usize, b: usize) -> Arc<Index> {
+        let ix = Arc::new(Index::new());
+        // No reader exists yet: the first tables' `Retired` (none) can go.
+        drop(ix.insert(a, 10));
+        drop(ix.insert(b, 20));
+        ix
+    }
+
+    /// A reader on another thread sees `b` throughout the removal of `a`
+    /// (which moves `b`), and `a` either before or after it.
+    #[test]
+    fn loom_latch_reader_never_sees_a_torn_index() {
+        crate::sync::model(|| {
+            let (a, b) = colliding_keys();
+            let ix = index_with(a, b);
+            let reader = {
+                let ix = ix.clone();
+                thread::spawn(move || {
+                    let got_b = ix.read_speculative(cx(), b, |v| v);
+                    let got_a = ix.read_speculative(cx(), a, |v| v);
+                    (got_b, got_a)
+                })
+            };
+            ix.remove(a);
+            let (got_b, got_a) = reader.join().unwrap();
+            assert_eq!(got_b, Some(20), "lost a key that stayed");
+            assert!(got_a == Some(10) || got_a.is_none(), "torn: {got_a:?}");
+        });
+    }
+
+    /// A key's value changes (remove, insert again): a reader sees the old
+    /// value, none, or the new one, and never goes back in time.
+    #[test]
+    fn loom_latch_reader_sees_before_or_after() {
+        crate::sync::model(|| {
+            let (a, b) = colliding_keys();
+            let ix = index_with(a, b);
+            let reader = {
+                let ix = ix.clone();
+                thread::spawn(move || {
+                    let first = ix.read_speculative(cx(), a, |v| v);
+                    let second = ix.read_speculative(cx(), a, |v| v);
+                    (first, second)
+                })
+            };
+            ix.remove(a);
+            drop(ix.insert(a, 11));
+            let (first, second) = reader.join().unwrap();
+            let order = |v: Option<usize>| match v {
+                Some(10) => 0,
+                None => 1,
+                Some(11) => 2,
+                torn => panic!("torn read {torn:?}"),
+            };
+            assert!(order(first) <= order(second), "{first:?} then {second:?}");
+        });
+    }
+
+    /// A reader on the writer's own thread (a signal arriving mid-update,
+    /// modelled by a lookup inside the update) reads the copy not being
+    /// changed and never retries, while another thread reads too.
+    #[test]
+    fn loom_latch_reader_inside_the_update_never_retries() {
+        crate::sync::model(|| {
+            let (a, b) = colliding_keys();
+            let ix = index_with(a, b);
+            let reader = {
+                let ix = ix.clone();
+                thread::spawn(move || ix.read_speculative(cx(), b, |v| v))
+            };
+            let step = std::cell::Cell::new(0);
+            ix.update(|t| {
+                let mut runs = 0;
+                let got = ix.read_speculative(cx(), a, |v| {
+                    runs += 1;
+                    v
+                });
+                assert_eq!(runs, 1, "the writer's own reader retried");
+                // The old state while the first copy changes, the new one
+                // while the second does.
+                let expect = if step.get() == 0 { Some(10) } else { None };
+                assert_eq!(got, expect);
+                t.remove(a);
+                step.set(step.get() + 1);
+            });
+            assert_eq!(reader.join().unwrap(), Some(20));
+        });
     }
 }

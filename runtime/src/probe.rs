@@ -209,7 +209,7 @@ impl ProbeRecord {
 /// # Signal safety
 /// Atomic loads and counters, and the user's handlers, which the attach
 /// contract requires to be async-signal-safe. No allocation, lock or panic.
-#[inline]
+#[inline(always)] // one copy in each path's dispatcher: no call on the hit path
 pub(crate) fn dispatch(
     cx: SignalContext,
     section: &Section,

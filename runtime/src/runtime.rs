@@ -150,6 +150,15 @@ struct ProbeState {
     fast: Option<FastSite>,
 }
 
+/// The two parts of a fast site's jump, written separately.
+#[derive(Clone, Copy, Debug)]
+enum Part {
+    /// Byte 0: `int3` or `e9`.
+    Head,
+    /// Bytes 1..5: the original bytes or the jump's rel32.
+    Tail,
+}
+
 /// A site switched, or switching, to the fast path.
 #[derive(Clone, Copy, Debug)]
 struct FastSite {
@@ -791,29 +800,13 @@ impl State {
                 bytes: jmp[1..].to_vec(),
             });
         }
-        let mut done = Vec::new();
-        let tails_ok = patch::write_all(&mut tails, &mut done);
-        for d in &done {
-            if let Some(f) = self
-                .probes
-                .get_mut(&(d.addr - 1))
-                .and_then(|p| p.fast.as_mut())
-            {
-                f.tail = true;
-            }
-        }
+        let (tails_ok, done) = self.write_fast_part(tails, Part::Tail, true);
         membarrier::sync_core();
-        let mut heads: Vec<Patch> = done
+        let heads = done
             .iter()
             .map(|d| Patch::byte(&d.target, d.addr - 1, 0xE9))
             .collect();
-        let mut done = Vec::new();
-        let heads_ok = patch::write_all(&mut heads, &mut done);
-        for d in &done {
-            if let Some(f) = self.probes.get_mut(&d.addr).and_then(|p| p.fast.as_mut()) {
-                f.head = true;
-            }
-        }
+        let (heads_ok, _) = self.write_fast_part(heads, Part::Head, true);
         membarrier::sync_core();
         // Sites that did not make it stay on the trap path.
         let stuck: Vec<usize> = addrs
@@ -828,50 +821,29 @@ impl State {
     /// Fast → trap: `int3` over the head, serialise, the original tail back,
     /// serialise; then the fast stub is retired.
     fn switch_to_trap(&mut self, addrs: &[usize]) -> Result<()> {
-        let mut heads = Vec::new();
-        for a in addrs {
-            let Some(p) = self.probes.get(a) else {
-                continue;
-            };
-            if p.fast.is_some_and(|f| f.head) {
-                heads.push(Patch::byte(&p.target, *a, TRAP_INSN));
-            }
-        }
-        let mut done = Vec::new();
-        let heads_ok = patch::write_all(&mut heads, &mut done);
-        for d in &done {
-            if let Some(f) = self.probes.get_mut(&d.addr).and_then(|p| p.fast.as_mut()) {
-                f.head = false;
-            }
-        }
+        let heads = addrs
+            .iter()
+            .filter_map(|a| self.probes.get(a).map(|p| (a, p)))
+            .filter(|(_, p)| p.fast.is_some_and(|f| f.head))
+            .map(|(a, p)| Patch::byte(&p.target, *a, TRAP_INSN))
+            .collect();
+        let (heads_ok, _) = self.write_fast_part(heads, Part::Head, false);
         if !addrs.is_empty() {
             membarrier::sync_core();
         }
-        let mut tails = Vec::new();
-        for a in addrs {
-            let Some(p) = self.probes.get(a) else {
-                continue;
-            };
-            if p.fast.is_some_and(|f| f.tail && !f.head) {
-                tails.push(Patch {
-                    target: p.target.clone(),
-                    addr: a + 1,
-                    bytes: p.orig[1..arch::JMP_LEN].to_vec(),
-                });
-            }
-        }
-        let mut done = Vec::new();
-        let tails_ok = patch::write_all(&mut tails, &mut done);
-        for d in &done {
-            if let Some(f) = self
-                .probes
-                .get_mut(&(d.addr - 1))
-                .and_then(|p| p.fast.as_mut())
-            {
-                f.tail = false;
-            }
-        }
-        if !tails.is_empty() {
+        let tails: Vec<Patch> = addrs
+            .iter()
+            .filter_map(|a| self.probes.get(a).map(|p| (a, p)))
+            .filter(|(_, p)| p.fast.is_some_and(|f| f.tail && !f.head))
+            .map(|(a, p)| Patch {
+                target: p.target.clone(),
+                addr: a + 1,
+                bytes: p.orig[1..arch::JMP_LEN].to_vec(),
+            })
+            .collect();
+        let any_tail = !tails.is_empty();
+        let (tails_ok, _) = self.write_fast_part(tails, Part::Tail, false);
+        if any_tail {
             membarrier::sync_core();
         }
         for a in addrs {
@@ -884,6 +856,33 @@ impl State {
             }
         }
         heads_ok.and(tails_ok)
+    }
+
+    /// Writes one part of fast sites (the head byte or the 4-byte tail) and
+    /// records, for each site written, whether that part is now the jump's.
+    /// Returns the write's result and the patches written (with the bytes
+    /// they replaced).
+    fn write_fast_part(
+        &mut self,
+        mut patches: Vec<Patch>,
+        part: Part,
+        jump: bool,
+    ) -> (Result<()>, Vec<Patch>) {
+        let mut done = Vec::new();
+        let result = patch::write_all(&mut patches, &mut done);
+        for d in &done {
+            let site = match part {
+                Part::Head => d.addr,
+                Part::Tail => d.addr - 1,
+            };
+            if let Some(f) = self.probes.get_mut(&site).and_then(|p| p.fast.as_mut()) {
+                match part {
+                    Part::Head => f.head = jump,
+                    Part::Tail => f.tail = jump,
+                }
+            }
+        }
+        (result, done)
     }
 
     /// The mechanism serving the probe at `addr`.

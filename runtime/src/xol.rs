@@ -45,10 +45,10 @@ const CHUNK: usize = 64 * 1024;
 const REACH: usize = (2 << 30) - (1 << 20);
 /// Retiring stubs at which an allocation scans rather than maps.
 const SCAN_BATCH: usize = 64;
-/// Scans tried in a row before giving up for now (threads running fast
-/// probes pass through the shared trampoline often, which a scan must treat
-/// as busy).
-const SCAN_TRIES: usize = 20;
+/// Scans tried in a row before giving up for now. A scan already asks a
+/// thread seen inside again until it leaves; a retry covers a thread that
+/// outlasted the scan's timeout.
+const SCAN_TRIES: usize = 3;
 
 #[derive(Debug)]
 struct Chunk {

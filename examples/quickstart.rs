@@ -1,7 +1,10 @@
-//! probert's first demo: probes on a function of this program and on code it
-//! generates at run time with dynasmrt, with the registers each hit saw.
+//! The Rust API in one small program: a probe on a function of this program
+//! (a closure, detached by its guard) and one on code generated at run time
+//! with dynasmrt (a handler function, on a registered JIT region), with the
+//! registers each hit saw. The C twin is `examples/c/quickstart.c`; a whole
+//! JIT embedding probert is `examples/bfjit.rs`.
 //!
-//! Run: `cargo run --release --example demo`
+//! Run: `cargo run --release --example quickstart`
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,445 @@
+//! Torture: threads hammer probed functions and JIT code while other threads
+//! attach, detach, batch-detach, detach without waiting, and add and remove
+//! JIT regions. At the end it checks, and exits non-zero if any fails:
+//!
+//! - every call of a static target reached its *steady* consumer (attached
+//!   before the hammering began, detached after it ended) exactly once, however
+//!   many other consumers and mode switches came and went meanwhile;
+//! - no handler ran after its `detach`/`detach_batch`/`sync`/`region_remove`
+//!   returned;
+//! - every probed call returned the right value;
+//! - all code is byte-identical to the original, and no probe is left.
+//!
+//! ```text
+//! cargo run --release --example torture -- --threads 4 --seconds 60 --probes 8
+//! ```
+#![allow(unsafe_code)]
+// The targets are assembly and the handlers are C-ABI: every unsafe block
+// below is a call of one of them or the attach that names them.
+#![allow(clippy::undocumented_unsafe_blocks)]
+
+use std::arch::global_asm;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use probert::{Action, AttachReq, ConsumerId, Error, Hit, Mode, RegionDesc};
+
+global_asm!(
+    r#"
+    .pushsection .data
+    .p2align 3
+tt_data: .quad 1000
+    .popsection
+    .text
+    .p2align 4
+    .globl tt_push
+    .type tt_push,@function
+tt_push:                      // push rbp (emulated) → rdi + 1
+    push rbp
+    mov rbp, rsp
+    lea rax, [rdi + 1]
+    pop rbp
+    ret
+    .size tt_push, .-tt_push
+    .p2align 4
+    .globl tt_riprel
+    .type tt_riprel,@function
+tt_riprel:                    // RIP-relative load (out of line) → rdi + 1000
+    mov rax, qword ptr [rip + tt_data]
+    add rax, rdi
+    ret
+    .size tt_riprel, .-tt_riprel
+    .p2align 4
+    .globl tt_nop5
+    .type tt_nop5,@function
+tt_nop5:                      // 5-byte NOP (fast-path site) → rdi + 2
+    .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
+    lea rax, [rdi + 2]
+    ret
+    .size tt_nop5, .-tt_nop5
+    .p2align 4
+    .globl tt_sub
+    .type tt_sub,@function
+tt_sub:                       // sub rsp (out of line) → rdi + 5
+    sub rsp, 24
+    mov qword ptr [rsp + 8], rdi
+    mov rax, qword ptr [rsp + 8]
+    add rax, 5
+    add rsp, 24
+    ret
+    .size tt_sub, .-tt_sub
+"#
+);
+
+extern "C" {
+    fn tt_push(x: u64) -> u64;
+    fn tt_riprel(x: u64) -> u64;
+    fn tt_nop5(x: u64) -> u64;
+    fn tt_sub(x: u64) -> u64;
+}
+
+/// `push rbp; mov rbp, rsp; lea rax, [rdi + 1]; pop rbp; ret`.
+const JIT_CODE: [u8; 10] = [0x55, 0x48, 0x89, 0xE5, 0x48, 0x8D, 0x47, 0x01, 0x5D, 0xC3];
+const JIT_PAGES: usize = 2;
+
+/// A consumer's record. Leaked: a late call must find it still there.
+#[derive(Debug, Default)]
+struct Rec {
+    hits: AtomicU64,
+    /// Set once its detach (or the sync after it) returned.
+    dead: AtomicBool,
+    /// Return `Remove` on the first hit.
+    remove: bool,
+    removed: AtomicU8,
+}
+
+static LATE: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
+    // SAFETY: user data is a leaked `Rec`.
+    let rec = unsafe { &*((*hit).user_data as *const Rec) };
+    // Ordering: SeqCst — against the churn thread's store after detach.
+    if rec.dead.load(Ordering::SeqCst) {
+        LATE.fetch_add(1, Ordering::Relaxed);
+    }
+    rec.hits.fetch_add(1, Ordering::Relaxed);
+    if rec.remove && rec.removed.swap(1, Ordering::Relaxed) == 0 {
+        return Action::Remove as u32;
+    }
+    Action::Continue as u32
+}
+
+fn rec(remove: bool) -> &'static Rec {
+    Box::leak(Box::new(Rec {
+        remove,
+        ..Rec::default()
+    }))
+}
+
+fn ud(r: &'static Rec) -> *mut std::ffi::c_void {
+    r as *const Rec as *mut std::ffi::c_void
+}
+
+fn read(addr: usize, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| unsafe { std::ptr::read_volatile((addr + i) as *const u8) })
+        .collect()
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    calls: AtomicU64,
+    attaches: AtomicU64,
+    detaches: AtomicU64,
+    batches: AtomicU64,
+    nosyncs: AtomicU64,
+    regions: AtomicU64,
+    cycles: AtomicU64,
+}
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name} wants a number"))
+        })
+        .unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let threads = arg(&args, "--threads", 4).max(1) as usize;
+    let seconds = arg(&args, "--seconds", 10);
+    let probes = arg(&args, "--probes", 8).max(1) as usize;
+
+    let funcs: [(usize, u64); 4] = [
+        (tt_push as *const () as usize, 1),
+        (tt_riprel as *const () as usize, 1000),
+        (tt_nop5 as *const () as usize, 2),
+        (tt_sub as *const () as usize, 5),
+    ];
+    // Sites: instruction starts in the static targets.
+    let sites: Vec<usize> = vec![
+        funcs[0].0,
+        funcs[0].0 + 1,
+        funcs[1].0,
+        funcs[2].0,
+        funcs[3].0,
+        funcs[3].0 + 4,
+    ];
+    let pages: Vec<usize> = (0..JIT_PAGES)
+        .map(|_| unsafe {
+            let m = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(m, libc::MAP_FAILED);
+            std::ptr::copy_nonoverlapping(JIT_CODE.as_ptr(), m.cast(), JIT_CODE.len());
+            assert_eq!(
+                libc::mprotect(m, 4096, libc::PROT_READ | libc::PROT_EXEC),
+                0
+            );
+            m as usize
+        })
+        .collect();
+    let originals: Vec<(usize, Vec<u8>)> = funcs
+        .iter()
+        .map(|&(f, _)| (f, read(f, 24)))
+        .chain(pages.iter().map(|&p| (p, read(p, 64))))
+        .collect();
+
+    // The steady consumers: one per function entry, attached throughout.
+    let steady: Vec<(&'static Rec, ConsumerId)> = funcs
+        .iter()
+        .map(|&(f, _)| {
+            let r = rec(false);
+            let id = unsafe { probert::attach(f, handler, ud(r)) }.expect("steady attach");
+            (r, id)
+        })
+        .collect();
+
+    // A JIT page's region, and the consumers in it (their handles die with it).
+    let regions: Vec<RwLock<Option<probert::RegionId>>> =
+        (0..JIT_PAGES).map(|_| RwLock::new(None)).collect();
+    let jit_recs: Vec<Mutex<Vec<&'static Rec>>> =
+        (0..JIT_PAGES).map(|_| Mutex::new(Vec::new())).collect();
+
+    let c = Counters::default();
+    let calls_per_func: Vec<AtomicU64> = funcs.iter().map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (funcs, pages, c, calls_per_func, stop) =
+                (&funcs, &pages, &c, &calls_per_func, &stop);
+            s.spawn(move || {
+                let mut x = t as u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for (i, &(f, add)) in funcs.iter().enumerate() {
+                        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(f) };
+                        assert_eq!(f(x), x + add, "a probed function computed wrong");
+                        calls_per_func[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                    for &p in pages {
+                        let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(p) };
+                        assert_eq!(f(x), x + 1, "probed JIT code computed wrong");
+                    }
+                    c.calls
+                        .fetch_add(funcs.len() as u64 + pages.len() as u64, Ordering::Relaxed);
+                    x = x.wrapping_add(1) & 0xffff;
+                }
+            });
+        }
+        // Churn: attach `probes` consumers, then take them all down one of
+        // three ways.
+        for t in 0..2u64 {
+            let (sites, c, stop, regions, pages, jit_recs) =
+                (&sites, &c, &stop, &regions, &pages, &jit_recs);
+            s.spawn(move || {
+                let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
+                while !stop.load(Ordering::Relaxed) {
+                    let mut live: Vec<(&'static Rec, ConsumerId)> = Vec::new();
+                    for _ in 0..probes {
+                        let r = rec(rng.below(8) == 0);
+                        let site = sites[rng.below(sites.len())];
+                        let mode = [Mode::Auto, Mode::Trap, Mode::Fast][rng.below(3)];
+                        match unsafe { probert::attach_ex(site, handler, ud(r), mode) } {
+                            Ok(id) => live.push((r, id)),
+                            Err(Error::UnsupportedInstruction { .. }) if mode == Mode::Fast => {}
+                            Err(e) => panic!("attach at {site:#x} ({mode:?}): {e}"),
+                        }
+                        c.attaches.fetch_add(1, Ordering::Relaxed);
+                    }
+                    // Into a JIT page, if its region is there.
+                    let p = rng.below(JIT_PAGES);
+                    {
+                        let reg = regions[p].read().unwrap();
+                        if reg.is_some() {
+                            let r = rec(false);
+                            let reqs = [0, 1, 4].map(|off| AttachReq {
+                                addr: pages[p] + off,
+                                handler,
+                                user_data: ud(r),
+                            });
+                            let ids = probert::attach_batch(&reqs).expect("attach_batch in JIT");
+                            jit_recs[p].lock().unwrap().push(r);
+                            if rng.below(2) == 0 {
+                                probert::detach_batch(&ids).expect("detach_batch in JIT");
+                                r.dead.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    // Consumers that returned Remove have stale handles.
+                    let ok = |r: probert::Result<()>, rec: &Rec| match r {
+                        Ok(()) => {}
+                        Err(Error::NotFound) if rec.remove => {}
+                        Err(e) => panic!("detach: {e}"),
+                    };
+                    match rng.below(3) {
+                        0 => {
+                            for (r, id) in live {
+                                ok(probert::detach(id), r);
+                                r.dead.store(true, Ordering::SeqCst);
+                                c.detaches.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        1 => {
+                            let ids: Vec<ConsumerId> = live
+                                .iter()
+                                .filter(|(r, _)| r.removed.load(Ordering::Relaxed) == 0)
+                                .map(|&(_, id)| id)
+                                .collect();
+                            // A Remove may land between the filter and the
+                            // batch: then the batch refuses, and we fall back.
+                            if probert::detach_batch(&ids).is_err() {
+                                for &(r, id) in &live {
+                                    ok(probert::detach(id), r);
+                                }
+                            }
+                            probert::sync().expect("sync");
+                            for (r, _) in live {
+                                r.dead.store(true, Ordering::SeqCst);
+                            }
+                            c.batches.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            for &(r, id) in &live {
+                                ok(probert::detach_nosync(id), r);
+                                c.nosyncs.fetch_add(1, Ordering::Relaxed);
+                            }
+                            probert::sync().expect("sync");
+                            for (r, _) in live {
+                                r.dead.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    c.cycles.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Regions come and go.
+        {
+            let (regions, pages, jit_recs, c, stop) = (&regions, &pages, &jit_recs, &c, &stop);
+            s.spawn(move || {
+                let mut rng = Rng(42);
+                while !stop.load(Ordering::Relaxed) {
+                    let p = rng.below(JIT_PAGES);
+                    let mut reg = regions[p].write().unwrap();
+                    match reg.take() {
+                        None => {
+                            *reg = Some(
+                                probert::region_add(RegionDesc {
+                                    start: pages[p],
+                                    len: 4096,
+                                    name: format!("torture-{p}"),
+                                    write: None,
+                                })
+                                .expect("region_add"),
+                            );
+                        }
+                        Some(id) => {
+                            probert::region_remove(id).expect("region_remove");
+                            for r in jit_recs[p].lock().unwrap().drain(..) {
+                                r.dead.store(true, Ordering::SeqCst);
+                            }
+                            assert_eq!(read(pages[p], 64), read_orig(p), "JIT page not restored");
+                        }
+                    }
+                    drop(reg);
+                    c.regions.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+
+    for (p, reg) in regions.iter().enumerate() {
+        if let Some(id) = reg.write().unwrap().take() {
+            probert::region_remove(id).expect("region_remove");
+            for r in jit_recs[p].lock().unwrap().drain(..) {
+                r.dead.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+    let ids: Vec<ConsumerId> = steady.iter().map(|&(_, id)| id).collect();
+    probert::detach_batch(&ids).expect("steady detach");
+    let mut failures = Vec::new();
+    let mut hits = 0;
+    for (i, (r, _)) in steady.iter().enumerate() {
+        let (h, n) = (
+            r.hits.load(Ordering::SeqCst),
+            calls_per_func[i].load(Ordering::SeqCst),
+        );
+        hits += h;
+        if h != n {
+            failures.push(format!("function {i}: {n} calls, steady consumer saw {h}"));
+        }
+    }
+    let late = LATE.load(Ordering::SeqCst);
+    if late != 0 {
+        failures.push(format!("{late} handler calls after detach returned"));
+    }
+    if probert::probe_count() != 0 {
+        failures.push(format!("{} probes left", probert::probe_count()));
+    }
+    for (addr, orig) in &originals {
+        if &read(*addr, orig.len()) != orig {
+            failures.push(format!("code at {addr:#x} not restored"));
+        }
+    }
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    println!(
+        "torture: {threads} hammer threads, {seconds} s, {probes} probes per cycle\n  \
+         calls {}, steady hits {hits} (exact: {})\n  \
+         churn cycles {}: attaches {}, detaches {}, batch detaches {}, nosync detaches {}, \
+         region add/remove {}\n  \
+         checks: {} of {}",
+        l(&c.calls),
+        failures.iter().all(|f| !f.starts_with("function")),
+        l(&c.cycles),
+        l(&c.attaches),
+        l(&c.detaches),
+        l(&c.batches),
+        l(&c.nosyncs),
+        l(&c.regions),
+        5 + steady.len() - failures.len().min(5 + steady.len()),
+        5 + steady.len(),
+    );
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("FAILED: {f}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn read_orig(_page: usize) -> Vec<u8> {
+    let mut v = JIT_CODE.to_vec();
+    v.resize(64, 0);
+    v
+}
