@@ -13,8 +13,8 @@ use crate::runtime::{self, detach, stats, ConsumerId, Mode, Stats};
 
 /// Attaches `handler` to the instruction at `addr`.
 ///
-/// Returns a handle for [`detach`]; [`Error::UnsupportedInstruction`],
-/// [`Error::Misaligned`], [`Error::Conflict`], [`Error::NoRegion`] etc. when
+/// Returns a handle for [`detach`]; [`Error::UnsupportedInstruction`](crate::Error::UnsupportedInstruction),
+/// [`Error::Misaligned`](crate::Error::Misaligned), [`Error::Conflict`](crate::Error::Conflict), [`Error::NoRegion`](crate::Error::NoRegion) etc. when
 /// the address cannot be probed.
 ///
 /// # Safety

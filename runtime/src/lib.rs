@@ -86,6 +86,13 @@
 //! missed), but must not call [`sync`], [`detach`] or anything that waits for
 //! a grace period — those return an error when called from a handler.
 //!
+//! On the fast path a handler runs in normal context, called from a stub
+//! that saved the general-purpose registers, the flags and xmm0–15 — not the
+//! upper halves of ymm/zmm (the kernel saves the whole vector state around a
+//! signal handler, the stub does not). A handler built to use AVX (e.g.
+//! `-C target-cpu=native`, `-mavx2`) must not be attached to code that keeps
+//! live AVX values across the probed instruction; use [`Mode::Trap`] there.
+//!
 //! # Limitations
 //!
 //! x86_64 Linux only. A module unloaded (`dlclose`) with probes still attached
