@@ -329,7 +329,12 @@ impl Sections {
         tag: u64,
         flush: impl FnOnce(u64, u64),
     ) {
-        let e = &self.slots[section.slot as usize % SLOTS].hits[tag as usize & (HIT_WAYS - 1)];
+        // A `Section` only ever holds a valid index; `get` keeps even a bug
+        // from panicking here (a predicted branch, where `%` cost a division).
+        let Some(slot) = self.slots.get(section.slot as usize) else {
+            return;
+        };
+        let e = &slot.hits[tag as usize & (HIT_WAYS - 1)];
         // Ordering (all): Relaxed — the entry is written by its owner only;
         // readers (`pending_hits`) want a value, not an ordering.
         let cur = e.tag.load(Ordering::Relaxed);
@@ -350,7 +355,9 @@ impl Sections {
     /// See [`Section::exit`].
     #[inline(always)]
     fn exit(&self, section: Section, _cx: SignalContext) {
-        let slot = &self.slots[section.slot as usize % SLOTS];
+        let Some(slot) = self.slots.get(section.slot as usize) else {
+            return;
+        };
         match section.kind {
             Kind::Nested => {}
             Kind::Persistent => {
