@@ -35,10 +35,11 @@ pub(crate) fn tag(idx: u32, gen: u32) -> u32 {
     idx | ((gen & TAG_GEN_MASK) << TAG_INDEX_BITS)
 }
 
-/// The fast path's own code outside read-side sections: `fast_dispatch`
-/// and what it calls before entering and after leaving its section, placed
-/// in the linker section `probert_fast` so thread scans can treat a thread
-/// there as on its way into or out of a stub.
+/// probert's own code that runs outside read-side sections on the way into
+/// or out of a stub: `fast_dispatch` and what it calls before entering and
+/// after leaving its section, the SIGTRAP handler and the signal return
+/// trampoline — placed in the linker section `probert_fast` so thread scans
+/// can treat a thread there as on its way into or out of a stub.
 pub(crate) fn code_range() -> (usize, usize) {
     extern "C" {
         static __start_probert_fast: u8;
@@ -114,8 +115,12 @@ fn finish(_cx: SignalContext, frame: &mut FastFrame, addr: u64, rsp0: u64) {
     // the flags uses. (The raw flags, `ret_point` and tag above are dead.)
     let base = frame as *const FastFrame as u64;
     let live = base - 8..base + std::mem::offset_of!(FastFrame, flags_raw) as u64;
-    if slot.wrapping_add(8) > live.start && slot < live.end {
-        fatal(b"probert: a fast-path handler moved RSP into the stub's own frame\n");
+    // And the dispatcher's own frames, below the trampoline's, live until it
+    // returns: from a little below this function's locals up to the frame.
+    let marker = 0u8;
+    let own = (std::ptr::addr_of!(marker) as u64).saturating_sub(256);
+    if slot.wrapping_add(8) > own.min(live.start) && slot < live.end {
+        fatal(b"probert: a fast-path handler moved RSP into probert's own frames\n");
     }
     // SAFETY: the slot lies below the stack pointer the thread resumes with
     // (so it holds no live data of the interrupted code) and outside the

@@ -308,6 +308,8 @@ pub(crate) fn synchronize() {
 /// In a forked child only the forking thread survives; every other slot is
 /// freed (its owner may have been mid-section at `fork`, and would otherwise
 /// hold grace periods forever). Runs in the `pthread_atfork` child handler.
+/// This is the one place persistent slots are deleted: the holes it leaves
+/// can only make the surviving thread claim a second slot, never share one.
 ///
 /// # Signal safety
 /// Plain atomic stores.
@@ -449,10 +451,16 @@ impl Sections {
     #[link_section = "probert_fast"] // see `crate::fast::code_range`
     fn enter_transient(&self, _cx: SignalContext, tp: usize) -> Section {
         let tagged = tp | TRANSIENT_TAG;
-        // A borrowed slot of ours means this is a recursive entry.
+        // A borrowed slot of ours inside a section means this is a recursive
+        // entry. One of ours that is not (a signal arrived between the claim
+        // and the `inc`, or between the last `inc` and the release) is left
+        // to the interrupted entry or exit; this entry borrows another.
         for (idx, slot) in self.slots.iter().enumerate().skip(PERSISTENT) {
-            // Ordering: Relaxed — only this thread stores `tagged`.
-            if slot.owner.load(Ordering::Relaxed) == tagged {
+            // Ordering: Relaxed — only this thread stores `tagged`, and only
+            // this thread writes the slot's `seq` while it holds it.
+            if slot.owner.load(Ordering::Relaxed) == tagged
+                && slot.seq.load(Ordering::Relaxed) & 1 == 1
+            {
                 return Section {
                     slot: idx as u16,
                     kind: Kind::Nested,
@@ -558,7 +566,7 @@ fn wait_for(slot: &Slot, seq: u64) {
     // Ordering: Acquire — pairs with the reader's `inc` in `Section::exit`:
     // once we see the sequence move, the section's reads are done.
     while slot.seq.load(Ordering::Acquire) == seq {
-        spins += 1;
+        spins = spins.saturating_add(1);
         if cfg!(all(test, loom)) || spins < 64 {
             crate::sync::spin_loop();
         } else if spins < 256 {

@@ -105,6 +105,12 @@ pub(crate) fn hits_word(gen: u32, count: u64) -> u64 {
     (u64::from(gen & 0xFFFF) << HITS_BITS) | (count & HITS_MASK)
 }
 
+/// `word` plus `n` hits, the count saturating rather than carrying into the
+/// generation bits.
+fn saturating_add_hits(word: u64, n: u64) -> u64 {
+    (word & !HITS_MASK) | (word & HITS_MASK).saturating_add(n).min(HITS_MASK)
+}
+
 /// The count in a [`ConsumerRecord::hits`] word.
 pub(crate) fn hits_count(word: u64) -> u64 {
     word & HITS_MASK
@@ -132,7 +138,7 @@ pub(crate) fn flush_hits(tag: u64, n: u64) {
     while w >> HITS_BITS == u64::from(gen & 0xFFFF) {
         match rec.hits.compare_exchange_weak(
             w,
-            w.wrapping_add(n),
+            saturating_add_hits(w, n),
             Ordering::Relaxed,
             Ordering::Relaxed,
         ) {

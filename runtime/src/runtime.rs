@@ -238,8 +238,23 @@ fn lock() -> MutexGuard<'static, Option<State>> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The writer lock must never be taken from a handler: the handler may have
+/// interrupted the writer on its own thread (a probed `malloc`, a region's
+/// write callback), and would wait for itself. Checked before anything
+/// changes, so such a call is refused whole.
+fn refuse_in_handler() -> Result<()> {
+    if grace::in_section() {
+        Err(Error::InvalidArgument(
+            "probert's control calls cannot be made from a handler".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// Runs `f` on the initialised state, reaping removed consumers first.
 fn with_state<R>(f: impl FnOnce(&mut State) -> Result<R>) -> Result<R> {
+    refuse_in_handler()?;
     let mut guard = lock();
     if guard.is_none() {
         *guard = Some(init_state()?);
@@ -482,14 +497,19 @@ impl State {
         }
         // 1. Prepare new probes (nothing visible yet).
         let mut prepared: Vec<Prepared> = Vec::new();
+        // Address → index in `prepared`, so a large batch stays linear.
+        let mut prepared_at: std::collections::HashMap<usize, usize> = Default::default();
         for (i, r) in reqs.iter().enumerate() {
             if r.addr == 0 {
                 self.unprepare_all(prepared);
                 return Err((i, Error::InvalidArgument("null address".into())));
             }
-            if !self.probes.contains_key(&r.addr) && !prepared.iter().any(|p| p.addr == r.addr) {
+            if !self.probes.contains_key(&r.addr) && !prepared_at.contains_key(&r.addr) {
                 match self.prepare(r.addr) {
-                    Ok(p) => prepared.push(p),
+                    Ok(p) => {
+                        prepared_at.insert(r.addr, prepared.len());
+                        prepared.push(p);
+                    }
                     Err(e) => {
                         self.unprepare_all(prepared);
                         return Err((i, e));
@@ -499,9 +519,9 @@ impl State {
             if modes.get(i) == Some(&Mode::Fast) {
                 let eligible = match self.probes.get(&r.addr) {
                     Some(p) => p.eligible,
-                    None => prepared
-                        .iter()
-                        .find(|p| p.addr == r.addr)
+                    None => prepared_at
+                        .get(&r.addr)
+                        .map(|&k| &prepared[k])
                         .is_some_and(|p| arch::fast_eligible(p.len, &p.displaced)),
                 };
                 if !self.fast_ok || !eligible {
@@ -987,6 +1007,7 @@ fn ensure_handler() -> Result<()> {
 /// Attaches every request or none; on error, the index of the first request
 /// that failed.
 pub fn attach_batch(reqs: &[AttachReq]) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+    refuse_in_handler().map_err(|e| (reqs.len(), e))?;
     let mut guard = lock();
     if guard.is_none() {
         *guard = Some(init_state().map_err(|e| (0, e))?);
@@ -1014,9 +1035,10 @@ pub fn detach_nosync(id: ConsumerId) -> Result<()> {
 pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
     with_state(|st| {
         let mut idxs = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
         for &id in ids {
             let idx = st.lookup(id)?;
-            if idxs.contains(&idx) {
+            if !seen.insert(idx) {
                 return Err(Error::InvalidArgument(
                     "a handle appears twice in the batch".into(),
                 ));

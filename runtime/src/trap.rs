@@ -41,13 +41,13 @@ pub(crate) static INDEX: Index = Index::new();
 /// Addresses whose probe was removed recently, for the one ambiguous case of
 /// the restart rule (see [`Lookup::Restart`]). Written by the writer before it
 /// restores an instruction; read speculatively.
-pub(crate) static RECENTLY_REMOVED: [std::sync::atomic::AtomicUsize; 1024] =
-    [const { std::sync::atomic::AtomicUsize::new(0) }; 1024];
+pub(crate) static RECENTLY_REMOVED: [std::sync::atomic::AtomicUsize; 4096] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 4096];
 
 /// The [`RECENTLY_REMOVED`] slot of an address.
 #[inline(always)]
 pub(crate) fn recent_slot(addr: usize) -> usize {
-    ((addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize
+    ((addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize
 }
 
 /// What one validated window found at the trap address.
@@ -66,6 +66,14 @@ pub(crate) fn install() -> crate::Result<()> {
 }
 
 /// The `SIGTRAP` handler.
+///
+/// # Signal safety
+/// It is the signal handler: everything it calls is signal-safe (each has
+/// its own `# Signal safety` section), and so must be the consumers. It lives
+/// in the `probert_fast` section, with the signal return trampoline, so that
+/// thread scans see a thread between its read-side section and its return
+/// into an out-of-line stub (see `crate::xol`).
+#[link_section = "probert_fast"]
 extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
     // SAFETY: we are the signal handler's entry point.
     let cx = unsafe { SignalContext::new() };
@@ -128,7 +136,8 @@ fn lookup(cx: SignalContext, addr: usize) -> Lookup {
         // Ordering: Relaxed — validated by the latch re-check; the writer
         // records the address before restoring the byte.
         let recent = RECENTLY_REMOVED[recent_slot(addr)].load(std::sync::atomic::Ordering::Relaxed);
-        if recent != addr && byte == 0x03 && addr > 0 {
+        // Never read across a page boundary: the page before may be unmapped.
+        if recent != addr && byte == 0x03 && addr & 0xFFF != 0 {
             // SAFETY: `addr - 1` is the first byte of the instruction that
             // trapped, if it is `cd 03`; mapped for the same reason.
             if unsafe { std::ptr::read_volatile((addr - 1) as *const u8) } == 0xCD {

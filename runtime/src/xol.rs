@@ -20,6 +20,12 @@
 //! 2. *retiring* until a thread scan ([`crate::sys::threads::quiescent`])
 //!    has seen every thread outside it.
 //!
+//! Either way, a thread leaves its read-side section before it is back in
+//! the stub: through the trap handler's epilogue and the signal return
+//! trampoline, or the fast dispatcher's epilogue and the chunk's trampoline.
+//! That code lives in the `probert_fast` linker section and the trampolines,
+//! which every scan treats as busy.
+//!
 //! A fast-path stub is entered by a jump and reaches its read-side section
 //! only inside the dispatcher it calls, so a thread can be on its way in
 //! (in the stub, the chunk's trampoline or the dispatcher's prologue) with no
@@ -66,6 +72,9 @@ impl Chunk {
 #[derive(Debug, Clone, Copy)]
 struct Retired {
     addr: usize,
+    /// Retirement order: a grace period covers exactly the stubs retired
+    /// before it began, whatever other grace periods run meanwhile.
+    seq: u64,
     /// A fast-path stub also needs a scan *before* the grace period: a thread
     /// can be on its way in (stub, trampoline, dispatcher) before entering a
     /// read-side section.
@@ -77,7 +86,8 @@ struct Retired {
 /// What [`Pool::grace_snapshot`] saw when a grace period began.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Snapshot {
-    pending: usize,
+    /// Stubs retired before the grace period have a smaller `seq`.
+    seq: u64,
     scans: u64,
 }
 
@@ -92,6 +102,8 @@ pub(crate) struct Pool {
     retiring: Vec<usize>,
     /// Successful scans so far.
     scans: u64,
+    /// The next retirement's `seq`.
+    next_seq: u64,
 }
 
 fn within_reach(a: usize, b: usize) -> bool {
@@ -148,16 +160,18 @@ impl Pool {
     pub(crate) fn retire(&mut self, slot: usize, fast: bool) {
         self.pending.push(Retired {
             addr: slot,
+            seq: self.next_seq,
             fast,
             prescanned: None,
         });
+        self.next_seq += 1;
     }
 
     /// Taken when a read-side grace period begins; pass it to
     /// [`Pool::after_grace_period`] when it ends.
     pub(crate) fn grace_snapshot(&self) -> Snapshot {
         Snapshot {
-            pending: self.pending.len(),
+            seq: self.next_seq,
             scans: self.scans,
         }
     }
@@ -166,17 +180,12 @@ impl Pool {
     /// retired before it (and, for fast stubs, scanned before it) now wait
     /// only for a thread scan.
     pub(crate) fn after_grace_period(&mut self, snap: Snapshot) {
-        let n = snap.pending.min(self.pending.len());
-        let mut keep = Vec::new();
-        for r in self.pending.drain(..n) {
-            if !r.fast || r.prescanned.is_some_and(|p| p <= snap.scans) {
-                self.retiring.push(r.addr);
-            } else {
-                keep.push(r);
-            }
-        }
-        keep.append(&mut self.pending);
-        self.pending = keep;
+        let ready = |r: &Retired| {
+            r.seq < snap.seq && (!r.fast || r.prescanned.is_some_and(|p| p <= snap.scans))
+        };
+        self.retiring
+            .extend(self.pending.iter().filter(|r| ready(r)).map(|r| r.addr));
+        self.pending.retain(|r| !ready(r));
     }
 
     /// Stubs not yet reusable: (waiting for a grace period, waiting for a
@@ -249,14 +258,17 @@ impl Pool {
             .chain(self.pending.iter().map(|r| r.addr))
             .map(|s| (s, s + STUB_SLOT))
             .collect();
-        if self.pending.iter().any(|r| r.fast) {
-            ranges.extend(
-                self.chunks
-                    .iter()
-                    .map(|c| (c.base, c.base + TRAMPOLINE_SIZE)),
-            );
-            ranges.push(fast::code_range());
-        }
+        // Always also the code a thread runs outside any read-side section on
+        // its way into or out of a stub: the fast trampolines and the
+        // `probert_fast` section (the fast dispatcher's prologue and
+        // epilogue, the SIGTRAP handler after its section, the signal return
+        // trampoline). A thread there is asked again until it leaves.
+        ranges.extend(
+            self.chunks
+                .iter()
+                .map(|c| (c.base, c.base + TRAMPOLINE_SIZE)),
+        );
+        ranges.push(fast::code_range());
         let mut quiet = false;
         for _ in 0..SCAN_TRIES {
             if threads::quiescent(&ranges, std::time::Duration::from_millis(200))? {
@@ -285,5 +297,50 @@ impl Pool {
             self.free.push(s);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grace_period_covers_only_stubs_retired_before_it_began() {
+        // Two overlapping grace periods (two threads in `sync`): the one that
+        // began first must not release stubs retired after it began, even if
+        // the later one finishes first.
+        let mut pool = Pool::default();
+        pool.retire(0x1000, false);
+        let first = pool.grace_snapshot();
+        pool.retire(0x2000, false);
+        let second = pool.grace_snapshot();
+        pool.after_grace_period(second);
+        assert_eq!(pool.retired_counts(), (0, 2));
+        pool.retire(0x3000, false);
+        pool.after_grace_period(first);
+        assert_eq!(
+            pool.retired_counts(),
+            (1, 2),
+            "0x3000 retired after `first` began"
+        );
+    }
+
+    #[test]
+    fn a_fast_stub_needs_a_scan_before_its_grace_period() {
+        let mut pool = Pool::default();
+        pool.retire(0x1000, true);
+        let snap = pool.grace_snapshot();
+        pool.after_grace_period(snap);
+        assert_eq!(
+            pool.retired_counts(),
+            (1, 0),
+            "not scanned before the grace period"
+        );
+        // A scan (as `recycle` records one), then a grace period.
+        pool.scans += 1;
+        pool.pending[0].prescanned = Some(pool.scans);
+        let snap = pool.grace_snapshot();
+        pool.after_grace_period(snap);
+        assert_eq!(pool.retired_counts(), (0, 1));
     }
 }

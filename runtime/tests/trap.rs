@@ -461,6 +461,58 @@ isolated!(detach_waits_for_a_running_handler, {
     releaser.join().unwrap();
 });
 
+isolated!(handlers_change_only_status_flags, {
+    // Setting TF (a system flag) from a handler must not turn on single-step
+    // tracing (which would deliver a trap the process does not expect); CF
+    // (a status flag) does take effect.
+    unsafe extern "C" fn set_flags(hit: *mut Hit) -> u32 {
+        let hit = unsafe { &mut *hit };
+        hit.regs_mut().rflags |= 0x100 | 0x1;
+        Action::Continue as u32
+    }
+    // `t_riprel_cmp` returns 1 when rdi >= t_data, computed by `jae` from the
+    // flags of its cmp; probing the `jae` (after the cmp) with CF forced set
+    // makes it not taken.
+    let jae = addr!(t_riprel_cmp) + 7;
+    let id =
+        unsafe { probert::attach_ex(jae, set_flags, std::ptr::null_mut(), Mode::Trap) }.unwrap();
+    assert_eq!(
+        unsafe { t_riprel_cmp(2000) },
+        0,
+        "CF set by the handler took effect"
+    );
+    assert_eq!(unsafe { t_riprel_cmp(2000) }, 0);
+    probert::detach(id).unwrap();
+    assert_eq!(unsafe { t_riprel_cmp(2000) }, 1);
+});
+
+isolated!(
+    control_calls_from_a_handler_are_refused_and_change_nothing,
+    {
+        static ID: AtomicU64 = AtomicU64::new(0);
+        static RESULT: AtomicUsize = AtomicUsize::new(0);
+        unsafe extern "C" fn h(_: *mut Hit) -> u32 {
+            let r = probert::detach(ConsumerId(ID.load(Ordering::SeqCst)));
+            RESULT.store(
+                if matches!(r, Err(Error::InvalidArgument(_))) {
+                    1
+                } else {
+                    2
+                },
+                Ordering::SeqCst,
+            );
+            Action::Continue as u32
+        }
+        let id = unsafe { probert::attach(addr!(t_push_rbp), h, std::ptr::null_mut()) }.unwrap();
+        ID.store(id.0, Ordering::SeqCst);
+        unsafe { t_push_rbp(1) };
+        assert_eq!(RESULT.load(Ordering::SeqCst), 1);
+        // Still attached: the refused detach changed nothing.
+        assert_eq!(probert::stats(id).unwrap().hits, 1);
+        probert::detach(id).unwrap();
+    }
+);
+
 isolated!(sync_from_a_handler_is_refused, {
     static RESULT: AtomicUsize = AtomicUsize::new(0);
     unsafe extern "C" fn h(_: *mut Hit) -> u32 {

@@ -42,12 +42,6 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
     if OURS.load(Ordering::Acquire) != 0 {
         return Ok(());
     }
-    // SAFETY: zeroed `sigaction` is a valid "no flags, empty mask" value.
-    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-    act.sa_sigaction = handler as usize;
-    act.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART;
-    // SAFETY: `act.sa_mask` is a valid sigset to initialise.
-    unsafe { libc::sigemptyset(&mut act.sa_mask) };
     // SAFETY: as above.
     let mut prev: libc::sigaction = unsafe { std::mem::zeroed() };
     // Read the previous disposition first so the handler never sees a window
@@ -59,19 +53,77 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
         ));
     }
     // Ordering: Release — published before our handler can run (the
-    // sigaction below is a syscall, a full barrier); read with Acquire in
+    // rt_sigaction below is a syscall, a full barrier); read with Acquire in
     // `chain`.
     PREV_HANDLER.store(prev.sa_sigaction, Ordering::Release);
     PREV_FLAGS.store(prev.sa_flags, Ordering::Release);
-    // SAFETY: valid pointers to initialised structures.
-    if unsafe { libc::sigaction(libc::SIGTRAP, &act, std::ptr::null_mut()) } != 0 {
+    // Installed with the raw system call and a restorer of our own, so that
+    // the whole way from the handler back into the interrupted code (or an
+    // out-of-line stub) runs probert's code, in the `probert_fast` section
+    // that thread scans treat as busy (see `crate::xol`). libc's `sigaction`
+    // would install its own restorer, in libc.
+    let act = KernelSigaction {
+        handler: handler as usize,
+        flags: (libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART | SA_RESTORER) as u64,
+        restorer: restorer_address(),
+        mask: 0,
+    };
+    // SAFETY: a valid kernel sigaction for SIGTRAP, an 8-byte sigset.
+    let rc = unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigaction,
+            libc::SIGTRAP as i64,
+            &act as *const KernelSigaction as i64,
+            0,
+            8,
+        )
+    };
+    if let Err(errno) = raw::check(rc) {
         return Err(Error::Signal(
-            format!("sigaction: {}", std::io::Error::last_os_error()).into(),
+            format!("rt_sigaction: {}", std::io::Error::from_raw_os_error(errno)).into(),
         ));
     }
     // Ordering: Release — pairs with the Acquire at the top.
     OURS.store(handler as usize, Ordering::Release);
     Ok(())
+}
+
+/// The kernel's `struct sigaction` on x86_64 (not libc's).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// `SA_RESTORER`: the kernel returns from the handler through `restorer`.
+const SA_RESTORER: libc::c_int = 0x0400_0000;
+
+// The signal return trampoline, byte for byte the one glibc uses
+// (`mov rax, 15; syscall`): unwinders and debuggers recognise a signal frame
+// by these bytes. It lives in `probert_fast` with the handler.
+std::arch::global_asm!(
+    ".pushsection probert_fast,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl __probert_sigreturn",
+    ".hidden __probert_sigreturn",
+    ".type __probert_sigreturn,@function",
+    "__probert_sigreturn:",
+    "mov rax, 15",
+    "syscall",
+    "ud2",
+    ".size __probert_sigreturn, .-__probert_sigreturn",
+    ".popsection",
+);
+
+fn restorer_address() -> usize {
+    extern "C" {
+        // Not callable: only its address is taken.
+        #[link_name = "__probert_sigreturn"]
+        static PROBERT_SIGRETURN: u8;
+    }
+    std::ptr::addr_of!(PROBERT_SIGRETURN) as usize
 }
 
 /// Whether `SIGTRAP` is still handled by our handler (a host may have

@@ -485,6 +485,10 @@ fn send_scan_signal(pid: i32, tid: i32, sig: c_int, gen: u64, slot: usize) -> Re
 /// raw `futex` wake: no allocation, lock, formatting, panic or thread-local.
 /// It calls no libc function, and the raw system call cannot write `errno`,
 /// so `errno` needs no saving.
+///
+/// # Safety
+/// Installed as an `SA_SIGINFO` signal handler only: the kernel passes a
+/// valid `siginfo` and `ucontext` for the signal being handled.
 unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
     // SAFETY: we are at the entry of a signal handler.
     let cx = unsafe { SignalContext::new() };

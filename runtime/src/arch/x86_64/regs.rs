@@ -122,6 +122,9 @@ impl Regs {
     }
 }
 
+/// The RFLAGS bits a handler may change: CF, PF, AF, ZF, SF, DF, OF.
+pub const USER_FLAGS: u64 = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800;
+
 /// `mcontext_t.gregs` index of each [`Reg`] (glibc and musl share the layout).
 const GREG_OF: [usize; 18] = [
     libc::REG_RAX as usize,
@@ -159,15 +162,20 @@ impl Regs {
     }
 
     /// Writes the registers back into a signal's `mcontext`; the kernel
-    /// restores them on `sigreturn`.
+    /// restores them on `sigreturn`. Of RFLAGS only the status flags and DF
+    /// are taken (as on the fast path): the system flags (TF, IF, AC, …) are
+    /// not a handler's to change.
     ///
     /// # Signal safety
     /// Plain copies; no allocation, lock or panic.
     #[inline]
     pub fn to_mcontext(&self, mc: &mut libc::mcontext_t) {
+        let flags = mc.gregs[libc::REG_EFL as usize] as u64;
         for (i, &g) in GREG_OF.iter().enumerate() {
             mc.gregs[g] = self.get(Reg::ALL[i]) as i64;
         }
+        mc.gregs[libc::REG_EFL as usize] =
+            ((flags & !USER_FLAGS) | (self.rflags & USER_FLAGS)) as i64;
     }
 }
 
