@@ -485,11 +485,23 @@ impl Sections {
 
     fn in_section(&self) -> bool {
         let tp = thread_pointer();
-        self.slots.iter().any(|s| {
-            // Ordering: Relaxed — our own slot, written only by this thread.
-            let owner = s.owner.load(Ordering::Relaxed);
-            (owner == tp || owner == tp | TRANSIENT_TAG) && s.seq.load(Ordering::Relaxed) & 1 == 1
-        })
+        // Ordering (all): Relaxed — our own slots, written only by this thread.
+        let inside = |s: &Slot| s.seq.load(Ordering::Relaxed) & 1 == 1;
+        // Our persistent slot lies on our probe sequence before the first
+        // empty slot (a forked child may have left a second one there too).
+        let start = home(tp);
+        for i in 0..PERSISTENT {
+            let s = &self.slots[(start + i) & (PERSISTENT - 1)];
+            match s.owner.load(Ordering::Relaxed) {
+                0 => break,
+                o if o == tp && inside(s) => return true,
+                _ => {}
+            }
+        }
+        self.slots
+            .iter()
+            .skip(PERSISTENT)
+            .any(|s| s.owner.load(Ordering::Relaxed) == tp | TRANSIENT_TAG && inside(s))
     }
 
     fn pending_hits(&self, tag: u64) -> u64 {

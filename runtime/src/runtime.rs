@@ -1102,8 +1102,9 @@ pub fn region_add(desc: RegionDesc) -> Result<RegionId> {
 
 /// Detaches every probe in the region (one grace period), then forgets it.
 pub fn region_remove(id: RegionId) -> Result<()> {
-    with_state(|st| {
+    let had_probes = with_state(|st| {
         let (start, end) = st.regions.bounds(id).ok_or(Error::NotFound)?;
+        let had_probes = st.probes.range(start..end).next().is_some();
         let idxs: Vec<u32> = st
             .probes
             .range(start..end)
@@ -1114,9 +1115,14 @@ pub fn region_remove(id: RegionId) -> Result<()> {
         let empty: Vec<usize> = st.probes.range(start..end).map(|(&a, _)| a).collect();
         st.remove_probes(&empty)?;
         st.boundaries.remove(&id);
-        st.regions.remove(id)
+        st.regions.remove(id)?;
+        Ok(had_probes)
     })?;
-    sync()
+    // A region that never had probes is read by no handler: no grace period.
+    if had_probes {
+        sync()?;
+    }
+    Ok(())
 }
 
 /// The mechanism serving a probed address right now (never [`Mode::Auto`]);
