@@ -513,6 +513,47 @@ isolated!(
     }
 );
 
+isolated!(a_stub_is_not_reused_while_a_thread_is_inside_it, {
+    // A thread blocked in a probed `syscall` sits inside its out-of-line
+    // stub. Detaching retires the stub; recycling must keep it (the thread
+    // scan sees the thread inside) until the thread has left. A stub reused
+    // early would be poisoned with ud2 and crash the thread.
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let mut fds = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let id = unsafe { probert::attach(addr!(t_read_syscall), count, counter(&HITS)) }.unwrap();
+    assert_eq!(probert::probe_mode(addr!(t_read_syscall)), Ok(Mode::Trap));
+    let reader = std::thread::spawn(move || {
+        let mut byte = 0u8;
+        let n = unsafe { t_read_byte(fds[0], &mut byte) };
+        (n, byte)
+    });
+    // Wait until the reader has trapped (and so is in, or entering, the stub).
+    while HITS.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    probert::detach(id).unwrap();
+    probert::recycle_stubs().unwrap();
+    let (pending, retiring) = probert::retired_stubs();
+    assert_eq!(
+        pending + retiring,
+        1,
+        "the stub the reader is in stays retired"
+    );
+    assert_eq!(unsafe { libc::write(fds[1], b"x".as_ptr().cast(), 1) }, 1);
+    assert_eq!(
+        reader.join().unwrap(),
+        (1, b'x'),
+        "the reader left the stub intact"
+    );
+    probert::recycle_stubs().unwrap();
+    assert_eq!(
+        probert::retired_stubs(),
+        (0, 0),
+        "reusable once the reader left"
+    );
+});
+
 isolated!(sync_from_a_handler_is_refused, {
     static RESULT: AtomicUsize = AtomicUsize::new(0);
     unsafe extern "C" fn h(_: *mut Hit) -> u32 {

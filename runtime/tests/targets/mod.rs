@@ -246,6 +246,17 @@ t_redzone_site:
     ret
     END t_redzone
 
+    // read(rdi, rsi, 1) with the `syscall` at a symbol of its own: probed,
+    // it runs out of line, so a thread blocked in it sits inside a stub.
+    FUNC t_read_byte
+    mov edx, 1
+    xor eax, eax
+    .globl t_read_syscall
+t_read_syscall:
+    syscall
+    ret
+    END t_read_byte
+
     FUNC t_nop5              // nop5 → rdi + 9 (the JIT-style patchable site)
     .byte 0x0f, 0x1f, 0x44, 0x00, 0x00
     lea rax, [rdi + 9]
@@ -271,6 +282,8 @@ extern "C" {
     pub fn t_lock(x: u64) -> u64;
     pub fn t_foreign(x: u64) -> u64;
     pub fn t_nop5(x: u64) -> u64;
+    pub fn t_read_byte(fd: i32, buf: *mut u8) -> i64;
+    pub fn t_read_syscall();
     pub fn t_clobber(out: *mut u64);
     pub fn t_clobber_site();
     pub fn t_redzone(x: u64) -> u64;
