@@ -58,8 +58,6 @@ pub(crate) struct Target {
     pub end: usize,
     /// Start of the enclosing function, when known.
     pub func_start: Option<usize>,
-    /// Its symbol name (module code only).
-    pub func_name: Option<String>,
     /// The JIT region, if any.
     pub region: Option<RegionId>,
     /// The writer.
@@ -171,29 +169,30 @@ impl Regions {
     }
 
     /// The region holding `addr`: a registered JIT region, else the loaded
-    /// module's executable segment.
-    pub(crate) fn resolve(&self, addr: usize) -> Result<Target> {
+    /// module's executable segment; and, in module code, the name of the
+    /// enclosing function's symbol.
+    pub(crate) fn resolve(&self, addr: usize) -> Result<(Target, Option<String>)> {
         if let Some((&start, j)) = self.by_start.range(..=addr).next_back() {
             if addr < j.end {
-                return Ok(Target {
+                let target = Target {
                     start,
                     end: j.end,
                     func_start: Some(start),
-                    func_name: None,
                     region: Some(j.id),
                     write: j.write.clone(),
-                });
+                };
+                return Ok((target, None));
             }
         }
         let m = modules::module_containing(addr).ok_or(Error::NoRegion { addr })?;
         let func = modules::function_containing(addr);
-        Ok(Target {
+        let target = Target {
             start: m.start,
             end: m.end,
             func_start: func.as_ref().map(|s| s.start),
-            func_name: func.map(|s| s.name),
             region: None,
             write: None,
-        })
+        };
+        Ok((target, func.map(|s| s.name)))
     }
 }

@@ -306,12 +306,14 @@ pub fn init() -> Result<()> {
 }
 
 /// Whether `addr` is probert's own code (the trap path, the writer, the
-/// stubs), which must never be probed.
-fn is_probert_code(st: &State, addr: usize, target: &Target) -> bool {
-    if st.pool.contains(addr) {
+/// stubs), which must never be probed. `func_name` is the symbol of the
+/// enclosing function, if known.
+fn is_probert_code(st: &State, addr: usize, func_name: Option<&str>) -> bool {
+    let (lo, hi) = crate::fast::code_range();
+    if st.pool.contains(addr) || (lo..hi).contains(&addr) {
         return true;
     }
-    match &target.func_name {
+    match func_name {
         Some(name) => {
             name.starts_with("probert_")
                 || name
@@ -388,8 +390,8 @@ impl State {
 
     /// Decodes, checks and prepares a new probe at `addr` (nothing published).
     fn prepare(&mut self, addr: usize) -> Result<Prepared> {
-        let target = self.regions.resolve(addr)?;
-        if is_probert_code(self, addr, &target) {
+        let (target, func_name) = self.regions.resolve(addr)?;
+        if is_probert_code(self, addr, func_name.as_deref()) {
             return Err(Error::InvalidArgument(
                 format!("{addr:#x} is inside probert's own code").into(),
             ));
