@@ -211,14 +211,7 @@ isolated!(fast_probes_work_in_a_forked_child, {
                 && bytes(addr!(t_nop5), 1) != [0xE9];
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
-        pid => {
-            let mut status = 0;
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "child status {status:#x}"
-            );
-        }
+        pid => common::expect_child_success(pid),
     }
     assert_eq!(
         bytes(addr!(t_nop5), 1),

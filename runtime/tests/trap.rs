@@ -598,14 +598,7 @@ isolated!(probes_work_in_a_forked_child, {
             .unwrap_or(false);
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
-        pid => {
-            let mut status = 0;
-            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-            assert!(
-                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-                "child status {status:#x}"
-            );
-        }
+        pid => common::expect_child_success(pid),
     }
     // The parent is untouched by the child's writes.
     assert_eq!(bytes(addr!(t_push_rbp), 1), [0xCC]);

@@ -57,6 +57,16 @@ macro_rules! isolated {
     };
 }
 
+/// Waits for the forked child `pid` and fails unless it exited with 0.
+pub fn expect_child_success(pid: libc::pid_t) {
+    let mut status = 0;
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child status {status:#x}"
+    );
+}
+
 /// A handler that counts hits in the `AtomicU64` its user data points at.
 pub unsafe extern "C" fn count(hit: *mut probert::Hit) -> u32 {
     // SAFETY: tests pass a `&'static AtomicU64` as user data.
