@@ -12,15 +12,16 @@
 //! # Safety
 //!
 //! `fast_dispatch` is called only by the trampoline, with a pointer to the
-//! frame it built on its own stack; `finish` writes the resume slot on the
+//! frame it built on its own stack; `redirect` writes the resume slot on the
 //! thread's own stack, below the stack pointer it will resume with.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{fence, Ordering};
 
-use crate::arch::{FastFrame, EXIT_POP};
+use crate::arch::{FastFrame, InlineLayout, EXIT_POP};
 use crate::grace;
-use crate::probe::{self, PROBES};
+use crate::hit::{Action, Hit};
+use crate::probe::{self, ConsumerList, ConsumerRecord, Entry, ProbeRecord, PROBES};
 use crate::sigctx::SignalContext;
 use crate::trap::fatal;
 
@@ -71,29 +72,29 @@ pub(crate) extern "C" fn fast_dispatch(tag: u64, frame: *mut FastFrame) {
     let gen = (tag as u32) >> TAG_INDEX_BITS;
     let section = grace::enter(cx);
     if let Some(rec) = PROBES.get(idx) {
-        // Ordering: Acquire — pairs with the writer's Release store of the
-        // generation before it reinitialises a record (`init_record`).
-        let g1 = rec.gen.load(Ordering::Acquire) & TAG_GEN_MASK;
-        // Ordering: Relaxed — validated by the generation re-check below.
+        // Ordering: Relaxed — validated by the generation check below.
         let addr = rec.addr.load(Ordering::Relaxed);
         // Ordering: Acquire — the list was built before it was published
         // (Release swap in `publish_list`).
         let list = rec.consumers.load(Ordering::Acquire);
-        // Ordering: Acquire fence — if the reads above saw a reinitialised
-        // record, the generation below has moved too.
+        // Ordering: Acquire fence — the writer bumps the generation before
+        // it reinitialises a record (then a Release fence): if the reads
+        // above saw a newer probe's fields, the generation below is newer.
         fence(Ordering::Acquire);
-        let g2 = rec.gen.load(Ordering::Relaxed) & TAG_GEN_MASK;
-        if g1 == gen && g2 == gen && addr != 0 {
-            let rsp0 = frame.regs.get(crate::arch::Reg::Rsp);
-            frame.regs.rip = addr as u64;
-            probe::dispatch(cx, &section, list, addr, &mut frame.regs);
-            finish(cx, frame, addr as u64, rsp0);
+        let g = rec.gen.load(Ordering::Relaxed) & TAG_GEN_MASK;
+        if g == gen && addr != 0 {
+            let (addr, rsp0) = (addr as u64, frame.regs.get(crate::arch::Reg::Rsp));
+            frame.regs.rip = addr;
+            probe::dispatch(cx, &section, list, addr as usize, &mut frame.regs);
+            if frame.regs.rip != addr || frame.regs.get(crate::arch::Reg::Rsp) != rsp0 {
+                redirect(cx, frame, addr);
+            }
         }
     }
     section.exit(cx);
 }
 
-/// Points the trampoline's exit at where the handlers want the thread to go.
+/// Points the trampoline's exit at where the handlers sent the thread.
 ///
 /// By default the exit slot holds the stub's `ret_point`, just below the
 /// original stack pointer; a handler that wrote RIP or RSP needs another
@@ -102,19 +103,16 @@ pub(crate) extern "C" fn fast_dispatch(tag: u64, frame: *mut FastFrame) {
 ///
 /// # Signal safety
 /// Arithmetic and one store to the thread's own stack.
+#[cold]
+#[inline(never)]
 #[link_section = "probert_fast"]
-fn finish(_cx: SignalContext, frame: &mut FastFrame, addr: u64, rsp0: u64) {
+fn redirect(_cx: SignalContext, frame: &mut FastFrame, addr: u64) {
     let (rip, rsp) = (frame.regs.rip, frame.regs.get(crate::arch::Reg::Rsp));
-    if rip == addr && rsp == rsp0 {
-        return;
-    }
     let target = if rip == addr { frame.ret_point } else { rip };
     let slot = rsp.wrapping_sub(EXIT_POP + 8);
-    // What the trampoline still reads after we return: the saved registers
-    // and the exit word, and the word below the frame its `push`/`popfq` of
-    // the flags uses. (The raw flags, `ret_point` and tag above are dead.)
+    // What the trampoline still reads after we return: the frame.
     let base = frame as *const FastFrame as u64;
-    let live = base - 8..base + std::mem::offset_of!(FastFrame, flags_raw) as u64;
+    let live = base..base + std::mem::size_of::<FastFrame>() as u64;
     // And the dispatcher's own frames, below the trampoline's, live until it
     // returns: from a little below this function's locals up to the frame.
     let marker = 0u8;
@@ -130,7 +128,76 @@ fn finish(_cx: SignalContext, frame: &mut FastFrame, addr: u64, rsp0: u64) {
     frame.exit = slot;
 }
 
-/// The dispatcher's address, for the trampoline to call.
-pub(crate) fn dispatcher_address() -> usize {
-    fast_dispatch as *const () as usize
+/// What the trampoline's inline case calls when its handler returned
+/// `Remove` or moved RIP or RSP, still inside the read-side section.
+///
+/// # Signal safety
+/// As `fast_dispatch`.
+#[link_section = "probert_fast"]
+extern "C" fn fast_after(
+    frame: *mut FastFrame,
+    action: u32,
+    consumer: *const ConsumerRecord,
+    addr: u64,
+) {
+    // SAFETY: this is a dispatcher entry point.
+    let cx = unsafe { SignalContext::new() };
+    // SAFETY: the trampoline passes its own frame, as to `fast_dispatch`,
+    // and a consumer record read from the published list inside the
+    // section it is still in (records are never unmapped).
+    let (frame, consumer) = unsafe { (&mut *frame, &*consumer) };
+    if Action::from_raw(action) == Action::Remove {
+        probe::request_removal(consumer);
+    }
+    let rsp0 = frame.exit + EXIT_POP + 8;
+    if frame.regs.rip != addr || frame.regs.get(crate::arch::Reg::Rsp) != rsp0 {
+        redirect(cx, frame, addr);
+    }
+}
+
+/// Where the trampoline's inline case finds probert's data: the fast path
+/// of `grace::enter`/`Section::exit`/`Section::count_hit` and of
+/// `probe::dispatch` for one consumer, repeated in assembly, read these
+/// offsets from the Rust definitions.
+pub(crate) fn inline_layout() -> InlineLayout {
+    use std::mem::{offset_of, size_of};
+    const _: () = assert!(size_of::<Hit>() == 24);
+    let slots = grace::slot_layout();
+    let first = offset_of!(ConsumerList, first);
+    InlineLayout {
+        table: slots.table,
+        slot_size: slots.size,
+        slot_owner: slots.owner,
+        slot_seq: slots.seq,
+        slot_hits: slots.hits,
+        hit_ways: slots.hit_ways,
+        home_mul: slots.home_mul,
+        home_shift: slots.home_shift,
+        probes: PROBES.base_address(),
+        probe_size: size_of::<ProbeRecord>(),
+        probe_addr: offset_of!(ProbeRecord, addr),
+        probe_gen: offset_of!(ProbeRecord, gen),
+        probe_consumers: offset_of!(ProbeRecord, consumers),
+        tag_index_bits: TAG_INDEX_BITS,
+        tag_gen_mask: TAG_GEN_MASK,
+        list_len: offset_of!(ConsumerList, len),
+        first_handler: first + offset_of!(Entry, handler),
+        first_user_data: first + offset_of!(Entry, user_data),
+        first_record: first + offset_of!(Entry, record),
+        first_tag: first + offset_of!(Entry, tag),
+        consumer_state: offset_of!(ConsumerRecord, state),
+        state_active: probe::STATE_ACTIVE,
+        dispatch: fast_dispatch as *const () as usize,
+        after: fast_after as *const () as usize,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_trampoline_is_emitted_for_the_real_layout() {
+        crate::probe::PROBES.init().unwrap();
+        let l = super::inline_layout();
+        crate::arch::emit_trampoline(0x7000_0000, &l).unwrap();
+    }
 }

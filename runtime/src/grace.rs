@@ -11,8 +11,11 @@
 //! 2. snapshot every slot whose sequence is odd;
 //! 3. wait until each of those sequences has moved on.
 //!
-//! Readers pay no fence: entering a section is one non-locked `inc` of a slot
-//! only the entering thread writes, then the reads it protects. The writer's
+//! Readers pay no fence and no atomic read-modify-write: entering a section
+//! is a load and a plain store of a slot only the entering thread writes,
+//! then the reads it protects; leaving is one more store. (Leaving stores the
+//! value entering stored plus one, from a register: back-to-back hits on one
+//! thread then wait on one store-to-load forward each, not three.) The writer's
 //! `membarrier` stands in for the reader's store→load fence (the *asymmetric
 //! fence* of Linux's `sys_membarrier` users, folly and seize): either the
 //! writer's step 2 sees the odd sequence, or the reader's reads come after the
@@ -26,8 +29,15 @@
 //! [`PERSISTENT`] slots are an open-addressed table keyed by the thread
 //! pointer, claimed once by CAS and kept (never deleted, so linear probing has
 //! no holes). The slot is then written by its owner alone, which is what makes
-//! the non-locked `inc` safe: an `inc` is one instruction, so a signal on the
-//! same thread sees the slot before or after it, never half-way.
+//! plain stores safe. A signal on the same thread can arrive between
+//! entering's load and its store: its handler, seeing the slot even, runs a
+//! whole section of its own (odd, then even) before the interrupted entry
+//! stores its odd value — which repeats the handler's odd value. A writer
+//! that snapshotted the handler's section then also waits for the
+//! interrupted one (longer, never shorter); one that saw the handler's even
+//! exit value read before the interrupted store reached memory, so that
+//! section's reads come after its barrier. Between entering and leaving, any
+//! handler on the thread sees the slot odd and writes nothing.
 //!
 //! Thread pointers are reused by later threads (glibc caches thread stacks),
 //! so a dead thread's slot passes to the next thread with the same pointer. If
@@ -52,9 +62,10 @@
 //!
 //! # Safety
 //!
-//! The only `unsafe` is the inline `inc` of a slot, which is sound because
-//! each slot has one writer at a time (see above) and the slot is an
-//! `AtomicU64` that other threads read with atomic loads.
+//! No `unsafe` code outside the tests: slots are atomics, written by one
+//! thread at a time (see above). The lint is allowed for the
+//! `#[link_section]` that places the entry and exit paths in
+//! `probert_fast` (see `crate::fast::code_range`).
 #![allow(unsafe_code)]
 
 use std::sync::atomic::compiler_fence;
@@ -91,6 +102,8 @@ const HIT_WAYS: usize = 8;
 const HIT_WAYS: usize = 2;
 
 /// A consumer's hits counted by one thread and not yet flushed.
+#[repr(C)]
+#[derive(Debug)]
 struct HitEntry {
     /// The consumer's tag (0: empty).
     tag: AtomicU64,
@@ -100,6 +113,7 @@ struct HitEntry {
 /// One thread's read-side state, alone on its cache lines so that entering
 /// and leaving sections and counting hits write no line another thread writes.
 #[repr(C, align(64))]
+#[derive(Debug)]
 struct Slot {
     /// Thread pointer of the owner (`| TRANSIENT_TAG` for a borrowed slot);
     /// 0 when free.
@@ -190,9 +204,11 @@ fn thread_pointer() -> usize {
 /// A read-side section; leave it with [`Section::exit`].
 #[derive(Debug)]
 #[must_use = "a section must be left with exit()"]
-pub(crate) struct Section {
-    slot: u16,
+pub(crate) struct Section<'t> {
+    slot: &'t Slot,
     kind: Kind,
+    /// The odd value entering stored (for `exit` to store plus one).
+    seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,7 +219,7 @@ enum Kind {
     Nested,
 }
 
-impl Section {
+impl Section<'_> {
     /// Whether the thread was already inside a section (a recursive hit).
     ///
     /// # Signal safety
@@ -221,9 +237,17 @@ impl Section {
     /// signal-safe. Called only inside a non-nested section, so no other hit
     /// on this thread can interleave with it (a probe hit by a signal handler
     /// meanwhile is nested and only counts as missed).
-    #[inline]
-    pub(crate) fn count_hit(&self, cx: SignalContext, tag: u64, flush: impl FnOnce(u64, u64)) {
-        TABLE.count_hit(self, cx, tag, flush);
+    #[inline(always)]
+    pub(crate) fn count_hit(&self, _cx: SignalContext, tag: u64, flush: impl FnOnce(u64, u64)) {
+        let e = &self.slot.hits[tag as usize & (HIT_WAYS - 1)];
+        // Ordering (all): Relaxed — the entry is written by its owner only;
+        // readers (`pending_hits`) want a value, not an ordering.
+        if e.tag.load(Ordering::Relaxed) == tag {
+            e.count
+                .store(e.count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        } else {
+            replace_hit_entry(e, tag, flush);
+        }
     }
 
     /// Leaves the section.
@@ -231,57 +255,116 @@ impl Section {
     /// # Signal safety
     /// One store (and one more for a transient slot); no allocation, lock or
     /// panic.
-    #[inline]
-    #[link_section = "probert_fast"] // see `crate::fast::code_range`
-    pub(crate) fn exit(self, cx: SignalContext) {
-        TABLE.exit(self, cx);
+    #[inline(always)]
+    pub(crate) fn exit(self, _cx: SignalContext) {
+        match self.kind {
+            Kind::Nested => {}
+            Kind::Persistent => {
+                // Ordering: the Release store keeps the section's reads
+                // before it, so a writer that loads the new even value
+                // (Acquire, in `wait_for`) sees the section over — pairs
+                // with `synchronize`.
+                slot_store(self.slot, self.seq + 1);
+            }
+            Kind::Transient => {
+                slot_store(self.slot, self.seq + 1);
+                // Ordering: Release — the next borrower's CAS (Acquire in
+                // `enter_transient`) sees our final `seq`.
+                self.slot.owner.store(0, Ordering::Release);
+            }
+        }
     }
 }
 
-/// Increments `slot.seq` with one non-locked `inc`.
+/// A hit of a consumer not in its way of the thread's hit cache: flush the
+/// entry's previous consumer and start counting `tag`.
 ///
 /// # Signal safety
-/// One instruction: a signal on this thread sees it done or not done.
-#[cfg(not(all(test, loom)))]
-#[inline(always)]
-fn slot_inc(slot: &Slot) {
-    // SAFETY: the slot belongs to the calling thread (persistent owner or
-    // current borrower), so no other thread writes `seq` concurrently; `inc`
-    // on an aligned u64 is a single-copy-atomic store for other threads'
-    // atomic loads; the pointer comes from a live `AtomicU64`.
-    unsafe {
-        core::arch::asm!("inc qword ptr [{0}]", in(reg) slot.seq.as_ptr(),
-            options(nostack));
+/// Loads and stores to the caller's own slot, and `flush`.
+#[cold]
+#[inline(never)]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
+fn replace_hit_entry(e: &HitEntry, tag: u64, flush: impl FnOnce(u64, u64)) {
+    // Ordering (all): Relaxed — see `Section::count_hit`.
+    let (cur, old) = (
+        e.tag.load(Ordering::Relaxed),
+        e.count.load(Ordering::Relaxed),
+    );
+    e.tag.store(0, Ordering::Relaxed);
+    if cur != 0 && old != 0 {
+        flush(cur, old);
     }
+    e.count.store(1, Ordering::Relaxed);
+    e.tag.store(tag, Ordering::Relaxed);
 }
 
-/// Under loom: the `inc` as a load and a store — the owner is the only
-/// writer, and no signal interleaves inside a model.
-#[cfg(all(test, loom))]
-fn slot_inc(slot: &Slot) {
-    // Ordering: Relaxed — our own slot.
-    let seq = slot.seq.load(Ordering::Relaxed);
-    // Ordering: Release — an x86 store is a release store (what `exit`
-    // relies on) — pairs with the Acquire loads in `synchronize`/`wait_for`.
-    slot.seq.store(seq + 1, Ordering::Release);
+/// Sets the calling thread's own `slot.seq`.
+///
+/// # Signal safety
+/// One store (a `mov`; Release costs nothing more on x86): a signal on this
+/// thread sees it done or not done.
+#[inline(always)]
+fn slot_store(slot: &Slot, seq: u64) {
+    // Ordering: Release — orders a section's reads before the store that
+    // ends it; pairs with the Acquire loads in `synchronize`/`wait_for`.
+    // (Entering's store→load order is supplied by the writer's membarrier.)
+    slot.seq.store(seq, Ordering::Release);
 }
+
+/// Fibonacci hashing; thread pointers differ mostly in the middle bits.
+const HOME_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+const HOME_SHIFT: u32 = 64 - PERSISTENT_BITS;
 
 /// A cheap, well-mixed hash of a thread pointer into the persistent table.
 #[inline(always)]
 fn home(tp: usize) -> usize {
-    // Fibonacci hashing; thread pointers differ mostly in the middle bits.
-    ((tp as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PERSISTENT_BITS)) as usize
+    ((tp as u64).wrapping_mul(HOME_MUL) >> HOME_SHIFT) as usize
+}
+
+/// Where generated code finds a thread's home slot, for the fast-path
+/// trampoline's inline case (`arch::x86_64::fast`), which repeats in
+/// assembly the fast path of [`enter`] (home slot, not nested), of
+/// [`Section::exit`] for it, and of [`Section::count_hit`] (the way holds the
+/// consumer).
+#[derive(Debug)]
+pub(crate) struct SlotLayout {
+    /// Address of slot 0.
+    pub table: usize,
+    pub size: usize,
+    pub owner: usize,
+    pub seq: usize,
+    /// Offset of the hit cache: `HIT_WAYS` entries of `(tag, count)` words.
+    pub hits: usize,
+    pub hit_ways: usize,
+    /// Slot `(tp * home_mul) >> home_shift` is the home of thread pointer `tp`.
+    pub home_mul: u64,
+    pub home_shift: u32,
+}
+
+pub(crate) fn slot_layout() -> SlotLayout {
+    const _: () = assert!(std::mem::size_of::<HitEntry>() == 16);
+    const _: () = assert!(std::mem::offset_of!(HitEntry, count) == 8);
+    SlotLayout {
+        table: TABLE.slots.as_ptr() as usize,
+        size: std::mem::size_of::<Slot>(),
+        owner: std::mem::offset_of!(Slot, owner),
+        seq: std::mem::offset_of!(Slot, seq),
+        hits: std::mem::offset_of!(Slot, hits),
+        hit_ways: HIT_WAYS,
+        home_mul: HOME_MUL,
+        home_shift: HOME_SHIFT,
+    }
 }
 
 /// Enters a read-side section on the calling thread.
 ///
 /// # Signal safety
 /// Loads, at most one CAS per slot probed (only on a thread's first section)
-/// and one non-locked `inc`; bounded by the table size; no allocation, lock or
+/// and one store; bounded by the table size; no allocation, lock or
 /// panic.
 #[inline]
 #[link_section = "probert_fast"] // see `crate::fast::code_range`
-pub(crate) fn enter(cx: SignalContext) -> Section {
+pub(crate) fn enter(cx: SignalContext) -> Section<'static> {
     TABLE.enter(cx)
 }
 
@@ -319,72 +402,27 @@ pub(crate) fn reset_after_fork(flush: impl Fn(u64, u64)) {
 
 /// The algorithm, on one table; see the free functions above for the
 /// contracts. The fast-path methods are `inline(always)`, so the free
-/// functions (in `probert_fast`) compile to what they did with the table a
-/// bare `static`.
+/// functions compile to what they would with the table a bare `static`.
 impl Sections {
-    /// See [`Section::count_hit`].
-    #[inline(always)]
-    fn count_hit(
-        &self,
-        section: &Section,
-        _cx: SignalContext,
-        tag: u64,
-        flush: impl FnOnce(u64, u64),
-    ) {
-        // A `Section` only ever holds a valid index; `get` keeps even a bug
-        // from panicking here (a predicted branch, where `%` cost a division).
-        let Some(slot) = self.slots.get(section.slot as usize) else {
-            return;
-        };
-        let e = &slot.hits[tag as usize & (HIT_WAYS - 1)];
-        // Ordering (all): Relaxed — the entry is written by its owner only;
-        // readers (`pending_hits`) want a value, not an ordering.
-        let cur = e.tag.load(Ordering::Relaxed);
-        if cur == tag {
-            e.count
-                .store(e.count.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            return;
-        }
-        let old = e.count.load(Ordering::Relaxed);
-        e.tag.store(0, Ordering::Relaxed);
-        if cur != 0 && old != 0 {
-            flush(cur, old);
-        }
-        e.count.store(1, Ordering::Relaxed);
-        e.tag.store(tag, Ordering::Relaxed);
-    }
-
-    /// See [`Section::exit`].
-    #[inline(always)]
-    fn exit(&self, section: Section, _cx: SignalContext) {
-        let Some(slot) = self.slots.get(section.slot as usize) else {
-            return;
-        };
-        match section.kind {
-            Kind::Nested => {}
-            Kind::Persistent => {
-                // Ordering: the compiler fence keeps the section's reads before
-                // the `inc`; x86 stores are release, so a writer that loads the
-                // new even value (Acquire, in `wait_for`) sees the section over
-                // — pairs with `synchronize`.
-                compiler_fence(Ordering::SeqCst);
-                slot_inc(slot);
-            }
-            Kind::Transient => {
-                compiler_fence(Ordering::SeqCst);
-                slot_inc(slot);
-                // Ordering: Release — the next borrower's CAS (Acquire in
-                // `enter_transient`) sees our final `seq`.
-                slot.owner.store(0, Ordering::Release);
-            }
-        }
-    }
-
     /// See [`enter`].
     #[inline(always)]
-    fn enter(&self, cx: SignalContext) -> Section {
+    fn enter(&self, cx: SignalContext) -> Section<'_> {
         let tp = thread_pointer();
         let start = home(tp);
+        // Ordering: Relaxed — only this thread ever stores `tp` here, so
+        // seeing it means we (or a dead thread with our pointer) claimed it.
+        if self.slots[start].owner.load(Ordering::Relaxed) == tp {
+            return self.enter_slot(start, Kind::Persistent);
+        }
+        self.enter_probing(cx, tp, start)
+    }
+
+    /// [`Sections::enter`] when the thread's slot is not its home slot (or
+    /// not claimed yet): probe the table from home, claiming a free slot.
+    #[cold]
+    #[inline(never)]
+    #[link_section = "probert_fast"] // see `crate::fast::code_range`
+    fn enter_probing(&self, cx: SignalContext, tp: usize, start: usize) -> Section<'_> {
         for i in 0..PERSISTENT {
             let idx = (start + i) & (PERSISTENT - 1);
             let slot = &self.slots[idx];
@@ -411,17 +449,19 @@ impl Sections {
     }
 
     #[inline(always)]
-    fn enter_slot(&self, idx: usize, kind: Kind) -> Section {
+    fn enter_slot(&self, idx: usize, kind: Kind) -> Section<'_> {
         let slot = &self.slots[idx];
         // Ordering: Relaxed — our own slot; we are its only writer.
-        if slot.seq.load(Ordering::Relaxed) & 1 == 1 {
+        let seq = slot.seq.load(Ordering::Relaxed);
+        if seq & 1 == 1 {
             return Section {
-                slot: idx as u16,
+                slot,
                 kind: Kind::Nested,
+                seq,
             };
         }
-        slot_inc(slot);
-        // Ordering: the compiler fence keeps the protected reads after the `inc`;
+        slot_store(slot, seq + 1);
+        // Ordering: the compiler fence keeps the protected reads after the store;
         // the CPU-level store→load order is supplied by the writer's membarrier —
         // pairs with `synchronize`.
         compiler_fence(Ordering::SeqCst);
@@ -437,8 +477,9 @@ impl Sections {
             fence(Ordering::SeqCst);
         }
         Section {
-            slot: idx as u16,
+            slot,
             kind,
+            seq: seq + 1,
         }
     }
 
@@ -449,21 +490,23 @@ impl Sections {
     /// is released, which only another thread's running handler can delay.
     #[cold]
     #[link_section = "probert_fast"] // see `crate::fast::code_range`
-    fn enter_transient(&self, _cx: SignalContext, tp: usize) -> Section {
+    fn enter_transient(&self, _cx: SignalContext, tp: usize) -> Section<'_> {
         let tagged = tp | TRANSIENT_TAG;
         // A borrowed slot of ours inside a section means this is a recursive
         // entry. One of ours that is not (a signal arrived between the claim
-        // and the `inc`, or between the last `inc` and the release) is left
-        // to the interrupted entry or exit; this entry borrows another.
-        for (idx, slot) in self.slots.iter().enumerate().skip(PERSISTENT) {
+        // and the entering store, or between the leaving store and the
+        // release) is left to the interrupted entry or exit; this entry
+        // borrows another.
+        for slot in self.slots.iter().skip(PERSISTENT) {
             // Ordering: Relaxed — only this thread stores `tagged`, and only
             // this thread writes the slot's `seq` while it holds it.
             if slot.owner.load(Ordering::Relaxed) == tagged
                 && slot.seq.load(Ordering::Relaxed) & 1 == 1
             {
                 return Section {
-                    slot: idx as u16,
+                    slot,
                     kind: Kind::Nested,
+                    seq: 0,
                 };
             }
         }
@@ -532,7 +575,7 @@ impl Sections {
         let mut waiting = [(0u16, 0u64); SLOTS];
         let mut n = 0;
         for (idx, slot) in self.slots.iter().enumerate() {
-            // Ordering: Acquire — pairs with the readers' `inc` in enter/exit.
+            // Ordering: Acquire — pairs with the readers' stores in enter/exit.
             let seq = slot.seq.load(Ordering::Acquire);
             if seq & 1 == 1 {
                 waiting[n] = (idx as u16, seq);
@@ -575,7 +618,7 @@ impl Sections {
 
 fn wait_for(slot: &Slot, seq: u64) {
     let mut spins = 0u32;
-    // Ordering: Acquire — pairs with the reader's `inc` in `Section::exit`:
+    // Ordering: Acquire — pairs with the reader's store in `Section::exit`:
     // once we see the sequence move, the section's reads are done.
     while slot.seq.load(Ordering::Acquire) == seq {
         spins = spins.saturating_add(1);
@@ -656,12 +699,12 @@ mod tests {
         // More threads than transient slots, all inside a section at once.
         let n = 100;
         let barrier = Arc::new(std::sync::Barrier::new(n));
-        let slots: Vec<u16> = (0..n)
+        let slots: Vec<usize> = (0..n)
             .map(|_| {
                 let b = barrier.clone();
                 std::thread::spawn(move || {
                     let s = enter(cx());
-                    let idx = s.slot;
+                    let idx = s.slot as *const Slot as usize;
                     b.wait();
                     s.exit(cx());
                     idx
@@ -721,7 +764,7 @@ mod loom_tests {
                         // it against the free.
                         let v = objects[i].with(|p| unsafe { *p });
                         assert_ne!(v, DEAD, "read a freed object");
-                        table.exit(section, cx());
+                        section.exit(cx());
                     }
                 })
             };
@@ -768,14 +811,14 @@ mod loom_tests {
                     let outer = table.enter(cx());
                     let inner = table.enter(cx());
                     assert!(inner.is_nested());
-                    table.exit(inner, cx());
+                    inner.exit(cx());
                     // Ordering: Acquire, as above.
                     if published.load(Ordering::Acquire) == 1 {
                         // SAFETY: loom checks it against the free.
                         let v = object.with(|p| unsafe { *p });
                         assert_ne!(v, DEAD, "read a freed object");
                     }
-                    table.exit(outer, cx());
+                    outer.exit(cx());
                 })
             };
             // Ordering: Release, as above.

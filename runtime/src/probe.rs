@@ -88,11 +88,13 @@ pub(crate) static CONSUMERS: Arena<ConsumerRecord> = Arena::new(MAX_CONSUMERS);
 pub(crate) static REAP_PENDING: AtomicU32 = AtomicU32::new(0);
 
 /// One consumer as the dispatcher calls it.
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Entry {
     pub handler: Handler,
     pub user_data: usize,
-    pub consumer: u32,
+    /// The consumer's record (arena records are never unmapped).
+    pub record: &'static ConsumerRecord,
     /// [`consumer_tag`] of the consumer.
     pub tag: u64,
 }
@@ -148,17 +150,35 @@ pub(crate) fn flush_hits(tag: u64, n: u64) {
     }
 }
 
-/// An immutable list of consumers, published by one atomic pointer.
+/// An immutable, non-empty list of consumers, published by one atomic
+/// pointer (null for none).
+///
+/// The first entry is inline: a probe's only consumer is one dependent load
+/// from the probe record, its handler and state one more. On a hit, the
+/// chain of dependent loads is the latency to beat.
+#[repr(C)]
 #[derive(Debug)]
 pub(crate) struct ConsumerList {
-    pub entries: Box<[Entry]>,
+    /// The number of entries (at least 1).
+    pub len: usize,
+    pub first: Entry,
+    /// The others, in order.
+    pub rest: Box<[Entry]>,
 }
 
 impl ConsumerList {
-    /// A heap list, as a raw pointer to publish.
+    /// A heap list of `entries` as a raw pointer to publish: null if there
+    /// are none.
     pub(crate) fn publishable(entries: Vec<Entry>) -> *mut ConsumerList {
+        let mut it = entries.into_iter();
+        let Some(first) = it.next() else {
+            return std::ptr::null_mut();
+        };
+        let rest: Box<[Entry]> = it.collect();
         Box::into_raw(Box::new(ConsumerList {
-            entries: entries.into_boxed_slice(),
+            len: 1 + rest.len(),
+            first,
+            rest,
         }))
     }
 }
@@ -208,9 +228,8 @@ impl ProbeRecord {
 }
 
 /// Calls every consumer of a probe hit at `addr`. The one dispatcher of every
-/// path (trap and fast). Must run inside a read-side section; `nested` is
-/// whether that section is a recursive one, in which case no handler runs and
-/// each consumer counts a missed hit.
+/// path (trap and fast). Must run inside a read-side section; if that section
+/// is a recursive one no handler runs and each consumer counts a missed hit.
 ///
 /// # Signal safety
 /// Atomic loads and counters, and the user's handlers, which the attach
@@ -218,59 +237,86 @@ impl ProbeRecord {
 #[inline(always)] // one copy in each path's dispatcher: no call on the hit path
 pub(crate) fn dispatch(
     cx: SignalContext,
-    section: &Section,
+    section: &Section<'_>,
     list: *const ConsumerList,
     addr: usize,
     regs: &mut Regs,
 ) {
-    let nested = section.is_nested();
     if list.is_null() {
         return;
     }
     // SAFETY: loaded inside the caller's read-side section; lists are freed
     // only after being unpublished and a grace period passing.
     let list = unsafe { &*list };
+    if section.is_nested() {
+        count_missed(list);
+        return;
+    }
     let mut hit = Hit {
         addr,
         regs,
         user_data: std::ptr::null_mut(),
     };
-    for e in list.entries.iter() {
-        let Some(rec) = CONSUMERS.get(e.consumer as usize) else {
-            continue;
-        };
-        if nested {
-            // Ordering: Relaxed — a statistic.
-            rec.missed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
-        // Ordering: Relaxed — a detached consumer is guaranteed no calls only
-        // after the grace period that follows its unpublishing; this check
-        // just stops calls early once a handler asked to be removed.
-        if rec.state.load(Ordering::Relaxed) != STATE_ACTIVE {
-            continue;
-        }
-        hit.user_data = e.user_data as *mut _;
-        // SAFETY: the handler and user data were supplied together at attach,
-        // under the documented contract of `Handler`.
-        let raw = unsafe { (e.handler)(&mut hit) };
-        section.count_hit(cx, e.tag, flush_hits);
-        if Action::from_raw(raw) == Action::Remove {
-            // Ordering: Relaxed on the state (the writer re-reads it under
-            // its lock); Release on the flag so the writer that sees it (Acquire
-            // in `reap`) sees the state change.
-            if rec
-                .state
-                .compare_exchange(
-                    STATE_ACTIVE,
-                    STATE_REMOVED,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-            {
-                REAP_PENDING.store(1, Ordering::Release);
-            }
-        }
+    call(cx, section, &list.first, &mut hit);
+    for e in list.rest.iter() {
+        call(cx, section, e, &mut hit);
+    }
+}
+
+/// Calls one consumer, counts the hit, and honours `Remove`.
+#[inline(always)]
+fn call(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit) {
+    // Ordering: Relaxed — a detached consumer is guaranteed no calls only
+    // after the grace period that follows its unpublishing; this check just
+    // stops calls early once a handler asked to be removed.
+    if e.record.state.load(Ordering::Relaxed) != STATE_ACTIVE {
+        return;
+    }
+    hit.user_data = e.user_data as *mut _;
+    // SAFETY: the handler and user data were supplied together at attach,
+    // under the documented contract of `Handler`.
+    let raw = unsafe { (e.handler)(hit) };
+    section.count_hit(cx, e.tag, flush_hits);
+    if Action::from_raw(raw) == Action::Remove {
+        request_removal(e.record);
+    }
+}
+
+/// A recursive hit: every consumer counts a missed one.
+///
+/// # Signal safety
+/// Atomic counters.
+#[cold]
+#[inline(never)]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
+fn count_missed(list: &ConsumerList) {
+    for e in std::iter::once(&list.first).chain(list.rest.iter()) {
+        // Ordering: Relaxed — a statistic.
+        e.record.missed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A handler returned `Remove`: mark its consumer for the writer to reap.
+///
+/// # Signal safety
+/// One CAS and one store.
+#[cold]
+#[inline(never)]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
+pub(crate) fn request_removal(rec: &ConsumerRecord) {
+    // Ordering: Relaxed on the state (the writer re-reads it under its lock);
+    // Release on the flag so the writer that sees it (Acquire in `reap`)
+    // sees the state change.
+    if rec
+        .state
+        .compare_exchange(
+            STATE_ACTIVE,
+            STATE_REMOVED,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        )
+        .is_ok()
+    {
+        REAP_PENDING.store(1, Ordering::Release);
     }
 }

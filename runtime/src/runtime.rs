@@ -466,7 +466,7 @@ impl State {
                 Some(Entry {
                     handler: live.handler,
                     user_data: live.user_data,
-                    consumer: c,
+                    record: CONSUMERS.get(c as usize)?,
                     tag: consumer_tag(c, slot.gen),
                 })
             })
@@ -548,8 +548,8 @@ impl State {
             let words = p.displaced.encode();
             // Ordering: a new generation first, then a Release fence, so a
             // fast dispatcher that reads any field below also sees the new
-            // generation on its re-check — pairs with the Acquire fence in
-            // `fast_dispatch`.
+            // generation on its check — pairs with the Acquire fence in
+            // `fast_dispatch` (and x86's load order in the trampoline).
             let gen = rec.gen.load(Ordering::Relaxed).wrapping_add(1);
             rec.gen.store(gen, Ordering::Relaxed);
             std::sync::atomic::fence(Ordering::Release);

@@ -211,7 +211,7 @@ impl Pool {
             }
         }
         let base = mem::map_exec_near(near, CHUNK)?;
-        let tramp = arch::emit_trampoline(base, fast::dispatcher_address())?;
+        let tramp = arch::emit_trampoline(base, &fast::inline_layout())?;
         mem::write_code(base, &tramp)?;
         self.chunks.push(Chunk {
             base,

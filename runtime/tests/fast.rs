@@ -110,7 +110,12 @@ isolated!(rip_and_rsp_writes_redirect_on_the_fast_path, {
     let id =
         unsafe { probert::attach_ex(addr!(t_nop5), redirect, std::ptr::null_mut(), Mode::Fast) }
             .unwrap();
-    assert_eq!(unsafe { t_nop5(40) }, 42);
+    // A thread's first hit of a consumer takes the general dispatcher (it
+    // fills the thread's hit cache); the next ones the trampoline's inline
+    // case. Both must redirect.
+    for _ in 0..3 {
+        assert_eq!(unsafe { t_nop5(40) }, 42);
+    }
     probert::detach(id).unwrap();
     // Emulate a `ret` from t_nop5's entry: pop the return address into RIP.
     unsafe extern "C" fn early_return(hit: *mut Hit) -> u32 {
@@ -164,6 +169,26 @@ isolated!(recursion_and_remove_on_the_fast_path, {
         assert_eq!(unsafe { t_nop5(2) }, 11);
     }
     assert_eq!(ONCE.load(Ordering::SeqCst), 1);
+    assert_eq!(probert::detach(id), Err(Error::NotFound));
+    probert::sync().unwrap();
+    assert_eq!(bytes(addr!(t_nop5), 5), before);
+
+    // `Remove` from a later hit: the trampoline's inline case, not the
+    // general dispatcher, sees it (see the redirect test).
+    static THIRD: AtomicU64 = AtomicU64::new(0);
+    unsafe extern "C" fn third(_: *mut Hit) -> u32 {
+        if THIRD.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+            Action::Remove as u32
+        } else {
+            Action::Continue as u32
+        }
+    }
+    let id = unsafe { probert::attach_ex(addr!(t_nop5), third, std::ptr::null_mut(), Mode::Fast) }
+        .unwrap();
+    for _ in 0..6 {
+        assert_eq!(unsafe { t_nop5(2) }, 11);
+    }
+    assert_eq!(THIRD.load(Ordering::SeqCst), 3);
     assert_eq!(probert::detach(id), Err(Error::NotFound));
     probert::sync().unwrap();
     assert_eq!(bytes(addr!(t_nop5), 5), before);

@@ -13,23 +13,40 @@
 //!
 //! # The trampoline (one per stub chunk, shared by its stubs)
 //!
-//! Saves RFLAGS, every GPR and xmm0–15 into a [`FastFrame`] on the stack (so
-//! the handler sees the same [`Regs`] layout as on the trap path), clears DF
-//! (the ABI requires it clear at calls), aligns the stack, calls
-//! `dispatch(tag, frame)`, restores everything from the frame (so register
-//! writes take effect; the status flags and DF of RFLAGS, but not the system
-//! flags) and leaves with
+//! Pushes RFLAGS and rax, aligns the stack down to 64 bytes and saves every
+//! GPR and xmm0–15 into a [`FastFrame`] there (the same [`Regs`] layout the
+//! handler sees on the trap path; aligned, so no store splits a cache line),
+//! and clears DF (the ABI requires it clear at calls). Then it dispatches:
+//!
+//! - **The inline case**, in assembly: the thread's home section slot is its
+//!   own and not in a section; the probe record still has the tag's
+//!   generation; the probe has one consumer, attached, whose way of the
+//!   slot's hit cache is already its own. It enters the section, calls the
+//!   handler, counts the hit and leaves. This is the fast path of
+//!   `grace::enter`, `probe::dispatch` and `Section::count_hit`/`exit`,
+//!   repeated instruction for instruction over the layout in
+//!   [`InlineLayout`]: a compiled dispatcher costs about twice the
+//!   instructions (prologue, spills, the general loop), which is most of a
+//!   fast hit. A handler that returns `Remove` or moves RIP or RSP sends it
+//!   to `after`, still inside the section.
+//! - **Anything else** (first hit of a thread, recursion, several
+//!   consumers, a stale stub...): `dispatch(tag, frame)`, the general
+//!   dispatcher in Rust, which enters a section of its own.
+//!
+//! It then restores everything from the frame (so register writes take
+//! effect; the status flags and DF of RFLAGS, but not the system flags, and
+//! without the microcoded `popfq`) and leaves with
 //!
 //! ```text
 //!             mov  rsp, [frame.exit]
 //!             ret  136
 //! ```
 //!
-//! `frame.exit` points at a slot holding where to go, 136 bytes (the `call`'s
-//! return address, the tag, the red zone) below the stack pointer to resume
-//! with: by default the `call`'s own return address (`ret_point`) at
-//! `rsp₀ - 144`, so `ret 136` lands on `ret_point` with `rsp = rsp₀`. A
-//! handler that writes RIP or RSP moves that slot (see `fast::finish`).
+//! `frame.exit` points at a slot holding where to go, 136 bytes (the tag and
+//! the red zone) above which lies the stack pointer to resume with: by
+//! default the `call`'s own return address (`ret_point`) at `rsp₀ - 144`, so
+//! `ret 136` lands on `ret_point` with `rsp = rsp₀`. A handler that writes
+//! RIP or RSP moves that slot (see `fast::redirect`).
 //!
 //! # Safety
 //!
@@ -43,35 +60,85 @@ use super::insn::Target;
 use super::{emit_out_of_line, Displaced, Regs, STUB_SLOT};
 use crate::error::{Error, Result};
 
-/// What the trampoline saves, at the stack pointer it calls the dispatcher
-/// with (before alignment).
-#[repr(C)]
+/// What the trampoline saves, 64-byte aligned below the stack pointer the
+/// stub called it with.
+#[repr(C, align(64))]
 #[derive(Debug)]
 pub struct FastFrame {
     /// The registers, as the handler sees them.
     pub regs: Regs,
-    /// xmm0–15, restored unchanged.
-    pub xmm: [[u64; 2]; 16],
     /// The address of the slot `ret 136` resumes from (see the module docs).
     pub exit: u64,
-    /// RFLAGS as `pushfq` saved it.
-    pub flags_raw: u64,
     /// The `call`'s return address: the stub's `ret_point`.
     pub ret_point: u64,
-    /// The stub's tag.
-    pub tag: u64,
+    /// The inline case's `Hit` (address, registers, user data).
+    pub hit: [u64; 3],
+    _pad: u64,
+    /// xmm0–15, restored unchanged.
+    pub xmm: [[u64; 2]; 16],
 }
 
-/// Bytes of the frame the trampoline reserves below its `pushfq`.
-const FRAME_SUB: i32 = 408;
+/// What the trampoline's inline case knows of probert's data structures:
+/// addresses and field offsets, all from `offset_of!`/`size_of` (see
+/// `crate::fast::inline_layout`).
+#[derive(Clone, Copy, Debug)]
+pub struct InlineLayout {
+    /// The read-side section table (`grace`): slot 0, slot size, fields,
+    /// hit-cache ways, and the home hash `(tp * home_mul) >> home_shift`.
+    pub table: usize,
+    pub slot_size: usize,
+    pub slot_owner: usize,
+    pub slot_seq: usize,
+    pub slot_hits: usize,
+    pub hit_ways: usize,
+    pub home_mul: u64,
+    pub home_shift: u32,
+    /// The probe records (`probe::PROBES`): record 0, the record size (a
+    /// power of two), fields.
+    pub probes: usize,
+    pub probe_size: usize,
+    pub probe_addr: usize,
+    pub probe_gen: usize,
+    pub probe_consumers: usize,
+    /// How a stub's tag splits into record index and generation.
+    pub tag_index_bits: u32,
+    pub tag_gen_mask: u32,
+    /// A consumer list's length and its first entry's fields.
+    pub list_len: usize,
+    pub first_handler: usize,
+    pub first_user_data: usize,
+    pub first_record: usize,
+    pub first_tag: usize,
+    /// A consumer record's state, and the value that means attached.
+    pub consumer_state: usize,
+    pub state_active: u32,
+    /// The general dispatcher, `extern "C" fn(tag, frame)`.
+    pub dispatch: usize,
+    /// What the inline case calls, still inside its section, when the
+    /// handler asked to be removed or moved RIP or RSP:
+    /// `extern "C" fn(frame, action: u32, consumer_record, addr)`.
+    pub after: usize,
+}
+
+const FRAME_SIZE: i32 = std::mem::size_of::<FastFrame>() as i32;
+const EXIT: i32 = std::mem::offset_of!(FastFrame, exit) as i32;
+const RET_POINT: i32 = std::mem::offset_of!(FastFrame, ret_point) as i32;
+const HIT: i32 = std::mem::offset_of!(FastFrame, hit) as i32;
+const XMM: i32 = std::mem::offset_of!(FastFrame, xmm) as i32;
+const RSP: i32 = 0x38;
+const RIP: i32 = 0x80;
+const RFLAGS: i32 = 0x88;
 const _: () = assert!(std::mem::size_of::<Regs>() == 144);
-const _: () = assert!(std::mem::offset_of!(FastFrame, xmm) == 144);
-const _: () = assert!(std::mem::offset_of!(FastFrame, exit) == FRAME_SUB as usize - 8);
-const _: () = assert!(std::mem::offset_of!(FastFrame, flags_raw) == FRAME_SUB as usize);
-const _: () = assert!(std::mem::offset_of!(FastFrame, tag) == FRAME_SUB as usize + 16);
-/// From the frame to the stack pointer at the probed instruction: the frame,
-/// `pushfq`, the `call`, the tag, and the red zone.
-pub const FRAME_TO_RSP: u64 = FRAME_SUB as u64 + 8 + 8 + 8 + 128;
+const _: () = assert!(std::mem::offset_of!(Regs, rip) == RIP as usize);
+const _: () = assert!(std::mem::offset_of!(Regs, rflags) == RFLAGS as usize);
+const _: () = assert!(XMM % 64 == 0 && FRAME_SIZE % 64 == 0);
+/// Below the stack pointer `rsp₀` of the probed instruction, what the stub
+/// and the trampoline's first pushes leave: the red zone, the tag, the
+/// `call`'s return address, RFLAGS and rax.
+const TAG_AT: i32 = -136;
+const RET_AT: i32 = -144;
+const FLAGS_AT: i32 = -152;
+const RAX_AT: i32 = -160;
 /// What `ret 136` pops besides the target: the tag and the red zone.
 pub const EXIT_POP: u64 = 136;
 /// The length of the stub's prologue, up to `ret_point`.
@@ -80,25 +147,47 @@ pub const STUB_PROLOGUE: usize = 8 + 5 + 5;
 pub const JMP_LEN: usize = 5;
 
 /// Bytes of the trampoline (fits in this many bytes of the chunk).
-pub const TRAMPOLINE_SIZE: usize = 1024;
+pub const TRAMPOLINE_SIZE: usize = 2048;
 
-/// Emits the shared trampoline to be placed at `at`, calling `dispatch`
-/// (an `extern "C" fn(tag: u64, frame: *mut FastFrame)`).
-pub fn emit_trampoline(at: usize, dispatch: usize) -> Result<Vec<u8>> {
+fn disp(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::Internal("fast trampoline: offset out of range".into()))
+}
+
+/// Emits the shared trampoline to be placed at `at`, for the data described
+/// by `l`.
+pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
+    if l.probes == 0 || !l.probe_size.is_power_of_two() || !l.hit_ways.is_power_of_two() {
+        return Err(Error::Internal("fast trampoline: bad inline layout".into()));
+    }
+    let (owner, seq, hits) = (disp(l.slot_owner)?, disp(l.slot_seq)?, disp(l.slot_hits)?);
+    let (p_addr, p_gen, p_list) = (
+        disp(l.probe_addr)?,
+        disp(l.probe_gen)?,
+        disp(l.probe_consumers)?,
+    );
+    let (len, handler, user_data, record, tag) = (
+        disp(l.list_len)?,
+        disp(l.first_handler)?,
+        disp(l.first_user_data)?,
+        disp(l.first_record)?,
+        disp(l.first_tag)?,
+    );
+    let state = disp(l.consumer_state)?;
     let mut a = VecAssembler::<X64Relocation>::new(at);
     dynasm!(a
         ; .arch x64
         ; pushfq
-        ; sub rsp, FRAME_SUB
-        ; mov [rsp + 0x00], rax
+        ; push rax
+        ; lea rax, [rsp - RAX_AT]          // rsp₀
+        ; and rsp, -64
+        ; sub rsp, FRAME_SIZE
         ; mov [rsp + 0x08], rbx
         ; mov [rsp + 0x10], rcx
         ; mov [rsp + 0x18], rdx
         ; mov [rsp + 0x20], rsi
         ; mov [rsp + 0x28], rdi
         ; mov [rsp + 0x30], rbp
-        ; lea rax, [rsp + FRAME_TO_RSP as i32]
-        ; mov [rsp + 0x38], rax
+        ; mov [rsp + RSP], rax
         ; mov [rsp + 0x40], r8
         ; mov [rsp + 0x48], r9
         ; mov [rsp + 0x50], r10
@@ -107,53 +196,147 @@ pub fn emit_trampoline(at: usize, dispatch: usize) -> Result<Vec<u8>> {
         ; mov [rsp + 0x68], r13
         ; mov [rsp + 0x70], r14
         ; mov [rsp + 0x78], r15
-        ; mov rax, [rsp + FRAME_SUB]
-        ; mov [rsp + 0x88], rax
-        ; movdqu [rsp + 0x090], xmm0
-        ; movdqu [rsp + 0x0a0], xmm1
-        ; movdqu [rsp + 0x0b0], xmm2
-        ; movdqu [rsp + 0x0c0], xmm3
-        ; movdqu [rsp + 0x0d0], xmm4
-        ; movdqu [rsp + 0x0e0], xmm5
-        ; movdqu [rsp + 0x0f0], xmm6
-        ; movdqu [rsp + 0x100], xmm7
-        ; movdqu [rsp + 0x110], xmm8
-        ; movdqu [rsp + 0x120], xmm9
-        ; movdqu [rsp + 0x130], xmm10
-        ; movdqu [rsp + 0x140], xmm11
-        ; movdqu [rsp + 0x150], xmm12
-        ; movdqu [rsp + 0x160], xmm13
-        ; movdqu [rsp + 0x170], xmm14
-        ; movdqu [rsp + 0x180], xmm15
-        ; lea rax, [rsp + FRAME_SUB + 8]
-        ; mov [rsp + FRAME_SUB - 8], rax
+        ; mov rcx, [rax + RAX_AT]
+        ; mov [rsp + 0x00], rcx
+        ; mov rcx, [rax + FLAGS_AT]
+        ; mov [rsp + RFLAGS], rcx
+        ; mov rcx, [rax + RET_AT]
+        ; mov [rsp + RET_POINT], rcx
+        ; lea rcx, [rax + RET_AT]
+        ; mov [rsp + EXIT], rcx
+        ; mov rdi, [rax + TAG_AT]
+        ; movdqa [rsp + XMM], xmm0
+        ; movdqa [rsp + XMM + 0x10], xmm1
+        ; movdqa [rsp + XMM + 0x20], xmm2
+        ; movdqa [rsp + XMM + 0x30], xmm3
+        ; movdqa [rsp + XMM + 0x40], xmm4
+        ; movdqa [rsp + XMM + 0x50], xmm5
+        ; movdqa [rsp + XMM + 0x60], xmm6
+        ; movdqa [rsp + XMM + 0x70], xmm7
+        ; movdqa [rsp + XMM + 0x80], xmm8
+        ; movdqa [rsp + XMM + 0x90], xmm9
+        ; movdqa [rsp + XMM + 0xa0], xmm10
+        ; movdqa [rsp + XMM + 0xb0], xmm11
+        ; movdqa [rsp + XMM + 0xc0], xmm12
+        ; movdqa [rsp + XMM + 0xd0], xmm13
+        ; movdqa [rsp + XMM + 0xe0], xmm14
+        ; movdqa [rsp + XMM + 0xf0], xmm15
         ; cld
-        ; mov rdi, [rsp + FRAME_SUB + 16]
-        ; mov rsi, rsp
-        ; mov rbx, rsp
-        ; and rsp, -16
-        ; mov rax, QWORD dispatch as i64
+    );
+    // The inline case (module docs): rdi = tag, rsp = frame; every register
+    // is saved, and rbx rbp r12–r15 survive the handler call.
+    dynasm!(a
+        ; .arch x64
+        // `grace::enter`, fast path: the home slot is ours and not in a
+        // section. rbx = slot, r12 = its sequence.
+        ; fs mov rax, [0]
+        ; mov rcx, QWORD l.home_mul as i64
+        ; imul rcx, rax
+        ; shr rcx, l.home_shift as i8
+        ; imul rcx, rcx, disp(l.slot_size)?
+        ; mov rbx, QWORD l.table as i64
+        ; add rbx, rcx
+        ; cmp [rbx + owner], rax
+        ; jne >general
+        ; mov r12, [rbx + seq]
+        ; test r12b, 1
+        ; jnz >general
+        ; inc r12
+        ; mov [rbx + seq], r12
+        // The probe record of the tag (r13): its list (r14) and address
+        // (r15), if the record is still of the tag's generation after them.
+        // (The writer bumps the generation before it reinitialises a record,
+        // and x86 keeps loads in order: fields of a newer probe come with
+        // its generation.)
+        ; mov eax, edi
+        ; and eax, ((1u32 << l.tag_index_bits) - 1) as i32
+        ; shl rax, l.probe_size.trailing_zeros() as i8
+        ; mov r13, QWORD l.probes as i64
+        ; add r13, rax
+        ; mov esi, edi
+        ; shr esi, l.tag_index_bits as i8
+        ; mov r14, [r13 + p_list]
+        ; mov r15, [r13 + p_addr]
+        ; mov eax, [r13 + p_gen]
+        ; and eax, l.tag_gen_mask as i32
+        ; cmp eax, esi
+        ; jne >leave_general
+        ; test r15, r15
+        ; jz >leave_general
+        // One consumer, attached, whose way of the hit cache (rbp) is its own.
+        ; test r14, r14
+        ; jz >leave_general
+        ; cmp QWORD [r14 + len], 1
+        ; jne >leave_general
+        ; mov rax, [r14 + record]
+        ; cmp DWORD [rax + state], l.state_active as i32
+        ; jne >leave_general
+        ; mov rax, [r14 + tag]
+        ; mov ecx, eax
+        ; and ecx, (l.hit_ways - 1) as i32
+        ; shl ecx, 4
+        ; lea rbp, [rbx + rcx + hits]
+        ; cmp [rbp], rax
+        ; jne >leave_general
+        // The call: regs.rip = the probed address; Hit in the frame.
+        ; mov [rsp + RIP], r15
+        ; mov [rsp + HIT], r15
+        ; mov [rsp + HIT + 8], rsp
+        ; mov rax, [r14 + user_data]
+        ; mov [rsp + HIT + 16], rax
+        ; lea rdi, [rsp + HIT]
+        ; call QWORD [r14 + handler]
+        ; inc QWORD [rbp + 8]
+        // `Remove`, or RIP or RSP moved: the Rust side, still in the section.
+        ; cmp eax, 1
+        ; je >after
+        ; cmp [rsp + RIP], r15
+        ; jne >after
+        ; mov rax, [rsp + EXIT]
+        ; add rax, (EXIT_POP + 8) as i32
+        ; cmp [rsp + RSP], rax
+        ; jne >after
+        ; leave:
+        ; inc r12
+        ; mov [rbx + seq], r12
+        ; jmp >restore
+        ; after:
+        ; mov rdi, rsp
+        ; mov esi, eax
+        ; mov rdx, [r14 + record]
+        ; mov rcx, r15
+        ; mov rax, QWORD l.after as i64
         ; call rax
-        ; mov rsp, rbx
-        ; movdqu xmm0, [rsp + 0x090]
-        ; movdqu xmm1, [rsp + 0x0a0]
-        ; movdqu xmm2, [rsp + 0x0b0]
-        ; movdqu xmm3, [rsp + 0x0c0]
-        ; movdqu xmm4, [rsp + 0x0d0]
-        ; movdqu xmm5, [rsp + 0x0e0]
-        ; movdqu xmm6, [rsp + 0x0f0]
-        ; movdqu xmm7, [rsp + 0x100]
-        ; movdqu xmm8, [rsp + 0x110]
-        ; movdqu xmm9, [rsp + 0x120]
-        ; movdqu xmm10, [rsp + 0x130]
-        ; movdqu xmm11, [rsp + 0x140]
-        ; movdqu xmm12, [rsp + 0x150]
-        ; movdqu xmm13, [rsp + 0x160]
-        ; movdqu xmm14, [rsp + 0x170]
-        ; movdqu xmm15, [rsp + 0x180]
-        ; mov rax, [rsp + 0x00]
+        ; jmp <leave
+        // Anything else: leave the section, and run the general dispatcher.
+        ; leave_general:
+        ; inc r12
+        ; mov [rbx + seq], r12
+        ; general:
+        ; mov rsi, rsp
+        ; mov rax, QWORD l.dispatch as i64
+        ; call rax
+        ; restore:
+    );
+    dynasm!(a
+        ; .arch x64
+        ; movdqa xmm0, [rsp + XMM]
+        ; movdqa xmm1, [rsp + XMM + 0x10]
+        ; movdqa xmm2, [rsp + XMM + 0x20]
+        ; movdqa xmm3, [rsp + XMM + 0x30]
+        ; movdqa xmm4, [rsp + XMM + 0x40]
+        ; movdqa xmm5, [rsp + XMM + 0x50]
+        ; movdqa xmm6, [rsp + XMM + 0x60]
+        ; movdqa xmm7, [rsp + XMM + 0x70]
+        ; movdqa xmm8, [rsp + XMM + 0x80]
+        ; movdqa xmm9, [rsp + XMM + 0x90]
+        ; movdqa xmm10, [rsp + XMM + 0xa0]
+        ; movdqa xmm11, [rsp + XMM + 0xb0]
+        ; movdqa xmm12, [rsp + XMM + 0xc0]
+        ; movdqa xmm13, [rsp + XMM + 0xd0]
+        ; movdqa xmm14, [rsp + XMM + 0xe0]
+        ; movdqa xmm15, [rsp + XMM + 0xf0]
         ; mov rbx, [rsp + 0x08]
-        ; mov rcx, [rsp + 0x10]
         ; mov rdx, [rsp + 0x18]
         ; mov rsi, [rsp + 0x20]
         ; mov rdi, [rsp + 0x28]
@@ -166,25 +349,26 @@ pub fn emit_trampoline(at: usize, dispatch: usize) -> Result<Vec<u8>> {
         ; mov r13, [rsp + 0x68]
         ; mov r14, [rsp + 0x70]
         ; mov r15, [rsp + 0x78]
-        // RFLAGS without `popfq` (microcoded, tens of cycles): DF by hand,
-        // OF from an `add` that overflows exactly when it was set, then
-        // SF ZF AF PF CF with `sahf`. The system flags (IF, TF, AC...) are
-        // not the handler's to change. rax and rcx are reloaded after.
-        ; mov rax, [rsp + 0x88]
-        ; bt eax, 10
-        ; jnc >no_df
+        // RFLAGS without `popfq` (microcoded, tens of cycles), and with only
+        // full-register writes (no partial-register merge before `sahf`):
+        // DF by hand (the dispatcher returned with it clear); OF from an
+        // `add` that overflows exactly when it was set; then SF ZF AF PF CF
+        // from AH with `sahf`, which leaves OF alone. The system flags (IF,
+        // TF, AC...) are not the handler's to change.
+        ; test DWORD [rsp + RFLAGS], 0x400
+        ; jz >no_df
         ; std
         ; no_df:
-        ; mov ecx, eax
-        ; shr ecx, 11
-        ; and ecx, 1
-        ; mov ah, al
-        ; mov al, cl
-        ; add al, 0x7f
+        ; mov eax, [rsp + RFLAGS]
+        ; shl eax, 8
+        ; mov ecx, [rsp + RFLAGS]
+        ; and ecx, 0x800
+        ; shl ecx, 20
+        ; add ecx, ecx
         ; sahf
         ; mov rax, [rsp + 0x00]
         ; mov rcx, [rsp + 0x10]
-        ; mov rsp, [rsp + FRAME_SUB - 8]
+        ; mov rsp, [rsp + EXIT]
         ; ret EXIT_POP as i16
     );
     let bytes = a
@@ -192,7 +376,11 @@ pub fn emit_trampoline(at: usize, dispatch: usize) -> Result<Vec<u8>> {
         .map_err(|e| Error::Internal(format!("emitting the fast trampoline: {e:?}").into()))?;
     if bytes.len() > TRAMPOLINE_SIZE {
         return Err(Error::Internal(
-            "the fast trampoline outgrew its space".into(),
+            format!(
+                "the fast trampoline outgrew its space: {} bytes",
+                bytes.len()
+            )
+            .into(),
         ));
     }
     Ok(bytes)
@@ -302,7 +490,33 @@ mod tests {
 
     #[test]
     fn trampoline_fits_and_ends_with_ret_136() {
-        let t = emit_trampoline(0x7000_0000, 0x5555_0000_1234).unwrap();
+        let l = InlineLayout {
+            table: 0x5555_0001_0000,
+            slot_size: 192,
+            slot_owner: 0,
+            slot_seq: 8,
+            slot_hits: 16,
+            hit_ways: 8,
+            home_mul: 0x9E37_79B9_7F4A_7C15,
+            home_shift: 55,
+            probes: 0x7f00_0000_0000,
+            probe_size: 64,
+            probe_addr: 0,
+            probe_gen: 0x38,
+            probe_consumers: 0x30,
+            tag_index_bits: 20,
+            tag_gen_mask: 0x7ff,
+            list_len: 0,
+            first_handler: 8,
+            first_user_data: 16,
+            first_record: 24,
+            first_tag: 32,
+            consumer_state: 0,
+            state_active: 1,
+            dispatch: 0x5555_0000_1234,
+            after: 0x5555_0000_5678,
+        };
+        let t = emit_trampoline(0x7000_0000, &l).unwrap();
         assert!(t.len() <= TRAMPOLINE_SIZE);
         assert_eq!(&t[t.len() - 3..], &[0xC2, 0x88, 0x00], "ret 136");
         assert_eq!(t[0], 0x9C, "pushfq first: flags before any arithmetic");

@@ -21,8 +21,8 @@ mod tp;
 
 pub use emulate::emulate;
 pub use fast::{
-    emit_site_stub, emit_trampoline, fast_eligible, site_jump, FastFrame, EXIT_POP, JMP_LEN,
-    TRAMPOLINE_SIZE,
+    emit_site_stub, emit_trampoline, fast_eligible, site_jump, FastFrame, InlineLayout, EXIT_POP,
+    JMP_LEN, TRAMPOLINE_SIZE,
 };
 pub use insn::{analyze, check_boundary, Boundaries, Displaced};
 pub use regs::{Reg, Regs};
