@@ -161,7 +161,11 @@ extern "C" fn fast_after(
 /// offsets from the Rust definitions.
 pub(crate) fn inline_layout() -> InlineLayout {
     use std::mem::{offset_of, size_of};
+    // The assembly indexes records with a shift, and reads `gen` and
+    // `state` as 32-bit words (`AtomicU32`s), `len` as a 64-bit one.
     const _: () = assert!(size_of::<Hit>() == 24);
+    const _: () = assert!(size_of::<ProbeRecord>().is_power_of_two());
+    const _: () = assert!(size_of::<usize>() == 8);
     let slots = grace::slot_layout();
     let first = offset_of!(ConsumerList, first);
     InlineLayout {

@@ -33,11 +33,13 @@
 //! entering's load and its store: its handler, seeing the slot even, runs a
 //! whole section of its own (odd, then even) before the interrupted entry
 //! stores its odd value — which repeats the handler's odd value. A writer
-//! that snapshotted the handler's section then also waits for the
-//! interrupted one (longer, never shorter); one that saw the handler's even
-//! exit value read before the interrupted store reached memory, so that
-//! section's reads come after its barrier. Between entering and leaving, any
-//! handler on the thread sees the slot odd and writes nothing.
+//! that snapshotted the handler's odd value waits until the slot holds any
+//! other value, which is only written after the handler's section ended (it
+//! may also wait for the interrupted section, never less); and whatever
+//! value of the handler's the writer read, its barrier came before the
+//! interrupted store, so that section's reads come after the barrier.
+//! Between entering and leaving, any handler on the thread sees the slot odd
+//! and writes nothing.
 //!
 //! Thread pointers are reused by later threads (glibc caches thread stacks),
 //! so a dead thread's slot passes to the next thread with the same pointer. If

@@ -27,9 +27,9 @@
 //! which every scan treats as busy.
 //!
 //! A fast-path stub is entered by a jump and reaches its read-side section
-//! only inside the dispatcher it calls, so a thread can be on its way in
-//! (in the stub, the chunk's trampoline or the dispatcher's prologue) with no
-//! section to wait for. Such a stub needs a scan *before* its grace period
+//! only inside the chunk's trampoline (its inline case) or the dispatcher it
+//! calls, so a thread can be on its way in (in the stub, the trampoline or
+//! the dispatcher's prologue) with no section to wait for. Such a stub needs a scan *before* its grace period
 //! too — one that treats the trampolines and the dispatcher's code
 //! ([`crate::fast::code_range`]) as busy — then the grace period, then the
 //! scan after it: in, through, out.

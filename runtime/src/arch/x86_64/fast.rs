@@ -128,6 +128,7 @@ const XMM: i32 = std::mem::offset_of!(FastFrame, xmm) as i32;
 const RSP: i32 = 0x38;
 const RIP: i32 = 0x80;
 const RFLAGS: i32 = 0x88;
+const _: () = assert!(std::mem::offset_of!(Regs, gpr) + 7 * 8 == RSP as usize);
 const _: () = assert!(std::mem::size_of::<Regs>() == 144);
 const _: () = assert!(std::mem::offset_of!(Regs, rip) == RIP as usize);
 const _: () = assert!(std::mem::offset_of!(Regs, rflags) == RFLAGS as usize);
@@ -263,7 +264,9 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; jne >leave_general
         ; test r15, r15
         ; jz >leave_general
-        // One consumer, attached, whose way of the hit cache (rbp) is its own.
+        // One consumer, attached, whose way of the hit cache (r13, the
+        // record no longer needed) is its own. (rbp stays the interrupted
+        // code's, for handlers that walk frame pointers.)
         ; test r14, r14
         ; jz >leave_general
         ; cmp QWORD [r14 + len], 1
@@ -275,8 +278,8 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; mov ecx, eax
         ; and ecx, (l.hit_ways - 1) as i32
         ; shl ecx, 4
-        ; lea rbp, [rbx + rcx + hits]
-        ; cmp [rbp], rax
+        ; lea r13, [rbx + rcx + hits]
+        ; cmp [r13], rax
         ; jne >leave_general
         // The call: regs.rip = the probed address; Hit in the frame.
         ; mov [rsp + RIP], r15
@@ -286,15 +289,16 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; mov [rsp + HIT + 16], rax
         ; lea rdi, [rsp + HIT]
         ; call QWORD [r14 + handler]
-        ; inc QWORD [rbp + 8]
-        // `Remove`, or RIP or RSP moved: the Rust side, still in the section.
+        ; inc QWORD [r13 + 8]
+        // `Remove`, or RIP or RSP moved: the Rust side, still in the section
+        // (eax, the handler's action, goes with it).
         ; cmp eax, 1
         ; je >after
         ; cmp [rsp + RIP], r15
         ; jne >after
-        ; mov rax, [rsp + EXIT]
-        ; add rax, (EXIT_POP + 8) as i32
-        ; cmp [rsp + RSP], rax
+        ; mov rcx, [rsp + EXIT]
+        ; add rcx, (EXIT_POP + 8) as i32
+        ; cmp [rsp + RSP], rcx
         ; jne >after
         ; leave:
         ; inc r12
