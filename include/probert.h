@@ -360,7 +360,9 @@ enum probert_status probert_attach_batch(const struct probert_attach_req *reqs,
  * PROBERT_ERR_INVALID_ARGUMENT (called from a handler: it would wait for
  * itself).
  * Blocks: yes, one grace period (until every running call of the handler
- * has returned). From a handler: no. Thread safety: any thread.
+ * has returned), also when it returns PROBERT_ERR_NOT_FOUND: calls that
+ * began before a PROBERT_REMOVE may still be running. From a handler: no.
+ * Thread safety: any thread.
  */
 enum probert_status probert_detach(probert_consumer c);
 

@@ -305,7 +305,9 @@ pub extern "C" fn probert_attach_batch(
 /// PROBERT_ERR_INVALID_ARGUMENT (called from a handler: it would wait for
 /// itself).
 /// Blocks: yes, one grace period (until every running call of the handler
-/// has returned). From a handler: no. Thread safety: any thread.
+/// has returned), also when it returns PROBERT_ERR_NOT_FOUND: calls that
+/// began before a PROBERT_REMOVE may still be running. From a handler: no.
+/// Thread safety: any thread.
 #[no_mangle]
 pub extern "C" fn probert_detach(c: probert_consumer) -> probert_status {
     ffi_panic_boundary! {

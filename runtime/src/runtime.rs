@@ -1054,8 +1054,14 @@ pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
 
 /// Detaches one consumer and waits until its handler can no longer run.
 pub fn detach(id: ConsumerId) -> Result<()> {
-    detach_nosync(id)?;
-    sync()
+    match detach_nosync(id) {
+        // A consumer whose handler returned `Remove` has a stale handle, but
+        // calls that began before the removal may still be running: wait for
+        // them as well, so that after `detach` returns no call of the handle's
+        // consumer runs, whatever it returns.
+        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
+        r => r.and_then(|()| sync()),
+    }
 }
 
 /// Waits one grace period: every handler call that began before `sync` has

@@ -264,6 +264,43 @@ isolated!(handler_returning_remove, {
     assert_eq!(probert::probe_count(), 0);
 });
 
+isolated!(detach_of_a_removed_consumer_waits_for_its_running_calls, {
+    // Thread B is inside the handler when another call returns `Remove`: the
+    // handle is stale, but `detach` must still not return before B's call
+    // has (its user data may be freed after it).
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    static IN_B: AtomicBool = AtomicBool::new(false);
+    static RELEASE: AtomicBool = AtomicBool::new(false);
+    unsafe extern "C" fn h(_: *mut Hit) -> u32 {
+        if CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+            IN_B.store(true, Ordering::SeqCst);
+            while !RELEASE.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+            Action::Continue as u32
+        } else {
+            Action::Remove as u32
+        }
+    }
+    let id = unsafe { probert::attach(addr!(t_push_rbp), h, std::ptr::null_mut()) }.unwrap();
+    let b = std::thread::spawn(|| unsafe { t_push_rbp(1) });
+    while !IN_B.load(Ordering::SeqCst) {
+        std::hint::spin_loop();
+    }
+    assert_eq!(unsafe { t_push_rbp(1) }, 2, "this call returns Remove");
+    let d = std::thread::spawn(move || {
+        let r = probert::detach(id);
+        (r, RELEASE.load(Ordering::SeqCst))
+    });
+    // Give a wrong `detach` time to return early; a right one waits anyway.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    RELEASE.store(true, Ordering::SeqCst);
+    assert_eq!(b.join().unwrap(), 2);
+    let (r, released) = d.join().unwrap();
+    assert_eq!(r, Err(Error::NotFound));
+    assert!(released, "detach returned while a call was still running");
+});
+
 isolated!(recursion_is_counted_as_missed, {
     unsafe extern "C" fn recurse(hit: *mut Hit) -> u32 {
         // Calls the probed function from inside the handler.
