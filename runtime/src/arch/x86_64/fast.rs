@@ -120,6 +120,10 @@ pub struct InlineLayout {
     pub after: usize,
 }
 
+/// The hardware number of each register of [`Regs`], in its order (rax,
+/// rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8–r15).
+const GPR: [u8; 16] = [0, 3, 1, 2, 6, 7, 5, 4, 8, 9, 10, 11, 12, 13, 14, 15];
+
 const FRAME_SIZE: i32 = std::mem::size_of::<FastFrame>() as i32;
 const EXIT: i32 = std::mem::offset_of!(FastFrame, exit) as i32;
 const RET_POINT: i32 = std::mem::offset_of!(FastFrame, ret_point) as i32;
@@ -156,6 +160,8 @@ fn disp(v: usize) -> Result<i32> {
 
 /// Emits the shared trampoline to be placed at `at`, for the data described
 /// by `l`.
+// dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
+#[allow(clippy::useless_conversion)]
 pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
     if l.probes == 0 || !l.probe_size.is_power_of_two() || !l.hit_ways.is_power_of_two() {
         return Err(Error::Internal("fast trampoline: bad inline layout".into()));
@@ -182,21 +188,19 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; lea rax, [rsp - RAX_AT]          // rsp₀
         ; and rsp, -64
         ; sub rsp, FRAME_SIZE
-        ; mov [rsp + 0x08], rbx
-        ; mov [rsp + 0x10], rcx
-        ; mov [rsp + 0x18], rdx
-        ; mov [rsp + 0x20], rsi
-        ; mov [rsp + 0x28], rdi
-        ; mov [rsp + 0x30], rbp
+    );
+    for i in 1..7i32 {
+        dynasm!(a ; .arch x64 ; mov [rsp + 8 * i], Rq(GPR[i as usize]));
+    }
+    dynasm!(a
+        ; .arch x64
         ; mov [rsp + RSP], rax
-        ; mov [rsp + 0x40], r8
-        ; mov [rsp + 0x48], r9
-        ; mov [rsp + 0x50], r10
-        ; mov [rsp + 0x58], r11
-        ; mov [rsp + 0x60], r12
-        ; mov [rsp + 0x68], r13
-        ; mov [rsp + 0x70], r14
-        ; mov [rsp + 0x78], r15
+    );
+    for i in 8..16i32 {
+        dynasm!(a ; .arch x64 ; mov [rsp + 8 * i], Rq(GPR[i as usize]));
+    }
+    dynasm!(a
+        ; .arch x64
         ; mov rcx, [rax + RAX_AT]
         ; mov [rsp + 0x00], rcx
         ; mov rcx, [rax + FLAGS_AT]
@@ -206,22 +210,12 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; lea rcx, [rax + RET_AT]
         ; mov [rsp + EXIT], rcx
         ; mov rdi, [rax + TAG_AT]
-        ; movdqa [rsp + XMM], xmm0
-        ; movdqa [rsp + XMM + 0x10], xmm1
-        ; movdqa [rsp + XMM + 0x20], xmm2
-        ; movdqa [rsp + XMM + 0x30], xmm3
-        ; movdqa [rsp + XMM + 0x40], xmm4
-        ; movdqa [rsp + XMM + 0x50], xmm5
-        ; movdqa [rsp + XMM + 0x60], xmm6
-        ; movdqa [rsp + XMM + 0x70], xmm7
-        ; movdqa [rsp + XMM + 0x80], xmm8
-        ; movdqa [rsp + XMM + 0x90], xmm9
-        ; movdqa [rsp + XMM + 0xa0], xmm10
-        ; movdqa [rsp + XMM + 0xb0], xmm11
-        ; movdqa [rsp + XMM + 0xc0], xmm12
-        ; movdqa [rsp + XMM + 0xd0], xmm13
-        ; movdqa [rsp + XMM + 0xe0], xmm14
-        ; movdqa [rsp + XMM + 0xf0], xmm15
+    );
+    for i in 0..16u8 {
+        dynasm!(a ; .arch x64 ; movdqa [rsp + XMM + 16 * i32::from(i)], Rx(i));
+    }
+    dynasm!(a
+        ; .arch x64
         ; cld
     );
     // The inline case (module docs): rdi = tag, rsp = frame; every register
@@ -322,37 +316,15 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; call rax
         ; restore:
     );
+    for i in 0..16u8 {
+        dynasm!(a ; .arch x64 ; movdqa Rx(i), [rsp + XMM + 16 * i32::from(i)]);
+    }
+    // rax and rcx last: the flags below need them; rsp from `exit`.
+    for i in (1..16i32).filter(|&i| i != 2 && i != 7) {
+        dynasm!(a ; .arch x64 ; mov Rq(GPR[i as usize]), [rsp + 8 * i]);
+    }
     dynasm!(a
         ; .arch x64
-        ; movdqa xmm0, [rsp + XMM]
-        ; movdqa xmm1, [rsp + XMM + 0x10]
-        ; movdqa xmm2, [rsp + XMM + 0x20]
-        ; movdqa xmm3, [rsp + XMM + 0x30]
-        ; movdqa xmm4, [rsp + XMM + 0x40]
-        ; movdqa xmm5, [rsp + XMM + 0x50]
-        ; movdqa xmm6, [rsp + XMM + 0x60]
-        ; movdqa xmm7, [rsp + XMM + 0x70]
-        ; movdqa xmm8, [rsp + XMM + 0x80]
-        ; movdqa xmm9, [rsp + XMM + 0x90]
-        ; movdqa xmm10, [rsp + XMM + 0xa0]
-        ; movdqa xmm11, [rsp + XMM + 0xb0]
-        ; movdqa xmm12, [rsp + XMM + 0xc0]
-        ; movdqa xmm13, [rsp + XMM + 0xd0]
-        ; movdqa xmm14, [rsp + XMM + 0xe0]
-        ; movdqa xmm15, [rsp + XMM + 0xf0]
-        ; mov rbx, [rsp + 0x08]
-        ; mov rdx, [rsp + 0x18]
-        ; mov rsi, [rsp + 0x20]
-        ; mov rdi, [rsp + 0x28]
-        ; mov rbp, [rsp + 0x30]
-        ; mov r8, [rsp + 0x40]
-        ; mov r9, [rsp + 0x48]
-        ; mov r10, [rsp + 0x50]
-        ; mov r11, [rsp + 0x58]
-        ; mov r12, [rsp + 0x60]
-        ; mov r13, [rsp + 0x68]
-        ; mov r14, [rsp + 0x70]
-        ; mov r15, [rsp + 0x78]
         // RFLAGS without `popfq` (microcoded, tens of cycles), and with only
         // full-register writes (no partial-register merge before `sahf`):
         // DF by hand (the dispatcher returned with it clear); OF from an
