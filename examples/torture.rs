@@ -184,21 +184,15 @@ fn main() {
         funcs[3].0 + 4,
     ];
     let pages: Vec<usize> = (0..JIT_PAGES)
-        .map(|_| unsafe {
-            let m = libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(m, libc::MAP_FAILED);
-            std::ptr::copy_nonoverlapping(JIT_CODE.as_ptr(), m.cast(), JIT_CODE.len());
-            assert_eq!(
-                libc::mprotect(m, 4096, libc::PROT_READ | libc::PROT_EXEC),
-                0
-            );
+        .map(|_| {
+            // Mapped for the whole run: the allocation is never dropped.
+            let mut page = region::alloc(4096, region::Protection::READ_WRITE).expect("alloc");
+            let m = page.as_mut_ptr::<u8>();
+            unsafe {
+                std::ptr::copy_nonoverlapping(JIT_CODE.as_ptr(), m, JIT_CODE.len());
+                region::protect(m, 4096, region::Protection::READ_EXECUTE).expect("protect");
+            }
+            std::mem::forget(page);
             m as usize
         })
         .collect();

@@ -7,9 +7,11 @@
 //! are boxed and freed only after a grace period that follows their detach.
 #![allow(unsafe_code)]
 
+use crate::consumer::{ConsumerId, Owner, Stats};
 use crate::error::Result;
 use crate::hit::{Action, Handler, Hit};
-use crate::runtime::{self, detach, stats, ConsumerId, Mode, Stats};
+use crate::site::Mode;
+use crate::writer::{self, detach, stats};
 
 /// Attaches `handler` to the instruction at `addr`.
 ///
@@ -29,7 +31,7 @@ pub unsafe fn attach(
     handler: Handler,
     user_data: *mut std::ffi::c_void,
 ) -> Result<ConsumerId> {
-    runtime::attach_owned(addr, handler, user_data, Mode::Auto, None)
+    writer::attach_owned(addr, handler, user_data, Mode::Auto, None)
 }
 
 /// [`attach`] with a choice of mechanism: [`Mode::Trap`] keeps the site on
@@ -44,7 +46,7 @@ pub unsafe fn attach_ex(
     user_data: *mut std::ffi::c_void,
     mode: Mode,
 ) -> Result<ConsumerId> {
-    runtime::attach_owned(addr, handler, user_data, mode, None)
+    writer::attach_owned(addr, handler, user_data, mode, None)
 }
 
 /// Attaches a closure to the instruction at `addr`. The closure is dropped
@@ -77,8 +79,8 @@ where
         f(hit) as u32
     }
     let raw = Box::into_raw(Box::new(f));
-    let owner: runtime::Owner = Box::new(Owned(raw));
-    runtime::attach_owned(addr, call::<F>, raw.cast(), Mode::Auto, Some(owner))
+    let owner: Owner = Box::new(Owned(raw));
+    writer::attach_owned(addr, call::<F>, raw.cast(), Mode::Auto, Some(owner))
 }
 
 /// An attached closure that detaches (and waits for its handler) when

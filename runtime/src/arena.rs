@@ -8,7 +8,7 @@
 //!
 //! # Safety
 //!
-//! The backing memory comes from [`crate::sys::mem::reserve`]: zeroed,
+//! The backing memory comes from [`crate::sys::maps::reserve`]: zeroed,
 //! read-write, never unmapped, and sized for `CAP` records. `T` is
 //! [`Zeroable`], so every record is valid from the start.
 #![allow(unsafe_code)]
@@ -49,7 +49,7 @@ impl<T: Zeroable> Arena<T> {
             .cap
             .checked_mul(std::mem::size_of::<T>())
             .ok_or(Error::NoMemory("arena size overflows".into()))?;
-        let p = crate::sys::mem::reserve(bytes)?;
+        let p = crate::sys::maps::reserve(bytes)?;
         // Ordering: Release — readers that see the pointer (Acquire in
         // `get`) see the zeroed mapping.
         self.base.store(p.cast(), Ordering::Release);

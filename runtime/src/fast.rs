@@ -11,14 +11,13 @@
 //!
 //! # Safety
 //!
-//! `fast_dispatch` is called only by the trampoline, with a pointer to the
-//! frame it built on its own stack; `redirect` writes the resume slot on the
-//! thread's own stack, below the stack pointer it will resume with.
+//! `fast_dispatch` and `fast_after` are called only by the trampoline, with
+//! a pointer to the frame it built on its own stack.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{fence, Ordering};
 
-use crate::arch::{FastFrame, InlineLayout, EXIT_POP};
+use crate::arch::{FastFrame, InlineLayout};
 use crate::grace;
 use crate::hit::{Action, Hit};
 use crate::probe::{self, ConsumerList, ConsumerRecord, Entry, ProbeRecord, PROBES};
@@ -83,10 +82,10 @@ pub(crate) extern "C" fn fast_dispatch(tag: u64, frame: *mut FastFrame) {
         fence(Ordering::Acquire);
         let g = rec.gen.load(Ordering::Relaxed) & TAG_GEN_MASK;
         if g == gen && addr != 0 {
-            let (addr, rsp0) = (addr as u64, frame.regs.get(crate::arch::Reg::Rsp));
-            frame.regs.rip = addr;
-            probe::dispatch(cx, &section, list, addr as usize, &mut frame.regs);
-            if frame.regs.rip != addr || frame.regs.get(crate::arch::Reg::Rsp) != rsp0 {
+            let rsp0 = frame.regs.sp();
+            frame.regs.set_pc(addr);
+            probe::dispatch(cx, &section, list, addr, &mut frame.regs);
+            if frame.regs.pc() != addr || frame.regs.sp() != rsp0 {
                 redirect(cx, frame, addr);
             }
         }
@@ -94,38 +93,18 @@ pub(crate) extern "C" fn fast_dispatch(tag: u64, frame: *mut FastFrame) {
     section.exit(cx);
 }
 
-/// Points the trampoline's exit at where the handlers sent the thread.
-///
-/// By default the exit slot holds the stub's `ret_point`, just below the
-/// original stack pointer; a handler that wrote RIP or RSP needs another
-/// target or slot. The slot is always the 8 bytes `EXIT_POP + 8` below the
-/// stack pointer to resume with (`ret 136` pops it, then the rest).
+/// Makes the trampoline resume where the handlers left the registers (they
+/// moved RIP or RSP).
 ///
 /// # Signal safety
-/// Arithmetic and one store to the thread's own stack.
+/// Arithmetic and one store to the thread's own stack, or `fatal`.
 #[cold]
 #[inline(never)]
 #[link_section = "probert_fast"]
-fn redirect(_cx: SignalContext, frame: &mut FastFrame, addr: u64) {
-    let (rip, rsp) = (frame.regs.rip, frame.regs.get(crate::arch::Reg::Rsp));
-    let target = if rip == addr { frame.ret_point } else { rip };
-    let slot = rsp.wrapping_sub(EXIT_POP + 8);
-    // What the trampoline still reads after we return: the frame.
-    let base = frame as *const FastFrame as u64;
-    let live = base..base + std::mem::size_of::<FastFrame>() as u64;
-    // And the dispatcher's own frames, below the trampoline's, live until it
-    // returns: from a little below this function's locals up to the frame.
-    let marker = 0u8;
-    let own = (std::ptr::addr_of!(marker) as u64).saturating_sub(256);
-    if slot.wrapping_add(8) > own.min(live.start) && slot < live.end {
+fn redirect(cx: SignalContext, frame: &mut FastFrame, addr: usize) {
+    if !frame.retarget(cx, addr) {
         fatal(b"probert: a fast-path handler moved RSP into probert's own frames\n");
     }
-    // SAFETY: the slot lies below the stack pointer the thread resumes with
-    // (so it holds no live data of the interrupted code) and outside the
-    // frame still to be restored (checked above); the handler chose that
-    // stack pointer for the thread.
-    unsafe { std::ptr::write_volatile(slot as *mut u64, target) };
-    frame.exit = slot;
 }
 
 /// What the trampoline's inline case calls when its handler returned
@@ -138,7 +117,7 @@ extern "C" fn fast_after(
     frame: *mut FastFrame,
     action: u32,
     consumer: *const ConsumerRecord,
-    addr: u64,
+    addr: usize,
 ) {
     // SAFETY: this is a dispatcher entry point.
     let cx = unsafe { SignalContext::new() };
@@ -149,8 +128,7 @@ extern "C" fn fast_after(
     if Action::from_raw(action) == Action::Remove {
         probe::request_removal(consumer);
     }
-    let rsp0 = frame.exit + EXIT_POP + 8;
-    if frame.regs.rip != addr || frame.regs.get(crate::arch::Reg::Rsp) != rsp0 {
+    if frame.regs.pc() != addr || frame.regs.sp() != frame.entry_sp() {
         redirect(cx, frame, addr);
     }
 }
@@ -184,7 +162,7 @@ pub(crate) fn inline_layout() -> InlineLayout {
         probe_consumers: offset_of!(ProbeRecord, consumers),
         tag_index_bits: TAG_INDEX_BITS,
         tag_gen_mask: TAG_GEN_MASK,
-        list_len: offset_of!(ConsumerList, len),
+        list_inline: offset_of!(ConsumerList, inline),
         first_handler: first + offset_of!(Entry, handler),
         first_user_data: first + offset_of!(Entry, user_data),
         first_record: first + offset_of!(Entry, record),

@@ -74,6 +74,8 @@ use std::sync::atomic::compiler_fence;
 
 #[cfg(not(all(test, loom)))]
 use crate::arch::thread_pointer;
+use crossbeam_utils::CachePadded;
+
 use crate::sigctx::SignalContext;
 use crate::sync::{fence, AtomicU64, AtomicUsize, Ordering};
 #[cfg(not(all(test, loom)))]
@@ -112,9 +114,11 @@ struct HitEntry {
     count: AtomicU64,
 }
 
-/// One thread's read-side state, alone on its cache lines so that entering
-/// and leaving sections and counting hits write no line another thread writes.
-#[repr(C, align(64))]
+/// One thread's read-side state. Each lives alone in a [`CachePadded`]
+/// block (128 bytes on x86_64, where the adjacent-line prefetcher pulls
+/// lines in pairs), so that entering and leaving sections and counting hits
+/// write no line another thread writes.
+#[repr(C)]
 #[derive(Debug)]
 struct Slot {
     /// Thread pointer of the owner (`| TRANSIENT_TAG` for a borrowed slot);
@@ -129,7 +133,7 @@ struct Slot {
 /// [`TABLE`], a `static` (the slot lookup is a static address); each loom
 /// model builds its own (see `loom_tests`).
 struct Sections {
-    slots: [Slot; SLOTS],
+    slots: [CachePadded<Slot>; SLOTS],
     /// Loom only: whether `synchronize` issues the (modelled) membarrier —
     /// `false` in the model that shows it is needed.
     #[cfg(all(test, loom))]
@@ -138,7 +142,7 @@ struct Sections {
 
 #[cfg(not(all(test, loom)))]
 #[allow(clippy::declare_interior_mutable_const)] // only used to initialise TABLE
-const FREE_SLOT: Slot = Slot {
+const FREE_SLOT: CachePadded<Slot> = CachePadded::new(Slot {
     owner: AtomicUsize::new(0),
     seq: AtomicU64::new(0),
     hits: [const {
@@ -147,7 +151,7 @@ const FREE_SLOT: Slot = Slot {
             count: AtomicU64::new(0),
         }
     }; HIT_WAYS],
-};
+});
 
 impl Sections {
     #[cfg(not(all(test, loom)))]
@@ -161,13 +165,15 @@ impl Sections {
     #[cfg(all(test, loom))]
     fn new(membarrier: bool) -> Sections {
         Sections {
-            slots: std::array::from_fn(|_| Slot {
-                owner: AtomicUsize::new(0),
-                seq: AtomicU64::new(0),
-                hits: std::array::from_fn(|_| HitEntry {
-                    tag: AtomicU64::new(0),
-                    count: AtomicU64::new(0),
-                }),
+            slots: std::array::from_fn(|_| {
+                CachePadded::new(Slot {
+                    owner: AtomicUsize::new(0),
+                    seq: AtomicU64::new(0),
+                    hits: std::array::from_fn(|_| HitEntry {
+                        tag: AtomicU64::new(0),
+                        count: AtomicU64::new(0),
+                    }),
+                })
             }),
             membarrier,
         }
@@ -346,12 +352,17 @@ pub(crate) struct SlotLayout {
 pub(crate) fn slot_layout() -> SlotLayout {
     const _: () = assert!(std::mem::size_of::<HitEntry>() == 16);
     const _: () = assert!(std::mem::offset_of!(HitEntry, count) == 8);
+    // Offsets measured on the real table: where `CachePadded` puts its value
+    // is not a layout promise.
+    let base = TABLE.slots.as_ptr() as usize;
+    let first: &Slot = &TABLE.slots[0];
+    let at = |p: *const u8| p as usize - base;
     SlotLayout {
-        table: TABLE.slots.as_ptr() as usize,
-        size: std::mem::size_of::<Slot>(),
-        owner: std::mem::offset_of!(Slot, owner),
-        seq: std::mem::offset_of!(Slot, seq),
-        hits: std::mem::offset_of!(Slot, hits),
+        table: base,
+        size: std::mem::size_of::<CachePadded<Slot>>(),
+        owner: at(std::ptr::addr_of!(first.owner).cast()),
+        seq: at(std::ptr::addr_of!(first.seq).cast()),
+        hits: at(std::ptr::addr_of!(first.hits).cast()),
         hit_ways: HIT_WAYS,
         home_mul: HOME_MUL,
         home_shift: HOME_SHIFT,

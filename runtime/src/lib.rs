@@ -51,7 +51,7 @@
 //! have interrupted the writer on its own thread, so it can never wait: the
 //! index is a hash table kept in two copies behind a *latch* sequence counter
 //! (the kernel's `seqcount_latch`), so a lookup always reads a consistent copy
-//! and finishes in bounded steps ([`map`](crate) module docs).
+//! and finishes in bounded steps (the `map` module's docs).
 //!
 //! **Read-side sections and grace periods.** Every handler call runs inside a
 //! read-side section that takes no lock and writes only its own thread's
@@ -93,6 +93,44 @@
 //! `-C target-cpu=native`, `-mavx2`) must not be attached to code that keeps
 //! live AVX values across the probed instruction; use [`Mode::Trap`] there.
 //!
+//! # The parts
+//!
+//! - `writer`: the writer lock, the probe records and their index, the
+//!   consumer lists, and the API entry points; `consumer`: the handles and
+//!   the writer's consumer slots;
+//! - `site`: the life of one patched site (plain → trap ⇄ fast → plain) and
+//!   the protocol that switches its bytes; `patch`: code writes batched per
+//!   page; `region`: where probes may go and how their bytes are written;
+//! - `trap`: the `SIGTRAP` handler; `fast`: the fast path's dispatcher;
+//!   `probe`: probe and consumer records and the one dispatcher of both
+//!   paths; `map`: the latch-protected index; `grace`: read-side sections
+//!   and grace periods; `xol`: the stub pool and when a stub may be reused;
+//!   `arena`: the never-unmapped record arrays;
+//! - `arch`: everything that knows an instruction encoding or a register
+//!   layout, behind a written interface (its module docs state the contract
+//!   hook by hook, and how an aarch64 backend would fill it); `sys`: the only
+//!   place that calls libc or makes system calls.
+//!
+//! # Dependencies
+//!
+//! - `iced-x86` decodes, classifies and re-encodes instructions; `dynasmrt`
+//!   emits stubs and trampolines (`VecAssembler` at the final address); both
+//!   run in normal context only (attach), never on a hit.
+//! - `crossbeam-utils`: `CachePadded` keeps each thread's read-side slot
+//!   alone on its cache lines.
+//! - `libc`: types, constants and the libc calls of normal-context code. The
+//!   signal path, the code-write path and the index update use raw system
+//!   calls instead (`sys::raw`): a probed libc function there would run code
+//!   the writer may be switching.
+//! - `region` (tests and examples) maps and protects JIT pages. The code
+//!   writer cannot use it: it must not call libc (see above) nor allocate.
+//! - `thiserror` derives [`Error`].
+//!
+//! Not here, on purpose: `crossbeam-epoch` and `seize` guards initialise
+//! per-thread state lazily (allocating, locking), so neither may be entered
+//! in signal context; the read side of every structure a handler reads uses
+//! probert's own sections (`grace`).
+//!
 //! # Limitations
 //!
 //! x86_64 Linux only. A module unloaded (`dlclose`) with probes still attached
@@ -106,6 +144,7 @@
 mod api;
 mod arch;
 mod arena;
+mod consumer;
 mod error;
 mod fast;
 mod grace;
@@ -114,22 +153,24 @@ mod map;
 mod patch;
 mod probe;
 mod region;
-mod runtime;
 mod sigctx;
+mod site;
 mod sync;
 mod sys;
 mod trap;
+mod writer;
 mod xol;
 
 pub use api::{attach, attach_ex, attach_fn, probe, Probe};
 pub use arch::{Reg, Regs};
+pub use consumer::{AttachReq, ConsumerId, Stats};
 pub use error::{Error, Result};
 pub use hit::{Action, Handler, Hit};
 pub use region::{RegionDesc, RegionId, WriteFn};
-pub use runtime::{
+pub use site::Mode;
+pub use writer::{
     attach_batch, detach, detach_batch, detach_nosync, init, probe_count, probe_mode,
-    recycle_stubs, region_add, region_remove, retired_stubs, stats, sync, AttachReq, ConsumerId,
-    Mode, Stats,
+    recycle_stubs, region_add, region_remove, retired_stubs, stats, sync,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is
@@ -176,7 +217,7 @@ pub mod __fuzz {
     /// only absent keys and remove only present ones (as the runtime does).
     pub struct LatchIndex {
         index: crate::map::Index,
-        retired: std::sync::Mutex<Vec<crate::map::Retired>>,
+        retired: std::sync::Mutex<Vec<crate::map::RetiredTables>>,
     }
 
     impl Default for LatchIndex {

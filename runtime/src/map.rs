@@ -32,7 +32,7 @@
 //! # Safety
 //!
 //! Readers dereference the table pointers they load. A table is freed only
-//! after it was unpublished and a grace period passed ([`Retired`] is given to
+//! after it was unpublished and a grace period passed ([`RetiredTables`] is given to
 //! the caller, who must drop it after `grace::synchronize`), and readers only
 //! run inside read-side sections.
 #![allow(unsafe_code)]
@@ -175,7 +175,7 @@ impl Table {
 /// Tables unpublished by a resize; drop after a grace period.
 #[derive(Debug)]
 #[allow(clippy::vec_box)] // each table is unpublished by pointer, so it lives in its own box
-pub(crate) struct Retired(#[allow(dead_code)] Vec<Box<Table>>);
+pub(crate) struct RetiredTables(#[allow(dead_code)] Vec<Box<Table>>);
 
 /// The latch-protected address → value index.
 #[derive(Debug)]
@@ -286,7 +286,7 @@ impl Index {
 
     /// Inserts `key → value`. Writer only. Returns tables to free after a
     /// grace period if the index grew.
-    pub(crate) fn insert(&self, key: usize, value: usize) -> Option<Retired> {
+    pub(crate) fn insert(&self, key: usize, value: usize) -> Option<RetiredTables> {
         debug_assert_ne!(key, EMPTY);
         let retired = self.reserve(self.len() + 1);
         self.update(|t| t.insert(key, value));
@@ -304,7 +304,7 @@ impl Index {
 
     /// Makes room for `n` entries (load factor ≤ 1/2), replacing both copies
     /// if needed. Writer only.
-    pub(crate) fn reserve(&self, n: usize) -> Option<Retired> {
+    pub(crate) fn reserve(&self, n: usize) -> Option<RetiredTables> {
         // Ordering: Relaxed — writer only.
         let cur = self.copies[0].load(Ordering::Relaxed);
         let cap = if cur.is_null() {
@@ -338,7 +338,7 @@ impl Index {
             }
         }
         // Readers end on the table filled last; both copies hold everything.
-        Some(Retired(old))
+        Some(RetiredTables(old))
     }
 }
 

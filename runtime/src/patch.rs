@@ -1,11 +1,9 @@
 //! Writing and restoring code bytes, batched per page.
 //!
-//! A one-byte patch (`int3` over the first byte of an instruction, or the
-//! original byte back) is atomic with respect to instruction fetch on x86:
-//! other threads see the old instruction or the trap, never a mix. Longer
-//! patches (the tail of a fast site's jump) are only ever written behind an
-//! `int3` at the site's first byte, so no thread decodes them half-written
-//! (see `runtime` for the protocol).
+//! What makes each write safe for threads running the code is the caller's
+//! (see `crate::site`): a trap instruction is written atomically over an
+//! instruction's head, and longer patches (the tail of a fast site's jump)
+//! only behind a trap at the site's head.
 //!
 //! Patches to the same page of the same region are merged into one write of
 //! the span they cover (the bytes in between are rewritten with their current
@@ -14,7 +12,7 @@
 
 use crate::error::Result;
 use crate::region::Target;
-use crate::sys::{code, mem};
+use crate::sys::{code, maps};
 
 /// Bytes to write at one address.
 #[derive(Clone, Debug)]
@@ -25,12 +23,12 @@ pub(crate) struct Patch {
 }
 
 impl Patch {
-    /// A one-byte patch.
-    pub(crate) fn byte(target: &Target, addr: usize, byte: u8) -> Patch {
+    /// A patch of `bytes` at `addr`.
+    pub(crate) fn new(target: &Target, addr: usize, bytes: &[u8]) -> Patch {
         Patch {
             target: target.clone(),
             addr,
-            bytes: vec![byte],
+            bytes: bytes.to_vec(),
         }
     }
 }
@@ -40,7 +38,7 @@ impl Patch {
 /// caller can undo them after an error.
 pub(crate) fn write_all(patches: &mut [Patch], done: &mut Vec<Patch>) -> Result<()> {
     patches.sort_by_key(|p| p.addr);
-    let page = mem::page_size();
+    let page = maps::page_size();
     let mut i = 0;
     while i < patches.len() {
         let first = &patches[i];

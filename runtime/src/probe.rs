@@ -161,6 +161,11 @@ pub(crate) fn flush_hits(tag: u64, n: u64) {
 pub(crate) struct ConsumerList {
     /// The number of entries (at least 1).
     pub len: usize,
+    /// Non-zero when the fast path's trampoline may dispatch this list by
+    /// itself (`arch`'s inline case): exactly one consumer, of the kind it
+    /// knows (an entry handler). Any other list sends the hit to the Rust
+    /// dispatcher, so a new kind of consumer needs no assembly change.
+    pub inline: usize,
     pub first: Entry,
     /// The others, in order.
     pub rest: Box<[Entry]>,
@@ -177,6 +182,7 @@ impl ConsumerList {
         let rest: Box<[Entry]> = it.collect();
         Box::into_raw(Box::new(ConsumerList {
             len: 1 + rest.len(),
+            inline: usize::from(rest.is_empty()),
             first,
             rest,
         }))
@@ -318,5 +324,32 @@ pub(crate) fn request_removal(rec: &ConsumerRecord) {
         .is_ok()
     {
         REAP_PENDING.store(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn nothing(_: *mut Hit) -> u32 {
+        0
+    }
+
+    #[test]
+    fn only_one_plain_consumer_is_dispatched_inline() {
+        CONSUMERS.init().unwrap();
+        let entry = |i: u32| Entry {
+            handler: nothing,
+            user_data: i as usize,
+            record: CONSUMERS.get(i as usize).unwrap(),
+            tag: consumer_tag(i, 1),
+        };
+        assert!(ConsumerList::publishable(Vec::new()).is_null());
+        let one = ConsumerList::publishable(vec![entry(0)]);
+        let two = ConsumerList::publishable(vec![entry(0), entry(1)]);
+        // SAFETY: both were just made by `publishable` and are freed here.
+        let (one, two) = unsafe { (Box::from_raw(one), Box::from_raw(two)) };
+        assert_eq!((one.len, one.inline), (1, 1));
+        assert_eq!((two.len, two.inline), (2, 0));
     }
 }

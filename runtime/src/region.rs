@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::sys::{mem, modules};
+use crate::sys::{code, modules};
 
 /// Writes `src` at the executable address `dst` of a JIT region whose
 /// executable view is not writable (e.g. a dual-mapped memfd).
@@ -78,7 +78,7 @@ impl Target {
     /// Writes code bytes at `addr` (within this region).
     pub(crate) fn write(&self, addr: usize, bytes: &[u8]) -> Result<()> {
         match &self.write {
-            None => mem::write_code(addr, bytes),
+            None => code::write_code(addr, bytes),
             Some(w) => w(addr, bytes).map_err(|reason| Error::Protect {
                 addr,
                 reason: format!("the region's write callback failed: {reason}").into(),

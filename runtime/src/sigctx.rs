@@ -1,8 +1,8 @@
 //! The proof that code runs on the trap path.
 //!
-//! Every function reachable from the `SIGTRAP` handler (or, later, from the
-//! fast-path stub's dispatcher) takes a [`SignalContext`]. Only the handler
-//! entry points can create one, so a reader sees from the signature alone which
+//! Every function reachable from the `SIGTRAP` handler or from the fast
+//! path's dispatchers takes a [`SignalContext`]. Only those entry points (and
+//! the thread scan's signal handler) can create one, so a reader sees from the signature alone which
 //! functions must keep the signal-safety rules: no allocation, no lock, no
 //! formatting, no panic, no lazily initialised thread-local.
 //!

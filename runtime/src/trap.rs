@@ -1,17 +1,19 @@
 //! The trap path: the `SIGTRAP` handler.
 //!
-//! For a trap instruction (`si_code == SI_KERNEL`) at `rip - 1`:
+//! For a trap instruction (`si_code` is [`arch::TRAP_SI_CODE`]) at the trapped address
+//! ([`TrapContext::trap_address`]):
 //!
 //! 1. enter a read-side section (a nested one if this thread is already in a
 //!    handler: the hit is then counted as *missed*);
 //! 2. in one validated speculative window, look the probe up and, if there is
-//!    none, read the byte at `rip - 1`;
+//!    none, read the bytes there ([`arch::classify_trap_site`]);
 //! 3. a probe: run its consumers with the registers, then resume at the
 //!    displaced instruction — emulated here, or run from its out-of-line stub;
-//! 4. no probe and the byte is no longer `int3`: the probe was removed between
-//!    the trap and the lookup; resume at `rip - 1` (the kernel's
-//!    `is_trap_insn` rule);
-//! 5. no probe and still `int3`: not ours; chain to the previous handler.
+//! 4. no probe and the trap instruction is gone: the probe was removed
+//!    between the trap and the lookup; resume at the trapped address (the
+//!    kernel's `is_trap_insn` rule);
+//! 5. no probe and a trap instruction there: not ours; chain to the previous
+//!    handler.
 //!
 //! The section is left last, after the registers are written back: a grace
 //! period therefore also covers a thread that has decided to resume in a stub
@@ -20,20 +22,17 @@
 //! # Safety
 //!
 //! The handler dereferences the `siginfo_t` and `ucontext_t` the kernel
-//! passes, and reads one code byte at an address the thread just executed.
+//! passes, and reads code bytes the thread just executed.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
 
-use crate::arch::{self, Displaced, Regs, TRAP_INSN};
+use crate::arch::{self, Displaced, Regs, TrapContext, TrapSite, TRAP_INSN};
 use crate::grace;
 use crate::map::Index;
 use crate::probe::{self, ProbeView, PROBES};
 use crate::sigctx::SignalContext;
 use crate::sys::signal::{self as sig, Chained};
-
-/// `si_code` of a trap raised by an instruction (`int3`).
-const SI_KERNEL: i32 = 0x80;
 
 /// The probe index the trap path reads (address → probe record index).
 pub(crate) static INDEX: Index = Index::new();
@@ -54,10 +53,12 @@ pub(crate) fn recent_slot(addr: usize) -> usize {
 #[derive(Clone, Copy, Debug)]
 enum Lookup {
     Probe(ProbeView),
-    /// Our `int3` is gone: re-execute the restored instruction.
+    /// Our trap instruction is gone: re-execute the restored instruction.
     Restart,
-    /// Not ours: chain.
-    Foreign,
+    /// Not ours: chain (the trap instruction was `len` bytes).
+    Foreign {
+        len: u8,
+    },
 }
 
 /// Installs the handler. Normal context, once.
@@ -79,34 +80,34 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
     let cx = unsafe { SignalContext::new() };
     // SAFETY: the kernel passes valid pointers to a SA_SIGINFO handler.
     let code = unsafe { (*info).si_code };
-    if code != SI_KERNEL || uc.is_null() {
-        chain(signo, info, uc, 0);
+    // SAFETY: the kernel's ucontext for this signal, exclusively ours until
+    // we return (and not touched through `uc` while `ctx` lives).
+    let ctx = unsafe { TrapContext::from_raw(cx, uc) };
+    let Some(mut ctx) = ctx.filter(|_| code == arch::TRAP_SI_CODE) else {
+        chain(cx, signo, info, uc, 0);
         return;
-    }
-    // SAFETY: the kernel's ucontext for this signal, exclusively ours until we
-    // return.
-    let mc = unsafe { &mut (*uc.cast::<libc::ucontext_t>()).uc_mcontext };
-    let addr = (mc.gregs[libc::REG_RIP as usize] as usize).wrapping_sub(1);
+    };
+    let addr = ctx.trap_address();
     let section = grace::enter(cx);
     match lookup(cx, addr) {
         Lookup::Probe(view) => {
-            let mut regs = Regs::from_mcontext(mc);
-            regs.rip = addr as u64;
+            let mut regs = ctx.regs();
+            regs.set_pc(addr);
             probe::dispatch(cx, &section, view.consumers, addr, &mut regs);
-            if regs.rip == addr as u64 {
+            if regs.pc() == addr {
                 resume_displaced(cx, &view, addr, &mut regs);
             }
-            regs.to_mcontext(mc);
+            ctx.set_regs(&regs);
             section.exit(cx);
         }
         Lookup::Restart => {
-            mc.gregs[libc::REG_RIP as usize] = addr as i64;
+            ctx.set_pc(addr);
             section.exit(cx);
         }
-        Lookup::Foreign => {
+        Lookup::Foreign { len } => {
             section.exit(cx);
-            let len = foreign_trap_len(addr);
-            chain(signo, info, uc, len);
+            // `ctx` is not used again: `chain` passes `uc` on.
+            chain(cx, signo, info, uc, len);
         }
     }
 }
@@ -124,43 +125,22 @@ fn lookup(cx: SignalContext, addr: usize) -> Lookup {
         {
             return Lookup::Probe(view);
         }
-        // SAFETY: the thread just executed the byte at `addr + 1`'s
-        // predecessor, so its page is mapped; read it once, volatile.
-        let byte = unsafe { std::ptr::read_volatile(addr as *const u8) };
-        if byte == TRAP_INSN {
-            return Lookup::Foreign;
-        }
-        // The byte is no longer `int3`. That is our removed probe — unless the
-        // trap came from a two-byte `int 3` (`cd 03`), whose `03` we would
-        // then execute. Tell them apart by our record of recent removals.
         // Ordering: Relaxed — validated by the latch re-check; the writer
-        // records the address before restoring the byte.
+        // records the address before restoring the bytes.
         let recent = RECENTLY_REMOVED[recent_slot(addr)].load(std::sync::atomic::Ordering::Relaxed);
-        // Never read across a page boundary: the page before may be unmapped.
-        if recent != addr && byte == 0x03 && addr & 0xFFF != 0 {
-            // SAFETY: `addr - 1` is the first byte of the instruction that
-            // trapped, if it is `cd 03`; mapped for the same reason.
-            if unsafe { std::ptr::read_volatile((addr - 1) as *const u8) } == 0xCD {
-                return Lookup::Foreign;
-            }
+        let read = |a: usize| {
+            // SAFETY: the thread just executed the trap instruction ending
+            // here, so these bytes are mapped; one volatile read each.
+            unsafe { std::ptr::read_volatile(a as *const u8) }
+        };
+        match arch::classify_trap_site(cx, addr, recent == addr, read) {
+            TrapSite::Armed => Lookup::Foreign {
+                len: TRAP_INSN.len() as u8,
+            },
+            TrapSite::OtherTrap { len } => Lookup::Foreign { len },
+            TrapSite::Restored => Lookup::Restart,
         }
-        Lookup::Restart
     })
-}
-
-/// Length of the trap instruction that raised a foreign `SI_KERNEL` trap
-/// ending at `addr + 1`.
-///
-/// # Signal safety
-/// Two byte reads of code the thread just executed.
-fn foreign_trap_len(addr: usize) -> u8 {
-    // SAFETY: the thread just executed these bytes.
-    let last = unsafe { std::ptr::read_volatile(addr as *const u8) };
-    if last == TRAP_INSN {
-        1
-    } else {
-        2
-    }
 }
 
 /// Resumes at the displaced instruction: emulated here, or run from its stub.
@@ -170,7 +150,7 @@ fn foreign_trap_len(addr: usize) -> u8 {
 #[inline]
 fn resume_displaced(cx: SignalContext, view: &ProbeView, addr: usize, regs: &mut Regs) {
     match view.displaced {
-        Displaced::OutOfLine => regs.rip = view.stub as u64,
+        Displaced::OutOfLine => arch::resume_out_of_line(regs, view.stub),
         d => {
             if !arch::emulate(cx, &d, addr as u64, view.len, regs) {
                 fatal(b"probert: an emulated instruction could not be emulated\n");
@@ -179,16 +159,23 @@ fn resume_displaced(cx: SignalContext, view: &ProbeView, addr: usize, regs: &mut
     }
 }
 
-/// Hands a trap that is not ours to the previous disposition.
+/// Hands a trap that is not ours to the previous disposition; a trap of
+/// `trap_len` bytes that must run again (the default action) is rewound.
 ///
 /// # Signal safety
 /// See [`sig::chain`].
-fn chain(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, trap_len: u8) {
+fn chain(
+    cx: SignalContext,
+    signo: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uc: *mut c_void,
+    trap_len: u8,
+) {
     if let Chained::Rewind(n) = sig::chain(signo, info, uc, trap_len) {
-        if !uc.is_null() {
-            // SAFETY: as in `on_sigtrap`.
-            let mc = unsafe { &mut (*uc.cast::<libc::ucontext_t>()).uc_mcontext };
-            mc.gregs[libc::REG_RIP as usize] -= n as i64;
+        // SAFETY: as in `on_sigtrap`; the previous handler has returned.
+        if let Some(mut ctx) = unsafe { TrapContext::from_raw(cx, uc) } {
+            let pc = ctx.pc();
+            ctx.set_pc(pc.wrapping_sub(usize::from(n)));
         }
     }
 }

@@ -6,7 +6,7 @@
 //! [`STUB_SLOT`] bytes in chunks mapped within ±2 GiB of the code they serve
 //! (rel32 reach), with `MAP_FIXED_NOREPLACE`, readable and executable and never
 //! writable: they are written through `/proc/self/mem`
-//! ([`crate::sys::mem::write_code`]).
+//! ([`crate::sys::code::write_code`]).
 //!
 //! # Lifetime
 //!
@@ -14,10 +14,10 @@
 //! send it there, for as long as the scheduler likes. A freed stub therefore
 //! goes through two stages before reuse:
 //!
-//! 1. *pending* until a read-side grace period has passed (no handler is
+//! 1. *awaiting a grace period* until a read-side grace period has passed (no handler is
 //!    still deciding to jump into it — the trap handler leaves its section
 //!    only after writing the resume address);
-//! 2. *retiring* until a thread scan ([`crate::sys::threads::quiescent`])
+//! 2. *awaiting a scan* until a thread scan ([`crate::sys::threads::quiescent`])
 //!    has seen every thread outside it.
 //!
 //! Either way, a thread leaves its read-side section before it is back in
@@ -42,7 +42,7 @@
 use crate::arch::{self, Displaced, POISON, STUB_SLOT, TRAMPOLINE_SIZE};
 use crate::error::{Error, Result};
 use crate::fast;
-use crate::sys::{mem, threads};
+use crate::sys::{code, maps, threads};
 
 /// Bytes mapped per chunk: a fast-path trampoline, then stub slots.
 const CHUNK: usize = 64 * 1024;
@@ -70,7 +70,7 @@ impl Chunk {
 
 /// A retired stub waiting for its grace periods.
 #[derive(Debug, Clone, Copy)]
-struct Retired {
+struct RetiredStub {
     addr: usize,
     /// Retirement order: a grace period covers exactly the stubs retired
     /// before it began, whatever other grace periods run meanwhile.
@@ -97,9 +97,9 @@ pub(crate) struct Pool {
     chunks: Vec<Chunk>,
     free: Vec<usize>,
     /// Retired, waiting for a read-side grace period.
-    pending: Vec<Retired>,
+    awaiting_grace: Vec<RetiredStub>,
     /// Past their grace period, waiting for a thread scan.
-    retiring: Vec<usize>,
+    awaiting_scan: Vec<usize>,
     /// Successful scans so far.
     scans: u64,
     /// The next retirement's `seq`.
@@ -142,7 +142,7 @@ impl Pool {
     }
 
     fn fill(&mut self, slot: usize, bytes: Result<Vec<u8>>) -> Result<usize> {
-        match bytes.and_then(|b| mem::write_code(slot, &b)) {
+        match bytes.and_then(|b| code::write_code(slot, &b)) {
             Ok(()) => Ok(slot),
             Err(e) => {
                 self.free.push(slot);
@@ -158,7 +158,7 @@ impl Pool {
 
     /// Frees a published stub: reused only after its grace periods.
     pub(crate) fn retire(&mut self, slot: usize, fast: bool) {
-        self.pending.push(Retired {
+        self.awaiting_grace.push(RetiredStub {
             addr: slot,
             seq: self.next_seq,
             fast,
@@ -180,18 +180,22 @@ impl Pool {
     /// retired before it (and, for fast stubs, scanned before it) now wait
     /// only for a thread scan.
     pub(crate) fn after_grace_period(&mut self, snap: Snapshot) {
-        let ready = |r: &Retired| {
+        let ready = |r: &RetiredStub| {
             r.seq < snap.seq && (!r.fast || r.prescanned.is_some_and(|p| p <= snap.scans))
         };
-        self.retiring
-            .extend(self.pending.iter().filter(|r| ready(r)).map(|r| r.addr));
-        self.pending.retain(|r| !ready(r));
+        self.awaiting_scan.extend(
+            self.awaiting_grace
+                .iter()
+                .filter(|r| ready(r))
+                .map(|r| r.addr),
+        );
+        self.awaiting_grace.retain(|r| !ready(r));
     }
 
     /// Stubs not yet reusable: (waiting for a grace period, waiting for a
     /// thread scan).
     pub(crate) fn retired_counts(&self) -> (usize, usize) {
-        (self.pending.len(), self.retiring.len())
+        (self.awaiting_grace.len(), self.awaiting_scan.len())
     }
 
     /// Allocates a slot within reach of `near`; returns it and the
@@ -203,16 +207,17 @@ impl Pool {
         if let Some(s) = self.bump(near) {
             return Ok(s);
         }
-        if self.retiring.len() >= SCAN_BATCH || self.retiring.iter().any(|&s| within_reach(s, near))
+        if self.awaiting_scan.len() >= SCAN_BATCH
+            || self.awaiting_scan.iter().any(|&s| within_reach(s, near))
         {
             self.recycle()?;
             if let Some(s) = self.take_free(near) {
                 return Ok(s);
             }
         }
-        let base = mem::map_exec_near(near, CHUNK)?;
+        let base = maps::map_exec_near(near, CHUNK)?;
         let tramp = arch::emit_trampoline(base, &fast::inline_layout())?;
-        mem::write_code(base, &tramp)?;
+        code::write_code(base, &tramp)?;
         self.chunks.push(Chunk {
             base,
             used: TRAMPOLINE_SIZE,
@@ -245,17 +250,17 @@ impl Pool {
 
     /// Scans threads; if none is inside a retired stub (or, when fast stubs
     /// are retired, on its way through a trampoline or the fast dispatcher),
-    /// retiring stubs are poisoned and freed, and pending fast stubs count
+    /// stubs awaiting a scan are poisoned and freed, and fast stubs awaiting a grace period count
     /// as scanned.
     pub(crate) fn recycle(&mut self) -> Result<()> {
-        if self.pending.is_empty() && self.retiring.is_empty() {
+        if self.awaiting_grace.is_empty() && self.awaiting_scan.is_empty() {
             return Ok(());
         }
         let mut ranges: Vec<(usize, usize)> = self
-            .retiring
+            .awaiting_scan
             .iter()
             .copied()
-            .chain(self.pending.iter().map(|r| r.addr))
+            .chain(self.awaiting_grace.iter().map(|r| r.addr))
             .map(|s| (s, s + STUB_SLOT))
             .collect();
         // Always also the code a thread runs outside any read-side section on
@@ -282,16 +287,16 @@ impl Pool {
         }
         self.scans += 1;
         for r in self
-            .pending
+            .awaiting_grace
             .iter_mut()
             .filter(|r| r.fast && r.prescanned.is_none())
         {
             r.prescanned = Some(self.scans);
         }
         let poison: Vec<u8> = POISON.iter().copied().cycle().take(STUB_SLOT).collect();
-        while let Some(s) = self.retiring.pop() {
-            if let Err(e) = mem::write_code(s, &poison) {
-                self.retiring.push(s);
+        while let Some(s) = self.awaiting_scan.pop() {
+            if let Err(e) = code::write_code(s, &poison) {
+                self.awaiting_scan.push(s);
                 return Err(e);
             }
             self.free.push(s);
@@ -338,7 +343,7 @@ mod tests {
         );
         // A scan (as `recycle` records one), then a grace period.
         pool.scans += 1;
-        pool.pending[0].prescanned = Some(pool.scans);
+        pool.awaiting_grace[0].prescanned = Some(pool.scans);
         let snap = pool.grace_snapshot();
         pool.after_grace_period(snap);
         assert_eq!(pool.retired_counts(), (0, 1));

@@ -17,25 +17,17 @@ const CODE: [u8; 11] = [
     0x55, 0x48, 0x89, 0xE5, 0x48, 0x8D, 0x47, 0x01, 0x5D, 0xC3, 0xCC,
 ];
 
-/// Maps one page, fills it with `CODE`, and makes it read-execute.
+/// Maps one page, fills it with `CODE`, and makes it read-execute. The page
+/// stays mapped for the rest of the (test's own) process.
 fn jit_page() -> usize {
+    let mut page = region::alloc(4096, region::Protection::READ_WRITE).expect("alloc");
+    let p = page.as_mut_ptr::<u8>();
     unsafe {
-        let p = libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
-        assert_ne!(p, libc::MAP_FAILED);
-        std::ptr::copy_nonoverlapping(CODE.as_ptr(), p.cast(), CODE.len());
-        assert_eq!(
-            libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC),
-            0
-        );
-        p as usize
+        std::ptr::copy_nonoverlapping(CODE.as_ptr(), p, CODE.len());
+        region::protect(p, 4096, region::Protection::READ_EXECUTE).expect("protect");
     }
+    std::mem::forget(page);
+    p as usize
 }
 
 fn call(addr: usize, x: u64) -> u64 {

@@ -39,7 +39,7 @@
 use std::sync::atomic::{fence, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{mem, raw};
+use super::{maps, raw};
 
 /// `MEMBARRIER_CMD_QUERY`: returns the mask of supported commands.
 const CMD_QUERY: i64 = 0;
@@ -130,9 +130,6 @@ fn barrier_with(use_membarrier: bool) {
 /// Registers for `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE` (Linux 4.16+,
 /// once). Returns `false` if the kernel does not support it, in which case
 /// [`sync_core`] falls back to [`barrier`]. Idempotent and thread-safe.
-// For the fast path's cross-modification protocol (DESIGN.md part 8), which
-// has no caller yet.
-#[allow(dead_code)]
 pub fn register_sync_core() -> bool {
     register(
         &SYNC_CORE,
@@ -149,8 +146,6 @@ pub fn register_sync_core() -> bool {
 /// use. Without it, falls back to [`barrier`]: on x86 each IPI returns to
 /// user space through `IRET`, which is serializing, so that is best effort
 /// there and not a guarantee elsewhere. Normal context only.
-// See `register_sync_core`: no caller yet.
-#[allow(dead_code)]
 pub fn sync_core() {
     // Ordering: SeqCst orders the code writes before the remote
     // serialization — pairs with the instruction fetch of the other threads
@@ -176,12 +171,12 @@ fn shootdown_barrier() {
     let _lock = SHOOTDOWN_LOCK
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let page_len = mem::page_size();
+    let page_len = maps::page_size();
     // Ordering: Relaxed — written and read only under SHOOTDOWN_LOCK, which
     // orders them — pairs with the store below.
     let mut page = SHOOTDOWN_PAGE.load(Ordering::Relaxed);
     if page == 0 {
-        match mem::reserve(page_len) {
+        match maps::reserve(page_len) {
             Ok(p) => page = p as usize,
             // No page, no shootdown: the local fences are all we can do.
             Err(_) => return,

@@ -1,10 +1,16 @@
-//! The operating system, and the only place that calls `libc`.
+//! The operating system: the only place that calls `libc` or makes system
+//! calls.
 //!
-//! IMPLEMENTATION PENDING (helper) for `raw`, `mem`, `membarrier`, `modules`,
-//! `threads`; `signal` is written with the trap handler.
+//! - `raw`: system calls through the `syscall` instruction;
+//! - `code`: reading and writing code bytes;
+//! - `maps`: `/proc/self/maps`, mappings near code, reserved memory;
+//! - `membarrier`: process-wide memory and core-serialising barriers;
+//! - `modules`: loaded ELF modules and their symbols;
+//! - `signal`: installing the `SIGTRAP` handler and chaining;
+//! - `threads`: thread ids and the thread scan.
 
 pub mod code;
-pub mod mem;
+pub mod maps;
 pub mod membarrier;
 pub mod modules;
 pub mod raw;

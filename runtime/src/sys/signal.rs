@@ -10,6 +10,7 @@
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
+use crate::arch::KernelSigaction;
 use crate::error::{Error, Result};
 use crate::sys::raw;
 
@@ -62,20 +63,18 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
     // out-of-line stub) runs probert's code, in the `probert_fast` section
     // that thread scans treat as busy (see `crate::xol`). libc's `sigaction`
     // would install its own restorer, in libc.
-    let act = KernelSigaction {
-        handler: handler as usize,
-        flags: (libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART | SA_RESTORER) as u64,
-        restorer: restorer_address(),
-        mask: 0,
-    };
-    // SAFETY: a valid kernel sigaction for SIGTRAP, an 8-byte sigset.
+    let act = KernelSigaction::new(
+        handler as usize,
+        libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART,
+    );
+    // SAFETY: a valid kernel sigaction for SIGTRAP and its sigset size.
     let rc = unsafe {
         raw::syscall4(
             libc::SYS_rt_sigaction,
             libc::SIGTRAP as i64,
             &act as *const KernelSigaction as i64,
             0,
-            8,
+            KernelSigaction::SIGSET_SIZE,
         )
     };
     if let Err(errno) = raw::check(rc) {
@@ -86,44 +85,6 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
     // Ordering: Release — pairs with the Acquire at the top.
     OURS.store(handler as usize, Ordering::Release);
     Ok(())
-}
-
-/// The kernel's `struct sigaction` on x86_64 (not libc's).
-#[repr(C)]
-struct KernelSigaction {
-    handler: usize,
-    flags: u64,
-    restorer: usize,
-    mask: u64,
-}
-
-/// `SA_RESTORER`: the kernel returns from the handler through `restorer`.
-const SA_RESTORER: libc::c_int = 0x0400_0000;
-
-// The signal return trampoline, byte for byte the one glibc uses
-// (`mov rax, 15; syscall`): unwinders and debuggers recognise a signal frame
-// by these bytes. It lives in `probert_fast` with the handler.
-std::arch::global_asm!(
-    ".pushsection probert_fast,\"ax\",@progbits",
-    ".p2align 4",
-    ".globl __probert_sigreturn",
-    ".hidden __probert_sigreturn",
-    ".type __probert_sigreturn,@function",
-    "__probert_sigreturn:",
-    "mov rax, 15",
-    "syscall",
-    "ud2",
-    ".size __probert_sigreturn, .-__probert_sigreturn",
-    ".popsection",
-);
-
-fn restorer_address() -> usize {
-    extern "C" {
-        // Not callable: only its address is taken.
-        #[link_name = "__probert_sigreturn"]
-        static PROBERT_SIGRETURN: u8;
-    }
-    std::ptr::addr_of!(PROBERT_SIGRETURN) as usize
 }
 
 /// Whether `SIGTRAP` is still handled by our handler (a host may have

@@ -299,7 +299,7 @@ const MAX_SLEEP: Duration = Duration::from_millis(1);
 
 /// One thread of a round.
 #[derive(Debug)]
-struct Pending {
+struct ScanTarget {
     tid: i32,
     slot: usize,
     /// Go straight to procfs (the signal could not be sent or is blocked).
@@ -326,13 +326,13 @@ fn scan_round(
     SCAN_PID.store(pid, Ordering::Relaxed);
     let sig = scan_signal();
     let bit = 1u64 << (sig - 1);
-    let mut pending: Vec<Pending> = Vec::with_capacity(tids.len());
+    let mut pending: Vec<ScanTarget> = Vec::with_capacity(tids.len());
     for (slot, &tid) in tids.iter().enumerate() {
         // Ordering: Release — the arm precedes the signal that runs the
         // handler, which must see it — pairs with the compare_exchange in
         // `on_scan_signal`.
         ACKS[slot].store(gen << 2 | ARMED, Ordering::Release);
-        let mut p = Pending {
+        let mut p = ScanTarget {
             tid,
             slot,
             proc_now: false,
@@ -513,7 +513,7 @@ unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx
     };
     // SAFETY: with SA_SIGINFO the third argument is the interrupted
     // context, valid for the duration of the handler.
-    let pc = unsafe { interrupted_pc(cx, ctx) };
+    let pc = unsafe { crate::arch::interrupted_pc(cx, ctx) };
     let inside = match pc {
         Some(pc) => match ranges_contain(cx, gen, pc) {
             Some(inside) => inside,
@@ -541,37 +541,6 @@ unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx
         ACK_EVENTS.fetch_add(1, Ordering::Release);
         futex_wake(cx, &ACK_EVENTS);
     }
-}
-
-/// The interrupted program counter from a handler's `ucontext`.
-///
-/// # Safety
-/// `ctx` is null or the third argument of an `SA_SIGINFO` handler.
-///
-/// # Signal safety
-/// Reads the context only.
-#[cfg(target_arch = "x86_64")]
-unsafe fn interrupted_pc(_cx: SignalContext, ctx: *mut c_void) -> Option<usize> {
-    if ctx.is_null() {
-        return None;
-    }
-    // SAFETY: the caller passes the kernel's ucontext; glibc and musl both
-    // lay out `ucontext_t` as the kernel does on x86_64.
-    let uc = unsafe { &*ctx.cast::<libc::ucontext_t>() };
-    let rip = *uc.uc_mcontext.gregs.get(libc::REG_RIP as usize)?;
-    Some(rip as usize)
-}
-
-/// The interrupted program counter: unknown off x86_64 (answers "inside").
-///
-/// # Safety
-/// None needed; kept `unsafe` to match the x86_64 version.
-///
-/// # Signal safety
-/// Does nothing.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn interrupted_pc(_cx: SignalContext, _ctx: *mut c_void) -> Option<usize> {
-    None
 }
 
 /// Whether `pc` is in the ranges published as generation `gen`; `None` if

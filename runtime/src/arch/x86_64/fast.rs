@@ -20,8 +20,10 @@
 //!
 //! - **The inline case**, in assembly: the thread's home section slot is its
 //!   own and not in a section; the probe record still has the tag's
-//!   generation; the probe has one consumer, attached, whose way of the
-//!   slot's hit cache is already its own. It enters the section, calls the
+//!   generation; the probe's consumer list says it may be dispatched inline
+//!   (one consumer of the plain kind — the writer decides, so a new kind of
+//!   consumer needs no change here), attached, whose way of the slot's hit
+//!   cache is already its own. It enters the section, calls the
 //!   handler, counts the hit and leaves. This is the fast path of
 //!   `grace::enter`, `probe::dispatch` and `Section::count_hit`/`exit`,
 //!   repeated instruction for instruction over the layout in
@@ -50,8 +52,11 @@
 //!
 //! # Safety
 //!
-//! Nothing here runs code; it only computes bytes. The frame layout below is
-//! shared with the assembly it emits, checked by the compile-time assertions.
+//! Nothing here runs code; it computes bytes, and [`FastFrame::retarget`]
+//! writes the resume slot on the thread's own stack, below the stack pointer
+//! it will resume with. The frame layout below is shared with the assembly
+//! it emits, checked by the compile-time assertions.
+#![allow(unsafe_code)]
 
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi, VecAssembler};
@@ -59,6 +64,7 @@ use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi, VecAssembler};
 use super::insn::Target;
 use super::{emit_out_of_line, Displaced, Regs, STUB_SLOT};
 use crate::error::{Error, Result};
+use crate::sigctx::SignalContext;
 
 /// What the trampoline saves, 64-byte aligned below the stack pointer the
 /// stub called it with.
@@ -76,6 +82,59 @@ pub struct FastFrame {
     _pad: u64,
     /// xmm0–15, restored unchanged.
     pub xmm: [[u64; 2]; 16],
+}
+
+impl FastFrame {
+    /// The stack pointer of the probed instruction (what RSP reads before
+    /// any handler wrote it).
+    ///
+    /// # Signal safety
+    /// Arithmetic.
+    #[inline]
+    pub fn entry_sp(&self) -> usize {
+        (self.exit + EXIT_POP + 8) as usize
+    }
+
+    /// Points the trampoline's exit at where the handlers sent the thread:
+    /// `regs.rip` (or, if it is still the probed address `probed`, the
+    /// displaced instruction at `ret_point`) with `regs.rsp`. `false` if the
+    /// new stack pointer would put the exit slot inside the frames still in
+    /// use (the caller reports and aborts).
+    ///
+    /// By default the exit slot holds the stub's `ret_point`, just below the
+    /// original stack pointer; a handler that wrote RIP or RSP needs another
+    /// target or slot. The slot is always the 8 bytes `EXIT_POP + 8` below
+    /// the stack pointer to resume with (`ret 136` pops it, then the rest).
+    ///
+    /// # Signal safety
+    /// Arithmetic and one store to the thread's own stack.
+    pub fn retarget(&mut self, _cx: SignalContext, probed: usize) -> bool {
+        let (rip, rsp) = (self.regs.rip, self.regs.get(super::Reg::Rsp));
+        let target = if rip == probed as u64 {
+            self.ret_point
+        } else {
+            rip
+        };
+        let slot = rsp.wrapping_sub(EXIT_POP + 8);
+        // What the trampoline still reads after we return: the frame.
+        let base = self as *const FastFrame as u64;
+        let live = base..base + std::mem::size_of::<FastFrame>() as u64;
+        // And the dispatcher's own frames, below the trampoline's, live until
+        // it returns: from a little below this function's locals up to the
+        // frame.
+        let marker = 0u8;
+        let own = (std::ptr::addr_of!(marker) as u64).saturating_sub(256);
+        if slot.wrapping_add(8) > own.min(live.start) && slot < live.end {
+            return false;
+        }
+        // SAFETY: the slot lies below the stack pointer the thread resumes
+        // with (so it holds no live data of the interrupted code) and outside
+        // the frame still to be restored (checked above); the handler chose
+        // that stack pointer for the thread.
+        unsafe { std::ptr::write_volatile(slot as *mut u64, target) };
+        self.exit = slot;
+        true
+    }
 }
 
 /// What the trampoline's inline case knows of probert's data structures:
@@ -103,8 +162,9 @@ pub struct InlineLayout {
     /// How a stub's tag splits into record index and generation.
     pub tag_index_bits: u32,
     pub tag_gen_mask: u32,
-    /// A consumer list's length and its first entry's fields.
-    pub list_len: usize,
+    /// A consumer list's inline flag (non-zero: the inline case may
+    /// dispatch it) and its first entry's fields.
+    pub list_inline: usize,
     pub first_handler: usize,
     pub first_user_data: usize,
     pub first_record: usize,
@@ -148,8 +208,6 @@ const RAX_AT: i32 = -160;
 pub const EXIT_POP: u64 = 136;
 /// The length of the stub's prologue, up to `ret_point`.
 pub const STUB_PROLOGUE: usize = 8 + 5 + 5;
-/// The length of the jump written over a fast site.
-pub const JMP_LEN: usize = 5;
 
 /// Bytes of the trampoline (fits in this many bytes of the chunk).
 pub const TRAMPOLINE_SIZE: usize = 2048;
@@ -172,8 +230,8 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         disp(l.probe_gen)?,
         disp(l.probe_consumers)?,
     );
-    let (len, handler, user_data, record, tag) = (
-        disp(l.list_len)?,
+    let (inline, handler, user_data, record, tag) = (
+        disp(l.list_inline)?,
         disp(l.first_handler)?,
         disp(l.first_user_data)?,
         disp(l.first_record)?,
@@ -258,13 +316,15 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; jne >leave_general
         ; test r15, r15
         ; jz >leave_general
-        // One consumer, attached, whose way of the hit cache (r13, the
-        // record no longer needed) is its own. (rbp stays the interrupted
-        // code's, for handlers that walk frame pointers.)
+        // A list the inline case may dispatch (one consumer of the plain
+        // kind: decided by the writer, in the list's data), attached, whose
+        // way of the hit cache (r13, the record no longer needed) is its
+        // own. (rbp stays the interrupted code's, for handlers that walk
+        // frame pointers.)
         ; test r14, r14
         ; jz >leave_general
-        ; cmp QWORD [r14 + len], 1
-        ; jne >leave_general
+        ; cmp QWORD [r14 + inline], 0
+        ; je >leave_general
         ; mov rax, [r14 + record]
         ; cmp DWORD [rax + state], l.state_active as i32
         ; jne >leave_general
@@ -362,21 +422,6 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Whether a decoded first instruction can be displaced into a fast stub:
-/// long enough for the 5-byte jump, and either relocatable or a direct
-/// branch the stub can emulate.
-pub fn fast_eligible(len: u8, displaced: &Displaced) -> bool {
-    len as usize >= JMP_LEN
-        && matches!(
-            displaced,
-            Displaced::Skip
-                | Displaced::OutOfLine
-                | Displaced::Call(Target::Abs(_))
-                | Displaced::Jmp(Target::Abs(_))
-                | Displaced::Jcc { .. }
-        )
-}
-
 fn rel32(site: usize, from_end: usize, to: usize) -> Result<[u8; 4]> {
     let d = to as i128 - from_end as i128;
     i32::try_from(d).map(i32::to_le_bytes).map_err(|_| {
@@ -453,12 +498,6 @@ pub fn emit_site_stub(
     Ok(b)
 }
 
-/// The `jmp rel32` written over a fast site.
-pub fn site_jump(site: usize, stub: usize) -> Result<[u8; JMP_LEN]> {
-    let r = rel32(site, site + JMP_LEN, stub)?;
-    Ok([0xE9, r[0], r[1], r[2], r[3]])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,11 +521,11 @@ mod tests {
             probe_consumers: 0x30,
             tag_index_bits: 20,
             tag_gen_mask: 0x7ff,
-            list_len: 0,
-            first_handler: 8,
-            first_user_data: 16,
-            first_record: 24,
-            first_tag: 32,
+            list_inline: 8,
+            first_handler: 16,
+            first_user_data: 24,
+            first_record: 32,
+            first_tag: 40,
             consumer_state: 0,
             state_active: 1,
             dispatch: 0x5555_0000_1234,
@@ -503,7 +542,7 @@ mod tests {
         let code = [0x0F, 0x1F, 0x44, 0x00, 0x00];
         let site = 0x40_1000;
         let d = analyze(&code, site).unwrap();
-        assert!(fast_eligible(d.len, &d.displaced));
+        assert!(super::super::patch::fast_eligible(d.len, &d.displaced));
         let stub = 0x50_0000;
         let b = emit_site_stub(&code, site, d.len, &d.displaced, stub, 0x4F_F000, 7).unwrap();
         let call_rel = (0x4F_F000i64 - (stub as i64 + 18)) as i32;
@@ -515,16 +554,13 @@ mod tests {
         expect.push(0xE9);
         expect.extend_from_slice(&back_rel.to_le_bytes());
         assert_eq!(b, expect);
-        assert_eq!(site_jump(site, stub).unwrap()[0], 0xE9);
-        let r = i32::from_le_bytes(site_jump(site, stub).unwrap()[1..].try_into().unwrap());
-        assert_eq!(site as i64 + 5 + r as i64, stub as i64);
     }
 
     #[test]
     fn eligibility() {
         let check = |code: &[u8]| {
             let d = analyze(code, 0x40_0000).unwrap();
-            fast_eligible(d.len, &d.displaced)
+            super::super::patch::fast_eligible(d.len, &d.displaced)
         };
         assert!(check(&[0x0F, 0x1F, 0x44, 0x00, 0x00]), "nop5");
         assert!(check(&[0x48, 0x8B, 0x05, 1, 0, 0, 0]), "mov rax, [rip+1]");

@@ -1,36 +1,43 @@
-//! x86_64: the trap instruction, decoding and classifying the displaced
-//! instruction, relocating it into an out-of-line stub, emulating it in the
-//! handler, the register frame, and the thread pointer.
+//! The x86_64 backend of the arch interface (see [`crate::arch`] for the
+//! contract, hook by hook).
 //!
-//! # The interface the generic core uses
-//! - [`TRAP_INSN`]: the byte written over a probed instruction (`int3`).
-//! - [`analyze`]: decode and classify the instruction at a probe address.
-//! - [`check_boundary`]: refuse an address inside an instruction.
-//! - [`emit_out_of_line`]: the bytes of an out-of-line stub.
-//! - [`emulate`]: apply an emulated instruction to a [`Regs`] (signal-safe).
-//! - [`thread_pointer`]: a signal-safe, allocation-free thread identity.
-//! - the fast path: [`emit_trampoline`], [`emit_site_stub`], [`site_jump`],
-//!   [`FastFrame`].
+//! - `patch`: the trap instruction, the fast site's jump, the int3-first
+//!   switching order, what a trap site's bytes say after a trap;
+//! - `context`: the trapped context (`ucontext_t`): pc, sp, registers;
+//! - `insn`: decoding and classifying a displaced instruction (`iced-x86`);
+//! - `relocate`: the out-of-line stub of an instruction;
+//! - `emulate`: applying a displaced branch, `push` or `ret` to the registers;
+//! - `fast`: the fast path's trampoline and per-site stubs (`dynasmrt`);
+//! - `regs`: the register frame handlers see;
+//! - `signal`: the kernel's `sigaction` and our signal return trampoline;
+//! - `tp`: the thread pointer.
 
+mod context;
 mod emulate;
 mod fast;
 mod insn;
+mod patch;
 mod regs;
 mod relocate;
+mod signal;
 mod tp;
 
+pub use context::{interrupted_pc, TrapContext};
 pub use emulate::emulate;
-pub use fast::{
-    emit_site_stub, emit_trampoline, fast_eligible, site_jump, FastFrame, InlineLayout, EXIT_POP,
-    JMP_LEN, TRAMPOLINE_SIZE,
-};
+pub use fast::{emit_site_stub, emit_trampoline, FastFrame, InlineLayout, TRAMPOLINE_SIZE};
 pub use insn::{analyze, check_boundary, Boundaries, Displaced};
+pub use patch::{
+    classify_trap_site, fast_eligible, jump_to, SwitchStep, TrapSite, HEAD, JUMP_LEN, TAIL,
+    TO_JUMP, TO_TRAP, TRAP_SI_CODE,
+};
 pub use regs::{Reg, Regs};
-pub use relocate::emit_out_of_line;
+pub use relocate::{emit_out_of_line, resume_out_of_line};
+pub use signal::KernelSigaction;
 pub use tp::thread_pointer;
 
-/// The breakpoint instruction: `int3`.
-pub const TRAP_INSN: u8 = 0xCC;
+/// The trap instruction written over a probed instruction's first byte:
+/// `int3`.
+pub const TRAP_INSN: &[u8] = &[0xCC];
 /// The longest x86 instruction.
 pub const MAX_INSN_LEN: usize = 15;
 /// Size of one stub slot in the trampoline pool: an out-of-line stub (the

@@ -1,9 +1,10 @@
 //! The register frame every handler sees, on every path.
 //!
-//! The trap path copies the interrupted thread's `mcontext` into a [`Regs`] on
-//! the handler's stack and copies it back before returning; the fast path's
-//! stub saves the registers straight into the same layout. One layout means
-//! one dispatcher and one C view (`probert_regs`).
+//! The trap path copies the interrupted thread's saved context into a
+//! [`Regs`] on the handler's stack and copies it back before returning (see
+//! `context`); the fast path's trampoline saves the registers straight into
+//! the same layout. One layout means one dispatcher and one C view
+//! (`probert_regs`).
 
 /// A general-purpose register, RIP or RFLAGS, numbered as `probert_reg` in
 /// the C ABI.
@@ -111,6 +112,33 @@ impl Regs {
         }
     }
 
+    /// The program counter: the probed address while handlers run.
+    ///
+    /// # Signal safety
+    /// A field read.
+    #[inline(always)]
+    pub fn pc(&self) -> usize {
+        self.rip as usize
+    }
+
+    /// Sets the program counter the thread resumes at.
+    ///
+    /// # Signal safety
+    /// A field write.
+    #[inline(always)]
+    pub fn set_pc(&mut self, pc: usize) {
+        self.rip = pc as u64;
+    }
+
+    /// The stack pointer.
+    ///
+    /// # Signal safety
+    /// A field read.
+    #[inline(always)]
+    pub fn sp(&self) -> usize {
+        self.gpr[Reg::Rsp as usize] as usize
+    }
+
     /// The SysV integer argument `n` (0..=5) at a function's first
     /// instruction; `None` past the sixth (those live on the stack).
     ///
@@ -124,60 +152,6 @@ impl Regs {
 
 /// The RFLAGS bits a handler may change: CF, PF, AF, ZF, SF, DF, OF.
 pub const USER_FLAGS: u64 = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800;
-
-/// `mcontext_t.gregs` index of each [`Reg`] (glibc and musl share the layout).
-const GREG_OF: [usize; 18] = [
-    libc::REG_RAX as usize,
-    libc::REG_RBX as usize,
-    libc::REG_RCX as usize,
-    libc::REG_RDX as usize,
-    libc::REG_RSI as usize,
-    libc::REG_RDI as usize,
-    libc::REG_RBP as usize,
-    libc::REG_RSP as usize,
-    libc::REG_R8 as usize,
-    libc::REG_R9 as usize,
-    libc::REG_R10 as usize,
-    libc::REG_R11 as usize,
-    libc::REG_R12 as usize,
-    libc::REG_R13 as usize,
-    libc::REG_R14 as usize,
-    libc::REG_R15 as usize,
-    libc::REG_RIP as usize,
-    libc::REG_EFL as usize,
-];
-
-impl Regs {
-    /// Copies the interrupted registers out of a signal's `mcontext`.
-    ///
-    /// # Signal safety
-    /// Plain copies; no allocation, lock or panic.
-    #[inline]
-    pub fn from_mcontext(mc: &libc::mcontext_t) -> Regs {
-        let mut regs = Regs::default();
-        for (i, &g) in GREG_OF.iter().enumerate() {
-            regs.set(Reg::ALL[i], mc.gregs[g] as u64);
-        }
-        regs
-    }
-
-    /// Writes the registers back into a signal's `mcontext`; the kernel
-    /// restores them on `sigreturn`. Of RFLAGS only the status flags and DF
-    /// are taken (as on the fast path): the system flags (TF, IF, AC, …) are
-    /// not a handler's to change.
-    ///
-    /// # Signal safety
-    /// Plain copies; no allocation, lock or panic.
-    #[inline]
-    pub fn to_mcontext(&self, mc: &mut libc::mcontext_t) {
-        let flags = mc.gregs[libc::REG_EFL as usize] as u64;
-        for (i, &g) in GREG_OF.iter().enumerate() {
-            mc.gregs[g] = self.get(Reg::ALL[i]) as i64;
-        }
-        mc.gregs[libc::REG_EFL as usize] =
-            ((flags & !USER_FLAGS) | (self.rflags & USER_FLAGS)) as i64;
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -113,6 +113,18 @@ pub fn emit_out_of_line(code: &[u8], addr: usize, stub: usize) -> Result<Vec<u8>
     Ok(bytes)
 }
 
+/// What runs before an instruction executes out of line: the thread resumes
+/// at its stub (`regs.rip`); every other register is as at the probed
+/// instruction. Nothing runs after: the stub's own jump leads back to the
+/// instruction after the probed one.
+///
+/// # Signal safety
+/// One register write.
+#[inline]
+pub fn resume_out_of_line(regs: &mut super::Regs, stub: usize) {
+    regs.rip = stub as u64;
+}
+
 /// Whether `d` fits a signed 32-bit displacement.
 fn fits_rel32(d: i128) -> bool {
     i32::try_from(d).is_ok()

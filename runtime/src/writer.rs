@@ -1,0 +1,610 @@
+//! The writer: every control-plane operation, one at a time under the writer
+//! lock, in normal context — the lock, the probe records and their index,
+//! the consumer lists, and the API entry points.
+//!
+//! # Ordering of a probe's life (the trap path's view in brackets)
+//!
+//! Attach a new probe:
+//! 1. decode and classify the instruction; build its stub if it runs out of
+//!    line ([`Sites::prepare`]); fill its record;
+//! 2. insert `addr → record` into the index [a trap at `addr` now finds it];
+//! 3. write the trap ([`Sites::arm`]) [threads start trapping; the consumer
+//!    list is still empty, so they only run the displaced instruction];
+//! 4. publish the consumer list [handlers run];
+//! 5. switch the site to its jump if its consumers allow
+//!    ([`Sites::apply_modes`]).
+//!
+//! Remove a probe (its last consumer detached):
+//! 1. unpublish the consumer (a new list without it);
+//! 2. note the address as recently removed, switch a fast site back and
+//!    restore the original bytes ([`Sites::disarm`]) [threads stop trapping;
+//!    one that trapped before still finds the probe];
+//! 3. remove it from the index [a late trap finds no probe, sees the restored
+//!    instruction and re-executes it];
+//! 4. after a grace period: free the record and the old lists; stubs wait
+//!    for a thread scan as well (see [`crate::xol`]).
+//!
+//! # Safety
+//!
+//! The `pthread_atfork` handlers keep a `MutexGuard` in a static between the
+//! prepare and the parent/child handlers of one `fork`, which run on the same
+//! thread; consumer lists are freed from raw pointers they were created from.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::consumer::{AttachReq, Attachment, ConsumerId, Consumers, Owner, Stats};
+use crate::error::{Error, Result};
+use crate::grace;
+use crate::hit::Handler;
+use crate::map::RetiredTables;
+use crate::probe::{ConsumerList, CONSUMERS, PROBES, REAP_PENDING};
+use crate::region::{RegionDesc, RegionId, Regions};
+use crate::site::{Mode, PreparedSite, Sites};
+use crate::sys::{membarrier, threads};
+use crate::trap::{self, INDEX};
+use crate::xol::Pool;
+
+/// What a grace period must pass before it is freed.
+enum Deferred {
+    List(*mut ConsumerList),
+    Tables(#[allow(dead_code)] RetiredTables),
+    ConsumerRecord(u32),
+    ProbeRecord(u32),
+    Owner(#[allow(dead_code)] Owner),
+}
+
+// SAFETY: the raw list pointer is owned by the writer once unpublished.
+unsafe impl Send for Deferred {}
+
+/// Everything the writer lock protects.
+#[derive(Default)]
+struct WriterState {
+    regions: Regions,
+    pool: Pool,
+    sites: Sites,
+    consumers: Consumers,
+    free_probes: Vec<u32>,
+    next_probe: u32,
+    deferred: Vec<Deferred>,
+}
+
+// SAFETY: everything in WriterState is touched only under the writer lock.
+unsafe impl Send for WriterState {}
+
+static STATE: Mutex<Option<WriterState>> = Mutex::new(None);
+
+/// Between the prepare and the parent/child handlers of a `fork`.
+static mut FORK_GUARD: Option<MutexGuard<'static, Option<WriterState>>> = None;
+
+fn lock() -> MutexGuard<'static, Option<WriterState>> {
+    STATE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The writer lock must never be taken from a handler: the handler may have
+/// interrupted the writer on its own thread (a probed `malloc`, a region's
+/// write callback), and would wait for itself. Checked before anything
+/// changes, so such a call is refused whole.
+fn refuse_in_handler() -> Result<()> {
+    if grace::in_section() {
+        Err(Error::InvalidArgument(
+            "probert's control calls cannot be made from a handler".into(),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs `f` on the initialised state, reaping removed consumers first.
+fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
+    refuse_in_handler()?;
+    let mut guard = lock();
+    if guard.is_none() {
+        *guard = Some(init_state()?);
+    }
+    let st = guard
+        .as_mut()
+        .ok_or(Error::Internal("state vanished".into()))?;
+    st.reap();
+    f(st)
+}
+
+fn init_state() -> Result<WriterState> {
+    PROBES.init()?;
+    CONSUMERS.init()?;
+    membarrier::init();
+    threads::scan_init()?;
+    trap::install()?;
+    extern "C" fn prepare() {
+        let g = lock();
+        // SAFETY: atfork handlers of one fork run on one thread, serialised
+        // by the lock we now hold.
+        unsafe { *std::ptr::addr_of_mut!(FORK_GUARD) = Some(g) };
+    }
+    extern "C" fn parent() {
+        // SAFETY: see `prepare`.
+        drop(unsafe { (*std::ptr::addr_of_mut!(FORK_GUARD)).take() });
+    }
+    extern "C" fn child() {
+        grace::reset_after_fork(crate::probe::flush_hits);
+        crate::sys::code::after_fork_child();
+        // SAFETY: see `prepare`.
+        drop(unsafe { (*std::ptr::addr_of_mut!(FORK_GUARD)).take() });
+    }
+    // SAFETY: registering plain extern "C" functions.
+    let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    if rc != 0 {
+        return Err(Error::NoMemory("pthread_atfork failed".into()));
+    }
+    Ok(WriterState {
+        sites: Sites::new(membarrier::register_sync_core()),
+        ..WriterState::default()
+    })
+}
+
+/// Initialises probert (idempotent): the `SIGTRAP` handler, the
+/// thread-scan signal, the arenas, fork handlers.
+pub fn init() -> Result<()> {
+    with_state(|_| Ok(()))
+}
+
+impl WriterState {
+    fn alloc_probe_record(&mut self) -> Result<u32> {
+        if let Some(r) = self.free_probes.pop() {
+            return Ok(r);
+        }
+        if self.next_probe as usize >= PROBES.capacity() {
+            return Err(Error::NoMemory("too many probes".into()));
+        }
+        self.next_probe += 1;
+        Ok(self.next_probe - 1)
+    }
+
+    fn unprepare_all(&mut self, prepared: Vec<PreparedSite>) {
+        for p in prepared {
+            if let Some(s) = p.stub {
+                self.pool.free_unpublished(s);
+            }
+        }
+    }
+
+    /// Publishes the consumer list of the probe at `addr`.
+    fn publish_list(&mut self, addr: usize) -> Result<()> {
+        let site = self.sites.get(addr).ok_or(Error::Internal(
+            "publishing the list of a missing probe".into(),
+        ))?;
+        let entries = site
+            .consumers
+            .iter()
+            .filter_map(|&c| self.consumers.entry(c))
+            .collect();
+        let rec = PROBES
+            .get(site.rec as usize)
+            .ok_or(Error::Internal("probe record out of range".into()))?;
+        // Ordering: Release — the list and the consumer records it names are
+        // initialised before a dispatcher can load it (Acquire in
+        // `view_speculative`).
+        let old = rec
+            .consumers
+            .swap(ConsumerList::publishable(entries), Ordering::Release);
+        if !old.is_null() {
+            self.deferred.push(Deferred::List(old));
+        }
+        Ok(())
+    }
+
+    /// Attaches every request or none.
+    fn attach_batch(
+        &mut self,
+        reqs: &[AttachReq],
+        modes: &[Mode],
+        owners: Vec<Option<Owner>>,
+    ) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+        if reqs.len() > self.consumers.room() {
+            return Err((0, Error::NoMemory("too many consumers".into())));
+        }
+        // 1. Prepare new sites (nothing visible yet).
+        let mut prepared: Vec<PreparedSite> = Vec::new();
+        // Address → index in `prepared`, so a large batch stays linear.
+        let mut prepared_at: std::collections::HashMap<usize, usize> = Default::default();
+        for (i, r) in reqs.iter().enumerate() {
+            if r.addr == 0 {
+                self.unprepare_all(prepared);
+                return Err((i, Error::InvalidArgument("null address".into())));
+            }
+            if !self.sites.contains(r.addr) && !prepared_at.contains_key(&r.addr) {
+                match self.sites.prepare(&self.regions, &mut self.pool, r.addr) {
+                    Ok(p) => {
+                        prepared_at.insert(r.addr, prepared.len());
+                        prepared.push(p);
+                    }
+                    Err(e) => {
+                        self.unprepare_all(prepared);
+                        return Err((i, e));
+                    }
+                }
+            }
+            if modes.get(i) == Some(&Mode::Fast) {
+                let eligible = match self.sites.get(r.addr) {
+                    Some(s) => s.eligible(),
+                    None => prepared_at
+                        .get(&r.addr)
+                        .is_some_and(|&k| prepared[k].eligible()),
+                };
+                if !self.sites.fast_ok() || !eligible {
+                    let why = if self.sites.fast_ok() {
+                        "not a fast site: needs a 5-byte NOP or a first instruction of at least \
+                         5 bytes that can be displaced"
+                    } else {
+                        "fast probes need membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE), \
+                         which this kernel does not offer"
+                    };
+                    self.unprepare_all(prepared);
+                    return Err((i, Error::unsupported(r.addr, why)));
+                }
+            }
+        }
+        // 2. Records, index, then the traps (empty consumer lists: a thread
+        //    that traps now only runs the displaced instruction).
+        let mut recs = Vec::with_capacity(prepared.len());
+        for k in 0..prepared.len() {
+            match self.alloc_probe_record() {
+                Ok(r) => recs.push(r),
+                Err(e) => {
+                    let at = prepared[k].addr;
+                    let index = reqs.iter().position(|r| r.addr == at).unwrap_or(0);
+                    self.free_probes.extend(recs);
+                    self.unprepare_all(prepared);
+                    return Err((index, e));
+                }
+            }
+        }
+        for (p, &rec_idx) in prepared.iter().zip(&recs) {
+            let rec = PROBES
+                .get(rec_idx as usize)
+                .ok_or((0, Error::Internal("probe record out of range".into())))?;
+            let words = p.displaced.encode();
+            // Ordering: a new generation first, then a Release fence, so a
+            // fast dispatcher that reads any field below also sees the new
+            // generation on its check — pairs with the Acquire fence in
+            // `fast_dispatch` (and x86's load order in the trampoline).
+            let gen = rec.gen.load(Ordering::Relaxed).wrapping_add(1);
+            rec.gen.store(gen, Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Release);
+            // Ordering (all): Relaxed — published by the index insert's
+            // latch bump (Release).
+            rec.len.store(p.len as usize, Ordering::Relaxed);
+            for (w, v) in rec.displaced.iter().zip(words) {
+                w.store(v, Ordering::Relaxed);
+            }
+            rec.stub.store(p.stub.unwrap_or(0), Ordering::Relaxed);
+            rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
+            rec.addr.store(p.addr, Ordering::Relaxed);
+            if let Some(t) = INDEX.insert(p.addr, rec_idx as usize) {
+                self.deferred.push(Deferred::Tables(t));
+            }
+        }
+        if let Err((failed, e)) = self.sites.arm(&prepared) {
+            // Undo: the traps are restored; unindex and free after a grace
+            // period (a thread may have trapped and be inside a stub).
+            let index = reqs.iter().position(|r| r.addr == failed).unwrap_or(0);
+            for (p, rec_idx) in prepared.into_iter().zip(recs) {
+                INDEX.remove(p.addr);
+                if let Some(rec) = PROBES.get(rec_idx as usize) {
+                    // Ordering: Relaxed — the record is no longer indexed.
+                    rec.addr.store(0, Ordering::Relaxed);
+                }
+                if let Some(s) = p.stub {
+                    self.pool.retire(s, false);
+                }
+                self.deferred.push(Deferred::ProbeRecord(rec_idx));
+            }
+            return Err((index, e));
+        }
+        for (p, rec_idx) in prepared.into_iter().zip(recs) {
+            self.sites.insert_armed(p, rec_idx);
+        }
+        // 3. Consumers, then their lists.
+        let mut ids = Vec::with_capacity(reqs.len());
+        let mut owners = owners.into_iter();
+        for (i, r) in reqs.iter().enumerate() {
+            let mode = modes.get(i).copied().unwrap_or_default();
+            let attachment = Attachment {
+                addr: r.addr,
+                handler: r.handler,
+                user_data: r.user_data as usize,
+                mode,
+                owner: owners.next().flatten(),
+            };
+            let (id, idx) = self
+                .consumers
+                .attach(attachment)
+                .map_err(|e| (ids.len(), e))?;
+            if let Some(s) = self.sites.get_mut(r.addr) {
+                s.consumers.push(idx);
+                s.pins += usize::from(mode == Mode::Trap);
+            }
+            ids.push(id);
+        }
+        let mut addrs: Vec<usize> = reqs.iter().map(|r| r.addr).collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        for &a in &addrs {
+            self.publish_list(a).map_err(|e| (0, e))?;
+        }
+        // 4. Sites that can be fast become fast. A failure here leaves them
+        //    on the trap path, which serves every consumer just the same.
+        let _ = self.sites.apply_modes(&mut self.pool, &addrs);
+        Ok(ids)
+    }
+
+    /// Detaches consumers (already validated), removing probes left with
+    /// none. Costs no grace period; the caller synchronises.
+    fn detach_nosync(&mut self, idxs: &[u32]) -> Result<()> {
+        let mut touched = Vec::new();
+        for &idx in idxs {
+            let Some(a) = self.consumers.detach(idx) else {
+                continue;
+            };
+            if let Some(s) = self.sites.get_mut(a.addr) {
+                s.consumers.retain(|&c| c != idx);
+                s.pins -= usize::from(a.mode == Mode::Trap);
+                touched.push(a.addr);
+            }
+            self.deferred.push(Deferred::ConsumerRecord(idx));
+            if let Some(o) = a.owner {
+                self.deferred.push(Deferred::Owner(o));
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        let (empty, busy): (Vec<usize>, Vec<usize>) = touched
+            .into_iter()
+            .partition(|&a| self.sites.get(a).is_some_and(|s| s.consumers.is_empty()));
+        for &a in &busy {
+            self.publish_list(a)?;
+        }
+        let switched = self.sites.apply_modes(&mut self.pool, &busy);
+        self.remove_probes(&empty).and(switched)
+    }
+
+    /// Removes probes (their consumers are gone): restore, unindex, defer.
+    fn remove_probes(&mut self, addrs: &[usize]) -> Result<()> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let (recs, result) = self.sites.disarm(&mut self.pool, addrs);
+        for &a in addrs {
+            INDEX.remove(a);
+        }
+        for rec_idx in recs {
+            if let Some(rec) = PROBES.get(rec_idx as usize) {
+                // Ordering: Release — unpublishes the list; the dispatchers
+                // that loaded it are covered by the grace period.
+                let old = rec.consumers.swap(std::ptr::null_mut(), Ordering::Release);
+                if !old.is_null() {
+                    self.deferred.push(Deferred::List(old));
+                }
+            }
+            self.deferred.push(Deferred::ProbeRecord(rec_idx));
+        }
+        result
+    }
+
+    /// Detaches consumers whose handler returned `Remove`.
+    fn reap(&mut self) {
+        // Ordering: Acquire — pairs with the Release in `request_removal`.
+        if REAP_PENDING.swap(0, Ordering::Acquire) == 0 {
+            return;
+        }
+        let removed = self.consumers.removed();
+        if let Err(e) = self.detach_nosync(&removed) {
+            // Nothing to report to: keep the error for the next caller.
+            let _ = e;
+        }
+    }
+
+    /// Frees what a grace period protected.
+    fn free_deferred(&mut self, items: Vec<Deferred>) -> Vec<Owner> {
+        let mut owners = Vec::new();
+        for d in items {
+            match d {
+                Deferred::List(p) => {
+                    // SAFETY: `p` came from `ConsumerList::publishable`, was
+                    // unpublished, and a grace period has passed.
+                    drop(unsafe { Box::from_raw(p) });
+                }
+                Deferred::Tables(t) => drop(t),
+                Deferred::ConsumerRecord(i) => self.consumers.release(i),
+                Deferred::ProbeRecord(i) => {
+                    if let Some(r) = PROBES.get(i as usize) {
+                        // Ordering: Relaxed — unindexed a grace period ago.
+                        r.addr.store(0, Ordering::Relaxed);
+                    }
+                    self.free_probes.push(i);
+                }
+                Deferred::Owner(o) => owners.push(o),
+            }
+        }
+        owners
+    }
+}
+
+/// Attaches one consumer.
+pub(crate) fn attach_owned(
+    addr: usize,
+    handler: Handler,
+    user_data: *mut std::ffi::c_void,
+    mode: Mode,
+    owner: Option<Owner>,
+) -> Result<ConsumerId> {
+    let req = AttachReq {
+        addr,
+        handler,
+        user_data,
+    };
+    with_state(|st| {
+        ensure_handler()?;
+        st.attach_batch(&[req], &[mode], vec![owner])
+            .map(|ids| ids[0])
+            .map_err(|(_, e)| e)
+    })
+}
+
+/// Fails if a host replaced our `SIGTRAP` handler after init.
+fn ensure_handler() -> Result<()> {
+    if crate::sys::signal::trap_handler_installed() {
+        Ok(())
+    } else {
+        Err(Error::Signal(
+            "the SIGTRAP handler was replaced after probert installed it".into(),
+        ))
+    }
+}
+
+/// Attaches every request or none; on error, the index of the first request
+/// that failed.
+pub fn attach_batch(reqs: &[AttachReq]) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+    refuse_in_handler().map_err(|e| (reqs.len(), e))?;
+    let mut guard = lock();
+    if guard.is_none() {
+        *guard = Some(init_state().map_err(|e| (0, e))?);
+    }
+    let st = guard
+        .as_mut()
+        .ok_or((0, Error::Internal("state vanished".into())))?;
+    st.reap();
+    ensure_handler().map_err(|e| (0, e))?;
+    let owners = reqs.iter().map(|_| None).collect();
+    st.attach_batch(reqs, &[], owners)
+}
+
+/// Detaches without waiting: the handler may still be running (or about to
+/// run) on other threads until the next [`sync`].
+pub fn detach_nosync(id: ConsumerId) -> Result<()> {
+    with_state(|st| {
+        let idx = st.consumers.lookup(id)?;
+        st.detach_nosync(&[idx])
+    })
+}
+
+/// Detaches every consumer or none (all handles are validated first), then
+/// waits one grace period for all of them together.
+pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
+    with_state(|st| {
+        let mut idxs = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        for &id in ids {
+            let idx = st.consumers.lookup(id)?;
+            if !seen.insert(idx) {
+                return Err(Error::InvalidArgument(
+                    "a handle appears twice in the batch".into(),
+                ));
+            }
+            idxs.push(idx);
+        }
+        st.detach_nosync(&idxs)
+    })?;
+    sync()
+}
+
+/// Detaches one consumer and waits until its handler can no longer run.
+pub fn detach(id: ConsumerId) -> Result<()> {
+    match detach_nosync(id) {
+        // A consumer whose handler returned `Remove` has a stale handle, but
+        // calls that began before the removal may still be running: wait for
+        // them as well, so that after `detach` returns no call of the handle's
+        // consumer runs, whatever it returns.
+        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
+        r => r.and_then(|()| sync()),
+    }
+}
+
+/// Waits one grace period: every handler call that began before `sync` has
+/// returned when it returns, and everything detached before it is freed.
+/// Must not be called from a handler.
+pub fn sync() -> Result<()> {
+    if grace::in_section() {
+        return Err(Error::InvalidArgument(
+            "sync (or detach) called from inside a handler would wait for itself".into(),
+        ));
+    }
+    let (items, snap) =
+        with_state(|st| Ok((std::mem::take(&mut st.deferred), st.pool.grace_snapshot())))?;
+    grace::synchronize();
+    let owners = {
+        let mut guard = lock();
+        let st = guard
+            .as_mut()
+            .ok_or(Error::Internal("state vanished".into()))?;
+        st.pool.after_grace_period(snap);
+        st.free_deferred(items)
+    };
+    // Dropping owners runs user code (closure destructors): outside the lock.
+    drop(owners);
+    Ok(())
+}
+
+/// Statistics of a consumer.
+pub fn stats(id: ConsumerId) -> Result<Stats> {
+    with_state(|st| {
+        let idx = st.consumers.lookup(id)?;
+        st.consumers.stats(idx, grace::pending_hits)
+    })
+}
+
+/// Registers a JIT region.
+pub fn region_add(desc: RegionDesc) -> Result<RegionId> {
+    with_state(|st| st.regions.add(desc))
+}
+
+/// Detaches every probe in the region (one grace period), then forgets it.
+pub fn region_remove(id: RegionId) -> Result<()> {
+    let had_probes = with_state(|st| {
+        let (start, end) = st.regions.bounds(id).ok_or(Error::NotFound)?;
+        let had_probes = st.sites.range(start, end).next().is_some();
+        let idxs: Vec<u32> = st
+            .sites
+            .range(start, end)
+            .flat_map(|(_, s)| s.consumers.iter().copied())
+            .collect();
+        st.detach_nosync(&idxs)?;
+        // Probes whose consumers all asked for removal already have none.
+        let empty: Vec<usize> = st.sites.range(start, end).map(|(a, _)| a).collect();
+        st.remove_probes(&empty)?;
+        st.sites.forget_region(id);
+        st.regions.remove(id)?;
+        Ok(had_probes)
+    })?;
+    // A region that never had probes is read by no handler: no grace period.
+    if had_probes {
+        sync()?;
+    }
+    Ok(())
+}
+
+/// The mechanism serving a probed address right now (never [`Mode::Auto`]);
+/// [`Error::NotFound`] if nothing is attached there.
+pub fn probe_mode(addr: usize) -> Result<Mode> {
+    with_state(|st| st.sites.get(addr).map(|s| s.mode()).ok_or(Error::NotFound))
+}
+
+/// Stubs that freed probes left behind, not yet reusable: (waiting for a
+/// grace period, waiting for a thread scan). For tests and diagnostics.
+pub fn retired_stubs() -> (usize, usize) {
+    with_state(|st| Ok(st.pool.retired_counts())).unwrap_or_default()
+}
+
+/// Number of probes (patched addresses) right now.
+pub fn probe_count() -> usize {
+    with_state(|st| Ok(st.sites.len())).unwrap_or_default()
+}
+
+/// Tries to make retired stubs reusable now: a thread scan, a grace period
+/// and another scan (fast stubs need all three).
+pub fn recycle_stubs() -> Result<()> {
+    with_state(|st| st.pool.recycle())?;
+    sync()?;
+    with_state(|st| st.pool.recycle())
+}
