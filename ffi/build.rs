@@ -7,9 +7,16 @@
 //! cc $(pkg-config --cflags probert) prog.c $(pkg-config --libs probert)
 //! ```
 //!
-//! This is the one file the build writes outside `OUT_DIR`, on purpose: the
-//! artifacts directory is where a C user looks for it. `ffi/install.sh`
-//! installs a `.pc` for an installed prefix instead.
+//! This and the `libprobert.so.<major>` link beside the library are the
+//! files the build writes outside `OUT_DIR`, on purpose: the artifacts
+//! directory is where a C user looks for them. `ffi/install.sh` installs a
+//! `.pc` and the usual links for an installed prefix instead.
+//!
+//! It also gives the shared library its `SONAME` (`libprobert.so.<major>`:
+//! programs record that name, so an ABI-breaking release can live beside
+//! this one) and keeps the linker's `__start_`/`__stop_` symbols of the
+//! `probert_fast` section out of its exports: the library exports the
+//! `probert_*` functions of the C ABI and nothing else.
 
 use std::path::{Path, PathBuf};
 use std::{env, fs};
@@ -23,6 +30,9 @@ const LIBS: &str = "-Wl,--push-state,--no-as-needed -lprobert -Wl,--pop-state -l
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    let soname = soname(env!("CARGO_PKG_VERSION"));
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,{soname}");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-z,start-stop-visibility=hidden");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     // OUT_DIR is <artifacts>/build/<pkg>-<hash>/out.
     let Some(libdir) = out_dir.ancestors().nth(3) else {
@@ -34,12 +44,29 @@ fn main() {
     let pc = libdir.join("probert.pc");
     // Rebuild the file if someone deletes it.
     println!("cargo:rerun-if-changed={}", pc.display());
+    // Programs linked against the uninstalled library ask the loader for
+    // the SONAME: make it resolve in the artifacts directory too.
+    let link = libdir.join(&soname);
+    if fs::read_link(&link).ok().as_deref() != Some(Path::new("libprobert.so")) {
+        let _ = fs::remove_file(&link);
+        if let Err(e) = std::os::unix::fs::symlink("libprobert.so", &link) {
+            println!("cargo:warning=cannot link {}: {e}", link.display());
+        }
+    }
     let text = pc_text(&root.join("include"), libdir, env!("CARGO_PKG_VERSION"));
     if fs::read_to_string(&pc).ok().as_deref() != Some(&text) {
         if let Err(e) = fs::write(&pc, text) {
             println!("cargo:warning=cannot write {}: {e}", pc.display());
         }
     }
+}
+
+/// The shared library's `SONAME` for `version`: `libprobert.so.<major>`,
+/// where a `0.x` version's major is `0` (its ABI grows by additions only;
+/// see the C ABI contract).
+fn soname(version: &str) -> String {
+    let major = version.split('.').next().unwrap_or("0");
+    format!("libprobert.so.{major}")
 }
 
 /// The pkg-config file of an uninstalled build: headers in the source tree,

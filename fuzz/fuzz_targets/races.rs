@@ -12,7 +12,7 @@
 //!   reaches that consumer exactly once (counted per calling thread);
 //! - **correct results**: probed functions compute what they compute unprobed;
 //! - **restore**: code is byte-identical to the original once all is detached;
-//! - **bounded stubs**: after `recycle_stubs`, retired stubs stay under a bound
+//! - **bounded stubs**: retired stubs stay under a bound without `recycle_stubs`
 //!   and no probe is left.
 //!
 //! libFuzzer runs every input in this one process, so state carries over: an
@@ -99,9 +99,10 @@ const MAX_THREADS: usize = 3;
 const SLOTS_PER_THREAD: usize = 48;
 const SLOTS: usize = MAX_THREADS * SLOTS_PER_THREAD;
 const MAX_OPS: usize = 48;
-/// Retired stubs tolerated after `recycle_stubs` (a thread scan can miss a
-/// stub a thread was just leaving; more than this is a leak).
-const STUB_BOUND: usize = 64;
+/// Retired stubs tolerated at any time, without calling `recycle_stubs`: the
+/// pool reuses them as it needs slots (it scans once a chunk of under 1,000
+/// slots is full), so more than two chunks' worth waiting is a leak.
+const STUB_BOUND: usize = 2048;
 
 const FREE: u8 = 0;
 const ATTACHED: u8 = 1;
@@ -618,7 +619,7 @@ fn cleanup_and_check(w: &World, gen: u32) {
         let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(s.func) };
         assert_eq!(f(1), 1 + s.add);
     }
-    probert::recycle_stubs().expect("recycle_stubs");
+    // No `recycle_stubs`: the recycling a user gets is what is checked.
     let (grace, scan) = probert::retired_stubs();
     assert!(
         grace + scan <= STUB_BOUND,

@@ -490,9 +490,12 @@ pub fn detach_nosync(id: ConsumerId) -> Result<()> {
 }
 
 /// Detaches every consumer or none (all handles are validated first), then
-/// waits one grace period for all of them together.
+/// waits one grace period for all of them together — also when a handle is
+/// stale (all or nothing: nothing is detached, but a handle a handler's
+/// `Remove` made stale may still have calls running, which the caller may
+/// be about to free the user data of; see [`detach`]).
 pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
-    with_state(|st| {
+    let validated = with_state(|st| {
         let mut idxs = Vec::with_capacity(ids.len());
         let mut seen = std::collections::HashSet::with_capacity(ids.len());
         for &id in ids {
@@ -505,8 +508,11 @@ pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
             idxs.push(idx);
         }
         st.detach_nosync(&idxs)
-    })?;
-    sync()
+    });
+    match validated {
+        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
+        r => r.and_then(|()| sync()),
+    }
 }
 
 /// Detaches one consumer and waits until its handler can no longer run.

@@ -35,7 +35,10 @@
 //! scan after it: in, through, out.
 //!
 //! Scans cost microseconds to milliseconds, so they are batched: the pool
-//! scans only when it would otherwise have to map a new chunk. A recycled slot
+//! scans only when it would otherwise have to map a new chunk, and only if
+//! retired stubs could come back from it. Every detach waits a grace period,
+//! so a workload that attaches and detaches forever settles on a few chunks
+//! without calling `recycle_stubs`. A recycled slot
 //! is poisoned with `ud2` first, so a violation of the above crashes loudly
 //! instead of running stale code.
 
@@ -207,8 +210,15 @@ impl Pool {
         if let Some(s) = self.bump(near) {
             return Ok(s);
         }
-        if self.awaiting_scan.len() >= SCAN_BATCH
-            || self.awaiting_scan.iter().any(|&s| within_reach(s, near))
+        // Reuse before mapping more: a scan frees the stubs past their grace
+        // period and counts as the scan-before of fast stubs still waiting
+        // for one (which a later `sync` then moves on), so retired stubs of
+        // every kind come back without the user calling `recycle_stubs`.
+        let retired = self.awaiting_scan.len() + self.awaiting_grace.len();
+        let near_enough = |s: usize| within_reach(s, near);
+        if retired >= SCAN_BATCH
+            || self.awaiting_scan.iter().copied().any(near_enough)
+            || self.awaiting_grace.iter().any(|r| near_enough(r.addr))
         {
             self.recycle()?;
             if let Some(s) = self.take_free(near) {

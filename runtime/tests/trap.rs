@@ -264,10 +264,11 @@ isolated!(handler_returning_remove, {
     assert_eq!(probert::probe_count(), 0);
 });
 
-isolated!(detach_of_a_removed_consumer_waits_for_its_running_calls, {
-    // Thread B is inside the handler when another call returns `Remove`: the
-    // handle is stale, but `detach` must still not return before B's call
-    // has (its user data may be freed after it).
+/// Thread B is inside the handler when another call returns `Remove`: the
+/// handle is stale, but `detach` (as `detach_batch`, for a batch holding
+/// it) must still not return before B's call has: its user data may be
+/// freed after it.
+fn removed_consumer_waits_for_its_running_calls(detach: fn(ConsumerId) -> probert::Result<()>) {
     static CALLS: AtomicU64 = AtomicU64::new(0);
     static IN_B: AtomicBool = AtomicBool::new(false);
     static RELEASE: AtomicBool = AtomicBool::new(false);
@@ -289,7 +290,7 @@ isolated!(detach_of_a_removed_consumer_waits_for_its_running_calls, {
     }
     assert_eq!(unsafe { t_push_rbp(1) }, 2, "this call returns Remove");
     let d = std::thread::spawn(move || {
-        let r = probert::detach(id);
+        let r = detach(id);
         (r, RELEASE.load(Ordering::SeqCst))
     });
     // Give a wrong `detach` time to return early; a right one waits anyway.
@@ -299,7 +300,33 @@ isolated!(detach_of_a_removed_consumer_waits_for_its_running_calls, {
     let (r, released) = d.join().unwrap();
     assert_eq!(r, Err(Error::NotFound));
     assert!(released, "detach returned while a call was still running");
+}
+
+isolated!(detach_of_a_removed_consumer_waits_for_its_running_calls, {
+    removed_consumer_waits_for_its_running_calls(probert::detach);
 });
+
+isolated!(
+    detach_batch_holding_a_removed_consumer_waits_for_its_running_calls,
+    {
+        static OTHER: AtomicU64 = AtomicU64::new(0);
+        static OTHER_ID: std::sync::OnceLock<ConsumerId> = std::sync::OnceLock::new();
+        // A valid handle beside the stale one: all or nothing, so it stays
+        // attached (and counts the calls below).
+        let other = unsafe { probert::attach(addr!(t_sub_rsp), count, counter(&OTHER)) }.unwrap();
+        OTHER_ID.set(other).unwrap();
+        removed_consumer_waits_for_its_running_calls(|id| {
+            probert::detach_batch(&[*OTHER_ID.get().unwrap(), id])
+        });
+        assert_eq!(unsafe { t_sub_rsp(1) }, 6);
+        assert_eq!(
+            OTHER.load(Ordering::SeqCst),
+            1,
+            "the valid handle stayed attached"
+        );
+        probert::detach(other).unwrap();
+    }
+);
 
 isolated!(recursion_is_counted_as_missed, {
     unsafe extern "C" fn recurse(hit: *mut Hit) -> u32 {
