@@ -16,8 +16,7 @@ use std::sync::atomic::Ordering;
 use crate::error::{Error, Result};
 use crate::hit::Handler;
 use crate::probe::{
-    consumer_tag, hits_count, hits_word, Entry, CONSUMERS, STATE_ACTIVE, STATE_DETACHED,
-    STATE_FREE, STATE_REMOVED,
+    consumer_tag, Entry, CONSUMERS, STATE_ACTIVE, STATE_DETACHED, STATE_FREE, STATE_REMOVED,
 };
 use crate::site::Mode;
 
@@ -110,10 +109,9 @@ impl Consumers {
             .ok_or(Error::Internal("consumer record out of range".into()))?;
         let slot = &mut self.slots[idx as usize];
         // Ordering: Relaxed — the record is published with the consumer list
-        // (Release swap in `publish_list`); the generation in `hits` fences
-        // off late flushes for the record's previous consumer.
-        rec.gen.store(slot.gen, Ordering::Relaxed);
-        rec.hits.store(hits_word(slot.gen, 0), Ordering::Relaxed);
+        // (Release swap in `publish_list`); no flush for its previous
+        // consumer can come (see `release`).
+        rec.hits.store(0, Ordering::Relaxed);
         rec.missed.store(0, Ordering::Relaxed);
         rec.state.store(STATE_ACTIVE, Ordering::Relaxed);
         slot.attachment = Some(attachment);
@@ -138,21 +136,28 @@ impl Consumers {
 
     /// Detaches slot `idx`: its handle becomes stale at once, its record
     /// stops being called, and its slot is reusable after
-    /// [`Consumers::release`] (after a grace period).
-    pub(crate) fn detach(&mut self, idx: u32) -> Option<Attachment> {
+    /// [`Consumers::release`]. Returns the attachment and the tag the
+    /// threads' hit caches filed the consumer under.
+    pub(crate) fn detach(&mut self, idx: u32) -> Option<(Attachment, u64)> {
         let slot = self.slots.get_mut(idx as usize)?;
         let attachment = slot.attachment.take()?;
+        let tag = consumer_tag(idx, slot.gen);
         slot.gen = slot.gen.wrapping_add(1).max(1);
         if let Some(rec) = CONSUMERS.get(idx as usize) {
             // Ordering: Relaxed — dispatchers stop calling it early; the
             // guarantee comes from the grace period after unpublishing.
             rec.state.store(STATE_DETACHED, Ordering::Relaxed);
         }
-        Some(attachment)
+        Some((attachment, tag))
     }
 
-    /// Makes a detached slot reusable: a grace period has passed since it
-    /// was unpublished, so no dispatcher can see its record.
+    /// Makes a detached slot reusable. The writer calls it after, in order:
+    /// a grace period since the consumer was unpublished (no dispatcher
+    /// sees its record, none can count a new hit for it), purging its tag
+    /// from every thread's hit cache (`grace::purge_hit_entries`), and a
+    /// second grace period (a thread that was evicting the entry during the
+    /// purge has flushed it). So no late flush ever reaches the record's
+    /// next consumer.
     pub(crate) fn release(&mut self, idx: u32) {
         if let Some(r) = CONSUMERS.get(idx as usize) {
             // Ordering: Relaxed — no dispatcher can see it now.
@@ -198,7 +203,7 @@ impl Consumers {
         let tag = consumer_tag(idx, slot.gen);
         // Ordering: Relaxed — statistics.
         Ok(Stats {
-            hits: hits_count(rec.hits.load(Ordering::Relaxed)) + pending(tag),
+            hits: rec.hits.load(Ordering::Relaxed) + pending(tag),
             missed: rec.missed.load(Ordering::Relaxed),
         })
     }

@@ -52,9 +52,13 @@
 //! Counting every hit into the consumer's record would write a cache line
 //! every hitting thread shares, and two threads hitting one probe would
 //! bounce it between cores. So a slot also holds a small direct-mapped cache
-//! of `(consumer tag, count)`, written only by the slot's owner; an entry is
+//! of `(consumer tag, count)`, written by the slot's owner; an entry is
 //! flushed into the consumer record when another consumer needs its place,
 //! and [`pending_hits`] adds up what is still cached when statistics are read.
+//! The one other writer is the probert writer, which clears the tags of
+//! detached consumers with a compare-and-swap ([`purge_hit_entries`]) before
+//! their records are reused, so that no late flush reaches the next consumer
+//! of a record.
 //!
 //! # Recursion
 //!
@@ -394,6 +398,19 @@ pub(crate) fn pending_hits(tag: u64) -> u64 {
     TABLE.pending_hits(tag)
 }
 
+/// Removes the entries of the consumers `tags` from every thread's hit cache
+/// (their counts are dropped: those consumers are detached, nobody reads
+/// their statistics any more). Writer only, normal context.
+///
+/// An owner may be evicting such an entry at the same moment (it loaded the
+/// tag before the purge and will flush its count): its section then began
+/// before the purge, so a grace period after the purge covers that flush.
+/// No section that begins after the purge sees the tags: the consumers were
+/// unpublished a grace period before, so no new entry for them is made.
+pub(crate) fn purge_hit_entries(tags: &std::collections::HashSet<u64>) {
+    TABLE.purge_hit_entries(tags);
+}
+
 /// Waits one grace period: every section that began before this call has
 /// ended when it returns. Normal context only; must not be called from inside
 /// a section (see [`in_section`]).
@@ -558,6 +575,19 @@ impl Sections {
             .iter()
             .skip(PERSISTENT)
             .any(|s| s.owner.load(Ordering::Relaxed) == tp | TRANSIENT_TAG && inside(s))
+    }
+
+    fn purge_hit_entries(&self, tags: &std::collections::HashSet<u64>) {
+        for e in self.slots.iter().flat_map(|s| s.hits.iter()) {
+            // Ordering: Relaxed — a statistic; the owner's own eviction and
+            // this compare-exchange decide which of the two drops the entry.
+            let tag = e.tag.load(Ordering::Relaxed);
+            if tag != 0 && tags.contains(&tag) {
+                let _ = e
+                    .tag
+                    .compare_exchange(tag, 0, Ordering::Relaxed, Ordering::Relaxed);
+            }
+        }
     }
 
     fn pending_hits(&self, tag: u64) -> u64 {

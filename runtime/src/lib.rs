@@ -212,6 +212,24 @@ pub mod __fuzz {
         crate::arch::emit_out_of_line(code, addr, stub)
     }
 
+    /// What the trap path would decide for a trap at `addr` arriving now:
+    /// `"probe"`, `"restart"` (re-execute the restored instruction) or
+    /// `"foreign"` (chain). Runs the handler's real lookup, in a read-side
+    /// section.
+    pub fn late_trap(addr: usize) -> &'static str {
+        // SAFETY: only signal-safe functions get the token: `enter`,
+        // `lookup` and `exit`.
+        let cx = unsafe { crate::sigctx::SignalContext::new() };
+        let section = crate::grace::enter(cx);
+        let what = match crate::trap::lookup(cx, addr) {
+            crate::trap::Lookup::Probe(_) => "probe",
+            crate::trap::Lookup::Restart => "restart",
+            crate::trap::Lookup::Foreign { .. } => "foreign",
+        };
+        section.exit(cx);
+        what
+    }
+
     /// The probe index (latch map) with its real reader: a lookup runs inside
     /// a read-side section. Writers must be serialised by the caller, insert
     /// only absent keys and remove only present ones (as the runtime does).

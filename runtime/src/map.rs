@@ -295,6 +295,12 @@ impl Index {
         retired
     }
 
+    /// Changes the value of `key`, which is present. Writer only.
+    pub(crate) fn replace(&self, key: usize, value: usize) {
+        debug_assert_ne!(key, EMPTY);
+        self.update(|t| t.insert(key, value));
+    }
+
     /// Removes `key`. Writer only.
     pub(crate) fn remove(&self, key: usize) {
         self.update(|t| t.remove(key));
@@ -368,9 +374,16 @@ mod tests {
             // Clustered keys (code addresses) exercise backward shifts.
             let key = 0x40_0000 + (rng % 512) as usize * 3;
             if rng & (1 << 40) != 0 {
-                if let std::collections::hash_map::Entry::Vacant(e) = model.entry(key) {
-                    e.insert(step);
-                    drop(ix.insert(key, step));
+                match model.entry(key) {
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(step);
+                        drop(ix.insert(key, step));
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut e) if rng & (1 << 41) != 0 => {
+                        e.insert(step);
+                        ix.replace(key, step);
+                    }
+                    std::collections::hash_map::Entry::Occupied(_) => {}
                 }
             } else if model.remove(&key).is_some() {
                 ix.remove(key);

@@ -59,11 +59,10 @@ unsafe impl Zeroable for ProbeRecord {}
 pub(crate) struct ConsumerRecord {
     /// One of the `STATE_*` values.
     pub state: AtomicU32,
-    /// Bumped each time the record is given to a new consumer.
-    pub gen: AtomicU32,
-    /// Handler calls flushed from the threads' caches: the low 16 bits of
-    /// `gen` in the top 16 bits, the count in the low 48 (see [`hits_word`]),
-    /// so a late flush for a previous consumer of the record is refused.
+    /// Handler calls flushed from the threads' hit caches. No flush for a
+    /// previous consumer of the record can arrive: the writer purges a
+    /// detached consumer's entries from every cache and waits a grace
+    /// period before it gives the record to another (see `writer`).
     pub hits: AtomicU64,
     /// Hits skipped because the thread was already in a handler.
     pub missed: AtomicU64,
@@ -99,54 +98,22 @@ pub(crate) struct Entry {
     pub tag: u64,
 }
 
-const HITS_BITS: u32 = 48;
-const HITS_MASK: u64 = (1 << HITS_BITS) - 1;
-
-/// The value of [`ConsumerRecord::hits`] for generation `gen` and `count`.
-pub(crate) fn hits_word(gen: u32, count: u64) -> u64 {
-    (u64::from(gen & 0xFFFF) << HITS_BITS) | (count & HITS_MASK)
-}
-
-/// `word` plus `n` hits, the count saturating rather than carrying into the
-/// generation bits.
-fn saturating_add_hits(word: u64, n: u64) -> u64 {
-    (word & !HITS_MASK) | (word & HITS_MASK).saturating_add(n).min(HITS_MASK)
-}
-
-/// The count in a [`ConsumerRecord::hits`] word.
-pub(crate) fn hits_count(word: u64) -> u64 {
-    word & HITS_MASK
-}
-
 /// The tag a thread's hit cache files a consumer under: never 0.
 pub(crate) fn consumer_tag(idx: u32, gen: u32) -> u64 {
     (u64::from(gen) << 32) | (u64::from(idx) + 1)
 }
 
-/// Adds `n` hits counted by a thread to the consumer `tag`'s record, unless
-/// the record has since been given to another consumer.
+/// Adds `n` hits counted by a thread to the consumer `tag`'s record (its
+/// index is in the tag; the record is still that consumer's, see
+/// [`ConsumerRecord::hits`]).
 ///
 /// # Signal safety
-/// A bounded CAS loop on one atomic.
+/// One atomic add.
 pub(crate) fn flush_hits(tag: u64, n: u64) {
     let idx = (tag & 0xFFFF_FFFF).wrapping_sub(1) as usize;
-    let gen = (tag >> 32) as u32;
-    let Some(rec) = CONSUMERS.get(idx) else {
-        return;
-    };
-    // Ordering: Relaxed — a statistic; the generation in the word makes the
-    // add conditional on the record still being this consumer's.
-    let mut w = rec.hits.load(Ordering::Relaxed);
-    while w >> HITS_BITS == u64::from(gen & 0xFFFF) {
-        match rec.hits.compare_exchange_weak(
-            w,
-            saturating_add_hits(w, n),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        ) {
-            Ok(_) => return,
-            Err(cur) => w = cur,
-        }
+    if let Some(rec) = CONSUMERS.get(idx) {
+        // Ordering: Relaxed — a statistic.
+        rec.hits.fetch_add(n, Ordering::Relaxed);
     }
 }
 

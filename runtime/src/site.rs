@@ -37,7 +37,6 @@ use crate::patch::{self, Patch};
 use crate::probe::PROBES;
 use crate::region::{RegionId, Regions, Target};
 use crate::sys::{code, membarrier};
-use crate::trap::{recent_slot, RECENTLY_REMOVED};
 use crate::xol::Pool;
 
 /// The mechanism that serves a probed address.
@@ -342,7 +341,9 @@ impl Sites {
 
     /// Trap → plain for sites whose consumers are gone (after switching fast
     /// ones back): the original bytes back where the code still holds our
-    /// trap. The sites are forgotten; their stubs are retired into `pool`.
+    /// trap. The caller has tombstoned their index entries first (see
+    /// `trap::TOMBSTONE`). The sites are forgotten; their stubs are retired
+    /// into `pool`.
     /// Returns the removed sites' records, and the first write error.
     pub(crate) fn disarm(&mut self, pool: &mut Pool, addrs: &[usize]) -> (Vec<u32>, Result<()>) {
         let fast: Vec<usize> = addrs
@@ -356,9 +357,6 @@ impl Sites {
             let Some(s) = self.by_addr.get(a) else {
                 continue;
             };
-            // Ordering: Relaxed — read by the trap path inside the validated
-            // window that also reads the restored byte.
-            RECENTLY_REMOVED[recent_slot(*a)].store(*a, Ordering::Relaxed);
             // Restore only what is still our trap: if the module was unloaded
             // and something else mapped there, leave it alone.
             if code::read_code(*a, *a + TRAP_INSN.len()) == TRAP_INSN {

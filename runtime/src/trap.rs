@@ -37,21 +37,18 @@ use crate::sys::signal::{self as sig, Chained};
 /// The probe index the trap path reads (address → probe record index).
 pub(crate) static INDEX: Index = Index::new();
 
-/// Addresses whose probe was removed recently, for the one ambiguous case of
-/// the restart rule (see [`Lookup::Restart`]). Written by the writer before it
-/// restores an instruction; read speculatively.
-pub(crate) static RECENTLY_REMOVED: [std::sync::atomic::AtomicUsize; 4096] =
-    [const { std::sync::atomic::AtomicUsize::new(0) }; 4096];
-
-/// The [`RECENTLY_REMOVED`] slot of an address.
-#[inline(always)]
-pub(crate) fn recent_slot(addr: usize) -> usize {
-    ((addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52) as usize
-}
+/// The index value of a *tombstone*: an address whose probe was removed
+/// and whose code was restored, kept in the index until a thread scan has
+/// shown that no thread can still be on its way from the trap to its lookup
+/// (see `writer`). A trap that finds one re-executes the restored
+/// instruction; without it, a late trap over an instruction that happens to
+/// look like the tail of another trap instruction (`cd 03`) would be taken
+/// for someone else's.
+pub(crate) const TOMBSTONE: usize = usize::MAX;
 
 /// What one validated window found at the trap address.
 #[derive(Clone, Copy, Debug)]
-enum Lookup {
+pub(crate) enum Lookup {
     Probe(ProbeView),
     /// Our trap instruction is gone: re-execute the restored instruction.
     Restart,
@@ -117,23 +114,23 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
 /// # Signal safety
 /// Loads only; see [`Index::read_speculative`].
 #[inline]
-fn lookup(cx: SignalContext, addr: usize) -> Lookup {
+pub(crate) fn lookup(cx: SignalContext, addr: usize) -> Lookup {
     INDEX.read_speculative(cx, addr, |found| {
         if let Some(view) = found
+            .filter(|&idx| idx != TOMBSTONE)
             .and_then(|idx| PROBES.get(idx))
             .and_then(|rec| rec.view_speculative(cx, addr))
         {
             return Lookup::Probe(view);
         }
-        // Ordering: Relaxed — validated by the latch re-check; the writer
-        // records the address before restoring the bytes.
-        let recent = RECENTLY_REMOVED[recent_slot(addr)].load(std::sync::atomic::Ordering::Relaxed);
+        // The writer puts the tombstone in before it restores the bytes.
+        let removed = found == Some(TOMBSTONE);
         let read = |a: usize| {
             // SAFETY: the thread just executed the trap instruction ending
             // here, so these bytes are mapped; one volatile read each.
             unsafe { std::ptr::read_volatile(a as *const u8) }
         };
-        match arch::classify_trap_site(cx, addr, recent == addr, read) {
+        match arch::classify_trap_site(cx, addr, removed, read) {
             TrapSite::Armed => Lookup::Foreign {
                 len: TRAP_INSN.len() as u8,
             },

@@ -19,8 +19,10 @@
 //! 2. note the address as recently removed, switch a fast site back and
 //!    restore the original bytes ([`Sites::disarm`]) [threads stop trapping;
 //!    one that trapped before still finds the probe];
-//! 3. remove it from the index [a late trap finds no probe, sees the restored
-//!    instruction and re-executes it];
+//! 3. replace its index entry by a tombstone [a late trap finds it, sees the
+//!    restored instruction and re-executes it]; the tombstone goes after the
+//!    next thread scan, which shows no thread still between that trap and
+//!    its lookup;
 //! 4. after a grace period: free the record and the old lists; stubs wait
 //!    for a thread scan as well (see [`crate::xol`]).
 //!
@@ -50,7 +52,11 @@ use crate::xol::Pool;
 enum Deferred {
     List(*mut ConsumerList),
     Tables(#[allow(dead_code)] RetiredTables),
-    ConsumerRecord(u32),
+    /// A detached consumer's record, and its tag in the threads' hit caches
+    /// (purged after this grace period).
+    ConsumerRecord(u32, u64),
+    /// A record whose tag was purged: free after one more grace period.
+    PurgedConsumerRecord(u32),
     ProbeRecord(u32),
     Owner(#[allow(dead_code)] Owner),
 }
@@ -68,12 +74,20 @@ struct WriterState {
     free_probes: Vec<u32>,
     next_probe: u32,
     deferred: Vec<Deferred>,
+    /// Index entries of removed probes ([`trap::TOMBSTONE`]): address → the
+    /// number of thread scans done when its code was restored. The first
+    /// scan after that shows no thread still on its way from that trap to
+    /// its lookup, and the entry goes.
+    tombstones: std::collections::HashMap<usize, u64>,
 }
 
 // SAFETY: everything in WriterState is touched only under the writer lock.
 unsafe impl Send for WriterState {}
 
 static STATE: Mutex<Option<WriterState>> = Mutex::new(None);
+
+/// Tombstones at which `sync` scans threads to drop them.
+const TOMBSTONE_BATCH: usize = 4096;
 
 /// Between the prepare and the parent/child handlers of a `fork`.
 static mut FORK_GUARD: Option<MutexGuard<'static, Option<WriterState>>> = None;
@@ -281,7 +295,9 @@ impl WriterState {
             rec.stub.store(p.stub.unwrap_or(0), Ordering::Relaxed);
             rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
             rec.addr.store(p.addr, Ordering::Relaxed);
-            if let Some(t) = INDEX.insert(p.addr, rec_idx as usize) {
+            if self.tombstones.remove(&p.addr).is_some() {
+                INDEX.replace(p.addr, rec_idx as usize);
+            } else if let Some(t) = INDEX.insert(p.addr, rec_idx as usize) {
                 self.deferred.push(Deferred::Tables(t));
             }
         }
@@ -290,7 +306,7 @@ impl WriterState {
             // period (a thread may have trapped and be inside a stub).
             let index = reqs.iter().position(|r| r.addr == failed).unwrap_or(0);
             for (p, rec_idx) in prepared.into_iter().zip(recs) {
-                INDEX.remove(p.addr);
+                self.tombstone(p.addr);
                 if let Some(rec) = PROBES.get(rec_idx as usize) {
                     // Ordering: Relaxed — the record is no longer indexed.
                     rec.addr.store(0, Ordering::Relaxed);
@@ -344,7 +360,7 @@ impl WriterState {
     fn detach_nosync(&mut self, idxs: &[u32]) -> Result<()> {
         let mut touched = Vec::new();
         for &idx in idxs {
-            let Some(a) = self.consumers.detach(idx) else {
+            let Some((a, tag)) = self.consumers.detach(idx) else {
                 continue;
             };
             if let Some(s) = self.sites.get_mut(a.addr) {
@@ -352,7 +368,7 @@ impl WriterState {
                 s.pins -= usize::from(a.mode == Mode::Trap);
                 touched.push(a.addr);
             }
-            self.deferred.push(Deferred::ConsumerRecord(idx));
+            self.deferred.push(Deferred::ConsumerRecord(idx, tag));
             if let Some(o) = a.owner {
                 self.deferred.push(Deferred::Owner(o));
             }
@@ -376,7 +392,7 @@ impl WriterState {
         }
         let (recs, result) = self.sites.disarm(&mut self.pool, addrs);
         for &a in addrs {
-            INDEX.remove(a);
+            self.tombstone(a);
         }
         for rec_idx in recs {
             if let Some(rec) = PROBES.get(rec_idx as usize) {
@@ -390,6 +406,35 @@ impl WriterState {
             self.deferred.push(Deferred::ProbeRecord(rec_idx));
         }
         result
+    }
+
+    /// Replaces the index entry of a probe whose code is restored by a
+    /// tombstone ([`trap::TOMBSTONE`]): a trap that happened before the
+    /// restore and looks up only now re-executes the instruction.
+    fn tombstone(&mut self, addr: usize) {
+        INDEX.replace(addr, trap::TOMBSTONE);
+        self.tombstones.insert(addr, self.pool.scans());
+    }
+
+    /// Drops the tombstones that a thread scan has made unneeded; scans for
+    /// them if there are many (a scan costs one signal per thread).
+    fn expire_tombstones(&mut self) {
+        if self.tombstones.len() >= TOMBSTONE_BATCH {
+            // A failed scan leaves them for the next one.
+            let _ = self.pool.scan();
+        }
+        let scans = self.pool.scans();
+        let before = self.tombstones.len();
+        self.tombstones.retain(|&addr, &mut at| {
+            let keep = at >= scans;
+            if !keep {
+                INDEX.remove(addr);
+            }
+            keep
+        });
+        if self.tombstones.len() < before / 4 {
+            self.tombstones.shrink_to_fit();
+        }
     }
 
     /// Detaches consumers whose handler returned `Remove`.
@@ -408,6 +453,18 @@ impl WriterState {
     /// Frees what a grace period protected.
     fn free_deferred(&mut self, items: Vec<Deferred>) -> Vec<Owner> {
         let mut owners = Vec::new();
+        // Detached consumers' tags leave the hit caches now; their records
+        // wait one more grace period (see `Consumers::release`).
+        let tags: std::collections::HashSet<u64> = items
+            .iter()
+            .filter_map(|d| match d {
+                Deferred::ConsumerRecord(_, tag) => Some(*tag),
+                _ => None,
+            })
+            .collect();
+        if !tags.is_empty() {
+            grace::purge_hit_entries(&tags);
+        }
         for d in items {
             match d {
                 Deferred::List(p) => {
@@ -416,7 +473,10 @@ impl WriterState {
                     drop(unsafe { Box::from_raw(p) });
                 }
                 Deferred::Tables(t) => drop(t),
-                Deferred::ConsumerRecord(i) => self.consumers.release(i),
+                Deferred::ConsumerRecord(i, _) => {
+                    self.deferred.push(Deferred::PurgedConsumerRecord(i));
+                }
+                Deferred::PurgedConsumerRecord(i) => self.consumers.release(i),
                 Deferred::ProbeRecord(i) => {
                     if let Some(r) = PROBES.get(i as usize) {
                         // Ordering: Relaxed — unindexed a grace period ago.
@@ -545,6 +605,7 @@ pub fn sync() -> Result<()> {
             .as_mut()
             .ok_or(Error::Internal("state vanished".into()))?;
         st.pool.after_grace_period(snap);
+        st.expire_tombstones();
         st.free_deferred(items)
     };
     // Dropping owners runs user code (closure destructors): outside the lock.
@@ -612,5 +673,9 @@ pub fn probe_count() -> usize {
 pub fn recycle_stubs() -> Result<()> {
     with_state(|st| st.pool.recycle())?;
     sync()?;
-    with_state(|st| st.pool.recycle())
+    with_state(|st| {
+        st.pool.recycle()?;
+        st.expire_tombstones();
+        Ok(())
+    })
 }

@@ -258,14 +258,19 @@ impl Pool {
         Some((s, c.trampoline()))
     }
 
-    /// Scans threads; if none is inside a retired stub (or, when fast stubs
-    /// are retired, on its way through a trampoline or the fast dispatcher),
-    /// stubs awaiting a scan are poisoned and freed, and fast stubs awaiting a grace period count
-    /// as scanned.
-    pub(crate) fn recycle(&mut self) -> Result<()> {
-        if self.awaiting_grace.is_empty() && self.awaiting_scan.is_empty() {
-            return Ok(());
-        }
+    /// The number of successful thread scans so far: a scan numbered `n`
+    /// began after everything the writer did before `scans()` returned
+    /// `n - 1` (scans run under the writer lock).
+    pub(crate) fn scans(&self) -> u64 {
+        self.scans
+    }
+
+    /// Scans threads: `true` if none was inside a retired stub or on its way
+    /// into or out of one (a trampoline, or the `probert_fast` code: the fast
+    /// dispatcher's prologue and epilogue, the SIGTRAP handler, the signal
+    /// return trampoline). Fast stubs waiting for a grace period then count
+    /// as scanned before it.
+    pub(crate) fn scan(&mut self) -> Result<bool> {
         let mut ranges: Vec<(usize, usize)> = self
             .awaiting_scan
             .iter()
@@ -274,10 +279,8 @@ impl Pool {
             .map(|s| (s, s + STUB_SLOT))
             .collect();
         // Always also the code a thread runs outside any read-side section on
-        // its way into or out of a stub: the fast trampolines and the
-        // `probert_fast` section (the fast dispatcher's prologue and
-        // epilogue, the SIGTRAP handler after its section, the signal return
-        // trampoline). A thread there is asked again until it leaves.
+        // its way into or out of a stub. A thread there is asked again until
+        // it leaves.
         ranges.extend(
             self.chunks
                 .iter()
@@ -293,7 +296,7 @@ impl Pool {
             std::thread::yield_now();
         }
         if !quiet {
-            return Ok(());
+            return Ok(false);
         }
         self.scans += 1;
         for r in self
@@ -302,6 +305,19 @@ impl Pool {
             .filter(|r| r.fast && r.prescanned.is_none())
         {
             r.prescanned = Some(self.scans);
+        }
+        Ok(true)
+    }
+
+    /// Scans threads if stubs are retired; if the scan sees no thread inside
+    /// (see [`Pool::scan`]), the stubs awaiting a scan are poisoned and
+    /// freed.
+    pub(crate) fn recycle(&mut self) -> Result<()> {
+        if self.awaiting_grace.is_empty() && self.awaiting_scan.is_empty() {
+            return Ok(());
+        }
+        if !self.scan()? {
+            return Ok(());
         }
         let poison: Vec<u8> = POISON.iter().copied().cycle().take(STUB_SLOT).collect();
         while let Some(s) = self.awaiting_scan.pop() {

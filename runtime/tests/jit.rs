@@ -177,3 +177,145 @@ isolated!(failing_write_callback_changes_nothing, {
     assert_eq!(bytes(page, CODE.len()), CODE);
     probert::region_remove(region).unwrap();
 });
+
+/// `mov eax, 0xCD000000; add eax, edi; ret`: the `add` (at +5) starts with
+/// `03` right after a `cd` byte, so a trap there whose `int3` is gone looks
+/// like someone else's two-byte `int 3` (`cd 03`).
+const CD03: [u8; 8] = [0xB8, 0x00, 0x00, 0x00, 0xCD, 0x03, 0xC7, 0xC3];
+/// Where [`CD03`]'s `add` is.
+const CD03_SITE: usize = 5;
+
+/// Two read-execute pages: [`CD03`] at the start of the first, a real
+/// `int 3` (`cd 03`) at +0x40, and one-byte NOPs everywhere else (every
+/// byte an instruction boundary).
+fn cd03_pages() -> usize {
+    let mut pages = region::alloc(8192, region::Protection::READ_WRITE).expect("alloc");
+    let p = pages.as_mut_ptr::<u8>();
+    unsafe {
+        std::ptr::write_bytes(p, 0x90, 8192);
+        std::ptr::copy_nonoverlapping(CD03.as_ptr(), p, CD03.len());
+        std::ptr::copy_nonoverlapping([0xCDu8, 0x03].as_ptr(), p.add(0x40), 2);
+        region::protect(p, 8192, region::Protection::READ_EXECUTE).expect("protect");
+    }
+    std::mem::forget(pages);
+    p as usize
+}
+
+/// The slot the trap path's old table of recent removals (4,096
+/// direct-mapped entries) gave an address.
+fn old_recent_slot(addr: usize) -> u64 {
+    (addr as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 52
+}
+
+isolated!(a_late_trap_at_a_removed_cd03_lookalike_restarts, {
+    // A trap that happened before its probe was removed, and looks up only
+    // afterwards, must re-execute the restored instruction — even when the
+    // bytes there look like a foreign `cd 03` and another removal came in
+    // between (which evicted the old table's entry).
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let base = cd03_pages();
+    let region = probert::region_add(RegionDesc {
+        start: base,
+        len: 8192,
+        name: "cd03".into(),
+        write: None,
+    })
+    .unwrap();
+    let site = base + CD03_SITE;
+    let collider = (base + 0x80..base + 8192)
+        .find(|&a| old_recent_slot(a) == old_recent_slot(site))
+        .expect("an address that shared the old table's slot");
+    let id = unsafe { probert::attach(site, count, counter(&HITS)) }.unwrap();
+    assert_eq!(probert::__fuzz::late_trap(site), "probe");
+    probert::detach(id).unwrap();
+    assert_eq!(call(base, 7), 0xCD00_0007);
+    let other = unsafe { probert::attach(collider, count, counter(&HITS)) }.unwrap();
+    probert::detach(other).unwrap();
+    assert_eq!(probert::__fuzz::late_trap(site), "restart");
+    assert_eq!(probert::__fuzz::late_trap(collider), "restart");
+    // A trap at code probert never touched that really is `cd 03`'s tail
+    // is still someone else's.
+    assert_eq!(probert::__fuzz::late_trap(base + 0x41), "foreign");
+    // A thread scan shows no thread can still be between a trap at the
+    // removed site and its lookup: the tombstone goes, and the bytes alone
+    // decide again.
+    probert::recycle_stubs().unwrap();
+    assert_eq!(probert::__fuzz::late_trap(site), "foreign");
+    assert_eq!(probert::__fuzz::late_trap(collider), "restart");
+    probert::region_remove(region).unwrap();
+});
+
+isolated!(a_failed_attach_batch_leaves_late_traps_restartable, {
+    // The first site's trap is written, the second write fails, the first
+    // is restored: a thread that trapped at the first site in between must
+    // still re-execute it.
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let base = cd03_pages();
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/mem")
+        .expect("/proc/self/mem");
+    let region = probert::region_add(RegionDesc {
+        start: base,
+        len: 8192,
+        name: "half-writable".into(),
+        write: Some(Box::new(move |dst: usize, src: &[u8]| {
+            if dst >= base + 4096 {
+                return Err("the second page refuses writes".into());
+            }
+            std::os::unix::fs::FileExt::write_all_at(&mem, src, dst as u64)
+                .map_err(|e| e.to_string())
+        })),
+    })
+    .unwrap();
+    let reqs = [base + CD03_SITE, base + 4096 + 16].map(|addr| probert::AttachReq {
+        addr,
+        handler: count,
+        user_data: counter(&HITS),
+    });
+    let (index, err) = probert::attach_batch(&reqs).unwrap_err();
+    assert_eq!(index, 1, "{err}");
+    assert_eq!(bytes(base, CD03.len()), CD03, "the first trap was undone");
+    assert_eq!(probert::probe_count(), 0);
+    assert_eq!(probert::__fuzz::late_trap(base + CD03_SITE), "restart");
+    probert::region_remove(region).unwrap();
+});
+
+isolated!(a_late_flush_never_lands_in_a_reused_consumer_record, {
+    // A thread's hit cache still holds a detached consumer's count when its
+    // record is reused 65,536 times (the reuse count at which the old 16-bit
+    // generation check let the flush through); the new consumer's first hit
+    // evicts that entry. Its statistics must count its own hit only.
+    static OLD: AtomicU64 = AtomicU64::new(0);
+    static NEW: AtomicU64 = AtomicU64::new(0);
+    let page = jit_page();
+    let region = probert::region_add(RegionDesc {
+        start: page,
+        len: 4096,
+        name: "reuse".into(),
+        write: None,
+    })
+    .unwrap();
+    let old =
+        unsafe { probert::attach_ex(page, count, counter(&OLD), probert::Mode::Trap) }.unwrap();
+    for _ in 0..5 {
+        assert_eq!(call(page, 1), 2);
+    }
+    probert::detach(old).unwrap();
+    for _ in 0..65_535 {
+        let id =
+            unsafe { probert::attach_ex(page, count, counter(&OLD), probert::Mode::Trap) }.unwrap();
+        probert::detach(id).unwrap();
+    }
+    let new =
+        unsafe { probert::attach_ex(page, count, counter(&NEW), probert::Mode::Trap) }.unwrap();
+    assert_eq!(call(page, 1), 2);
+    assert_eq!(NEW.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        probert::stats(new).unwrap().hits,
+        1,
+        "another consumer's hits were flushed into this one's record"
+    );
+    probert::detach(new).unwrap();
+    probert::region_remove(region).unwrap();
+});
