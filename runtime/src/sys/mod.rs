@@ -15,4 +15,5 @@ pub mod modules;
 pub mod peek;
 pub mod raw;
 pub mod signal;
+pub mod symbols;
 pub mod threads;

@@ -1,5 +1,4 @@
-//! Loaded ELF modules: the list, the function around an address, symbols
-//! by name.
+//! Loaded ELF modules: the list, and the function around an address.
 //!
 //! # The algorithm
 //!
@@ -17,8 +16,7 @@
 //! - [`function_extent`]: binary search of the snapshot's executable
 //!   segments, then of the module's table ([`super::extents`]): two binary
 //!   searches, no parse, no system call beyond the generation check.
-//! - [`symbol_addr`]: the modules the name matches, main program first, in
-//!   load order; per module `.dynsym` and `.symtab` by name.
+//! - [`super::symbols::symbol_addr`] walks the same snapshot by name.
 //!
 //! A table is built on the first lookup that needs it, from the module's
 //! file once [`super::module_file`] has checked the file is the loaded
@@ -53,7 +51,7 @@
 //!   at or after that moment. The label is read during the same walk (under
 //!   the loader's lock) as the list it labels. A loader without the counters
 //!   gets a fresh walk per lookup.
-//! - *Never the wrong file.* See the keys below: a table is attached to a
+//! - *Never the wrong file.* See the keys above: a table is attached to a
 //!   snapshot entry only if path, bias and build-id say it is that image.
 //! - *Never a use after free.* Snapshots are freed only through seize, after
 //!   every guard that could hold them ended; tables and [`Extent`]s hold
@@ -63,41 +61,29 @@
 //!   finishes first. A child forked while another thread was inside cannot
 //!   deadlock here.
 //!
-//! # IFUNCs
-//!
-//! An `STT_GNU_IFUNC` symbol's value is its resolver; the code callers reach
-//! is whatever the resolver returned. [`symbol_addr`] returns what `dlsym`
-//! does: for an exported IFUNC it asks `dlsym` on a handle of that module
-//! (`dlopen(path, RTLD_NOLOAD)`, which never loads anything) and accepts the
-//! answer only inside that module's executable segments; a local IFUNC
-//! (only in `.symtab`) is [`NotFound::Ifunc`]. Probing the resolver would
-//! never fire after startup.
-//!
 //! Not covered: `.debug_frame`-only code, symbols only in separate debug
 //! files (`.gnu_debuglink`, debuginfod), and code outside ELF modules (JIT
 //! regions are named by their region instead).
 //!
 //! # Safety
 //!
-//! The unsafe code calls `dl_iterate_phdr`, `dlopen`, `dlsym`, `dlclose`
-//! and `getauxval`, reads the loader's `dl_phdr_info` and program headers
+//! The unsafe code calls `dl_iterate_phdr` and `getauxval`, reads the loader's `dl_phdr_info` and program headers
 //! only during the callback that hands them out (the loader's contract),
 //! and dereferences snapshot pointers only while a `seize` guard protects
 //! them. Module memory itself is never loaded from directly.
 
 #![allow(unsafe_code)]
 
-use std::ffi::{c_int, c_void, CStr, CString};
-use std::path::Path;
+use std::ffi::{c_int, c_void, CStr};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
 
 use seize::{Collector, Guard};
 
 pub use super::extents::Extent;
+use super::extents::FunctionTable;
 #[cfg(test)]
 use super::extents::Source;
-use super::extents::{FunctionTable, NamedSymbol};
 use super::module_file::{self, Image, Kind};
 
 /// An executable segment of a loaded ELF module.
@@ -123,20 +109,6 @@ pub struct ModuleInfo {
     pub exec: Vec<(usize, usize)>,
     /// The GNU build-id of the loaded image, if it has one.
     pub build_id: Option<Vec<u8>>,
-}
-
-/// Why [`symbol_addr`] found nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum NotFound {
-    /// No loaded module matches the module name.
-    #[error("no loaded module matches the name")]
-    Module,
-    /// No matching module has a function symbol of that name.
-    #[error("no function symbol of that name")]
-    Symbol,
-    /// The symbol is an IFUNC that `dlsym` does not resolve to this module.
-    #[error("the symbol is an IFUNC whose target is not known")]
-    Ifunc,
 }
 
 /// The executable segment containing `addr`, if a loaded module has one.
@@ -197,87 +169,11 @@ pub fn module_functions(module: &ModuleInfo) -> impl Iterator<Item = (String, us
     table.into_iter().flat_map(move |t| t.functions(bias))
 }
 
-/// The address of function `symbol` in a loaded module (API 0.2's
-/// `probert_symbol_addr`).
-///
-/// `module` is a path (compared after resolving links), or a file name with
-/// or without its version suffix (`"libc.so.6"`, `"libc.so"`, `"libc"`);
-/// `None` or `""` means the main program first, then every module in load
-/// order. In each module `.dynsym` is searched, then `.symtab`; of several
-/// symbols of that name the one `dlsym` would return comes first (exported,
-/// default version). IFUNCs resolve as `dlsym` resolves them (see the module
-/// docs).
-///
-/// Normal context only.
-#[allow(dead_code)] // The C entry point is added with API 0.2.
-pub fn symbol_addr(module: Option<&str>, symbol: &str) -> Result<usize, NotFound> {
-    let query = module.filter(|q| !q.is_empty());
-    with_snapshot(|s| {
-        let main = s.modules.iter().filter(|m| m.kind == Kind::Main);
-        let rest = s.modules.iter().filter(|m| m.kind != Kind::Main);
-        let mut matched = false;
-        for m in main.chain(rest) {
-            if query.is_some_and(|q| !module_name_matches(q, &m.info.path)) {
-                continue;
-            }
-            matched = true;
-            let Some(table) = m.table() else { continue };
-            if let Some(sym) = table.symbols_named(symbol).first() {
-                return m.resolve(symbol, sym);
-            }
-        }
-        Err(if matched {
-            NotFound::Symbol
-        } else {
-            NotFound::Module
-        })
-    })
-}
-
-/// Whether `query` names the module at `path` (see [`symbol_addr`]).
-fn module_name_matches(query: &str, path: &str) -> bool {
-    if query.contains('/') {
-        if query == path {
-            return true;
-        }
-        return match (std::fs::canonicalize(query), std::fs::canonicalize(path)) {
-            (Ok(a), Ok(b)) => a == b,
-            _ => false,
-        };
-    }
-    let file = Path::new(path)
-        .file_name()
-        .and_then(|f| f.to_str())
-        .unwrap_or(path);
-    if query == file {
-        return true;
-    }
-    // `stem.so[.N]*`: the query may stop after the stem, after ".so", or
-    // after any version component.
-    let Some(so) = file
-        .match_indices(".so")
-        .map(|(i, _)| i)
-        .find(|&i| matches!(file.as_bytes().get(i + 3), None | Some(b'.')))
-    else {
-        return false;
-    };
-    let (stem, suffix) = file.split_at(so);
-    match query.strip_prefix(stem) {
-        Some("") => !stem.is_empty(),
-        Some(rest) => {
-            rest.starts_with(".so")
-                && suffix.starts_with(rest)
-                && matches!(suffix.as_bytes().get(rest.len()), None | Some(b'.'))
-        }
-        None => false,
-    }
-}
-
 /// A module of a snapshot.
 #[derive(Debug)]
-struct Loaded {
-    info: ModuleInfo,
-    kind: Kind,
+pub(super) struct Loaded {
+    pub(super) info: ModuleInfo,
+    pub(super) kind: Kind,
     /// The executable segments as the loader mapped them, link-time
     /// `(p_vaddr, p_memsz)`, to compare with the file's.
     exec_link: Vec<(u64, u64)>,
@@ -292,7 +188,7 @@ impl Loaded {
     /// Threads racing on the first use may each read the file; the first
     /// to finish sets the slot. Nothing blocks, so a child forked while
     /// another thread was reading cannot hang here.
-    fn table(&self) -> Option<Arc<FunctionTable>> {
+    pub(super) fn table(&self) -> Option<Arc<FunctionTable>> {
         if let Some(t) = self.table.get() {
             return t.clone();
         }
@@ -320,57 +216,16 @@ impl Loaded {
             && (self.kind != Kind::Shared
                 || (self.info.build_id.is_some() && self.info.build_id == old.info.build_id))
     }
-
-    /// The run-time address of `sym` of this module, as `dlsym` would give.
-    fn resolve(&self, name: &str, sym: &NamedSymbol) -> Result<usize, NotFound> {
-        let addr = (sym.vaddr as usize).wrapping_add(self.info.bias);
-        if !sym.flags.ifunc {
-            return Ok(addr);
-        }
-        if !sym.flags.dlsym_visible() || self.kind == Kind::Vdso {
-            return Err(NotFound::Ifunc);
-        }
-        let target = dlsym_in(self, name).ok_or(NotFound::Ifunc)?;
-        let inside = self
-            .info
-            .exec
-            .iter()
-            .any(|&(s, e)| s <= target && target < e);
-        inside.then_some(target).ok_or(NotFound::Ifunc)
-    }
-}
-
-/// `dlsym(dlopen(module, RTLD_NOLOAD), name)`: the address the loader
-/// resolves `name` to, searching `module` first (IFUNCs resolved).
-fn dlsym_in(m: &Loaded, name: &str) -> Option<usize> {
-    let name = CString::new(name).ok()?;
-    let path = match m.kind {
-        Kind::Main => None,
-        _ => Some(CString::new(m.info.path.as_str()).ok()?),
-    };
-    let path_ptr = path.as_ref().map_or(std::ptr::null(), |p| p.as_ptr());
-    // SAFETY: `path_ptr` is NULL (the main program) or a NUL-terminated
-    // path; RTLD_NOLOAD never loads, so no constructor runs.
-    let handle = unsafe { libc::dlopen(path_ptr, libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
-    if handle.is_null() {
-        return None;
-    }
-    // SAFETY: `handle` is a live handle from dlopen; `name` is
-    // NUL-terminated.
-    let addr = unsafe { libc::dlsym(handle, name.as_ptr()) } as usize;
-    // SAFETY: drops the reference taken by the dlopen above.
-    unsafe { libc::dlclose(handle) };
-    (addr != 0).then_some(addr)
 }
 
 /// The loader's module list at one generation.
 #[derive(Debug)]
-struct Snapshot {
+pub(super) struct Snapshot {
     /// `(dlpi_adds, dlpi_subs)` when built; `None` if the loader does not
     /// report them (then every lookup rebuilds).
     generation: Option<(u64, u64)>,
     /// In load order.
-    modules: Vec<Loaded>,
+    pub(super) modules: Vec<Loaded>,
     /// Executable segments `(start, end, module index)`, sorted.
     segments: Vec<(usize, usize, usize)>,
 }
@@ -400,7 +255,7 @@ static CACHE: LazyLock<Cache> = LazyLock::new(|| Cache {
 });
 
 /// Runs `f` on a snapshot of the loader's current generation.
-fn with_snapshot<T>(f: impl FnOnce(&Snapshot) -> T) -> T {
+pub(super) fn with_snapshot<T>(f: impl FnOnce(&Snapshot) -> T) -> T {
     let cache = &*CACHE;
     let generation = loader_generation();
     let mut rebuilt = false;
@@ -646,4 +501,4 @@ pub(crate) fn table_of(info: &ModuleInfo) -> Option<Arc<FunctionTable>> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -5,7 +5,9 @@
 
 use super::*;
 use crate::sys::elf::read_elf;
+use std::ffi::CString;
 use std::hint::black_box;
+use std::path::Path;
 
 use crate::sys::module_file::tests::parses;
 
@@ -20,7 +22,7 @@ fn private_target(x: u64) -> u64 {
     black_box(x).wrapping_add(11).rotate_right(3) ^ black_box(0xaaaa)
 }
 
-fn addr_of_exported() -> usize {
+pub(crate) fn addr_of_exported() -> usize {
     black_box(probert_modules_test_exported as extern "C" fn(u64) -> u64) as usize
 }
 
@@ -29,7 +31,7 @@ fn addr_of_private() -> usize {
 }
 
 /// `dlopen(name)`, never closed.
-fn open(name: &str) -> *mut c_void {
+pub(crate) fn open(name: &str) -> *mut c_void {
     let c = CString::new(name).expect("name");
     // SAFETY: a NUL-terminated library name; the library's constructors
     // are those of a system library.
@@ -38,14 +40,14 @@ fn open(name: &str) -> *mut c_void {
     h
 }
 
-fn dlsym(handle: *mut c_void, name: &str) -> usize {
+pub(crate) fn dlsym(handle: *mut c_void, name: &str) -> usize {
     let c = CString::new(name).expect("name");
     // SAFETY: a live handle (or RTLD_DEFAULT) and a NUL-terminated name.
     unsafe { libc::dlsym(handle, c.as_ptr()) as usize }
 }
 
 /// The loaded module whose file name is `file`.
-fn module_named(file: &str) -> ModuleInfo {
+pub(crate) fn module_named(file: &str) -> ModuleInfo {
     loaded_modules()
         .into_iter()
         .find(|m| Path::new(&m.path).file_name().and_then(|f| f.to_str()) == Some(file))
@@ -260,105 +262,6 @@ fn libstdcxx_landing_pads_lie_inside_their_functions() {
     );
     assert!(with_pads > 500, "{with_pads}");
     assert_eq!(unknown, 0);
-}
-
-#[test]
-fn symbol_addr_finds_what_dlsym_finds() {
-    let want = dlsym(libc::RTLD_DEFAULT, "malloc");
-    assert_ne!(want, 0);
-    assert_eq!(symbol_addr(Some("libc.so.6"), "malloc"), Ok(want));
-    assert_eq!(symbol_addr(Some("libc.so"), "malloc"), Ok(want));
-    assert_eq!(symbol_addr(Some("libc"), "malloc"), Ok(want));
-    assert_eq!(symbol_addr(None, "malloc"), Ok(want));
-    assert_eq!(symbol_addr(Some(""), "malloc"), Ok(want));
-    let libc_path = module_named("libc.so.6").path;
-    assert_eq!(symbol_addr(Some(&libc_path), "malloc"), Ok(want));
-    let real = std::fs::canonicalize(&libc_path).expect("canonicalize");
-    assert_eq!(symbol_addr(real.to_str(), "malloc"), Ok(want));
-    assert_eq!(
-        symbol_addr(Some("libc.so.6"), "no_such_function_here"),
-        Err(NotFound::Symbol)
-    );
-    assert_eq!(
-        symbol_addr(None, "no_such_function_here"),
-        Err(NotFound::Symbol)
-    );
-    assert_eq!(
-        symbol_addr(Some("libnothing"), "malloc"),
-        Err(NotFound::Module)
-    );
-    assert_eq!(
-        symbol_addr(Some("/nonexistent/libc.so.6"), "malloc"),
-        Err(NotFound::Module)
-    );
-    // In the main program, by its file name.
-    let exe = std::env::current_exe().expect("exe");
-    let exe_name = exe.file_name().and_then(|f| f.to_str()).expect("name");
-    assert_eq!(
-        symbol_addr(Some(exe_name), "probert_modules_test_exported"),
-        Ok(addr_of_exported())
-    );
-    assert_eq!(
-        symbol_addr(None, "probert_modules_test_exported"),
-        Ok(addr_of_exported())
-    );
-}
-
-#[test]
-fn symbol_addr_resolves_ifuncs_like_dlsym() {
-    let handle = open("libc.so.6");
-    for name in ["memcpy", "strlen", "memset"] {
-        let want = dlsym(handle, name);
-        let got = symbol_addr(Some("libc.so.6"), name).expect(name);
-        assert_eq!(got, want, "{name}");
-        // The table's own value is the resolver, elsewhere.
-        let table = table_of(&module_named("libc.so.6")).expect("table");
-        let sym = table.symbols_named(name)[0];
-        assert!(sym.flags.ifunc, "{name} is an IFUNC in glibc");
-        assert_ne!(sym.vaddr as usize + module_named("libc.so.6").bias, got);
-        // The target is a function with an extent.
-        assert_eq!(function_extent(got).map(|e| e.start), Some(got), "{name}");
-    }
-}
-
-#[test]
-fn vdso_is_read_from_memory() {
-    let Some(m) = loaded_modules()
-        .into_iter()
-        .find(|m| m.path.contains("vdso"))
-    else {
-        return;
-    };
-    let addr = symbol_addr(Some(&m.path), "__vdso_clock_gettime").expect("vdso symbol");
-    let e = function_extent(addr).expect("extent");
-    assert_eq!(e.start, addr);
-    assert!(
-        e.name().is_some_and(|n| n.contains("clock_gettime")),
-        "{e:?}"
-    );
-}
-
-#[test]
-fn module_names_match_with_and_without_versions() {
-    let p = "/lib/x86_64-linux-gnu/libc.so.6";
-    for q in ["libc.so.6", "libc.so", "libc"] {
-        assert!(module_name_matches(q, p), "{q}");
-    }
-    for q in ["libc.so.", "libc.s", "lib", "libc.so.60", "c", "libcrypto"] {
-        assert!(!module_name_matches(q, p), "{q}");
-    }
-    assert!(!module_name_matches("libc", "/usr/lib/libcrypto.so.3"));
-    assert!(module_name_matches("liblua5.4", "/usr/lib/liblua5.4.so.0"));
-    assert!(module_name_matches(
-        "libstdc++.so.6.0",
-        "/x/libstdc++.so.6.0.30"
-    ));
-    assert!(!module_name_matches(
-        "libstdc++.so.6.0.3",
-        "/x/libstdc++.so.6.0.30"
-    ));
-    assert!(module_name_matches("prog", "/usr/bin/prog"));
-    assert!(!module_name_matches("prog", "/usr/bin/program"));
 }
 
 fn loaded(path: &str, bias: usize, build_id: Option<Vec<u8>>, kind: Kind) -> Loaded {
