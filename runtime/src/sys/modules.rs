@@ -58,7 +58,8 @@
 //!   `Arc`s, so they outlive any snapshot that listed them.
 //! - *Never blocked.* There is no lock of ours: the publish is a
 //!   compare-and-swap, a table slot is set by whichever racing reader
-//!   finishes first. A child forked while another thread was inside cannot
+//!   finishes reading first (nobody waits for a parse). A child forked
+//!   while another thread was building a snapshot or reading a file cannot
 //!   deadlock here.
 //!
 //! Not covered: `.debug_frame`-only code, symbols only in separate debug
@@ -186,8 +187,8 @@ impl Loaded {
     /// The module's table, reading the file on first use.
     ///
     /// Threads racing on the first use may each read the file; the first
-    /// to finish sets the slot. Nothing blocks, so a child forked while
-    /// another thread was reading cannot hang here.
+    /// to finish sets the slot. No thread waits for another's read, so a
+    /// child forked while another thread was reading cannot hang here.
     pub(super) fn table(&self) -> Option<Arc<FunctionTable>> {
         if let Some(t) = self.table.get() {
             return t.clone();

@@ -438,6 +438,13 @@ fn extent_lookup_cost() {
     ] {
         let _h = open(lib);
         let s = table_of(&module_named(lib)).expect("table").stats();
+        let t = std::time::Instant::now();
+        let file = std::fs::File::open(module_named(lib).path).expect("open");
+        let image = read_elf(&object::ReadCache::new(file)).expect("read");
+        let table = FunctionTable::build(image.base, &image.exec(), &image.fdes, image.symbols);
+        let parse_us = t.elapsed().as_micros();
+        assert!(table.is_ok());
+        println!("  {lib}: first read {parse_us} us");
         println!(
             "  {lib}: table {} bytes for {} functions, {} symbols",
             s.heap_bytes, s.functions, s.symbols
