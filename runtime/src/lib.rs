@@ -124,12 +124,16 @@
 //!   the writer may be switching.
 //! - `region` (tests and examples) maps and protects JIT pages. The code
 //!   writer cannot use it: it must not call libc (see above) nor allocate.
+//! - `object` reads loaded modules' ELF files (symbols, program headers,
+//!   build-ids) and `gimli` their call-frame information (`.eh_frame` FDEs:
+//!   every function's bounds, stripped or not), on the attach path.
+//! - `seize` protects the snapshot of loaded modules and their tables,
+//!   which control calls on any thread read while another replaces it. Its
+//!   guards initialise per-thread state lazily (allocating, locking), so it
+//!   is never entered in signal context: every structure a handler reads is
+//!   protected by probert's own read-side sections (`grace`) instead, as
+//!   `crossbeam-epoch` would have to be.
 //! - `thiserror` derives [`Error`].
-//!
-//! Not here, on purpose: `crossbeam-epoch` and `seize` guards initialise
-//! per-thread state lazily (allocating, locking), so neither may be entered
-//! in signal context; the read side of every structure a handler reads uses
-//! probert's own sections (`grace`).
 //!
 //! # Limitations
 //!

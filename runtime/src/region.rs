@@ -185,14 +185,14 @@ impl Regions {
             }
         }
         let m = modules::module_containing(addr).ok_or(Error::NoRegion { addr })?;
-        let func = modules::function_containing(addr);
+        let func = modules::function_extent(addr);
         let target = Target {
             start: m.start,
             end: m.end,
-            func_start: func.as_ref().map(|s| s.start),
+            func_start: func.as_ref().map(|f| f.start),
             region: None,
             write: None,
         };
-        Ok((target, func.map(|s| s.name)))
+        Ok((target, func.and_then(|f| f.name().map(String::from))))
     }
 }

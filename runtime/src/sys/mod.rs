@@ -1,18 +1,30 @@
 //! The operating system: the only place that calls `libc` or makes system
-//! calls.
+//! calls, and where loaded ELF files are read.
 //!
 //! - `raw`: system calls through the `syscall` instruction;
 //! - `code`: reading and writing code bytes;
 //! - `maps`: `/proc/self/maps`, mappings near code, reserved memory;
+//! - `peek`: reads of our own memory that cannot fault;
 //! - `membarrier`: process-wide memory and core-serialising barriers;
-//! - `modules`: loaded ELF modules and their symbols;
+//! - `modules`: the loaded ELF modules and the cache of their tables;
+//!   `module_file`: the file that matches a loaded image; `elf`: reading one
+//!   with `object`; `cfi`: its `.eh_frame` FDEs (`gimli`); `lsda`: C++
+//!   call-site tables; `extents`: the compact table of function extents;
+//!   `symbols`: lookup by name;
 //! - `signal`: installing the `SIGTRAP` handler and chaining;
 //! - `threads`: thread ids and the thread scan.
 
+pub mod cfi;
 pub mod code;
+pub mod elf;
+pub mod extents;
+pub mod lsda;
 pub mod maps;
 pub mod membarrier;
+pub mod module_file;
 pub mod modules;
+pub mod peek;
 pub mod raw;
 pub mod signal;
+pub mod symbols;
 pub mod threads;

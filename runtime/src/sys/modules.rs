@@ -1,32 +1,91 @@
-//! Loaded ELF modules and their symbols.
+//! Loaded ELF modules: the list, and the function around an address.
 //!
-//! [`module_containing`] walks the loader's list with `dl_iterate_phdr` and
-//! reports the executable `PT_LOAD` segment around an address.
-//! [`function_containing`] names the function around an address: `dladdr`
-//! (with the symbol's size from glibc's `dladdr1`) knows exported symbols; for
-//! the rest it reads the module file's `.symtab` (or `.dynsym` if stripped),
-//! parsed once per file and cached. Normal context only: both allocate and
-//! take locks (the loader's and the cache's).
+//! # The algorithm
 //!
-//! Not covered: symbols only present in separate debug files
-//! (`.gnu_debuglink`, debuginfod), and code outside any ELF module (JIT code
-//! is named by its region instead).
+//! A *snapshot* is the loader's module list at one moment: per module its
+//! path, load bias, executable segments and GNU build-id, and a slot for
+//! its [`FunctionTable`]. Every lookup first asks the loader for its
+//! *generation* — glibc's and musl's `dl_iterate_phdr` report `dlpi_adds`
+//! and `dlpi_subs`, the number of objects ever loaded and unloaded; the
+//! walk stops after the first object — and uses the current snapshot if it
+//! is at least that new. Otherwise it walks the loader's list into a new
+//! snapshot, labelled with the generation seen during that walk, and
+//! publishes it with a compare-and-swap (a thread that loses the race drops
+//! its own and looks again). Then:
+//!
+//! - [`function_extent`]: binary search of the snapshot's executable
+//!   segments, then of the module's table ([`super::extents`]): two binary
+//!   searches, no parse, no system call beyond the generation check.
+//! - [`super::symbols::symbol_addr`] walks the same snapshot by name.
+//!
+//! A table is built on the first lookup that needs it, from the module's
+//! file once [`super::module_file`] has checked the file is the loaded
+//! image, and lives as long as some snapshot lists its module.
+//!
+//! # Keys: never the old table for a new module
+//!
+//! A table is reused by a new snapshot only for a module with the same path,
+//! load bias and build-id as one in the old snapshot (the main program and
+//! the vDSO: same path and bias; they never change). A module unloaded and
+//! another loaded at the same address differ in path or build-id; the same
+//! file loaded again at the same address may share the table, which is then
+//! exactly right. A module without a build-id never carries its table over:
+//! it is read again after any load or unload. An unloaded module's table is
+//! dropped with the last snapshot that lists it.
+//!
+//! # Why `seize`
+//!
+//! The snapshot pointer is read by every lookup, on any thread, and replaced
+//! only when modules come and go. Readers enter a `seize` guard, load the
+//! pointer protected, and never write a shared cache line (a `RwLock`'s
+//! reader count would be one); the thread whose compare-and-swap replaced a
+//! snapshot retires it, and seize frees it once no guard that could have
+//! seen it is active. Normal context only: a guard's first entry on a
+//! thread allocates, and nothing here is reachable from a signal handler.
+//!
+//! # Why this is correct
+//!
+//! - *Never a stale list.* `dlpi_adds` and `dlpi_subs` only grow, and any
+//!   load or unload grows one of them, so a snapshot labelled with
+//!   counters at least those read when the lookup began reflects the list
+//!   at or after that moment. The label is read during the same walk (under
+//!   the loader's lock) as the list it labels. A loader without the counters
+//!   gets a fresh walk per lookup.
+//! - *Never the wrong file.* See the keys above: a table is attached to a
+//!   snapshot entry only if path, bias and build-id say it is that image.
+//! - *Never a use after free.* Snapshots are freed only through seize, after
+//!   every guard that could hold them ended; tables and [`Extent`]s hold
+//!   `Arc`s, so they outlive any snapshot that listed them.
+//! - *Never blocked.* There is no lock of ours: the publish is a
+//!   compare-and-swap, a table slot is set by whichever racing reader
+//!   finishes reading first (nobody waits for a parse). A child forked
+//!   while another thread was building a snapshot or reading a file cannot
+//!   deadlock here.
+//!
+//! Not covered: `.debug_frame`-only code, symbols only in separate debug
+//! files (`.gnu_debuglink`, debuginfod), and code outside ELF modules (JIT
+//! regions are named by their region instead).
 //!
 //! # Safety
 //!
-//! The unsafe code here calls `dl_iterate_phdr`, `dladdr` and `dladdr1` and
-//! reads the structures they hand out only for the duration the loader
-//! guarantees them (program headers and names during the callback; `Dl_info`
-//! strings while the object stays loaded, copied out at once). Nothing here
-//! writes memory it does not own.
+//! The unsafe code calls `dl_iterate_phdr` and `getauxval`, reads the loader's `dl_phdr_info` and program headers
+//! only during the callback that hands them out (the loader's contract),
+//! and dereferences snapshot pointers only while a `seize` guard protects
+//! them. Module memory itself is never loaded from directly.
 
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CStr};
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, LazyLock, OnceLock};
+
+use seize::{Collector, Guard};
+
+pub use super::extents::Extent;
+use super::extents::FunctionTable;
+#[cfg(test)]
+use super::extents::Source;
+use super::module_file::{self, Image, Kind};
 
 /// An executable segment of a loaded ELF module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,52 +99,288 @@ pub struct Module {
     pub path: String,
 }
 
-/// A function symbol.
+/// A loaded module.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Symbol {
-    /// Its first address, load bias included.
-    pub start: usize,
-    /// Its size in bytes; 0 when the symbol table does not say.
-    pub size: usize,
-    /// Its name as in the symbol table (mangled for Rust and C++).
-    pub name: String,
+pub struct ModuleInfo {
+    /// As in [`Module::path`].
+    pub path: String,
+    /// `dlpi_addr`: run-time address minus link-time address.
+    pub bias: usize,
+    /// The executable `PT_LOAD` segments, `[start, end)`, run-time.
+    pub exec: Vec<(usize, usize)>,
+    /// The GNU build-id of the loaded image, if it has one.
+    pub build_id: Option<Vec<u8>>,
 }
 
-/// What [`find_module`] reports.
-#[derive(Debug)]
-struct Found {
-    module: Module,
-    /// `dlpi_addr`: the load bias.
-    bias: usize,
-    /// The main program (empty `dlpi_name`).
-    main: bool,
-}
-
-/// The executable `PT_LOAD` segment containing `addr`, via `dl_iterate_phdr`.
+/// The executable segment containing `addr`, if a loaded module has one.
 ///
 /// Normal context only.
 pub fn module_containing(addr: usize) -> Option<Module> {
-    find_module(addr).map(|f| f.module)
+    with_snapshot(|s| {
+        let (m, seg) = s.segment_at(addr)?;
+        Some(Module {
+            start: seg.0,
+            end: seg.1,
+            path: m.info.path.clone(),
+        })
+    })
 }
 
-/// [`module_containing`], with the load bias.
-fn find_module(addr: usize) -> Option<Found> {
-    struct Search {
-        addr: usize,
-        /// `AT_PHDR`: the main program's program headers.
+/// The function around `addr`, which lies in a loaded module's executable
+/// segment: bounds from the tightest of the FDEs and sized symbols that
+/// contain it, and the symbol naming it ([`super::extents`] has the rules).
+/// `None` outside modules, in code no FDE or symbol covers (PLT stubs,
+/// padding), and in a module whose file could not be matched to its image.
+///
+/// After the first lookup in a module, two binary searches and one
+/// `dl_iterate_phdr` call that stops at the first object. Normal context
+/// only.
+pub fn function_extent(addr: usize) -> Option<Extent> {
+    with_snapshot(|s| {
+        let (m, _) = s.segment_at(addr)?;
+        m.table()?.extent(m.info.bias, addr)
+    })
+}
+
+/// The loaded modules, in load order (the main program first).
+///
+/// Normal context only.
+#[allow(dead_code)] // For the tracing command's globs (API 0.2), not yet wired.
+pub fn loaded_modules() -> Vec<ModuleInfo> {
+    with_snapshot(|s| s.modules.iter().map(|m| m.info.clone()).collect())
+}
+
+/// Every function symbol of `module` (`.dynsym` and `.symtab`, a symbol in
+/// both once) as `(name, run-time start, size)`, in address order; empty if
+/// the module is no longer loaded or has no readable table.
+///
+/// Normal context only.
+#[allow(dead_code)] // For the tracing command's globs (API 0.2), not yet wired.
+pub fn module_functions(module: &ModuleInfo) -> impl Iterator<Item = (String, usize, usize)> {
+    let table = with_snapshot(|s| {
+        s.modules
+            .iter()
+            .find(|m| {
+                (&m.info.path, m.info.bias, &m.info.build_id)
+                    == (&module.path, module.bias, &module.build_id)
+            })
+            .and_then(Loaded::table)
+    });
+    let bias = module.bias;
+    table.into_iter().flat_map(move |t| t.functions(bias))
+}
+
+/// A module of a snapshot.
+#[derive(Debug)]
+pub(super) struct Loaded {
+    pub(super) info: ModuleInfo,
+    pub(super) kind: Kind,
+    /// The executable segments as the loader mapped them, link-time
+    /// `(p_vaddr, p_memsz)`, to compare with the file's.
+    exec_link: Vec<(u64, u64)>,
+    /// The table, built on first use; `None` if the file could not be read
+    /// or did not match the image.
+    table: OnceLock<Option<Arc<FunctionTable>>>,
+}
+
+impl Loaded {
+    /// The module's table, reading the file on first use.
+    ///
+    /// Threads racing on the first use may each read the file; the first
+    /// to finish sets the slot. No thread waits for another's read, so a
+    /// child forked while another thread was reading cannot hang here.
+    pub(super) fn table(&self) -> Option<Arc<FunctionTable>> {
+        if let Some(t) = self.table.get() {
+            return t.clone();
+        }
+        let _ = self.table.set(module_file::load_table(&self.image()));
+        self.table.get().cloned().flatten()
+    }
+
+    /// What [`module_file`] needs to find and check the file.
+    fn image(&self) -> Image<'_> {
+        Image {
+            kind: self.kind,
+            path: &self.info.path,
+            bias: self.info.bias,
+            exec_link: &self.exec_link,
+            build_id: self.info.build_id.as_deref(),
+        }
+    }
+
+    /// Whether a new snapshot may take over `old`'s table for `self`.
+    fn same_image(&self, old: &Loaded) -> bool {
+        fn key(m: &Loaded) -> (Kind, &str, usize, &[(u64, u64)]) {
+            (m.kind, &m.info.path, m.info.bias, &m.exec_link)
+        }
+        key(self) == key(old)
+            && (self.kind != Kind::Shared
+                || (self.info.build_id.is_some() && self.info.build_id == old.info.build_id))
+    }
+}
+
+/// The loader's module list at one generation.
+#[derive(Debug)]
+pub(super) struct Snapshot {
+    /// `(dlpi_adds, dlpi_subs)` when built; `None` if the loader does not
+    /// report them (then every lookup rebuilds).
+    generation: Option<(u64, u64)>,
+    /// In load order.
+    pub(super) modules: Vec<Loaded>,
+    /// Executable segments `(start, end, module index)`, sorted.
+    segments: Vec<(usize, usize, usize)>,
+}
+
+impl Snapshot {
+    /// The module and executable segment containing `addr`.
+    fn segment_at(&self, addr: usize) -> Option<(&Loaded, (usize, usize))> {
+        let i = self
+            .segments
+            .partition_point(|&(s, _, _)| s <= addr)
+            .checked_sub(1)?;
+        let (s, e, m) = self.segments[i];
+        (addr < e).then(|| (&self.modules[m], (s, e)))
+    }
+}
+
+/// The published snapshot.
+struct Cache {
+    collector: Collector,
+    /// The current snapshot (a `Box`), or null before the first lookup.
+    current: AtomicPtr<Snapshot>,
+}
+
+static CACHE: LazyLock<Cache> = LazyLock::new(|| Cache {
+    collector: Collector::new(),
+    current: AtomicPtr::new(std::ptr::null_mut()),
+});
+
+/// Runs `f` on a snapshot of the loader's current generation.
+pub(super) fn with_snapshot<T>(f: impl FnOnce(&Snapshot) -> T) -> T {
+    let cache = &*CACHE;
+    let generation = loader_generation();
+    let mut rebuilt = false;
+    loop {
+        let guard = cache.collector.enter();
+        // Ordering: Acquire (seize strengthens it as its protocol needs)
+        // sees the snapshot's contents — pairs with the AcqRel
+        // compare_exchange in `publish`.
+        let ptr = guard.protect(&cache.current, Ordering::Acquire);
+        // SAFETY: a non-null pointer was published by `publish` from a
+        // `Box` and is retired through this collector, so it stays valid
+        // while `guard` is active.
+        let snap = unsafe { ptr.as_ref() };
+        if let Some(snap) = snap {
+            // A snapshot at least as new as the loader was when this call
+            // began answers as of a moment during the call.
+            let current = match (snap.generation, generation) {
+                (Some((adds, subs)), Some((adds0, subs0))) => adds >= adds0 && subs >= subs0,
+                _ => rebuilt,
+            };
+            if current {
+                return f(snap);
+            }
+        }
+        let fresh = take_snapshot(snap);
+        drop(guard);
+        publish(ptr, fresh);
+        rebuilt = true;
+    }
+}
+
+/// Replaces snapshot `old` by `fresh`, unless another thread replaced `old`
+/// first (then `fresh` is dropped, and the caller looks again).
+fn publish(old: *mut Snapshot, fresh: Snapshot) {
+    let cache = &*CACHE;
+    let fresh = Box::into_raw(Box::new(fresh));
+    // Ordering: AcqRel — Release publishes the new snapshot's contents to
+    // the protected loads in `with_snapshot`; Acquire on failure is unused
+    // — pairs with `with_snapshot`'s protect.
+    match cache
+        .current
+        .compare_exchange(old, fresh, Ordering::AcqRel, Ordering::Acquire)
+    {
+        Ok(_) if !old.is_null() => {
+            // SAFETY: `old` came from `Box::into_raw`, is no longer
+            // reachable from `current`, and only the one thread whose
+            // exchange removed it retires it; readers that loaded it hold
+            // guards seize waits for.
+            unsafe { cache.collector.retire(old, seize::reclaim::boxed) };
+        }
+        Ok(_) => {}
+        Err(_) => {
+            // SAFETY: `fresh` was never shared.
+            drop(unsafe { Box::from_raw(fresh) });
+        }
+    }
+}
+
+/// The `dl_phdr_info` size from which `dlpi_adds` and `dlpi_subs` are
+/// filled.
+const GENERATION_SIZE: usize = std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8;
+
+/// `(dlpi_adds, dlpi_subs)`, from the first object `dl_iterate_phdr`
+/// reports; `None` if this libc does not fill them.
+fn loader_generation() -> Option<(u64, u64)> {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        size: libc::size_t,
+        data: *mut c_void,
+    ) -> c_int {
+        if size >= GENERATION_SIZE {
+            // SAFETY: `info` is valid during the callback and, per `size`,
+            // has the counters; `data` is the `Option` below.
+            unsafe {
+                let info = &*info;
+                *data.cast::<Option<(u64, u64)>>() = Some((info.dlpi_adds, info.dlpi_subs));
+            }
+        }
+        1
+    }
+    let mut generation: Option<(u64, u64)> = None;
+    // SAFETY: `first` matches the callback type and does not unwind;
+    // `generation` outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(first),
+            (&mut generation as *mut Option<(u64, u64)>).cast(),
+        )
+    };
+    generation
+}
+
+/// What the loader says about one object, copied out during the callback.
+struct RawModule {
+    name: String,
+    bias: usize,
+    main: bool,
+    exec_link: Vec<(u64, u64)>,
+    lowest: u64,
+    build_id: Option<Vec<u8>>,
+}
+
+/// Walks the loader's list; tables of modules unchanged since `old` are
+/// taken over.
+fn take_snapshot(old: Option<&Snapshot>) -> Snapshot {
+    struct Walk {
         main_phdr: usize,
-        found: Option<Found>,
+        /// The loader's generation during the walk.
+        generation: Option<(u64, u64)>,
+        out: Vec<RawModule>,
     }
 
     /// Called by the loader for each object, under its lock.
     unsafe extern "C" fn visit(
         info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
+        size: libc::size_t,
         data: *mut c_void,
     ) -> c_int {
-        // SAFETY: `data` is the `Search` passed to `dl_iterate_phdr` below,
-        // exclusively ours for the call; `info` is valid during the callback.
-        let (search, info) = unsafe { (&mut *data.cast::<Search>(), &*info) };
+        // SAFETY: `data` is the `Walk` passed below, ours for the call;
+        // `info` is valid during the callback.
+        let (walk, info) = unsafe { (&mut *data.cast::<Walk>(), &*info) };
+        if walk.out.is_empty() && size >= GENERATION_SIZE {
+            walk.generation = Some((info.dlpi_adds, info.dlpi_subs));
+        }
         let bias = info.dlpi_addr as usize;
         let phdrs: &[libc::Elf64_Phdr] = if info.dlpi_phdr.is_null() {
             &[]
@@ -93,17 +388,6 @@ fn find_module(addr: usize) -> Option<Found> {
             // SAFETY: the loader guarantees `dlpi_phnum` headers at
             // `dlpi_phdr` for the duration of the callback.
             unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
-        };
-        let hit = phdrs.iter().find_map(|ph| {
-            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_X == 0 {
-                return None;
-            }
-            let start = bias.wrapping_add(ph.p_vaddr as usize);
-            let end = start.wrapping_add(ph.p_memsz as usize);
-            (start <= search.addr && search.addr < end).then_some((start, end))
-        });
-        let Some((start, end)) = hit else {
-            return 0;
         };
         let name = if info.dlpi_name.is_null() {
             String::new()
@@ -114,418 +398,108 @@ fn find_module(addr: usize) -> Option<Found> {
                 .to_string_lossy()
                 .into_owned()
         };
+        let loads = phdrs.iter().filter(|p| p.p_type == libc::PT_LOAD);
+        let lowest = loads.clone().map(|p| p.p_vaddr).min().unwrap_or(0);
+        let exec_link = loads
+            .filter(|p| p.p_flags & libc::PF_X != 0)
+            .map(|p| (p.p_vaddr, p.p_memsz))
+            .collect();
+        let build_id = phdrs
+            .iter()
+            .filter(|p| p.p_type == libc::PT_NOTE)
+            .find_map(|p| module_file::build_id_in_memory(bias, p.p_vaddr, p.p_memsz, p.p_align));
         // glibc names the main program "", static musl "/proc/self/exe",
         // dynamic musl argv[0] or AT_EXECFN (maybe relative): recognise it
         // by its program headers instead.
-        let main = name.is_empty() || info.dlpi_phdr as usize == search.main_phdr;
-        search.found = Some(Found {
-            main,
-            module: Module {
-                start,
-                end,
-                path: name,
-            },
+        let main = name.is_empty() || info.dlpi_phdr as usize == walk.main_phdr;
+        walk.out.push(RawModule {
+            name,
             bias,
+            main,
+            exec_link,
+            lowest,
+            build_id,
         });
-        1
+        0
     }
 
-    let mut search = Search {
-        addr,
+    let mut walk = Walk {
         // SAFETY: getauxval only reads the auxiliary vector.
         main_phdr: unsafe { libc::getauxval(libc::AT_PHDR) } as usize,
-        found: None,
+        generation: None,
+        out: Vec::new(),
     };
-    // SAFETY: `visit` matches the callback type, does not unwind (no
-    // panicking operation; a panic would abort at the `extern "C"`
-    // boundary), and `search` outlives the call.
-    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut search as *mut Search).cast()) };
-    let mut found = search.found?;
-    if found.main {
-        found.module.path = std::fs::read_link("/proc/self/exe")
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| "/proc/self/exe".to_string());
-    }
-    Some(found)
-}
+    // SAFETY: `visit` matches the callback type, does not unwind (a panic
+    // would abort at the `extern "C"` boundary), and `walk` outlives the
+    // call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut walk as *mut Walk).cast()) };
+    // SAFETY: getauxval only reads the auxiliary vector.
+    let vdso = unsafe { libc::getauxval(libc::AT_SYSINFO_EHDR) } as usize;
 
-/// The function symbol containing `addr`: `dladdr` first, then the module
-/// file's `.symtab`.
-///
-/// A `dladdr` symbol of unknown size (musl has no `dladdr1`; some symbols
-/// have no size) is only taken if the file's table finds nothing and `addr`
-/// is its first byte: `dladdr` returns the nearest preceding exported symbol,
-/// which may be another function entirely. Normal context only.
-pub fn function_containing(addr: usize) -> Option<Symbol> {
-    let sizeless = match dladdr_symbol(addr) {
-        Some(sym) if sym.size > 0 && addr < sym.start.saturating_add(sym.size) => return Some(sym),
-        Some(sym) if sym.size == 0 && sym.start == addr => Some(sym),
-        _ => None,
-    };
-    symtab_symbol(addr).or(sizeless)
-}
-
-/// `RTLD_DL_SYMENT` for `dladdr1`: return the `ElfW(Sym)` of the symbol.
-#[cfg(target_env = "gnu")]
-const RTLD_DL_SYMENT: c_int = 1;
-
-/// What `dladdr` knows about `addr`: exported symbols only.
-fn dladdr_symbol(addr: usize) -> Option<Symbol> {
-    // SAFETY: `Dl_info` is plain data; all-zero is valid.
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    #[cfg(target_env = "gnu")]
-    let (ok, size) = {
-        let mut sym: *const libc::Elf64_Sym = std::ptr::null();
-        // SAFETY: `info` and `sym` are writable; with RTLD_DL_SYMENT glibc
-        // stores a pointer to the symbol's entry in the loaded .dynsym.
-        let ok = unsafe {
-            libc::dladdr1(
-                addr as *const c_void,
-                &mut info,
-                (&mut sym as *mut *const libc::Elf64_Sym).cast(),
-                RTLD_DL_SYMENT,
-            )
-        } != 0;
-        let size = if ok && !sym.is_null() {
-            // SAFETY: `sym` points into the mapped .dynsym of an object that
-            // stays loaded (the caller's contract for `addr`).
-            unsafe { (*sym).st_size as usize }
+    let mut modules = Vec::with_capacity(walk.out.len());
+    let mut segments = Vec::new();
+    for raw in walk.out {
+        let kind = if raw.main {
+            Kind::Main
+        } else if vdso != 0 && raw.bias.wrapping_add(raw.lowest as usize) == vdso {
+            Kind::Vdso
         } else {
-            0
+            Kind::Shared
         };
-        (ok, size)
-    };
-    #[cfg(not(target_env = "gnu"))]
-    let (ok, size) = {
-        // SAFETY: `info` is writable.
-        let ok = unsafe { libc::dladdr(addr as *const c_void, &mut info) } != 0;
-        (ok, 0)
-    };
-    if !ok || info.dli_saddr.is_null() || info.dli_sname.is_null() {
-        return None;
-    }
-    let name = c_str(info.dli_sname)?;
-    Some(Symbol {
-        start: info.dli_saddr as usize,
-        size,
-        name,
-    })
-}
-
-/// Copies a C string out.
-fn c_str(p: *const c_char) -> Option<String> {
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: `p` is a NUL-terminated string from the loader, valid while the
-    // object stays loaded; copied at once.
-    Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-}
-
-/// The function around `addr` per the module file's symbol table.
-fn symtab_symbol(addr: usize) -> Option<Symbol> {
-    let found = find_module(addr)?;
-    let table = table_for(&found)?;
-    // ET_EXEC values are absolute; ET_DYN (PIE, shared objects) values are
-    // relative to the load bias.
-    let bias = if table.relocatable { found.bias } else { 0 };
-    let (start, size, name) = table.lookup(addr.wrapping_sub(bias))?;
-    Some(Symbol {
-        start: start.wrapping_add(bias),
-        size,
-        name: name.to_string(),
-    })
-}
-
-/// Parsed symbol tables by path. An unreadable or symbol-less file caches
-/// an empty table, so it is read once.
-static TABLES: OnceLock<Mutex<HashMap<String, Arc<SymbolTable>>>> = OnceLock::new();
-
-/// The cached table for `found`'s file, parsing it on first use.
-fn table_for(found: &Found) -> Option<Arc<SymbolTable>> {
-    let tables = TABLES.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = &found.module.path;
-    if let Some(t) = tables
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(key)
-    {
-        return Some(t.clone());
-    }
-    // Parse outside the lock: files can be large. Two racing parsers just
-    // parse twice. The main program is read through /proc/self/exe, which
-    // still works if the file was replaced or deleted since it started.
-    let file = if found.main {
-        "/proc/self/exe"
-    } else {
-        key.as_str()
-    };
-    let table = Arc::new(
-        File::open(file)
-            .ok()
-            .and_then(|f| SymbolTable::parse(&f))
-            .unwrap_or_default(),
-    );
-    let cached = tables
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .entry(key.clone())
-        .or_insert(table)
-        .clone();
-    Some(cached)
-}
-
-/// An ELF file's function symbols, sorted by address.
-#[derive(Debug, Default)]
-struct SymbolTable {
-    /// `e_type == ET_DYN`: values are relative to the load bias.
-    relocatable: bool,
-    /// `(st_value, st_size, name offset in strtab)`, sorted.
-    funcs: Vec<(usize, usize, usize)>,
-    /// The string table the names point into.
-    strtab: Vec<u8>,
-}
-
-/// ELF constants (from `elf.h`), spelled out to stay independent of which
-/// of them a libc binding exports.
-mod elf {
-    pub const ELFCLASS64: u8 = 2;
-    pub const ELFDATA2LSB: u8 = 1;
-    pub const ET_EXEC: u16 = 2;
-    pub const ET_DYN: u16 = 3;
-    pub const SHT_SYMTAB: u32 = 2;
-    pub const SHT_DYNSYM: u32 = 11;
-    pub const STT_FUNC: u8 = 2;
-    pub const STT_GNU_IFUNC: u8 = 10;
-    pub const SHN_UNDEF: u16 = 0;
-    pub const SHDR_SIZE: usize = 64;
-    pub const SYM_SIZE: usize = 24;
-}
-
-/// Little-endian field readers over a byte slice; `None` when out of range.
-fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off + 4)?.try_into().ok()?))
-}
-fn u64_at(b: &[u8], off: usize) -> Option<usize> {
-    usize::try_from(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?)).ok()
-}
-
-/// Reads `len` bytes at `off` of `f`.
-fn read_at(f: &File, off: usize, len: usize) -> Option<Vec<u8>> {
-    // A corrupt header must not make us allocate gigabytes.
-    const MAX: usize = 1 << 30;
-    if len > MAX {
-        return None;
-    }
-    let mut buf = vec![0; len];
-    f.read_exact_at(&mut buf, u64::try_from(off).ok()?).ok()?;
-    Some(buf)
-}
-
-impl SymbolTable {
-    /// Parses the `.symtab` of an ELF64 little-endian file, or its `.dynsym`
-    /// if it has none. `None` if it is not such a file.
-    fn parse(f: &File) -> Option<SymbolTable> {
-        let eh = read_at(f, 0, 64)?;
-        if eh.get(..4)? != b"\x7fELF"
-            || *eh.get(4)? != elf::ELFCLASS64
-            || *eh.get(5)? != elf::ELFDATA2LSB
-        {
-            return None;
-        }
-        let relocatable = match u16_at(&eh, 16)? {
-            elf::ET_DYN => true,
-            elf::ET_EXEC => false,
-            _ => return None,
+        let path = match kind {
+            Kind::Main => std::fs::read_link("/proc/self/exe")
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "/proc/self/exe".to_string()),
+            _ => raw.name,
         };
-        let shoff = u64_at(&eh, 40)?;
-        let shentsize = usize::from(u16_at(&eh, 58)?);
-        if shoff == 0 || shentsize < elf::SHDR_SIZE {
-            return None;
-        }
-        let mut shnum = usize::from(u16_at(&eh, 60)?);
-        if shnum == 0 {
-            // Extended numbering: the count is in section 0's sh_size.
-            shnum = u64_at(&read_at(f, shoff, elf::SHDR_SIZE)?, 32)?;
-        }
-        let shdrs = read_at(f, shoff, shnum.checked_mul(shentsize)?)?;
-        let section = |i: usize| shdrs.get(i * shentsize..i * shentsize + elf::SHDR_SIZE);
-        let find =
-            |ty: u32| (0..shnum).find(|&i| section(i).and_then(|s| u32_at(s, 4)) == Some(ty));
-        let symtab = section(find(elf::SHT_SYMTAB).or_else(|| find(elf::SHT_DYNSYM))?)?;
-        let (sym_off, sym_size) = (u64_at(symtab, 24)?, u64_at(symtab, 32)?);
-        let strtab = section(usize::try_from(u32_at(symtab, 40)?).ok()?)?;
-        let (str_off, str_size) = (u64_at(strtab, 24)?, u64_at(strtab, 32)?);
-        let syms = read_at(f, sym_off, sym_size)?;
-        let strtab = read_at(f, str_off, str_size)?;
-        let mut funcs: Vec<(usize, usize, usize)> = syms
-            .chunks_exact(elf::SYM_SIZE)
-            .filter_map(|s| {
-                let kind = s.get(4)? & 0xf;
-                let shndx = u16_at(s, 6)?;
-                let (value, size) = (u64_at(s, 8)?, u64_at(s, 16)?);
-                let func = kind == elf::STT_FUNC || kind == elf::STT_GNU_IFUNC;
-                (func && shndx != elf::SHN_UNDEF && size > 0).then_some((
-                    value,
-                    size,
-                    usize::try_from(u32_at(s, 0)?).ok()?,
-                ))
+        let exec: Vec<(usize, usize)> = raw
+            .exec_link
+            .iter()
+            .map(|&(v, len)| {
+                let s = raw.bias.wrapping_add(v as usize);
+                (s, s.wrapping_add(len as usize))
             })
             .collect();
-        funcs.sort_unstable();
-        Some(SymbolTable {
-            relocatable,
-            funcs,
-            strtab,
-        })
+        segments.extend(exec.iter().map(|&(s, e)| (s, e, modules.len())));
+        let m = Loaded {
+            info: ModuleInfo {
+                path,
+                bias: raw.bias,
+                exec,
+                build_id: raw.build_id,
+            },
+            kind,
+            exec_link: raw.exec_link,
+            table: OnceLock::new(),
+        };
+        let inherited = old
+            .into_iter()
+            .flat_map(|s| s.modules.iter())
+            .find(|o| m.same_image(o))
+            .and_then(|o| o.table.get().cloned());
+        if let Some(t) = inherited {
+            let _ = m.table.set(t);
+        }
+        modules.push(m);
     }
+    segments.sort_unstable();
+    Snapshot {
+        generation: walk.generation,
+        modules,
+        segments,
+    }
+}
 
-    /// `(start, size, name)` of the function containing file address `a`.
-    fn lookup(&self, a: usize) -> Option<(usize, usize, &str)> {
-        let after = self.funcs.partition_point(|&(v, _, _)| v <= a);
-        // Nested or overlapping entries (local labels typed FUNC, aliases of
-        // different sizes) are rare: look back a few for one that contains.
-        self.funcs[..after]
+/// The table of the loaded module `info`, for tests and reports.
+#[cfg(test)]
+pub(crate) fn table_of(info: &ModuleInfo) -> Option<Arc<FunctionTable>> {
+    with_snapshot(|s| {
+        s.modules
             .iter()
-            .rev()
-            .take(16)
-            .find(|&&(v, size, _)| a < v.saturating_add(size))
-            .and_then(|&(v, size, name)| Some((v, size, self.name(name)?)))
-    }
-
-    /// The NUL-terminated name at `off` in the string table.
-    fn name(&self, off: usize) -> Option<&str> {
-        let bytes = self.strtab.get(off..)?;
-        let end = bytes.iter().position(|&b| b == 0)?;
-        std::str::from_utf8(bytes.get(..end)?).ok()
-    }
+            .find(|m| m.info == *info)
+            .and_then(Loaded::table)
+    })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::hint::black_box;
-
-    #[inline(never)]
-    #[no_mangle]
-    extern "C" fn probert_modules_test_exported(x: u64) -> u64 {
-        black_box(x).wrapping_mul(3).rotate_left(7) ^ black_box(0x5555)
-    }
-
-    #[inline(never)]
-    fn private_target(x: u64) -> u64 {
-        black_box(x).wrapping_add(11).rotate_right(3) ^ black_box(0xaaaa)
-    }
-
-    fn addr_of_exported() -> usize {
-        black_box(probert_modules_test_exported as extern "C" fn(u64) -> u64) as usize
-    }
-
-    fn addr_of_private() -> usize {
-        black_box(private_target as fn(u64) -> u64) as usize
-    }
-
-    #[test]
-    fn main_program_module_contains_its_functions() {
-        let f = addr_of_private();
-        let m = module_containing(f).expect("module");
-        assert!(m.start <= f && f < m.end);
-        let exe = std::env::current_exe().expect("current_exe");
-        assert_eq!(std::path::Path::new(&m.path), exe);
-    }
-
-    #[test]
-    fn libc_module_contains_getpid() {
-        let f = black_box(libc::getpid as unsafe extern "C" fn() -> libc::pid_t) as usize;
-        let m = module_containing(f).expect("module");
-        assert!(m.start <= f && f < m.end);
-        // Static musl links libc into the program itself.
-        let exe = std::env::current_exe().expect("current_exe");
-        assert!(
-            m.path.contains("libc") || std::path::Path::new(&m.path) == exe,
-            "{}",
-            m.path
-        );
-    }
-
-    #[test]
-    fn exported_function_found_with_its_start() {
-        let f = addr_of_exported();
-        assert_eq!(probert_modules_test_exported(black_box(1)), {
-            let x = 1u64;
-            x.wrapping_mul(3).rotate_left(7) ^ 0x5555
-        });
-        let s = function_containing(f).expect("symbol");
-        assert_eq!(s.start, f);
-        assert_eq!(s.name, "probert_modules_test_exported");
-        assert!(s.size > 0);
-        let mid = function_containing(f + s.size / 2).expect("middle");
-        assert_eq!(mid, s);
-        let last = function_containing(f + s.size - 1).expect("last byte");
-        assert_eq!(last.start, f);
-    }
-
-    #[test]
-    fn private_function_found_through_symtab() {
-        let f = addr_of_private();
-        let _ = private_target(black_box(2));
-        let s = function_containing(f).expect("symbol");
-        assert_eq!(s.start, f);
-        assert!(s.name.contains("private_target"), "{}", s.name);
-        assert!(s.size > 0);
-        assert_eq!(
-            function_containing(f + s.size / 2).expect("middle").start,
-            f
-        );
-        // Cached: the second lookup answers the same.
-        assert_eq!(function_containing(f), Some(s));
-    }
-
-    #[test]
-    fn libc_getpid_found_via_dladdr() {
-        let f = black_box(libc::getpid as unsafe extern "C" fn() -> libc::pid_t) as usize;
-        // A static program (musl's default) has no dynamic symbols to ask.
-        if cfg!(target_env = "gnu") {
-            let s = dladdr_symbol(f).expect("dladdr");
-            assert_eq!(s.start, f);
-            assert!(s.name.contains("getpid"), "{}", s.name);
-            assert!(s.size > 0, "dladdr1 gives the size");
-        }
-        let via_api = function_containing(f).expect("symbol");
-        assert_eq!(via_api.start, f);
-        assert!(via_api.name.contains("getpid"), "{}", via_api.name);
-    }
-
-    #[test]
-    fn heap_addresses_are_in_no_module() {
-        let b = Box::new([0u8; 64]);
-        let p = b.as_ptr() as usize;
-        assert_eq!(module_containing(p), None);
-        assert_eq!(function_containing(p), None);
-        let v = vec![0u8; 1 << 20];
-        assert_eq!(function_containing(v.as_ptr() as usize + 4096), None);
-    }
-
-    #[test]
-    fn parser_rejects_non_elf_and_looks_up_tables() {
-        let path = std::env::temp_dir().join(format!("probert-notelf-{}", std::process::id()));
-        std::fs::write(&path, b"#!/bin/sh\necho not elf\n").expect("write");
-        assert!(SymbolTable::parse(&File::open(&path).expect("open")).is_none());
-        let _ = std::fs::remove_file(&path);
-        let t = SymbolTable {
-            relocatable: true,
-            funcs: vec![(0x100, 0x40, 1), (0x120, 0x8, 3), (0x200, 0x10, 5)],
-            strtab: b"\0a\0b\0c\0".to_vec(),
-        };
-        assert_eq!(t.lookup(0x100), Some((0x100, 0x40, "a")));
-        assert_eq!(t.lookup(0x124), Some((0x120, 0x8, "b")));
-        // Past the nested entry, still in the outer one.
-        assert_eq!(t.lookup(0x130), Some((0x100, 0x40, "a")));
-        assert_eq!(t.lookup(0x140), None);
-        assert_eq!(t.lookup(0x20f), Some((0x200, 0x10, "c")));
-        assert_eq!(t.lookup(0xff), None);
-    }
-}
+pub(crate) mod tests;

@@ -731,9 +731,9 @@ mod tests {
         let f =
             std::hint::black_box(spin_until as extern "C" fn(*const AtomicBool, *const AtomicBool))
                 as usize;
-        let sym = super::super::modules::function_containing(f).expect("spin_until symbol");
-        assert_eq!(sym.start, f);
-        (sym.start, sym.start + sym.size)
+        let ext = super::super::modules::function_extent(f).expect("spin_until extent");
+        assert_eq!(ext.start, f);
+        (ext.start, ext.end)
     }
 
     /// A thread spinning in `spin_until`, stopped and joined on drop.

@@ -1,0 +1,342 @@
+//! Reading one ELF object: what the function table needs from it.
+//!
+//! [`read_elf`] takes any `object::ReadRef` — a `ReadCache` over a `File`
+//! for files on disk, which reads with ordinary `read` calls only the parts
+//! it is asked for (headers, symbol tables and their strings, `.eh_frame`,
+//! `.gcc_except_table`), or a byte slice for an image copied out of memory
+//! (the vDSO). Nothing is mapped, so a file truncated or replaced while we
+//! read it gives an error or stale bytes, never a fault; whether the bytes
+//! describe the loaded module is the caller's check ([`ElfImage::build_id`],
+//! [`ElfImage::eh_frame_hdr`]).
+//!
+//! It collects, in link-time addresses:
+//! - the `PT_LOAD` segments (the lowest one is the module's base, the
+//!   executable ones are where functions may be);
+//! - the GNU build-id note;
+//! - every FDE of `.eh_frame` ([`super::cfi`]), found by section name, or
+//!   through `PT_GNU_EH_FRAME` when the file has no section headers, with
+//!   its landing pads decoded from the LSDA ([`super::lsda`]);
+//! - the defined function symbols (`STT_FUNC`, `STT_GNU_IFUNC`) of
+//!   `.symtab` and `.dynsym`, with binding, visibility and, for `.dynsym`,
+//!   whether their version is the default one (`.gnu.version`).
+//!
+//! String tables are read whole, once, rather than a name at a time.
+
+use object::elf;
+use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::SymbolIndex;
+use object::{Endianness, Object, ReadRef};
+
+use super::cfi::{self, FdeLsda, SectionAddrs};
+use super::extents::{FdeIn, LsdaIn, SymFlags, SymbolIn};
+use super::lsda;
+
+/// A `PT_LOAD` segment, link-time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Load {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+    pub exec: bool,
+}
+
+/// What [`read_elf`] found.
+#[derive(Debug, Default)]
+pub(crate) struct ElfImage {
+    /// Lowest `PT_LOAD` address.
+    pub base: u64,
+    pub loads: Vec<Load>,
+    pub build_id: Option<Vec<u8>>,
+    /// Address and bytes of `.eh_frame_hdr`, to compare with memory when
+    /// there is no build-id.
+    pub eh_frame_hdr: Option<(u64, Vec<u8>)>,
+    pub fdes: Vec<FdeIn>,
+    /// FDEs that did not parse.
+    pub fdes_skipped: usize,
+    pub symbols: Vec<SymbolIn>,
+}
+
+impl ElfImage {
+    /// The executable segments as `[start, end)`.
+    pub fn exec(&self) -> Vec<(u64, u64)> {
+        self.loads
+            .iter()
+            .filter(|l| l.exec)
+            .map(|l| (l.vaddr, l.vaddr.saturating_add(l.memsz)))
+            .collect()
+    }
+}
+
+/// Why a file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ElfError {
+    #[error("not a readable ELF file: {0}")]
+    Object(#[from] object::Error),
+    #[error("not an x86_64 little-endian ELF64 file")]
+    Machine,
+    #[error("no PT_LOAD segment")]
+    NoLoad,
+}
+
+type File<'data, R> = ElfFile64<'data, Endianness, R>;
+
+/// Reads what the function table needs from the ELF file in `data`.
+pub(crate) fn read_elf<'data, R: ReadRef<'data>>(data: R) -> Result<ElfImage, ElfError> {
+    let file = File::<R>::parse(data)?;
+    let endian = file.endian();
+    let header = file.elf_header();
+    if header.e_machine(endian) != elf::EM_X86_64 || endian != Endianness::Little {
+        return Err(ElfError::Machine);
+    }
+    let loads: Vec<Load> = file
+        .elf_program_headers()
+        .iter()
+        .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
+        .map(|ph| Load {
+            vaddr: ph.p_vaddr(endian),
+            memsz: ph.p_memsz(endian),
+            offset: ph.p_offset(endian),
+            filesz: ph.p_filesz(endian),
+            exec: ph.p_flags(endian) & elf::PF_X != 0,
+        })
+        .collect();
+    let base = loads
+        .iter()
+        .map(|l| l.vaddr)
+        .min()
+        .ok_or(ElfError::NoLoad)?;
+    let mut image = ElfImage {
+        base,
+        build_id: file.build_id().ok().flatten().map(<[u8]>::to_vec),
+        ..Default::default()
+    };
+    let bytes = Bytes {
+        file: &file,
+        data,
+        loads: &loads,
+    };
+    image.eh_frame_hdr = bytes
+        .section(b".eh_frame_hdr")
+        .map(|(a, d)| (a, d.to_vec()));
+    read_frames(&bytes, &mut image);
+    read_symbols(&file, data, &mut image.symbols);
+    image.loads = loads;
+    Ok(image)
+}
+
+/// Access to a file's bytes by section name or by link-time address.
+struct Bytes<'a, 'data, R: ReadRef<'data>> {
+    file: &'a File<'data, R>,
+    data: R,
+    loads: &'a [Load],
+}
+
+impl<'data, R: ReadRef<'data>> Bytes<'_, 'data, R> {
+    fn endian(&self) -> Endianness {
+        self.file.endian()
+    }
+
+    /// Address and contents of the first section named `name`.
+    fn section(&self, name: &[u8]) -> Option<(u64, &'data [u8])> {
+        let (endian, table) = (self.endian(), self.file.elf_section_table());
+        let sh = table
+            .iter()
+            .find(|sh| table.section_name(endian, sh) == Ok(name))?;
+        Some((sh.sh_addr(endian), sh.data(endian, self.data).ok()?))
+    }
+
+    /// The address of the first section named `name`.
+    fn section_addr_by_name(&self, name: &[u8]) -> Option<u64> {
+        let (endian, table) = (self.endian(), self.file.elf_section_table());
+        table
+            .iter()
+            .find(|sh| table.section_name(endian, sh) == Ok(name))
+            .map(|sh| sh.sh_addr(endian))
+    }
+
+    /// The file bytes from link-time `addr` to the end of the allocated
+    /// section holding it, or, without section headers, to the end of the
+    /// file-backed part of its `PT_LOAD` segment.
+    fn bytes_at(&self, addr: u64) -> Option<&'data [u8]> {
+        let endian = self.endian();
+        let table = self.file.elf_section_table();
+        if !table.is_empty() {
+            let sh = table.iter().find(|sh| {
+                let (a, size) = (sh.sh_addr(endian), sh.sh_size(endian));
+                sh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0
+                    && sh.sh_type(endian) != elf::SHT_NOBITS
+                    && a <= addr
+                    && addr < a.saturating_add(size)
+            })?;
+            let d = sh.data(endian, self.data).ok()?;
+            return d.get(usize::try_from(addr - sh.sh_addr(endian)).ok()?..);
+        }
+        let l = self
+            .loads
+            .iter()
+            .find(|l| l.vaddr <= addr && addr < l.vaddr.saturating_add(l.filesz))?;
+        let off = l.offset.checked_add(addr - l.vaddr)?;
+        self.data.read_bytes_at(off, l.vaddr + l.filesz - addr).ok()
+    }
+}
+
+/// Fills `image.fdes` from `.eh_frame` (or `PT_GNU_EH_FRAME`), with
+/// landing pads.
+fn read_frames<'data, R: ReadRef<'data>>(bytes: &Bytes<'_, 'data, R>, image: &mut ElfImage) {
+    let found = bytes.section(b".eh_frame").or_else(|| {
+        // No section headers: .eh_frame_hdr's second field points at
+        // .eh_frame, which runs to the end of its segment at most.
+        let endian = bytes.endian();
+        let ph = bytes
+            .file
+            .elf_program_headers()
+            .iter()
+            .find(|ph| ph.p_type(endian) == elf::PT_GNU_EH_FRAME)?;
+        let hdr_addr = ph.p_vaddr(endian);
+        let hdr = bytes.bytes_at(hdr_addr)?;
+        let parsed = gimli::EhFrameHdr::new(hdr, gimli::LittleEndian)
+            .parse(
+                &gimli::BaseAddresses::default().set_eh_frame_hdr(hdr_addr),
+                8,
+            )
+            .ok()?;
+        let gimli::Pointer::Direct(at) = parsed.eh_frame_ptr() else {
+            return None;
+        };
+        Some((at, bytes.bytes_at(at)?))
+    });
+    let Some((eh_frame_addr, eh_frame)) = found else {
+        return;
+    };
+    let frames = cfi::fdes(
+        eh_frame,
+        SectionAddrs {
+            eh_frame: eh_frame_addr,
+            text: bytes.section_addr_by_name(b".text"),
+            got: bytes.section_addr_by_name(b".got"),
+        },
+    );
+    image.fdes_skipped = frames.skipped;
+    image.fdes = frames
+        .fdes
+        .into_iter()
+        .map(|f| FdeIn {
+            start: f.start,
+            len: f.len,
+            lsda: match f.lsda {
+                FdeLsda::None => LsdaIn::None,
+                FdeLsda::Indirect => LsdaIn::Unknown,
+                FdeLsda::At(a) => bytes
+                    .bytes_at(a)
+                    .and_then(|d| lsda::landing_pads(d, a, f.start).ok())
+                    .map_or(LsdaIn::Unknown, LsdaIn::Pads),
+            },
+        })
+        .collect();
+}
+
+/// Appends the defined function symbols of `.symtab` and `.dynsym`.
+fn read_symbols<'data, R: ReadRef<'data>>(file: &File<'data, R>, data: R, out: &mut Vec<SymbolIn>) {
+    let endian = file.endian();
+    let sections = file.elf_section_table();
+    let versions = sections.versions(endian, data).ok().flatten();
+    for (table, dynsym) in [
+        (file.elf_symbol_table(), false),
+        (file.elf_dynamic_symbol_table(), true),
+    ] {
+        if table.is_empty() {
+            continue;
+        }
+        // One read for the whole string table.
+        let Some(strings) = sections
+            .section(table.string_section())
+            .ok()
+            .and_then(|sh| sh.data(endian, data).ok())
+        else {
+            continue;
+        };
+        for (index, sym) in table.enumerate() {
+            let kind = sym.st_type();
+            if kind != elf::STT_FUNC && kind != elf::STT_GNU_IFUNC {
+                continue;
+            }
+            let shndx = sym.st_shndx(endian);
+            if shndx == elf::SHN_UNDEF || shndx == elf::SHN_ABS {
+                continue;
+            }
+            let Some(name) = c_name(strings, sym.st_name(endian)) else {
+                continue;
+            };
+            let bind = sym.st_bind();
+            let visible = matches!(sym.st_visibility(), elf::STV_DEFAULT | elf::STV_PROTECTED);
+            let global =
+                visible && matches!(bind, elf::STB_GLOBAL | elf::STB_WEAK | elf::STB_GNU_UNIQUE);
+            let hidden_version = dynsym
+                && versions
+                    .as_ref()
+                    .is_some_and(|v| v.version_index(endian, SymbolIndex(index.0)).is_hidden());
+            out.push(SymbolIn {
+                name: String::from_utf8_lossy(name).into_owned(),
+                value: sym.st_value(endian),
+                size: sym.st_size(endian),
+                flags: SymFlags {
+                    dynsym,
+                    symtab: !dynsym,
+                    ifunc: kind == elf::STT_GNU_IFUNC,
+                    global,
+                    hidden_version,
+                },
+            });
+        }
+    }
+}
+
+/// The NUL-terminated string at `off` of a string table.
+fn c_name(strings: &[u8], off: u32) -> Option<&[u8]> {
+    let s = strings.get(usize::try_from(off).ok()?..)?;
+    let end = s.iter().position(|&b| b == 0)?;
+    (end > 0).then(|| &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_elf_and_foreign_files_are_refused() {
+        assert!(matches!(
+            read_elf(&b"#!/bin/sh\necho\n"[..]),
+            Err(ElfError::Object(_))
+        ));
+        assert!(matches!(read_elf(&[0u8; 16][..]), Err(ElfError::Object(_))));
+    }
+
+    #[test]
+    fn the_test_binary_reads_with_symbols_fdes_and_build_id() {
+        let f = std::fs::File::open("/proc/self/exe").expect("open");
+        let cache = object::ReadCache::new(f);
+        let img = read_elf(&cache).expect("read");
+        assert!(img.loads.iter().any(|l| l.exec));
+        assert!(img.fdes.len() > 1000, "{} FDEs", img.fdes.len());
+        assert_eq!(img.fdes_skipped, 0);
+        assert!(img
+            .symbols
+            .iter()
+            .any(|s| s.name.contains("the_test_binary_reads_with_symbols")));
+        // Rust functions with drop glue have landing pads.
+        assert!(img
+            .fdes
+            .iter()
+            .any(|f| matches!(&f.lsda, LsdaIn::Pads(p) if !p.is_empty())));
+        assert!(img.eh_frame_hdr.is_some());
+    }
+
+    #[test]
+    fn c_names_stop_at_nul_and_refuse_empty_or_unterminated() {
+        assert_eq!(c_name(b"\0foo\0bar", 1), Some(&b"foo"[..]));
+        assert_eq!(c_name(b"\0foo\0bar", 0), None);
+        assert_eq!(c_name(b"\0foo\0bar", 5), None);
+        assert_eq!(c_name(b"\0foo\0bar", 99), None);
+    }
+}
