@@ -258,9 +258,9 @@ impl Sites {
         }
         let end = target.end.min(addr + MAX_INSN_LEN);
         let insn = self.original_code(addr, end);
-        if insn.starts_with(TRAP_INSN) {
-            return Err(Error::Conflict { addr });
-        }
+        // Boundaries first: a trap byte inside an instruction is that
+        // instruction's byte (Misaligned); only at a boundary is it a
+        // foreign trap (Conflict).
         match target.region {
             // A JIT region decodes from its start: once, then cached.
             Some(id) => {
@@ -277,6 +277,9 @@ impl Sites {
                     arch::check_boundary(&bytes, func, addr)?;
                 }
             }
+        }
+        if insn.starts_with(TRAP_INSN) {
+            return Err(Error::Conflict { addr });
         }
         let decoded = arch::analyze(&insn, addr)?;
         let stub = match decoded.displaced {

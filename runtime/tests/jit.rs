@@ -319,3 +319,35 @@ isolated!(a_late_flush_never_lands_in_a_reused_consumer_record, {
     probert::detach(new).unwrap();
     probert::region_remove(region).unwrap();
 });
+
+isolated!(
+    a_trap_byte_inside_an_instruction_is_misaligned_not_a_conflict,
+    {
+        // `mov eax, 0xCCCCCCCC; ret`: the immediate's bytes are 0xCC, but they
+        // are inside the `mov`; only an `int3` at a boundary is someone else's.
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let mut page = region::alloc(4096, region::Protection::READ_WRITE).expect("alloc");
+        let p = page.as_mut_ptr::<u8>();
+        let code = [0xB8, 0xCC, 0xCC, 0xCC, 0xCC, 0xC3, 0xCC];
+        unsafe {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), p, code.len());
+            region::protect(p, 4096, region::Protection::READ_EXECUTE).expect("protect");
+        }
+        let base = p as usize;
+        let region = probert::region_add(RegionDesc {
+            start: base,
+            len: code.len(),
+            name: "cc".into(),
+            write: None,
+        })
+        .unwrap();
+        for off in 1..5 {
+            let err = unsafe { probert::attach(base + off, count, counter(&HITS)) }.unwrap_err();
+            assert!(matches!(err, Error::Misaligned { .. }), "+{off}: {err}");
+        }
+        let err = unsafe { probert::attach(base + 6, count, counter(&HITS)) }.unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "+6: {err}");
+        probert::region_remove(region).unwrap();
+        drop(page);
+    }
+);
