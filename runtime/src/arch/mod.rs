@@ -23,7 +23,12 @@
 //! [`TrapContext::pc`]/[`TrapContext::set_pc`], and the register frame
 //! [`Regs`] (the stack pointer among them) a handler sees ([`TrapContext::regs`],
 //! [`TrapContext::set_regs`], which keeps the system flags). The thread scan
-//! reads a context with [`interrupted_pc`].
+//! reads a context with [`interrupted_pc`] and [`interrupted_sp`], and
+//! finds contexts saved deeper on a stack by their signal frames: each
+//! starts with the address of a signal return trampoline (ours,
+//! [`restorer_address`], or the one a running handler returns through,
+//! [`handler_restorer`]), with the saved pc and sp at [`SIGFRAME_PC`] and
+//! [`SIGFRAME_SP`] bytes from it.
 //!
 //! **Instruction analysis.** [`analyze`] decodes the instruction at a probe
 //! address and classifies how the trap path gets past it ([`Displaced`]):
@@ -121,9 +126,10 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
     analyze, check_boundary, classify_trap_site, emit_out_of_line, emit_site_stub, emit_trampoline,
-    emulate, fast_eligible, interrupted_pc, jump_to, resume_out_of_line, thread_pointer,
-    Boundaries, Displaced, FastFrame, InlineLayout, KernelSigaction, Reg, Regs, SwitchStep,
-    TrapContext, TrapSite, HEAD, JUMP_LEN, MAX_INSN_LEN, POISON, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP,
+    emulate, fast_eligible, handler_restorer, interrupted_pc, interrupted_sp, jump_to,
+    restorer_address, resume_out_of_line, thread_pointer, Boundaries, Displaced, FastFrame,
+    InlineLayout, KernelSigaction, Reg, Regs, SwitchStep, TrapContext, TrapSite, HEAD, JUMP_LEN,
+    MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP,
     TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
 };
 

@@ -53,7 +53,41 @@ pub(crate) struct Mapping<'a> {
 /// Calls `f` for each line of `/proc/self/maps`, in address order, until it
 /// breaks. Raw system calls and an 8 KiB stack buffer: no libc, no
 /// allocation. `Err(errno)` if the file cannot be read.
-pub(crate) fn for_each_mapping(
+pub(crate) fn for_each_mapping(f: impl FnMut(&Mapping<'_>) -> ControlFlow<()>) -> Result<(), i32> {
+    let mut buf = [0u8; 8192];
+    for_each_mapping_in(&mut buf, f)
+}
+
+/// The end of the mapping that contains `addr`, read from `/proc/self/maps`
+/// with a small stack buffer (a line longer than it loses its name, which is
+/// not needed here). `None` if no mapping contains it or the file cannot be
+/// read.
+///
+/// # Signal safety
+/// Raw system calls and a 512-byte stack buffer: no libc, no allocation.
+pub(crate) fn mapping_end(_cx: crate::sigctx::SignalContext, addr: usize) -> Option<usize> {
+    let mut buf = [0u8; 512];
+    let mut end = None;
+    for_each_mapping_in(&mut buf, |m| {
+        if m.start <= addr && addr < m.end {
+            end = Some(m.end);
+            ControlFlow::Break(())
+        } else if m.start > addr {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .ok()?;
+    end
+}
+
+/// [`for_each_mapping`] with the caller's buffer.
+///
+/// # Signal safety
+/// Raw system calls only: no libc, no allocation (if `f` allocates nothing).
+fn for_each_mapping_in(
+    buf: &mut [u8],
     mut f: impl FnMut(&Mapping<'_>) -> ControlFlow<()>,
 ) -> Result<(), i32> {
     let path = c"/proc/self/maps";
@@ -68,15 +102,18 @@ pub(crate) fn for_each_mapping(
             )
         }
     })?;
-    let result = read_lines(fd as i32, &mut f);
+    let result = read_lines(fd as i32, buf, &mut f);
     // SAFETY: closes the descriptor opened above, used by no one else.
     unsafe { raw::syscall1(libc::SYS_close, fd) };
     result
 }
 
 /// The line loop of [`for_each_mapping`].
-fn read_lines(fd: i32, f: &mut impl FnMut(&Mapping<'_>) -> ControlFlow<()>) -> Result<(), i32> {
-    let mut buf = [0u8; 8192];
+fn read_lines(
+    fd: i32,
+    buf: &mut [u8],
+    f: &mut impl FnMut(&Mapping<'_>) -> ControlFlow<()>,
+) -> Result<(), i32> {
     let mut len = 0;
     // Discarding the tail of a line longer than `buf`.
     let mut skipping = false;

@@ -12,7 +12,8 @@
 //!   call-site tables; `extents`: the compact table of function extents;
 //!   `symbols`: lookup by name;
 //! - `signal`: installing the `SIGTRAP` handler and chaining;
-//! - `threads`: thread ids and the thread scan.
+//! - `threads`: thread ids and the thread scan; `sigframes`: contexts saved
+//!   in signal frames deeper on a thread's stack.
 
 pub mod cfi;
 pub mod code;
@@ -25,6 +26,7 @@ pub mod module_file;
 pub mod modules;
 pub mod peek;
 pub mod raw;
+pub mod sigframes;
 pub mod signal;
 pub mod symbols;
 pub mod threads;

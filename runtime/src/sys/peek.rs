@@ -50,6 +50,48 @@ pub fn read_memory(addr: usize, buf: &mut [u8]) -> Result<(), i32> {
     }
 }
 
+/// [`read_memory`] without libc and without the fallback: one raw
+/// `process_vm_readv`. `Err(errno)` if any byte is not mapped readable or
+/// the system call is unavailable.
+///
+/// # Signal safety
+/// One raw system call; `errno` untouched.
+pub fn read_memory_raw(
+    _cx: crate::sigctx::SignalContext,
+    addr: usize,
+    buf: &mut [u8],
+) -> Result<(), i32> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: as in `read_memory`; getpid has no effects.
+    let ret = unsafe {
+        let pid = super::raw::syscall0(libc::SYS_getpid);
+        super::raw::syscall6(
+            libc::SYS_process_vm_readv,
+            pid,
+            &local as *const libc::iovec as i64,
+            1,
+            &remote as *const libc::iovec as i64,
+            1,
+            0,
+        )
+    };
+    match super::raw::check(ret) {
+        Ok(n) if n as usize == buf.len() => Ok(()),
+        Ok(_) => Err(libc::EFAULT),
+        Err(e) => Err(e),
+    }
+}
+
 /// The fallback: `pread` on `/proc/self/mem`.
 fn read_proc_mem(addr: usize, buf: &mut [u8]) -> Result<(), i32> {
     let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
@@ -70,6 +112,12 @@ mod tests {
         // Page 0 is never mapped.
         assert_eq!(read_memory(16, &mut buf), Err(libc::EFAULT));
         assert_eq!(read_proc_mem(src.as_ptr() as usize, &mut buf), Ok(()));
+        // SAFETY: the test calls only the signal-safe raw read with it.
+        let cx = unsafe { crate::sigctx::SignalContext::new() };
+        let mut raw = [0u8; 12];
+        assert_eq!(read_memory_raw(cx, src.as_ptr() as usize, &mut raw), Ok(()));
+        assert_eq!(raw, src);
+        assert_eq!(read_memory_raw(cx, 16, &mut raw), Err(libc::EFAULT));
         assert!(read_proc_mem(16, &mut buf).is_err());
     }
 }

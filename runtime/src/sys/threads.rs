@@ -63,6 +63,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::raw;
+use super::sigframes::Saved;
 use crate::error::{Error, Result};
 use crate::sigctx::SignalContext;
 
@@ -121,6 +122,8 @@ const INSIDE: u64 = 3;
 static SEQ: AtomicU64 = AtomicU64::new(0);
 /// Number of valid ranges in [`RANGES`].
 static RANGE_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// The [`Depth`] of the published scan, as its discriminant.
+static DEPTH: AtomicUsize = AtomicUsize::new(0);
 /// `[a0, b0, a1, b1, …]`: the published half-open ranges.
 static RANGES: [AtomicUsize; 2 * MAX_RANGES] = [const { AtomicUsize::new(0) }; 2 * MAX_RANGES];
 /// Per-slot ack words: `generation << 2 | ARMED/OUTSIDE/INSIDE`.
@@ -228,6 +231,19 @@ fn current_handler(sig: c_int) -> Result<libc::sighandler_t> {
     Ok(old.sa_sigaction)
 }
 
+/// How much of each thread's state a scan checks against its ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    /// The context the scan's signal interrupted, and, where the stack can
+    /// be read, the contexts saved in signal frames above it (see
+    /// [`super::sigframes`]); an unreadable stack counts as outside.
+    Frames,
+    /// As [`Depth::Frames`], but an unreadable stack (or a frame the walk
+    /// cannot read) counts as inside: for proofs that must not have blind
+    /// spots.
+    FramesRequired,
+}
+
 /// Whether every other thread has been observed with its program counter
 /// outside every half-open range `[a, b)` of `ranges`.
 ///
@@ -245,6 +261,11 @@ fn current_handler(sig: c_int) -> Result<libc::sighandler_t> {
 /// `Err` if the signal handler cannot be installed or was replaced. Normal
 /// context only.
 pub fn quiescent(ranges: &[(usize, usize)], timeout: Duration) -> Result<bool> {
+    quiescent_at(ranges, timeout, Depth::Frames)
+}
+
+/// [`quiescent`], at `depth`.
+pub fn quiescent_at(ranges: &[(usize, usize)], timeout: Duration, depth: Depth) -> Result<bool> {
     let ranges = merged(ranges);
     if ranges.is_empty() {
         return Ok(true);
@@ -265,7 +286,7 @@ pub fn quiescent(ranges: &[(usize, usize)], timeout: Duration) -> Result<bool> {
     state.blocked.retain(|t| tids.contains(t));
     for chunk in ranges.chunks(MAX_RANGES) {
         for batch in tids.chunks(ACK_SLOTS) {
-            if !scan_round(chunk, batch, deadline, &mut state) {
+            if !scan_round(chunk, depth, batch, deadline, &mut state) {
                 return Ok(false);
             }
         }
@@ -314,11 +335,12 @@ struct ScanTarget {
 /// inside or the deadline passed.
 fn scan_round(
     ranges: &[(usize, usize)],
+    depth: Depth,
     tids: &[i32],
     deadline: Instant,
     state: &mut ScanState,
 ) -> bool {
-    let gen = publish(ranges);
+    let gen = publish(ranges, depth);
     let pid = std::process::id() as i32;
     // Ordering: Relaxed — read by handlers run because of the signals sent
     // below; the kernel's signal queueing orders the two — pairs with the
@@ -422,7 +444,7 @@ fn scan_round(
 /// Publishes `ranges` (at most [`MAX_RANGES`]) under the sequence lock and
 /// returns the new generation (48 bits, even, non-zero). Scanner only, under
 /// [`SCAN`].
-fn publish(ranges: &[(usize, usize)]) -> u64 {
+fn publish(ranges: &[(usize, usize)], depth: Depth) -> u64 {
     // Ordering: Relaxed — only the scanner, under SCAN, writes SEQ.
     let seq = SEQ.load(Ordering::Relaxed);
     // Skip generation 0 (and wrap at 48 bits): the seqlock stays even/odd.
@@ -441,6 +463,8 @@ fn publish(ranges: &[(usize, usize)]) -> u64 {
     }
     // Ordering: Relaxed — as above.
     RANGE_COUNT.store(n, Ordering::Relaxed);
+    // Ordering: Relaxed — as above.
+    DEPTH.store(depth as usize, Ordering::Relaxed);
     let mut gen = (odd + 1) & GEN_MASK;
     if gen == 0 {
         gen = 2;
@@ -523,6 +547,19 @@ unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx
         // Unknown pc: say inside, the answer that is always safe.
         None => true,
     };
+    let inside = inside || {
+        // Ordering: Relaxed — validated with the ranges by `gen` (a stale
+        // depth only makes the walk's ranges stale, which `ranges_contain`
+        // refuses).
+        let required = DEPTH.load(Ordering::Relaxed) == Depth::FramesRequired as usize;
+        // SAFETY: `ctx` is this handler's third argument.
+        match unsafe { super::sigframes::saved_contexts(cx, ctx, |pc| ranges_contain(cx, gen, pc)) }
+        {
+            Saved::Outside => false,
+            Saved::Inside => true,
+            Saved::Unknown => required,
+        }
+    };
     let answer = gen << 2 | if inside { INSIDE } else { OUTSIDE };
     // Ordering: AcqRel — Acquire pairs with the scanner's Release arm (the
     // slot is for this round), Release publishes the answer — pairs with
@@ -557,17 +594,20 @@ fn ranges_contain(_cx: SignalContext, gen: u64, pc: usize) -> Option<bool> {
     }
     // Ordering: Relaxed — validated by the SEQ re-check below.
     let n = RANGE_COUNT.load(Ordering::Relaxed).min(MAX_RANGES);
-    let mut inside = false;
-    for i in 0..n {
+    // The ranges are sorted and disjoint (`merged`): the last one starting
+    // at or before `pc` is the only one that can hold it.
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
         // Ordering: Relaxed — validated by the SEQ re-check below.
-        let a = RANGES[2 * i].load(Ordering::Relaxed);
-        // Ordering: Relaxed — as above.
-        let b = RANGES[2 * i + 1].load(Ordering::Relaxed);
-        if a <= pc && pc < b {
-            inside = true;
-            break;
+        if RANGES[2 * mid].load(Ordering::Relaxed) <= pc {
+            lo = mid + 1;
+        } else {
+            hi = mid;
         }
     }
+    // Ordering: Relaxed — as above.
+    let inside = lo > 0 && pc < RANGES[2 * (lo - 1) + 1].load(Ordering::Relaxed);
     // Ordering: Acquire fence — if a range read above was written by a later
     // `publish`, its odd SEQ store is visible below — pairs with the Release
     // fence in `publish`.
@@ -682,6 +722,9 @@ fn parse_syscall_file(s: &str) -> ProcState {
 }
 
 #[cfg(test)]
+pub(crate) use tests::in_own_process;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
@@ -689,8 +732,9 @@ mod tests {
 
     /// Runs `body` in a fresh copy of the test binary running only this
     /// test, so the scan sees only the threads the test makes (other tests'
-    /// threads may block signals while running).
-    fn in_own_process(name: &str, body: fn()) {
+    /// threads may block signals while running), and signal handlers it
+    /// installs affect no other test.
+    pub(crate) fn in_own_process(name: &str, body: fn()) {
         const VAR: &str = "PROBERT_THREADS_CHILD_TEST";
         if std::env::var(VAR).as_deref() == Ok(name) {
             body();
@@ -854,13 +898,13 @@ mod tests {
         let _scan = SCAN
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let gen = publish(&[(100, 200), (300, 400)]);
+        let gen = publish(&[(100, 200), (300, 400)], Depth::Frames);
         assert_eq!(gen % 2, 0);
         assert_eq!(ranges_contain(cx, gen, 150), Some(true));
         assert_eq!(ranges_contain(cx, gen, 200), Some(false));
         assert_eq!(ranges_contain(cx, gen, 399), Some(true));
         assert_eq!(ranges_contain(cx, gen - 2, 150), None);
-        let next = publish(&[(0, 1)]);
+        let next = publish(&[(0, 1)], Depth::Frames);
         assert_ne!(next, gen);
         assert_eq!(ranges_contain(cx, gen, 0), None);
         assert_eq!(ranges_contain(cx, next, 0), Some(true));

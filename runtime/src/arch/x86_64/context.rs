@@ -127,6 +127,49 @@ impl TrapContext<'_> {
     }
 }
 
+/// The interrupted stack pointer from a handler's third argument, read only.
+///
+/// # Safety
+/// `uc` is null or the third argument of a running `SA_SIGINFO` handler.
+///
+/// # Signal safety
+/// Reads the context only.
+#[inline]
+pub unsafe fn interrupted_sp(_cx: SignalContext, uc: *const c_void) -> Option<usize> {
+    if uc.is_null() {
+        return None;
+    }
+    // SAFETY: the caller passes the kernel's ucontext.
+    let uc = unsafe { &*uc.cast::<libc::ucontext_t>() };
+    Some(uc.uc_mcontext.gregs[libc::REG_RSP as usize] as usize)
+}
+
+/// The signal return trampoline the running handler returns through: the
+/// word just below its `ucontext` in the kernel's `rt_sigframe` (`pretcode`,
+/// the handler's return address). libc's (`__restore_rt`) for a handler
+/// installed through libc.
+///
+/// # Safety
+/// `uc` is the third argument of a running `SA_SIGINFO` handler.
+///
+/// # Signal safety
+/// One load from the handler's own signal frame.
+#[inline]
+pub unsafe fn handler_restorer(_cx: SignalContext, uc: *const c_void) -> usize {
+    // SAFETY: `uc` points into the rt_sigframe the kernel built, which starts
+    // with `pretcode` immediately before the ucontext.
+    unsafe { *(uc as *const usize).sub(1) }
+}
+
+/// Where a saved context's program counter and stack pointer lie in a
+/// signal frame, counted in bytes from the frame's first word (`pretcode`,
+/// the address of the signal return trampoline).
+pub const SIGFRAME_PC: usize =
+    8 + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) + 8 * libc::REG_RIP as usize;
+/// See [`SIGFRAME_PC`].
+pub const SIGFRAME_SP: usize =
+    8 + std::mem::offset_of!(libc::ucontext_t, uc_mcontext) + 8 * libc::REG_RSP as usize;
+
 /// The interrupted program counter from a handler's third argument, read
 /// only (for the thread scan's handler).
 ///

@@ -22,7 +22,9 @@ mod relocate;
 mod signal;
 mod tp;
 
-pub use context::{interrupted_pc, TrapContext};
+pub use context::{
+    handler_restorer, interrupted_pc, interrupted_sp, TrapContext, SIGFRAME_PC, SIGFRAME_SP,
+};
 pub use emulate::emulate;
 pub use fast::{emit_site_stub, emit_trampoline, FastFrame, InlineLayout, TRAMPOLINE_SIZE};
 pub use insn::{analyze, check_boundary, Boundaries, Displaced};
@@ -32,7 +34,7 @@ pub use patch::{
 };
 pub use regs::{Reg, Regs};
 pub use relocate::{emit_out_of_line, resume_out_of_line};
-pub use signal::KernelSigaction;
+pub use signal::{restorer_address, KernelSigaction};
 pub use tp::thread_pointer;
 
 /// The trap instruction written over a probed instruction's first byte:
