@@ -432,6 +432,26 @@ fn rel32(site: usize, from_end: usize, to: usize) -> Result<[u8; 4]> {
     })
 }
 
+/// The stub's first [`STUB_PROLOGUE`] bytes, up to `ret_point`: step over
+/// the red zone, push `tag`, call `trampoline`.
+pub(super) fn stub_prologue(
+    site: usize,
+    stub: usize,
+    trampoline: usize,
+    tag: u32,
+) -> Result<Vec<u8>> {
+    if tag > i32::MAX as u32 {
+        return Err(Error::Internal("fast stub tag out of range".into()));
+    }
+    // lea rsp, [rsp - 128]; push imm32; call rel32
+    let mut b = vec![0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0x68];
+    b.extend_from_slice(&tag.to_le_bytes());
+    b.push(0xE8);
+    b.extend_from_slice(&rel32(site, stub + b.len() + 4, trampoline)?);
+    debug_assert_eq!(b.len(), STUB_PROLOGUE);
+    Ok(b)
+}
+
 /// The bytes of the per-site stub at `stub` for the instruction `code`
 /// (decoded as `len`, `displaced`) at `site`, calling `trampoline` with `tag`.
 pub fn emit_site_stub(
@@ -443,16 +463,8 @@ pub fn emit_site_stub(
     trampoline: usize,
     tag: u32,
 ) -> Result<Vec<u8>> {
-    if tag > i32::MAX as u32 {
-        return Err(Error::Internal("fast stub tag out of range".into()));
-    }
     let back = site + len as usize;
-    // lea rsp, [rsp - 128]; push imm32; call rel32
-    let mut b = vec![0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0x68];
-    b.extend_from_slice(&tag.to_le_bytes());
-    b.push(0xE8);
-    b.extend_from_slice(&rel32(site, stub + b.len() + 4, trampoline)?);
-    debug_assert_eq!(b.len(), STUB_PROLOGUE);
+    let mut b = stub_prologue(site, stub, trampoline, tag)?;
     let ret_point = stub + b.len();
     let jmp = |b: &mut Vec<u8>, to: usize| -> Result<()> {
         b.push(0xE9);

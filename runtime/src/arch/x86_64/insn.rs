@@ -458,7 +458,7 @@ pub(super) fn decode_and_classify(code: &[u8], addr: usize) -> Result<(Instructi
 }
 
 /// How the trap path handles `instr`, decoded at `addr`, or why it cannot.
-fn classify(instr: &Instruction, addr: usize) -> Result<Displaced> {
+pub(super) fn classify(instr: &Instruction, addr: usize) -> Result<Displaced> {
     let refuse = |reason: &'static str| Err(Error::unsupported(addr, reason));
 
     // Every NOP form and the CET landing pads do nothing; `pause` (`f3 90`)

@@ -10,7 +10,9 @@
 
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynasmLabelApi, VecAssembler};
-use iced_x86::{BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, InstructionBlock};
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, Instruction, InstructionBlock,
+};
 
 use super::insn::decode_and_classify;
 use super::{Displaced, STUB_SLOT};
@@ -36,45 +38,7 @@ pub fn emit_out_of_line(code: &[u8], addr: usize, stub: usize) -> Result<Vec<u8>
         ));
     }
     let len = instr.len();
-
-    let mut bytes = if instr.is_ip_rel_memory_operand() {
-        // `decode_and_classify` refused EIP-relative operands: this is RIP.
-        let target = instr.ip_rel_memory_address();
-        if !fits_rel32(target as i128 - (stub as i128 + len as i128)) {
-            return Err(Error::unsupported(
-                addr,
-                format!(
-                    "RIP-relative operand at {target:#x} is out of ±2 GiB range \
-                     of the stub at {stub:#x}"
-                ),
-            ));
-        }
-        let block = InstructionBlock::new(core::slice::from_ref(&instr), stub as u64);
-        let encoded = BlockEncoder::encode(64, block, BlockEncoderOptions::NONE)
-            .map_err(|e| Error::unsupported(addr, format!("cannot relocate to {stub:#x}: {e}")))?
-            .code_buffer;
-        // Trust but verify: the bytes must decode, at the stub, to the same
-        // instruction reading the same absolute address.
-        let mut decoder = Decoder::with_ip(64, &encoded, stub as u64, DecoderOptions::NONE);
-        let again = decoder.decode();
-        if again.is_invalid()
-            || again.len() != encoded.len()
-            || again != instr
-            || again.ip_rel_memory_address() != target
-        {
-            return Err(Error::unsupported(
-                addr,
-                "the re-encoded instruction does not match the original",
-            ));
-        }
-        encoded
-    } else {
-        // No RIP dependence (branches are emulated or refused): the original
-        // bytes work anywhere. `get` cannot fail after a successful decode.
-        code.get(..len)
-            .ok_or_else(|| Error::Internal("decoded past the end of the code".into()))?
-            .to_vec()
-    };
+    let mut bytes = relocate_insn(&instr, code, addr, stub)?;
 
     let jmp_at = stub
         .checked_add(bytes.len())
@@ -123,6 +87,58 @@ pub fn emit_out_of_line(code: &[u8], addr: usize, stub: usize) -> Result<Vec<u8>
 #[inline]
 pub fn resume_out_of_line(regs: &mut super::Regs, stub: usize) {
     regs.rip = stub as u64;
+}
+
+/// The instruction `instr` (decoded from `code`, mapped at `addr`) relocated
+/// to run at `at`: its bytes unchanged when it does not depend on RIP, else
+/// re-encoded for `at` by `BlockEncoder` and verified by decoding it again.
+/// Relative branches are the caller's (they need a different instruction).
+pub(super) fn relocate_insn(
+    instr: &Instruction,
+    code: &[u8],
+    addr: usize,
+    at: usize,
+) -> Result<Vec<u8>> {
+    let len = instr.len();
+    if instr.is_ip_rel_memory_operand() {
+        // `decode_and_classify` refused EIP-relative operands: this is RIP.
+        let target = instr.ip_rel_memory_address();
+        if !fits_rel32(target as i128 - (at as i128 + len as i128)) {
+            return Err(Error::unsupported(
+                addr,
+                format!(
+                    "RIP-relative operand at {target:#x} is out of ±2 GiB range \
+                     of the stub at {at:#x}"
+                ),
+            ));
+        }
+        let block = InstructionBlock::new(core::slice::from_ref(instr), at as u64);
+        let encoded = BlockEncoder::encode(64, block, BlockEncoderOptions::NONE)
+            .map_err(|e| Error::unsupported(addr, format!("cannot relocate to {at:#x}: {e}")))?
+            .code_buffer;
+        // Trust but verify: the bytes must decode, at `at`, to the same
+        // instruction reading the same absolute address.
+        let mut decoder = Decoder::with_ip(64, &encoded, at as u64, DecoderOptions::NONE);
+        let again = decoder.decode();
+        if again.is_invalid()
+            || again.len() != encoded.len()
+            || again != *instr
+            || again.ip_rel_memory_address() != target
+        {
+            return Err(Error::unsupported(
+                addr,
+                "the re-encoded instruction does not match the original",
+            ));
+        }
+        Ok(encoded)
+    } else {
+        // No RIP dependence (branches are emulated or refused): the original
+        // bytes work anywhere. `get` cannot fail after a successful decode.
+        Ok(code
+            .get(..len)
+            .ok_or_else(|| Error::Internal("decoded past the end of the code".into()))?
+            .to_vec())
+    }
 }
 
 /// Whether `d` fits a signed 32-bit displacement.
