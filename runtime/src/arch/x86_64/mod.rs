@@ -11,6 +11,7 @@
 //! - `relocate`: the out-of-line stub of an instruction; `displace`: the
 //!   relocated copy of a run of instructions;
 //! - `emulate`: applying a displaced branch, `push` or `ret` to the registers;
+//! - `effects`: which classes of register state a handler's code may change;
 //! - `fast`: the fast path's trampoline and per-site stubs (`dynasmrt`);
 //! - `regs`: the register frame handlers see;
 //! - `signal`: the kernel's `sigaction` and our signal return trampoline;
@@ -21,6 +22,8 @@ mod context;
 mod corpus;
 #[allow(dead_code)] // wired into sites next
 mod displace;
+#[allow(dead_code)] // wired into the fast path next
+mod effects;
 mod emulate;
 mod fast;
 #[allow(dead_code)] // wired into sites next
@@ -38,6 +41,8 @@ pub use context::{
 };
 #[allow(unused_imports)] // wired into sites next
 pub use displace::{emit_displaced, emit_run_stub};
+#[allow(unused_imports)] // wired into the fast path next
+pub use effects::Clobbers;
 pub use emulate::emulate;
 pub use fast::{emit_site_stub, emit_trampoline, FastFrame, InlineLayout, TRAMPOLINE_SIZE};
 #[allow(unused_imports)] // wired into sites next
