@@ -56,13 +56,6 @@ impl<T: Zeroable> Arena<T> {
         Ok(())
     }
 
-    /// The address of record 0 (0 before [`Arena::init`]): for generated
-    /// code that indexes the arena itself.
-    pub(crate) fn base_address(&self) -> usize {
-        // Ordering: Acquire — as in `get`.
-        self.base.load(Ordering::Acquire) as usize
-    }
-
     /// The number of records.
     pub(crate) fn capacity(&self) -> usize {
         self.cap

@@ -13,6 +13,7 @@
 use std::any::Any;
 use std::sync::atomic::Ordering;
 
+use crate::arch::Clobbers;
 use crate::error::{Error, Result};
 use crate::hit::Handler;
 use crate::probe::{
@@ -68,6 +69,8 @@ pub(crate) struct Attachment {
     pub user_data: usize,
     pub mode: Mode,
     pub owner: Option<Owner>,
+    /// What the handler may change beyond the GPRs and flags.
+    pub clobbers: Clobbers,
 }
 
 #[derive(Default)]
@@ -175,6 +178,7 @@ impl Consumers {
             user_data: a.user_data,
             record: CONSUMERS.get(idx as usize)?,
             tag: consumer_tag(idx, slot.gen),
+            clobbers: a.clobbers,
         })
     }
 

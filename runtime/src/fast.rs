@@ -2,44 +2,37 @@
 //! trampoline, with the registers saved in a [`FastFrame`].
 //!
 //! It runs the same dispatcher, in the same kind of read-side section, as
-//! the trap path. The stub names its probe by a *tag* (record index and
-//! generation), which the dispatcher checks against the record inside the
-//! section: a thread that entered a stub just before its probe was removed
-//! (and the record perhaps reused) calls no consumer, and simply runs the
-//! displaced instruction — correct, because no consumer was attached for
-//! the whole of that execution.
+//! the trap path. The stub names its probe record and its site (the patch
+//! address); the dispatcher checks inside the section that the record is
+//! still that site's: a thread that entered a stub just before its probe
+//! was removed (and the record perhaps given to a probe elsewhere) calls no
+//! consumer, and simply runs the displaced instructions — correct, because
+//! no consumer was attached for the whole of that execution. (A record given
+//! to a new probe at the same site is the same site: its consumers may see
+//! the hit.)
 //!
 //! # Safety
 //!
 //! `fast_dispatch` and `fast_after` are called only by the trampoline, with
-//! a pointer to the frame it built on its own stack.
+//! a pointer to the frame it built on its own stack and the record its stub
+//! names (records live in a never-unmapped arena).
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::Ordering;
 
-use crate::arch::{FastFrame, InlineLayout};
+use crate::arch::{Clobbers, FastFrame, InlineLayout};
 use crate::grace;
 use crate::hit::{Action, Hit};
-use crate::probe::{self, ConsumerList, ConsumerRecord, Entry, ProbeRecord, PROBES};
+use crate::probe::{self, ConsumerList, ConsumerRecord, Entry, ProbeRecord};
 use crate::sigctx::SignalContext;
 use crate::trap::fatal;
 
-/// Bits of a tag holding the record index (`MAX_PROBES` is `1 << 20`).
-const TAG_INDEX_BITS: u32 = 20;
-const TAG_GEN_MASK: u32 = (1 << (31 - TAG_INDEX_BITS)) - 1;
-
-/// The tag a fast stub pushes for probe record `idx` of generation `gen`:
-/// a positive `i32`, so `push imm32` sign-extends it unchanged.
-pub(crate) fn tag(idx: u32, gen: u32) -> u32 {
-    debug_assert!(idx < 1 << TAG_INDEX_BITS);
-    idx | ((gen & TAG_GEN_MASK) << TAG_INDEX_BITS)
-}
-
 /// probert's own code that runs outside read-side sections on the way into
 /// or out of a stub: `fast_dispatch` and what it calls before entering and
-/// after leaving its section, the SIGTRAP handler and the signal return
-/// trampoline — placed in the linker section `probert_fast` so thread scans
-/// can treat a thread there as on its way into or out of a stub.
+/// after leaving its section, the SIGTRAP handler, the signal return
+/// trampoline and the far exit — placed in the linker section
+/// `probert_fast` so thread scans can treat a thread there as on its way
+/// into or out of a stub.
 pub(crate) fn code_range() -> (usize, usize) {
     extern "C" {
         static __start_probert_fast: u8;
@@ -53,7 +46,8 @@ pub(crate) fn code_range() -> (usize, usize) {
     )
 }
 
-/// Called by the trampoline for every fast hit.
+/// Called by the trampoline for every fast hit its inline case does not
+/// serve.
 ///
 /// # Signal safety
 /// The fast path may run anywhere a probed instruction runs — inside a
@@ -61,33 +55,35 @@ pub(crate) fn code_range() -> (usize, usize) {
 /// keeps the same rules as the trap path: no allocation, lock, formatting,
 /// lazily initialised thread-local or panic.
 #[link_section = "probert_fast"]
-pub(crate) extern "C" fn fast_dispatch(tag: u64, frame: *mut FastFrame) {
+pub(crate) extern "C" fn fast_dispatch(
+    record: *const ProbeRecord,
+    site: usize,
+    frame: *mut FastFrame,
+) {
     // SAFETY: this is a dispatcher entry point.
     let cx = unsafe { SignalContext::new() };
     // SAFETY: the trampoline passes the frame it built on this thread's
-    // stack; nothing else refers to it during this call.
-    let frame = unsafe { &mut *frame };
-    let idx = (tag as u32 & ((1 << TAG_INDEX_BITS) - 1)) as usize;
-    let gen = (tag as u32) >> TAG_INDEX_BITS;
+    // stack, nothing else refers to it during this call, and the record its
+    // stub names, in the never-unmapped arena.
+    let (frame, rec) = unsafe { (&mut *frame, &*record) };
     let section = grace::enter(cx);
-    if let Some(rec) = PROBES.get(idx) {
-        // Ordering: Relaxed — validated by the generation check below.
-        let addr = rec.addr.load(Ordering::Relaxed);
-        // Ordering: Acquire — the list was built before it was published
-        // (Release swap in `publish_list`).
-        let list = rec.consumers.load(Ordering::Acquire);
-        // Ordering: Acquire fence — the writer bumps the generation before
-        // it reinitialises a record (then a Release fence): if the reads
-        // above saw a newer probe's fields, the generation below is newer.
-        fence(Ordering::Acquire);
-        let g = rec.gen.load(Ordering::Relaxed) & TAG_GEN_MASK;
-        if g == gen && addr != 0 {
-            let rsp0 = frame.regs.sp();
-            frame.regs.set_pc(addr);
-            probe::dispatch(cx, &section, list, addr, &mut frame.regs);
-            if frame.regs.pc() != addr || frame.regs.sp() != rsp0 {
-                redirect(cx, frame, addr);
-            }
+    // Ordering: Acquire — the list was built before it was published
+    // (Release swap in `publish_list`).
+    let list = rec.consumers.load(Ordering::Acquire);
+    // Ordering: Relaxed — read after the list: a record reinitialised for a
+    // probe elsewhere has another address before it gets another list
+    // (the writer sets the address, then indexes and publishes).
+    let (addr, report) = (
+        rec.addr.load(Ordering::Relaxed),
+        rec.report.load(Ordering::Relaxed),
+    );
+    if addr == site && addr != 0 {
+        let rsp0 = frame.regs.sp();
+        frame.regs.set_pc(report);
+        let saved = Clobbers(frame.saved);
+        probe::dispatch(cx, &section, list, report, &mut frame.regs, saved);
+        if frame.regs.pc() != report || frame.regs.sp() != rsp0 {
+            redirect(cx, frame, report);
         }
     }
     section.exit(cx);
@@ -103,7 +99,7 @@ pub(crate) extern "C" fn fast_dispatch(tag: u64, frame: *mut FastFrame) {
 #[link_section = "probert_fast"]
 fn redirect(cx: SignalContext, frame: &mut FastFrame, addr: usize) {
     if !frame.retarget(cx, addr) {
-        fatal(b"probert: a fast-path handler moved RSP into probert's own frames\n");
+        fatal(b"probert: a fast-path handler moved RSP where the thread cannot resume\n");
     }
 }
 
@@ -139,11 +135,11 @@ extern "C" fn fast_after(
 /// offsets from the Rust definitions.
 pub(crate) fn inline_layout() -> InlineLayout {
     use std::mem::{offset_of, size_of};
-    // The assembly indexes records with a shift, and reads `gen` and
-    // `state` as 32-bit words (`AtomicU32`s), `len` as a 64-bit one.
+    // The assembly reads `state` and the clobber classes as 32-bit words
+    // (`AtomicU32`s and `Clobbers`), the rest as 64-bit ones.
     const _: () = assert!(size_of::<Hit>() == 24);
-    const _: () = assert!(size_of::<ProbeRecord>().is_power_of_two());
     const _: () = assert!(size_of::<usize>() == 8);
+    const _: () = assert!(size_of::<Clobbers>() == 4);
     let slots = grace::slot_layout();
     let first = offset_of!(ConsumerList, first);
     InlineLayout {
@@ -155,20 +151,19 @@ pub(crate) fn inline_layout() -> InlineLayout {
         hit_ways: slots.hit_ways,
         home_mul: slots.home_mul,
         home_shift: slots.home_shift,
-        probes: PROBES.base_address(),
-        probe_size: size_of::<ProbeRecord>(),
         probe_addr: offset_of!(ProbeRecord, addr),
-        probe_gen: offset_of!(ProbeRecord, gen),
+        probe_report: offset_of!(ProbeRecord, report),
         probe_consumers: offset_of!(ProbeRecord, consumers),
-        tag_index_bits: TAG_INDEX_BITS,
-        tag_gen_mask: TAG_GEN_MASK,
+        probe_clobbers: offset_of!(ProbeRecord, clobbers),
         list_inline: offset_of!(ConsumerList, inline),
         first_handler: first + offset_of!(Entry, handler),
         first_user_data: first + offset_of!(Entry, user_data),
         first_record: first + offset_of!(Entry, record),
         first_tag: first + offset_of!(Entry, tag),
+        first_clobbers: first + offset_of!(Entry, clobbers),
         consumer_state: offset_of!(ConsumerRecord, state),
         state_active: probe::STATE_ACTIVE,
+        errno_offset: crate::arch::errno_offset(),
         dispatch: fast_dispatch as *const () as usize,
         after: fast_after as *const () as usize,
     }
@@ -178,8 +173,7 @@ pub(crate) fn inline_layout() -> InlineLayout {
 mod tests {
     #[test]
     fn the_trampoline_is_emitted_for_the_real_layout() {
-        crate::probe::PROBES.init().unwrap();
         let l = super::inline_layout();
-        crate::arch::emit_trampoline(0x7000_0000, &l).unwrap();
+        crate::arch::emit_trampoline(0x7000_0000, &l, crate::arch::CpuState::detect()).unwrap();
     }
 }

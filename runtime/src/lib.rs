@@ -153,6 +153,7 @@ mod error;
 mod fast;
 mod grace;
 mod hit;
+mod layout;
 mod map;
 mod patch;
 mod probe;
@@ -174,7 +175,7 @@ pub use region::{RegionDesc, RegionId, WriteFn};
 pub use site::Mode;
 pub use writer::{
     attach_batch, detach, detach_batch, detach_nosync, init, probe_count, probe_mode,
-    recycle_stubs, region_add, region_remove, retired_stubs, stats, sync,
+    recycle_stubs, region_add, region_functions, region_remove, retired_stubs, stats, sync,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is

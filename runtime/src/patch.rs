@@ -57,7 +57,10 @@ pub(crate) fn write_all(patches: &mut [Patch], done: &mut Vec<Patch>) -> Result<
             .map(|p| p.addr + p.bytes.len())
             .max()
             .unwrap_or(lo);
-        let mut span = code::read_code(lo, hi);
+        let mut span = code::read_code_checked(lo, hi).ok_or(crate::error::Error::Protect {
+            addr: lo,
+            reason: "the code is no longer mapped readable".into(),
+        })?;
         let mut before = Vec::with_capacity(j - i);
         for p in &patches[i..j] {
             let at = p.addr - lo..p.addr - lo + p.bytes.len();

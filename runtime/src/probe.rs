@@ -20,7 +20,7 @@
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use crate::arch::{Displaced, Regs};
+use crate::arch::{Clobbers, Displaced, Regs};
 use crate::arena::{Arena, Zeroable};
 use crate::grace::Section;
 use crate::hit::{Action, Handler, Hit};
@@ -35,19 +35,29 @@ pub(crate) const MAX_CONSUMERS: usize = 1 << 20;
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub(crate) struct ProbeRecord {
-    /// The probed address (0 while the record is free).
+    /// The patch address: where the trap instruction (or the fast site's
+    /// jump) is, the probe's key in the index; 0 while the record is free.
+    /// A fast stub names its record and this address: a stub that outlived
+    /// its probe (and a record reused elsewhere) is recognised by it.
     pub addr: AtomicUsize,
+    /// The probed address: what handlers see as RIP. The patch address,
+    /// except at an `endbr64` entry whose jump goes after it.
+    pub report: AtomicUsize,
     /// Length of the displaced instruction.
     pub len: AtomicUsize,
     /// `Displaced::encode` of the displaced instruction.
     pub displaced: [AtomicU64; 3],
-    /// Address of the out-of-line stub (0 when emulated).
+    /// Where the trap path resumes for an instruction it does not emulate:
+    /// an out-of-line stub, or the displaced instructions of the site stub.
     pub stub: AtomicUsize,
     /// The current consumer list (null while the probe has none).
     pub consumers: AtomicPtr<ConsumerList>,
-    /// Bumped each time the record is given to a new probe; fast-path stubs
-    /// carry it in their tag, so a stub outliving its probe is recognised.
-    pub gen: AtomicU32,
+    /// The union of the [`Clobbers`] classes of the consumers: what the fast
+    /// path saves around their handlers. Widened before a list that needs
+    /// more is published, narrowed after one that needs less (see
+    /// `writer::publish_list`); a dispatcher skips a consumer whose classes
+    /// were not saved (one attached during this very hit).
+    pub clobbers: AtomicU32,
 }
 
 // SAFETY: atomics only.
@@ -96,6 +106,8 @@ pub(crate) struct Entry {
     pub record: &'static ConsumerRecord,
     /// [`consumer_tag`] of the consumer.
     pub tag: u64,
+    /// What its handler may change beyond the GPRs and flags.
+    pub clobbers: Clobbers,
 }
 
 /// The tag a thread's hit cache files a consumer under: never 0.
@@ -159,6 +171,8 @@ impl ConsumerList {
 /// A snapshot of a probe, taken in one validated speculative window.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ProbeView {
+    /// The probed address (handlers' RIP).
+    pub report: usize,
     pub len: u8,
     pub displaced: Displaced,
     pub stub: usize,
@@ -190,6 +204,7 @@ impl ProbeRecord {
             return None;
         }
         Some(ProbeView {
+            report: self.report.load(Ordering::Relaxed),
             len: len as u8,
             displaced: Displaced::decode(words)?,
             stub: self.stub.load(Ordering::Relaxed),
@@ -200,9 +215,11 @@ impl ProbeRecord {
     }
 }
 
-/// Calls every consumer of a probe hit at `addr`. The one dispatcher of every
-/// path (trap and fast). Must run inside a read-side section; if that section
-/// is a recursive one no handler runs and each consumer counts a missed hit.
+/// Calls every consumer of a probe hit at `addr` whose clobber classes are
+/// among the `saved` ones (the trap path saves everything: the kernel does).
+/// The one dispatcher of every path (trap and fast). Must run inside a
+/// read-side section; if that section is a recursive one no handler runs and
+/// each consumer counts a missed hit.
 ///
 /// # Signal safety
 /// Atomic loads and counters, and the user's handlers, which the attach
@@ -214,6 +231,7 @@ pub(crate) fn dispatch(
     list: *const ConsumerList,
     addr: usize,
     regs: &mut Regs,
+    saved: Clobbers,
 ) {
     if list.is_null() {
         return;
@@ -230,15 +248,21 @@ pub(crate) fn dispatch(
         regs,
         user_data: std::ptr::null_mut(),
     };
-    call(cx, section, &list.first, &mut hit);
+    call(cx, section, &list.first, &mut hit, saved);
     for e in list.rest.iter() {
-        call(cx, section, e, &mut hit);
+        call(cx, section, e, &mut hit, saved);
     }
 }
 
-/// Calls one consumer, counts the hit, and honours `Remove`.
+/// Calls one consumer, counts the hit, and honours `Remove`. A consumer
+/// whose classes were not saved is one attached after this hit began (see
+/// [`ProbeRecord::clobbers`]): it is not called, as any consumer attached
+/// during a hit may not be.
 #[inline(always)]
-fn call(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit) {
+fn call(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit, saved: Clobbers) {
+    if !e.clobbers.within(saved) {
+        return;
+    }
     // Ordering: Relaxed — a detached consumer is guaranteed no calls only
     // after the grace period that follows its unpublishing; this check just
     // stops calls early once a handler asked to be removed.
@@ -310,6 +334,7 @@ mod tests {
             user_data: i as usize,
             record: CONSUMERS.get(i as usize).unwrap(),
             tag: consumer_tag(i, 1),
+            clobbers: Clobbers::NONE,
         };
         assert!(ConsumerList::publishable(Vec::new()).is_null());
         let one = ConsumerList::publishable(vec![entry(0)]);

@@ -92,6 +92,9 @@ struct Jit {
     end: usize,
     name: String,
     write: Option<Arc<WriteFn>>,
+    /// The functions inside, `[start, end)`, as the host declared them
+    /// ([`Regions::set_functions`]); empty: the region is one function.
+    functions: Vec<(usize, usize)>,
 }
 
 /// The registered JIT regions. Writer only.
@@ -148,6 +151,7 @@ impl Regions {
                 end,
                 name: desc.name,
                 write: desc.write.map(Arc::from),
+                functions: Vec::new(),
             },
         );
         Ok(id)
@@ -159,6 +163,45 @@ impl Regions {
             .iter()
             .find(|(_, j)| j.id == id)
             .map(|(&s, j)| (s, j.end))
+    }
+
+    /// The functions the host declared inside region `id`.
+    pub(crate) fn functions(&self, id: RegionId) -> &[(usize, usize)] {
+        self.by_start
+            .values()
+            .find(|j| j.id == id)
+            .map_or(&[], |j| &j.functions)
+    }
+
+    /// Declares the functions inside region `id` (their bounds: where
+    /// instruction boundaries are decoded from, and what a site's run may
+    /// not leave). Each must lie inside the region; none may overlap.
+    pub(crate) fn set_functions(
+        &mut self,
+        id: RegionId,
+        functions: &[(usize, usize)],
+    ) -> Result<()> {
+        let (&start, j) = self
+            .by_start
+            .iter_mut()
+            .find(|(_, j)| j.id == id)
+            .ok_or(Error::NotFound)?;
+        let mut f: Vec<(usize, usize)> = functions.to_vec();
+        f.sort_unstable();
+        for (i, &(s, e)) in f.iter().enumerate() {
+            if s >= e || s < start || e > j.end {
+                return Err(Error::InvalidArgument(
+                    format!("function [{s:#x}, {e:#x}) is empty or outside its region").into(),
+                ));
+            }
+            if i > 0 && f[i - 1].1 > s {
+                return Err(Error::InvalidArgument(
+                    format!("functions overlap at {s:#x}").into(),
+                ));
+            }
+        }
+        j.functions = f;
+        Ok(())
     }
 
     /// Forgets a region (its probes must be gone).

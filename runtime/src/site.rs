@@ -8,18 +8,44 @@
 //!   └───disarm─────┘
 //! ```
 //!
+//! # Plans
+//!
+//! When a site is prepared, the layout of its function ([`crate::layout`])
+//! decides its *plan*:
+//!
+//! - **fast-capable**: a run of whole instructions `[jump, end)` covering the
+//!   jump can be displaced (one long enough instruction, or several when the
+//!   function's flow proves no branch lands inside the run and no call in it
+//!   returns inside it; at an `endbr64` entry the run starts after the
+//!   `endbr64`, which stays, and `jump` is the probe address plus 4). The
+//!   site gets a *site stub* holding the run relocated ([`crate::xol`]): the
+//!   fast path enters it, and the trap path resumes in its displaced
+//!   instructions, so the run is never executed in place once armed, and
+//!   the jump can replace it at any moment;
+//! - **trap only**: the first instruction is emulated on the trap path, or
+//!   run from an out-of-line stub.
+//!
+//! The trap instruction, and the jump, are written at `jump` (the *patch
+//! address*, the probe's key in the index); handlers see the probe address
+//! as RIP.
+//!
+//! # Transitions
+//!
 //! - **plain → trap** ([`Sites::arm`]): the trap instruction over the
 //!   instruction's head ([`arch::HEAD`]); one atomic write.
-//! - **trap ⇄ fast**: a site whose instruction qualifies
-//!   ([`arch::fast_eligible`]) and whose consumers all accept it becomes a
-//!   jump to its own stub ([`crate::fast`]). The bytes change in the order
-//!   the architecture prescribes ([`arch::TO_JUMP`], [`arch::TO_TRAP`]: the
+//! - **trap ⇄ fast**: a fast-capable site whose consumers all accept it
+//!   becomes a jump to its stub. The bytes change in the order the
+//!   architecture prescribes ([`arch::TO_JUMP`], [`arch::TO_TRAP`]: the
 //!   int3-first protocol of cross-modifying code), with every core
 //!   serialised between steps, so no thread ever runs a torn instruction; a
-//!   thread arriving mid-switch executes the trap and takes the trap path,
-//!   which serves every site whatever its mechanism. Serialising is
-//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`; without it (old
-//!   kernels) every site stays on the trap path.
+//!   thread arriving mid-switch executes the trap and takes the trap path.
+//!   Before the jump's tail is written over a run of several instructions, a
+//!   thread scan must show no thread between them: one preempted there
+//!   before the site was armed, or whose context there is saved in a signal
+//!   frame, would resume in the middle of the jump (see "Why this is
+//!   correct"). Serialising is
+//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`; without it
+//!   (old kernels) every site stays on the trap path.
 //! - **trap → plain** ([`Sites::disarm`]): the original bytes back, only
 //!   where the code still holds the trap probert wrote.
 //!
@@ -27,17 +53,34 @@
 //! index and the consumer lists, and calls these transitions in the order
 //! its module docs give. Writer only: everything here runs under the writer
 //! lock.
+//!
+//! # Why this is correct
+//!
+//! Writing the jump changes bytes `[jump, jump + 5)`. A thread executing
+//! there must see an instruction that is wholly old or wholly new. At
+//! `jump` itself that is the int3-first protocol. Inside the run, a thread
+//! can only be at an instruction boundary of the run: it got there by
+//! executing the run in place (the instructions before it), or by a branch,
+//! a return or a resumed context. The flow analysis rules out branches and
+//! returns into the run; once the site is armed, no thread executes the run
+//! in place (the trap resumes in the stub, the jump enters the stub). So the
+//! only threads that can be inside are those that were there before the
+//! site was armed — running, preempted, stopped, or with a context saved in
+//! a signal frame while another handler runs — and a thread scan that sees
+//! every thread outside the run (at `Depth::FramesRequired`, which walks
+//! saved signal frames, and fails rather than guess) after the site was
+//! armed proves there are none, for good. The way back writes the trap
+//! over the head first; no thread is inside the run then either.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 
 use crate::arch::{self, Displaced, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
 use crate::error::{Error, Result};
+use crate::layout::Layouts;
 use crate::patch::{self, Patch};
-use crate::probe::PROBES;
-use crate::region::{RegionId, Regions, Target};
-use crate::sys::{code, membarrier};
-use crate::xol::Pool;
+use crate::region::{Regions, Target};
+use crate::sys::{code, membarrier, threads};
+use crate::xol::{self, Pool, Stub};
 
 /// The mechanism that serves a probed address.
 #[repr(u32)]
@@ -64,11 +107,25 @@ impl Mode {
     }
 }
 
-/// A site switched, or switching, to its jump: which parts of the jump are
-/// in the code now.
+/// How a site is served.
 #[derive(Clone, Copy, Debug)]
-struct FastJump {
-    stub: usize,
+enum Plan {
+    /// Trap only: the first instruction emulated, or run from `ool`.
+    Trap { ool: Option<Stub> },
+    /// Trap only, resuming in a site stub of the first instruction alone: a
+    /// fast-capable site demoted because a probe was wanted inside its run
+    /// ([`Sites::demote`]). Its record keeps saying "out of line" — the
+    /// resume address is the one field that changes, so the trap path never
+    /// reads a torn record.
+    Demoted { stub: Stub },
+    /// Fast-capable: the run `[patch, end)` relocated in `stub`; `run` when
+    /// it holds more than one instruction.
+    Fast { stub: Stub, end: usize, run: bool },
+}
+
+/// Which parts of the jump are in the code now (fast-capable sites).
+#[derive(Clone, Copy, Debug, Default)]
+struct JumpState {
     /// [`arch::TAIL`] holds the jump's bytes.
     tail: bool,
     /// [`arch::HEAD`] holds the jump's bytes (the site is fast).
@@ -95,66 +152,186 @@ impl JumpPart {
 pub(crate) struct Site {
     /// Its probe record (`probe::PROBES`).
     pub rec: u32,
-    /// The original bytes of the instruction, written back on disarm.
+    /// Where its trap instruction and its jump are.
+    pub patch: usize,
+    /// The original bytes from `patch`, written back on disarm.
     orig: [u8; MAX_INSN_LEN],
-    len: u8,
-    displaced: Displaced,
     pub target: Target,
-    /// The out-of-line stub of the trap path, if the instruction needs one.
-    pub stub: Option<usize>,
+    plan: Plan,
     /// The consumers attached here.
     pub consumers: Vec<u32>,
     /// Consumers that asked for the trap path ([`Mode::Trap`]).
     pub pins: usize,
-    /// Whether the site can be a fast site.
-    eligible: bool,
-    /// The fast stub, while the site is (or is becoming) a jump to it.
-    jump: Option<FastJump>,
+    /// Consumers that asked for the fast path ([`Mode::Fast`]).
+    pub fast_pins: usize,
+    jump: JumpState,
+    /// Why the site cannot be fast, if it cannot.
+    refusal: Option<String>,
 }
 
 impl Site {
     fn wants_fast(&self, fast_ok: bool) -> bool {
-        fast_ok && self.eligible && self.pins == 0 && !self.consumers.is_empty()
+        fast_ok
+            && matches!(self.plan, Plan::Fast { .. })
+            && self.pins == 0
+            && !self.consumers.is_empty()
     }
 
-    /// How many bytes from the site differ from the original code.
+    /// How many bytes from the patch address differ from the original code.
     fn patched_len(&self) -> usize {
-        if self.jump.is_some_and(|f| f.tail || f.head) {
+        if self.jump.tail || self.jump.head {
             arch::JUMP_LEN
         } else {
             TRAP_INSN.len()
         }
     }
 
-    /// Whether the site's instruction can be displaced by a jump.
-    pub(crate) fn eligible(&self) -> bool {
-        self.eligible
-    }
-
     /// The mechanism serving the site now.
     pub(crate) fn mode(&self) -> Mode {
-        if self.jump.is_some_and(|f| f.head) {
+        if self.jump.head {
             Mode::Fast
         } else {
             Mode::Trap
         }
     }
+
+    /// Why the site cannot be fast (`None` if it can).
+    pub(crate) fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
+    }
+
+    /// The displaced run `[patch, end)` of a fast-capable site.
+    fn run(&self) -> Option<(usize, usize)> {
+        match self.plan {
+            Plan::Fast { end, .. } => Some((self.patch, end)),
+            Plan::Trap { .. } | Plan::Demoted { .. } => None,
+        }
+    }
 }
 
-/// A site decoded and checked, its stub built; nothing written yet.
+/// A site decoded and checked, not yet built (no stub) nor written.
 pub(crate) struct PreparedSite {
-    pub addr: usize,
-    orig: [u8; MAX_INSN_LEN],
+    /// The probed address.
+    pub probe: usize,
+    /// Where the trap and the jump go.
+    pub patch: usize,
+    /// The original code from `patch`: the first instruction, or the whole
+    /// run of a fast-capable site.
+    code: Vec<u8>,
     pub len: u8,
     pub displaced: Displaced,
     pub target: Target,
-    pub stub: Option<usize>,
+    /// The run `[patch, end)` if fast-capable.
+    run: Option<usize>,
+    refusal: Option<String>,
 }
 
 impl PreparedSite {
-    /// Whether this site could be a fast site.
-    pub(crate) fn eligible(&self) -> bool {
-        arch::fast_eligible(self.len, &self.displaced)
+    /// Why this site cannot be fast, or `None`.
+    pub(crate) fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
+    }
+
+    /// The run it would displace, if fast-capable.
+    pub(crate) fn run(&self) -> Option<(usize, usize)> {
+        self.run.map(|end| (self.patch, end))
+    }
+
+    /// Makes it trap-only, saying why.
+    pub(crate) fn refuse_fast(&mut self, why: String) {
+        self.run = None;
+        self.refusal.get_or_insert(why);
+    }
+}
+
+/// The plan a demoted site had: its stub is retired with [`Retired::retire`]
+/// once nothing can send a thread there any more.
+pub(crate) struct Retired(Plan);
+
+impl Retired {
+    /// Retires the stub into `pool`.
+    pub(crate) fn retire(self, pool: &mut Pool) {
+        self.0.retire(pool);
+    }
+
+    /// The stub's bytes, for a scan that must see every thread outside it.
+    pub(crate) fn range(&self) -> Option<(usize, usize)> {
+        match self.0 {
+            Plan::Fast { stub, .. } | Plan::Demoted { stub } | Plan::Trap { ool: Some(stub) } => {
+                Some((stub.addr, stub.addr + stub.len()))
+            }
+            Plan::Trap { ool: None } => None,
+        }
+    }
+}
+
+/// What [`Sites::prepare`] found at an address.
+pub(crate) enum Prepared {
+    /// A new site, decoded and checked.
+    Site(PreparedSite),
+    /// An instruction inside the displaced run of the fast-capable site at
+    /// this probe address: that site must be demoted first
+    /// ([`Sites::demote`]).
+    InsideRun(usize),
+}
+
+/// Whether the flow of a function shows `addr` inside an instruction (past
+/// the end of its linear decode nothing is known: not misaligned).
+fn misaligned(f: &arch::FunctionFlow, addr: usize) -> bool {
+    addr < f.decoded_end() && !f.is_boundary(addr)
+}
+
+/// A prepared site with its stub: what the probe record must say.
+pub(crate) struct BuiltSite {
+    pub prepared: PreparedSite,
+    plan: Plan,
+}
+
+impl BuiltSite {
+    /// Where the trap path resumes for an instruction it does not emulate.
+    pub(crate) fn resume_stub(&self) -> usize {
+        match self.plan {
+            Plan::Trap { ool } => ool.map_or(0, |s| s.addr),
+            Plan::Fast { stub, .. } | Plan::Demoted { stub } => arch::stub_resume(stub.addr),
+        }
+    }
+
+    /// How the trap path gets past the site: a fast-capable site always
+    /// resumes in its stub.
+    pub(crate) fn displaced(&self) -> Displaced {
+        match self.plan {
+            Plan::Trap { .. } => self.prepared.displaced,
+            Plan::Fast { .. } | Plan::Demoted { .. } => Displaced::OutOfLine,
+        }
+    }
+
+    /// Frees its stub; it was never published.
+    pub(crate) fn unbuild(self, pool: &mut Pool) -> PreparedSite {
+        match self.plan {
+            Plan::Trap { ool: Some(s) }
+            | Plan::Fast { stub: s, .. }
+            | Plan::Demoted { stub: s } => pool.free_unpublished(s),
+            Plan::Trap { ool: None } => {}
+        }
+        self.prepared
+    }
+
+    /// Retires its stub after it may have been published (a thread may have
+    /// trapped and be inside it).
+    pub(crate) fn retire(self, pool: &mut Pool) {
+        self.plan.retire(pool);
+    }
+}
+
+impl Plan {
+    /// Retires its stub, which may have been published: a stub the fast
+    /// path may jump into needs the longer wait (see [`crate::xol`]).
+    fn retire(self, pool: &mut Pool) {
+        match self {
+            Plan::Trap { ool: Some(s) } | Plan::Demoted { stub: s } => pool.retire(s, false),
+            Plan::Fast { stub, .. } => pool.retire(stub, true),
+            Plan::Trap { ool: None } => {}
+        }
     }
 }
 
@@ -177,15 +354,19 @@ fn is_probert_code(pool: &Pool, addr: usize, func_name: Option<&str>) -> bool {
     }
 }
 
-/// Every patched site, by address. Writer only.
+/// Every patched site, by probed address. Writer only.
 #[derive(Default)]
 pub(crate) struct Sites {
-    by_addr: BTreeMap<usize, Site>,
-    /// Instruction starts of JIT regions, decoded on their first attach.
-    boundaries: std::collections::HashMap<RegionId, arch::Boundaries>,
+    by_probe: BTreeMap<usize, Site>,
+    /// Instruction layouts of the functions probes went into.
+    layouts: Layouts,
     /// Whether cores can be serialised after code changes (fast sites).
     fast_ok: bool,
 }
+
+/// Farthest a site's patch address lies after its probe address (after an
+/// `endbr64`).
+const PATCH_AFTER_PROBE: usize = 4;
 
 impl Sites {
     /// No sites; fast sites only if `fast_ok` (cores can be serialised).
@@ -196,118 +377,228 @@ impl Sites {
         }
     }
 
-    /// Whether fast sites are possible on this kernel.
-    pub(crate) fn fast_ok(&self) -> bool {
-        self.fast_ok
+    pub(crate) fn get(&self, probe: usize) -> Option<&Site> {
+        self.by_probe.get(&probe)
     }
 
-    pub(crate) fn get(&self, addr: usize) -> Option<&Site> {
-        self.by_addr.get(&addr)
+    pub(crate) fn get_mut(&mut self, probe: usize) -> Option<&mut Site> {
+        self.by_probe.get_mut(&probe)
     }
 
-    pub(crate) fn get_mut(&mut self, addr: usize) -> Option<&mut Site> {
-        self.by_addr.get_mut(&addr)
-    }
-
-    pub(crate) fn contains(&self, addr: usize) -> bool {
-        self.by_addr.contains_key(&addr)
+    pub(crate) fn contains(&self, probe: usize) -> bool {
+        self.by_probe.contains_key(&probe)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.by_addr.len()
+        self.by_probe.len()
     }
 
-    /// The sites in `[start, end)`.
+    /// The sites whose probed address is in `[start, end)`.
     pub(crate) fn range(&self, start: usize, end: usize) -> impl Iterator<Item = (usize, &Site)> {
-        self.by_addr.range(start..end).map(|(&a, s)| (a, s))
+        self.by_probe.range(start..end).map(|(&a, s)| (a, s))
     }
 
-    /// Forgets a region's decoded boundaries (the region is gone).
-    pub(crate) fn forget_region(&mut self, id: RegionId) {
-        self.boundaries.remove(&id);
+    /// Forgets a region's layout (the region is gone).
+    pub(crate) fn forget_region(&mut self, id: crate::region::RegionId) {
+        self.layouts.forget_region(id);
+    }
+
+    /// The site whose displaced run holds `addr` strictly after its patch
+    /// address (such an address cannot take a trap while that site exists).
+    pub(crate) fn run_holding(&self, addr: usize) -> Option<(usize, &Site)> {
+        // Runs are at most a few instructions: look back a little.
+        let from = addr.saturating_sub(4 * MAX_INSN_LEN);
+        self.by_probe
+            .range(from..=addr)
+            .rev()
+            .find(|(_, s)| s.run().is_some_and(|(j, e)| j < addr && addr < e))
+            .map(|(&a, s)| (a, s))
     }
 
     /// Reads the original code of `[start, end)`: the code as it is, with
     /// the bytes of every site replaced by the ones probert displaced.
-    pub(crate) fn original_code(&self, start: usize, end: usize) -> Vec<u8> {
-        let mut bytes = code::read_code(start, end);
-        let from = start.saturating_sub(arch::JUMP_LEN);
-        for (&a, s) in self.by_addr.range(from..end) {
+    /// `None` where the memory cannot be read.
+    pub(crate) fn original_code(&self, start: usize, end: usize) -> Option<Vec<u8>> {
+        let mut bytes = code::read_code_checked(start, end)?;
+        let from = start.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE);
+        for s in self.by_probe.range(from..end).map(|(_, s)| s) {
             for (i, &orig) in s.orig.iter().enumerate().take(s.patched_len()) {
-                if let Some(b) = (a + i).checked_sub(start).and_then(|k| bytes.get_mut(k)) {
+                if let Some(b) = (s.patch + i)
+                    .checked_sub(start)
+                    .and_then(|k| bytes.get_mut(k))
+                {
                     *b = orig;
                 }
             }
         }
-        bytes
+        Some(bytes)
     }
 
-    /// Decodes and checks the instruction at `addr` and builds its
-    /// out-of-line stub if it needs one. Nothing is written to the site.
+    /// Decodes and checks the instruction at `addr` and decides its plan.
+    /// Nothing is built or written.
     pub(crate) fn prepare(
         &mut self,
         regions: &Regions,
-        pool: &mut Pool,
+        pool: &Pool,
         addr: usize,
-    ) -> Result<PreparedSite> {
+    ) -> Result<Prepared> {
         let (target, func_name) = regions.resolve(addr)?;
         if is_probert_code(pool, addr, func_name.as_deref()) {
             return Err(Error::InvalidArgument(
                 format!("{addr:#x} is inside probert's own code").into(),
             ));
         }
-        let end = target.end.min(addr + MAX_INSN_LEN);
-        let insn = self.original_code(addr, end);
-        // Boundaries first: a trap byte inside an instruction is that
-        // instruction's byte (Misaligned); only at a boundary is it a
-        // foreign trap (Conflict).
-        match target.region {
-            // A JIT region decodes from its start: once, then cached.
-            Some(id) => {
-                if !self.boundaries.contains_key(&id) {
-                    let code = self.original_code(target.start, target.end);
-                    let b = arch::Boundaries::decode(&code, target.start);
-                    self.boundaries.insert(id, b);
-                }
-                self.boundaries[&id].check(addr)?;
+        // The function's layout: every instruction boundary, and which run a
+        // jump may displace here.
+        let mut layouts = std::mem::take(&mut self.layouts);
+        let flow = {
+            let this: &Sites = self;
+            let original = |s: usize, e: usize| this.original_code(s, e);
+            match target.region {
+                Some(id) => layouts
+                    .region_flow(
+                        id,
+                        regions.functions(id),
+                        (target.start, target.end),
+                        addr,
+                        &original,
+                    )
+                    .map(|f| (misaligned(f, addr), f.displaceable(addr))),
+                None => layouts
+                    .module_flow(addr, &original)
+                    .map(|f| (misaligned(f, addr), f.displaceable(addr))),
             }
-            None => {
-                if let Some(func) = target.func_start.filter(|&f| f < addr) {
-                    let bytes = self.original_code(func, end);
-                    arch::check_boundary(&bytes, func, addr)?;
-                }
+        };
+        self.layouts = layouts;
+        let (flow_run, flow_refusal) = match flow {
+            Some((true, _)) => {
+                return Err(Error::Misaligned {
+                    addr,
+                    func: target.func_start.unwrap_or(target.start),
+                })
+            }
+            Some((false, Ok(site))) => (Some(site), None),
+            Some((false, Err(r))) => (None, Some(r.to_string())),
+            None => (None, None),
+        };
+        if let Some((holder, _)) = self.run_holding(addr) {
+            return Ok(Prepared::InsideRun(holder));
+        }
+        let end = target.end.min(addr + MAX_INSN_LEN);
+        let insn = self.original_code(addr, end).ok_or(Error::Protect {
+            addr,
+            reason: "the code cannot be read".into(),
+        })?;
+        if flow_run.is_none() && flow_refusal.is_none() {
+            // No layout (code outside any known function): check what can be
+            // checked from the function start, if known.
+            if let Some(func) = target.func_start.filter(|&f| f < addr) {
+                let bytes = self.original_code(func, end).unwrap_or_default();
+                arch::check_boundary(&bytes, func, addr)?;
             }
         }
         if insn.starts_with(TRAP_INSN) {
             return Err(Error::Conflict { addr });
         }
         let decoded = arch::analyze(&insn, addr)?;
-        let stub = match decoded.displaced {
-            Displaced::OutOfLine => Some(pool.create(&insn, addr)?),
+        // The run a jump displaces: the flow's; or, without a layout, one
+        // instruction long enough for the jump.
+        let (patch, run, refusal) = match (flow_run, flow_refusal) {
+            (Some(s), _) => (s.jump, Some(s.end), None),
+            (None, Some(r)) => (addr, None, Some(r)),
+            (None, None) if arch::fast_eligible(decoded.len, &decoded.displaced) => {
+                (addr, Some(addr + usize::from(decoded.len)), None)
+            }
+            (None, None) => (
+                addr,
+                None,
+                Some(
+                    "not a fast site: its function's layout is unknown and its instruction is \
+                     shorter than the jump"
+                        .to_string(),
+                ),
+            ),
+        };
+        let code = match run {
+            Some(e) => self.original_code(patch, e),
+            None if patch == addr => Some(insn[..usize::from(decoded.len)].to_vec()),
+            None => None,
+        }
+        .ok_or(Error::Protect {
+            addr: patch,
+            reason: "the code cannot be read".into(),
+        })?;
+        let (len, displaced) = if patch == addr {
+            (decoded.len, decoded.displaced)
+        } else {
+            let d = arch::analyze(&code, patch)?;
+            (d.len, d.displaced)
+        };
+        let refusal = if self.fast_ok {
+            refusal
+        } else {
+            run.is_some()
+                .then(|| {
+                    "fast probes need membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE), \
+                 which this kernel does not offer"
+                        .to_string()
+                })
+                .or(refusal)
+        };
+        Ok(Prepared::Site(PreparedSite {
+            probe: addr,
+            patch,
+            code,
+            len,
+            displaced,
+            target,
+            run: if self.fast_ok { run } else { None },
+            refusal,
+        }))
+    }
+
+    /// Builds a prepared site's stub for probe record `record`: the site
+    /// stub of a fast-capable site (if it cannot be built, the site is trap
+    /// only), or the out-of-line stub its first instruction needs.
+    pub(crate) fn build(
+        &mut self,
+        pool: &mut Pool,
+        mut p: PreparedSite,
+        record: usize,
+    ) -> Result<BuiltSite> {
+        if let Some(end) = p.run {
+            match pool.create_site(&p.code, p.patch, record) {
+                Ok(stub) => {
+                    let run = end - p.patch > usize::from(p.len);
+                    return Ok(BuiltSite {
+                        prepared: p,
+                        plan: Plan::Fast { stub, end, run },
+                    });
+                }
+                Err(e) => p.refuse_fast(format!("its stub cannot be built: {e}")),
+            }
+        }
+        let ool = match p.displaced {
+            Displaced::OutOfLine => {
+                let one = &p.code[..usize::from(p.len).min(p.code.len())];
+                Some(pool.create(one, p.patch)?)
+            }
             _ => None,
         };
-        let mut orig = [0; MAX_INSN_LEN];
-        orig[..insn.len()].copy_from_slice(&insn);
-        Ok(PreparedSite {
-            addr,
-            orig,
-            len: decoded.len,
-            displaced: decoded.displaced,
-            target,
-            stub,
+        Ok(BuiltSite {
+            prepared: p,
+            plan: Plan::Trap { ool },
         })
     }
 
-    /// Plain → trap for every prepared site: writes the trap instructions.
+    /// Plain → trap for every built site: writes the trap instructions.
     /// On error, the traps written are restored (the sites stay plain) and
-    /// the address of the site that failed is returned with the error.
-    pub(crate) fn arm(
-        &mut self,
-        prepared: &[PreparedSite],
-    ) -> std::result::Result<(), (usize, Error)> {
-        let mut patches: Vec<Patch> = prepared
+    /// the patch address of the site that failed is returned with the
+    /// error.
+    pub(crate) fn arm(&mut self, built: &[BuiltSite]) -> std::result::Result<(), (usize, Error)> {
+        let mut patches: Vec<Patch> = built
             .iter()
-            .map(|p| Patch::new(&p.target, p.addr, TRAP_INSN))
+            .map(|b| Patch::new(&b.prepared.target, b.prepared.patch, TRAP_INSN))
             .collect();
         let mut written = Vec::new();
         if let Err(e) = patch::write_all(&mut patches, &mut written) {
@@ -321,153 +612,232 @@ impl Sites {
         Ok(())
     }
 
-    /// Records armed sites (their trap is in the code) under probe record
-    /// `rec` each.
-    pub(crate) fn insert_armed(&mut self, prepared: PreparedSite, rec: u32) {
-        let eligible = prepared.eligible();
-        self.by_addr.insert(
-            prepared.addr,
+    /// Records an armed site (its trap is in the code) under probe record
+    /// `rec`.
+    pub(crate) fn insert_armed(&mut self, b: BuiltSite, rec: u32) {
+        let p = b.prepared;
+        let mut orig = [0; MAX_INSN_LEN];
+        let n = p.code.len().min(MAX_INSN_LEN);
+        orig[..n].copy_from_slice(&p.code[..n]);
+        if n < arch::JUMP_LEN {
+            // A trap-only site: only its trap byte is ever written.
+            orig[n..].fill(0);
+        }
+        self.by_probe.insert(
+            p.probe,
             Site {
                 rec,
-                orig: prepared.orig,
-                len: prepared.len,
-                displaced: prepared.displaced,
-                eligible,
-                target: prepared.target,
-                stub: prepared.stub,
+                patch: p.patch,
+                orig,
+                target: p.target,
+                plan: b.plan,
                 consumers: Vec::new(),
                 pins: 0,
-                jump: None,
+                fast_pins: 0,
+                jump: JumpState::default(),
+                refusal: p.refusal,
             },
         );
     }
 
     /// Trap → plain for sites whose consumers are gone (after switching fast
     /// ones back): the original bytes back where the code still holds our
-    /// trap. The caller has tombstoned their index entries first (see
+    /// trap. The caller tombstones their index entries (see
     /// `trap::TOMBSTONE`). The sites are forgotten; their stubs are retired
-    /// into `pool`.
-    /// Returns the removed sites' records, and the first write error.
-    pub(crate) fn disarm(&mut self, pool: &mut Pool, addrs: &[usize]) -> (Vec<u32>, Result<()>) {
-        let fast: Vec<usize> = addrs
+    /// into `pool`. Returns the removed sites' records and patch addresses,
+    /// and the first write error.
+    pub(crate) fn disarm(
+        &mut self,
+        pool: &mut Pool,
+        probes: &[usize],
+    ) -> (Vec<(u32, usize)>, Result<()>) {
+        let fast: Vec<usize> = probes
             .iter()
             .copied()
-            .filter(|a| self.by_addr.get(a).is_some_and(|s| s.jump.is_some()))
+            .filter(|a| {
+                self.by_probe
+                    .get(a)
+                    .is_some_and(|s| s.jump.head || s.jump.tail)
+            })
             .collect();
-        let switched = self.switch_to_trap(pool, &fast);
-        let mut patches = Vec::with_capacity(addrs.len());
-        for a in addrs {
-            let Some(s) = self.by_addr.get(a) else {
+        let switched = self.switch_to_trap(&fast);
+        let mut patches = Vec::with_capacity(probes.len());
+        for a in probes {
+            let Some(s) = self.by_probe.get(a) else {
                 continue;
             };
             // Restore only what is still our trap: if the module was unloaded
             // and something else mapped there, leave it alone.
-            if code::read_code(*a, *a + TRAP_INSN.len()) == TRAP_INSN {
-                patches.push(Patch::new(&s.target, *a, &s.orig[arch::HEAD]));
+            if code::read_code_checked(s.patch, s.patch + TRAP_INSN.len()).as_deref()
+                == Some(TRAP_INSN)
+            {
+                patches.push(Patch::new(&s.target, s.patch, &s.orig[arch::HEAD]));
             }
         }
         let result = patch::write_all(&mut patches, &mut Vec::new()).and(switched);
-        let mut recs = Vec::with_capacity(addrs.len());
-        for a in addrs {
-            let Some(s) = self.by_addr.remove(a) else {
+        let mut removed = Vec::with_capacity(probes.len());
+        for a in probes {
+            let Some(s) = self.by_probe.remove(a) else {
                 continue;
             };
-            if let Some(stub) = s.stub {
-                pool.retire(stub, false);
-            }
-            if let Some(f) = s.jump {
-                // Only if switching back failed half-way: the site's head is
-                // the trap again in every case that reaches here, so the
-                // stub is unreachable for new entries.
-                pool.retire(f.stub, true);
-            }
-            recs.push(s.rec);
+            s.plan.retire(pool);
+            removed.push((s.rec, s.patch));
         }
-        (recs, result)
+        (removed, result)
     }
 
-    /// Switches each site at `addrs` to the mechanism its consumers want.
-    pub(crate) fn apply_modes(&mut self, pool: &mut Pool, addrs: &[usize]) -> Result<()> {
+    /// Switches each site at `probes` to the mechanism its consumers want.
+    /// Returns the sites that wanted to be fast and are not (their write or
+    /// the scan of their run failed), with the first error.
+    pub(crate) fn apply_modes(&mut self, probes: &[usize]) -> (Vec<usize>, Result<()>) {
         let fast_ok = self.fast_ok;
         let (mut to_fast, mut to_trap) = (Vec::new(), Vec::new());
-        for a in addrs {
-            let Some(s) = self.by_addr.get(a) else {
+        for a in probes {
+            let Some(s) = self.by_probe.get(a) else {
                 continue;
             };
-            match (s.wants_fast(fast_ok), s.jump.is_some_and(|f| f.head)) {
+            match (s.wants_fast(fast_ok), s.jump.head) {
                 (true, false) => to_fast.push(*a),
                 (false, true) => to_trap.push(*a),
                 _ => {}
             }
         }
-        let back = self.switch_to_trap(pool, &to_trap);
-        to_fast.retain(|a| self.prepare_jump(pool, *a).is_ok());
-        back.and(self.switch_to_jump(pool, &to_fast))
-    }
-
-    /// Builds the fast stub of a site (not yet reachable).
-    fn prepare_jump(&mut self, pool: &mut Pool, addr: usize) -> Result<()> {
-        let s = self
-            .by_addr
-            .get(&addr)
-            .ok_or(Error::Internal("no site to make fast".into()))?;
-        if s.jump.is_some() {
-            return Ok(());
-        }
-        let rec = PROBES
-            .get(s.rec as usize)
-            .ok_or(Error::Internal("probe record out of range".into()))?;
-        // Ordering: Relaxed — the writer's own store.
-        let tag = crate::fast::tag(s.rec, rec.gen.load(Ordering::Relaxed));
-        let (orig, len, displaced) = (s.orig, s.len, s.displaced);
-        let stub = pool.create_fast(&orig[..len as usize], addr, len, &displaced, tag)?;
-        if let Some(s) = self.by_addr.get_mut(&addr) {
-            s.jump = Some(FastJump {
-                stub,
-                tail: false,
-                head: false,
-            });
-        }
-        Ok(())
-    }
-
-    /// Trap → fast, for sites whose fast stub is prepared, in the steps of
-    /// [`arch::TO_JUMP`]. A site whose write fails at some step goes no
-    /// further, and is switched back.
-    fn switch_to_jump(&mut self, pool: &mut Pool, addrs: &[usize]) -> Result<()> {
-        let mut result = self.run_steps(arch::TO_JUMP, addrs, true);
-        // Sites that did not make it stay on the trap path.
-        let stuck: Vec<usize> = addrs
+        let back = self.switch_to_trap(&to_trap);
+        let fast = self.switch_to_jump(&to_fast);
+        let stuck = to_fast
             .iter()
             .copied()
-            .filter(|a| self.by_addr[a].jump.is_some_and(|f| !f.head))
+            .filter(|a| self.by_probe.get(a).is_some_and(|s| !s.jump.head))
             .collect();
-        result = result.and(self.switch_to_trap(pool, &stuck));
-        result
+        (stuck, back.and(fast))
     }
 
-    /// Fast → trap, in the steps of [`arch::TO_TRAP`]; then the fast stubs
-    /// of the sites fully back are retired.
-    fn switch_to_trap(&mut self, pool: &mut Pool, addrs: &[usize]) -> Result<()> {
-        let result = self.run_steps(arch::TO_TRAP, addrs, false);
-        for a in addrs {
-            let Some(s) = self.by_addr.get_mut(a) else {
-                continue;
-            };
-            if let Some(f) = s.jump.filter(|f| !f.head && !f.tail) {
-                s.jump = None;
-                pool.retire(f.stub, true);
+    /// Demotes the fast-capable site at `probe`, because a probe is wanted
+    /// at an instruction inside its run: switches it to its trap (the run's
+    /// original bytes back, see [`TO_TRAP`](arch::TO_TRAP)), and builds a
+    /// site stub of its first instruction alone for its record at `record`.
+    /// From then on the trap path resumes there (and the fast path enters
+    /// there if that instruction is long enough for the jump alone), so the
+    /// rest of the run executes in place and may be probed. A site with a
+    /// FAST consumer is demoted only if it stays fast. Returns the new
+    /// resume address for the record and the plan it replaces, whose stub
+    /// the caller retires once the record says the new address.
+    ///
+    /// The caller must then wait until no thread can still be in the old
+    /// stub's copy of the run (a grace period, then a thread scan).
+    pub(crate) fn demote(
+        &mut self,
+        pool: &mut Pool,
+        probe: usize,
+        record: usize,
+        why: String,
+    ) -> Result<(usize, Retired)> {
+        let Some(s) = self.by_probe.get(&probe) else {
+            return Err(Error::Internal("demoting a missing site".into()));
+        };
+        if !matches!(s.plan, Plan::Fast { run: true, .. }) {
+            return Err(Error::Internal("demoting a site without a run".into()));
+        }
+        let first = usize::from(arch::analyze(&s.orig, s.patch)?.len);
+        if s.fast_pins > 0 && first < arch::JUMP_LEN {
+            return Err(Error::unsupported(
+                s.patch,
+                format!("a FAST probe at {probe:#x} displaces the instructions here; {why}"),
+            ));
+        }
+        if s.jump.head || s.jump.tail {
+            self.switch_to_trap(&[probe])?;
+        }
+        let s = self
+            .by_probe
+            .get_mut(&probe)
+            .ok_or(Error::Internal("the demoted site vanished".into()))?;
+        if s.jump.head || s.jump.tail {
+            return Err(Error::Internal("a demoted site kept its jump".into()));
+        }
+        let stub = pool.create_site(&s.orig[..first], s.patch, record)?;
+        let old = std::mem::replace(
+            &mut s.plan,
+            if first >= arch::JUMP_LEN {
+                Plan::Fast {
+                    stub,
+                    end: s.patch + first,
+                    run: false,
+                }
+            } else {
+                Plan::Demoted { stub }
+            },
+        );
+        if first < arch::JUMP_LEN {
+            s.refusal = Some(why);
+        }
+        Ok((arch::stub_resume(stub.addr), Retired(old)))
+    }
+
+    /// Trap → fast, in the steps of [`arch::TO_JUMP`]; a site whose write
+    /// fails at some step goes no further, and is switched back. Before the
+    /// tail of a run of several instructions is written, a thread scan must
+    /// show no thread inside the run (module docs).
+    fn switch_to_jump(&mut self, probes: &[usize]) -> Result<()> {
+        if probes.is_empty() {
+            return Ok(());
+        }
+        let runs: Vec<(usize, usize)> = probes
+            .iter()
+            .filter_map(|a| self.by_probe.get(a))
+            .filter_map(|s| match s.plan {
+                Plan::Fast { end, run: true, .. } => Some((s.patch + 1, end)),
+                _ => None,
+            })
+            .collect();
+        let mut go: Vec<usize> = probes.to_vec();
+        let mut scan_err = Ok(());
+        if !runs.is_empty() {
+            // The int3s armed before are visible everywhere first: then no
+            // thread can enter a run any more.
+            membarrier::sync_core();
+            match xol::quiet(&runs, threads::Depth::FramesRequired) {
+                Ok(true) => {}
+                r => {
+                    // A thread may be inside a run: those sites stay traps.
+                    go.retain(|a| {
+                        !self
+                            .by_probe
+                            .get(a)
+                            .is_some_and(|s| matches!(s.plan, Plan::Fast { run: true, .. }))
+                    });
+                    scan_err = r.and(Err(Error::unsupported(
+                        probes[0],
+                        "a thread is (or may be) inside the instructions the jump would replace",
+                    )));
+                }
             }
         }
-        result
+        let result = self.run_steps(arch::TO_JUMP, &go, true);
+        // Sites that did not make it stay on the trap path.
+        let stuck: Vec<usize> = go
+            .iter()
+            .copied()
+            .filter(|a| {
+                self.by_probe
+                    .get(a)
+                    .is_some_and(|s| s.jump.tail && !s.jump.head)
+            })
+            .collect();
+        result.and(self.switch_to_trap(&stuck)).and(scan_err)
     }
 
-    /// Runs a switching protocol over `addrs`: towards the jump (`to_jump`)
-    /// or back. A serialising step runs only if a write came before it (the
-    /// traps armed earlier count as one).
-    fn run_steps(&mut self, steps: &[SwitchStep], addrs: &[usize], to_jump: bool) -> Result<()> {
+    /// Fast → trap, in the steps of [`arch::TO_TRAP`].
+    fn switch_to_trap(&mut self, probes: &[usize]) -> Result<()> {
+        self.run_steps(arch::TO_TRAP, probes, false)
+    }
+
+    /// Runs a switching protocol over `probes`: towards the jump
+    /// (`to_jump`) or back. A serialising step runs only if a write came
+    /// before it (the traps armed earlier count as one).
+    fn run_steps(&mut self, steps: &[SwitchStep], probes: &[usize], to_jump: bool) -> Result<()> {
         let mut result = Ok(());
-        let mut live: Vec<usize> = addrs.to_vec();
+        let mut live: Vec<usize> = probes.to_vec();
         let mut dirty = !live.is_empty();
         for step in steps {
             let part = match step {
@@ -481,9 +851,9 @@ impl Sites {
                 SwitchStep::WriteHead => JumpPart::Head,
                 SwitchStep::WriteTail => JumpPart::Tail,
             };
-            let patches: Vec<Patch> = live
+            let patches: Vec<(usize, Patch)> = live
                 .iter()
-                .filter_map(|&a| self.part_patch(a, part, to_jump))
+                .filter_map(|&a| Some((a, self.part_patch(a, part, to_jump)?)))
                 .collect();
             let (r, done) = self.write_part(patches, part, to_jump);
             dirty |= done > 0;
@@ -491,35 +861,36 @@ impl Sites {
             if to_jump {
                 // Only sites whose part is now the jump's go on.
                 live.retain(|a| {
-                    self.by_addr
-                        .get(a)
-                        .and_then(|s| s.jump)
-                        .is_some_and(|f| match part {
-                            JumpPart::Head => f.head,
-                            JumpPart::Tail => f.tail,
-                        })
+                    self.by_probe.get(a).is_some_and(|s| match part {
+                        JumpPart::Head => s.jump.head,
+                        JumpPart::Tail => s.jump.tail,
+                    })
                 });
             }
         }
         result
     }
 
-    /// The bytes `part` of the site at `addr` takes in this direction, if it
-    /// needs a write: the jump's towards the jump; back, the trap
+    /// The bytes `part` of the site at `probe` takes in this direction, if
+    /// it needs a write: the jump's towards the jump; back, the trap
     /// instruction (head) or the original bytes (tail, once the head is no
     /// longer the jump's).
-    fn part_patch(&self, addr: usize, part: JumpPart, to_jump: bool) -> Option<Patch> {
-        let s = self.by_addr.get(&addr)?;
-        let f = s.jump?;
+    fn part_patch(&self, probe: usize, part: JumpPart, to_jump: bool) -> Option<Patch> {
+        let s = self.by_probe.get(&probe)?;
+        let Plan::Fast { stub, .. } = s.plan else {
+            return None;
+        };
         let range = part.range();
+        let f = s.jump;
+        let jump = || arch::jump_to(s.patch, arch::stub_entry(stub.addr));
         let bytes: Vec<u8> = match (to_jump, part) {
-            (true, JumpPart::Head) if !f.head => arch::jump_to(addr, f.stub)?[range].to_vec(),
-            (true, JumpPart::Tail) if !f.tail => arch::jump_to(addr, f.stub)?[range].to_vec(),
+            (true, JumpPart::Head) if !f.head => jump()?[range.clone()].to_vec(),
+            (true, JumpPart::Tail) if !f.tail => jump()?[range.clone()].to_vec(),
             (false, JumpPart::Head) if f.head => TRAP_INSN.to_vec(),
-            (false, JumpPart::Tail) if f.tail && !f.head => s.orig[range].to_vec(),
+            (false, JumpPart::Tail) if f.tail && !f.head => s.orig[range.clone()].to_vec(),
             _ => return None,
         };
-        Some(Patch::new(&s.target, addr + part.range().start, &bytes))
+        Some(Patch::new(&s.target, s.patch + range.start, &bytes))
     }
 
     /// Writes one part of sites and records, for each site written, whether
@@ -527,18 +898,23 @@ impl Sites {
     /// sites were written.
     fn write_part(
         &mut self,
-        mut patches: Vec<Patch>,
+        patches: Vec<(usize, Patch)>,
         part: JumpPart,
         jump: bool,
     ) -> (Result<()>, usize) {
+        let by_addr: std::collections::HashMap<usize, usize> =
+            patches.iter().map(|(probe, p)| (p.addr, *probe)).collect();
+        let mut patches: Vec<Patch> = patches.into_iter().map(|(_, p)| p).collect();
         let mut done = Vec::new();
         let result = patch::write_all(&mut patches, &mut done);
         for d in &done {
-            let site = d.addr - part.range().start;
-            if let Some(f) = self.by_addr.get_mut(&site).and_then(|s| s.jump.as_mut()) {
+            let Some(probe) = by_addr.get(&d.addr) else {
+                continue;
+            };
+            if let Some(s) = self.by_probe.get_mut(probe) {
                 match part {
-                    JumpPart::Head => f.head = jump,
-                    JumpPart::Tail => f.tail = jump,
+                    JumpPart::Head => s.jump.head = jump,
+                    JumpPart::Tail => s.jump.tail = jump,
                 }
             }
         }

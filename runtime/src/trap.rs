@@ -27,7 +27,7 @@
 
 use std::ffi::c_void;
 
-use crate::arch::{self, Displaced, Regs, TrapContext, TrapSite, TRAP_INSN};
+use crate::arch::{self, Clobbers, Displaced, Regs, TrapContext, TrapSite, TRAP_INSN};
 use crate::grace;
 use crate::map::Index;
 use crate::probe::{self, ProbeView, PROBES};
@@ -58,8 +58,15 @@ pub(crate) enum Lookup {
     },
 }
 
+/// [`arch::errno_offset`], computed in normal context before the handler is
+/// installed.
+static ERRNO_OFFSET: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
 /// Installs the handler. Normal context, once.
 pub(crate) fn install() -> crate::Result<()> {
+    // Ordering: Relaxed — the handler is installed by a system call after
+    // this store (which orders it) — pairs with the load in `on_sigtrap`.
+    ERRNO_OFFSET.store(arch::errno_offset(), std::sync::atomic::Ordering::Relaxed);
     sig::install_trap(on_sigtrap)
 }
 
@@ -84,17 +91,32 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
         chain(cx, signo, info, uc, 0);
         return;
     };
+    if arch::far_exit(cx, &mut ctx) {
+        return;
+    }
     let addr = ctx.trap_address();
+    // The kernel saves and restores every register around this handler;
+    // `errno` is the C library's, and a handler may change it.
+    let errno_off = ERRNO_OFFSET.load(std::sync::atomic::Ordering::Relaxed);
+    let errno = arch::errno_get(errno_off);
     let section = grace::enter(cx);
     match lookup(cx, addr) {
         Lookup::Probe(view) => {
             let mut regs = ctx.regs();
-            regs.set_pc(addr);
-            probe::dispatch(cx, &section, view.consumers, addr, &mut regs);
-            if regs.pc() == addr {
+            regs.set_pc(view.report);
+            probe::dispatch(
+                cx,
+                &section,
+                view.consumers,
+                view.report,
+                &mut regs,
+                Clobbers::ALL,
+            );
+            if regs.pc() == view.report {
                 resume_displaced(cx, &view, addr, &mut regs);
             }
             ctx.set_regs(&regs);
+            arch::errno_set(errno_off, errno);
             section.exit(cx);
         }
         Lookup::Restart => {

@@ -33,17 +33,19 @@
 //! thread; consumer lists are freed from raw pointers they were created from.
 #![allow(unsafe_code)]
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::arch::Clobbers;
 use crate::consumer::{AttachReq, Attachment, ConsumerId, Consumers, Owner, Stats};
 use crate::error::{Error, Result};
 use crate::grace;
 use crate::hit::Handler;
 use crate::map::RetiredTables;
-use crate::probe::{ConsumerList, CONSUMERS, PROBES, REAP_PENDING};
+use crate::probe::{ConsumerList, Entry, ProbeRecord, CONSUMERS, PROBES, REAP_PENDING};
 use crate::region::{RegionDesc, RegionId, Regions};
-use crate::site::{Mode, PreparedSite, Sites};
+use crate::site::{BuiltSite, Mode, Prepared, PreparedSite, Sites};
 use crate::sys::{membarrier, threads};
 use crate::trap::{self, INDEX};
 use crate::xol::Pool;
@@ -78,7 +80,7 @@ struct WriterState {
     /// number of thread scans done when its code was restored. The first
     /// scan after that shows no thread still on its way from that trap to
     /// its lookup, and the entry goes.
-    tombstones: std::collections::HashMap<usize, u64>,
+    tombstones: HashMap<usize, u64>,
 }
 
 // SAFETY: everything in WriterState is touched only under the writer lock.
@@ -175,37 +177,54 @@ impl WriterState {
         Ok(self.next_probe - 1)
     }
 
-    fn unprepare_all(&mut self, prepared: Vec<PreparedSite>) {
-        for p in prepared {
-            if let Some(s) = p.stub {
-                self.pool.free_unpublished(s);
-            }
-        }
-    }
-
-    /// Publishes the consumer list of the probe at `addr`.
+    /// Publishes the consumer list of the probe at `addr`, with the
+    /// record's clobber classes: widened before a list that needs more is
+    /// published, narrowed after (the fast path reads the classes, then the
+    /// list; a dispatcher skips a consumer whose classes were not saved —
+    /// see `ProbeRecord::clobbers`).
     fn publish_list(&mut self, addr: usize) -> Result<()> {
         let site = self.sites.get(addr).ok_or(Error::Internal(
             "publishing the list of a missing probe".into(),
         ))?;
-        let entries = site
+        let entries: Vec<Entry> = site
             .consumers
             .iter()
             .filter_map(|&c| self.consumers.entry(c))
             .collect();
+        let classes = entries
+            .iter()
+            .fold(Clobbers::NONE, |acc, e| acc.union(e.clobbers));
         let rec = PROBES
             .get(site.rec as usize)
             .ok_or(Error::Internal("probe record out of range".into()))?;
+        // Ordering: Relaxed — the writer's own value.
+        let before = Clobbers(rec.clobbers.load(Ordering::Relaxed));
+        // Ordering: Release — a trampoline that reads the wider classes
+        // saves them before it can see the list (x86 load order; the
+        // dispatcher's Acquire) — pairs with the loads in the trampoline and
+        // `fast_dispatch`.
+        rec.clobbers
+            .store(before.union(classes).0, Ordering::Release);
         // Ordering: Release — the list and the consumer records it names are
         // initialised before a dispatcher can load it (Acquire in
-        // `view_speculative`).
+        // `view_speculative` and `fast_dispatch`).
         let old = rec
             .consumers
             .swap(ConsumerList::publishable(entries), Ordering::Release);
+        // Ordering: Release — after the list: a trampoline that reads the
+        // narrower classes sees the list that needs no more.
+        rec.clobbers.store(classes.0, Ordering::Release);
         if !old.is_null() {
             self.deferred.push(Deferred::List(old));
         }
         Ok(())
+    }
+
+    /// The clobber classes of a handler (see `arch::Clobbers`).
+    fn classes_of(&mut self, _handler: Handler) -> Clobbers {
+        // Everything until the effects analysis says less: correct for any
+        // handler.
+        Clobbers::ALL
     }
 
     /// Attaches every request or none.
@@ -218,120 +237,181 @@ impl WriterState {
         if reqs.len() > self.consumers.room() {
             return Err((0, Error::NoMemory("too many consumers".into())));
         }
-        // 1. Prepare new sites (nothing visible yet).
+        // 1. Prepare new sites (nothing built or visible yet).
         let mut prepared: Vec<PreparedSite> = Vec::new();
         // Address → index in `prepared`, so a large batch stays linear.
-        let mut prepared_at: std::collections::HashMap<usize, usize> = Default::default();
+        let mut prepared_at: HashMap<usize, usize> = HashMap::new();
         for (i, r) in reqs.iter().enumerate() {
             if r.addr == 0 {
-                self.unprepare_all(prepared);
                 return Err((i, Error::InvalidArgument("null address".into())));
             }
             if !self.sites.contains(r.addr) && !prepared_at.contains_key(&r.addr) {
-                match self.sites.prepare(&self.regions, &mut self.pool, r.addr) {
-                    Ok(p) => {
-                        prepared_at.insert(r.addr, prepared.len());
-                        prepared.push(p);
-                    }
-                    Err(e) => {
-                        self.unprepare_all(prepared);
-                        return Err((i, e));
-                    }
+                let mut p = self.sites.prepare(&self.regions, &self.pool, r.addr);
+                if let Ok(Prepared::InsideRun(holder)) = p {
+                    self.demote(holder, r.addr).map_err(|e| (i, e))?;
+                    p = self.sites.prepare(&self.regions, &self.pool, r.addr);
                 }
-            }
-            if modes.get(i) == Some(&Mode::Fast) {
-                let eligible = match self.sites.get(r.addr) {
-                    Some(s) => s.eligible(),
-                    None => prepared_at
-                        .get(&r.addr)
-                        .is_some_and(|&k| prepared[k].eligible()),
+                let p = match p.map_err(|e| (i, e))? {
+                    Prepared::Site(p) => p,
+                    Prepared::InsideRun(_) => {
+                        return Err((i, Error::Internal("a demoted site kept its run".into())))
+                    }
                 };
-                if !self.sites.fast_ok() || !eligible {
-                    let why = if self.sites.fast_ok() {
-                        "not a fast site: needs a 5-byte NOP or a first instruction of at least \
-                         5 bytes that can be displaced"
-                    } else {
-                        "fast probes need membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE), \
-                         which this kernel does not offer"
-                    };
-                    self.unprepare_all(prepared);
-                    return Err((i, Error::unsupported(r.addr, why)));
+                prepared_at.insert(r.addr, prepared.len());
+                prepared.push(p);
+            }
+        }
+        // A run a jump would displace must hold no other probe of the batch
+        // (nor the patch address of an existing one): those sites are trap
+        // only.
+        let probes: Vec<usize> = prepared.iter().map(|p| p.probe).collect();
+        let mut sorted = probes.clone();
+        sorted.sort_unstable();
+        for p in &mut prepared {
+            if let Some((j, e)) = p.run() {
+                let a = sorted.partition_point(|&x| x <= j);
+                let inside = sorted.get(a).filter(|&&x| x < e).copied();
+                let existing = self
+                    .sites
+                    .range(j.saturating_sub(4) + 1, e)
+                    .find(|(a, s)| *a != p.probe && s.patch > j && s.patch < e);
+                if let Some(x) = inside.or(existing.map(|(a, _)| a)) {
+                    p.refuse_fast(format!(
+                        "another probe, at {x:#x}, is inside the instructions its jump would \
+                         displace"
+                    ));
                 }
             }
         }
-        // 2. Records, index, then the traps (empty consumer lists: a thread
-        //    that traps now only runs the displaced instruction).
+        for (i, r) in reqs.iter().enumerate() {
+            if modes.get(i) != Some(&Mode::Fast) {
+                continue;
+            }
+            let refusal = match self.sites.get(r.addr) {
+                Some(s) if s.pins > 0 => Some("another consumer keeps it on the trap path"),
+                Some(s) => s.refusal(),
+                None => prepared_at
+                    .get(&r.addr)
+                    .and_then(|&k| prepared[k].refusal()),
+            };
+            if let Some(why) = refusal {
+                let why = format!("cannot be a fast site: {why}");
+                return Err((i, Error::unsupported(r.addr, why)));
+            }
+        }
+        // 2. Records, then the stubs that name them.
         let mut recs = Vec::with_capacity(prepared.len());
-        for k in 0..prepared.len() {
+        for p in &prepared {
             match self.alloc_probe_record() {
                 Ok(r) => recs.push(r),
                 Err(e) => {
-                    let at = prepared[k].addr;
+                    let at = p.probe;
                     let index = reqs.iter().position(|r| r.addr == at).unwrap_or(0);
                     self.free_probes.extend(recs);
-                    self.unprepare_all(prepared);
                     return Err((index, e));
                 }
             }
         }
-        for (p, &rec_idx) in prepared.iter().zip(&recs) {
+        let mut built: Vec<BuiltSite> = Vec::with_capacity(prepared.len());
+        for (p, &rec_idx) in prepared.into_iter().zip(&recs) {
+            let at = p.probe;
+            let record = PROBES
+                .get(rec_idx as usize)
+                .map_or(0, |r| r as *const ProbeRecord as usize);
+            match self.sites.build(&mut self.pool, p, record) {
+                Ok(b) => built.push(b),
+                Err(e) => {
+                    let index = reqs.iter().position(|r| r.addr == at).unwrap_or(0);
+                    for b in built {
+                        b.unbuild(&mut self.pool);
+                    }
+                    self.free_probes.extend(recs);
+                    return Err((index, e));
+                }
+            }
+        }
+        // A FAST request whose stub could not be built fails before anything
+        // is visible.
+        for (i, r) in reqs.iter().enumerate() {
+            if modes.get(i) != Some(&Mode::Fast) {
+                continue;
+            }
+            if let Some(b) = built.iter().find(|b| b.prepared.probe == r.addr) {
+                if let Some(why) = b.prepared.refusal() {
+                    let e = Error::unsupported(r.addr, format!("cannot be a fast site: {why}"));
+                    for b in built {
+                        b.unbuild(&mut self.pool);
+                    }
+                    self.free_probes.extend(recs);
+                    return Err((i, e));
+                }
+            }
+        }
+        // 3. Fill the records, index them, write the traps (empty consumer
+        //    lists: a thread that traps now only runs the displaced
+        //    instructions).
+        for (b, &rec_idx) in built.iter().zip(&recs) {
             let rec = PROBES
                 .get(rec_idx as usize)
                 .ok_or((0, Error::Internal("probe record out of range".into())))?;
-            let words = p.displaced.encode();
-            // Ordering: a new generation first, then a Release fence, so a
-            // fast dispatcher that reads any field below also sees the new
-            // generation on its check — pairs with the Acquire fence in
-            // `fast_dispatch` (and x86's load order in the trampoline).
-            let gen = rec.gen.load(Ordering::Relaxed).wrapping_add(1);
-            rec.gen.store(gen, Ordering::Relaxed);
-            std::sync::atomic::fence(Ordering::Release);
+            let p = &b.prepared;
+            let words = b.displaced().encode();
             // Ordering (all): Relaxed — published by the index insert's
-            // latch bump (Release).
+            // latch bump (Release); a fast stub naming this record checks
+            // `addr`, which is set last (`fast_dispatch`).
+            rec.report.store(p.probe, Ordering::Relaxed);
             rec.len.store(p.len as usize, Ordering::Relaxed);
             for (w, v) in rec.displaced.iter().zip(words) {
                 w.store(v, Ordering::Relaxed);
             }
-            rec.stub.store(p.stub.unwrap_or(0), Ordering::Relaxed);
+            rec.stub.store(b.resume_stub(), Ordering::Relaxed);
             rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
-            rec.addr.store(p.addr, Ordering::Relaxed);
-            if self.tombstones.remove(&p.addr).is_some() {
-                INDEX.replace(p.addr, rec_idx as usize);
-            } else if let Some(t) = INDEX.insert(p.addr, rec_idx as usize) {
+            rec.clobbers.store(0, Ordering::Relaxed);
+            // Ordering: Release — the fields above before the address.
+            rec.addr.store(p.patch, Ordering::Release);
+            if self.tombstones.remove(&p.patch).is_some() {
+                INDEX.replace(p.patch, rec_idx as usize);
+            } else if let Some(t) = INDEX.insert(p.patch, rec_idx as usize) {
                 self.deferred.push(Deferred::Tables(t));
             }
         }
-        if let Err((failed, e)) = self.sites.arm(&prepared) {
+        if let Err((failed, e)) = self.sites.arm(&built) {
             // Undo: the traps are restored; unindex and free after a grace
             // period (a thread may have trapped and be inside a stub).
-            let index = reqs.iter().position(|r| r.addr == failed).unwrap_or(0);
-            for (p, rec_idx) in prepared.into_iter().zip(recs) {
-                self.tombstone(p.addr);
+            let index = built
+                .iter()
+                .position(|b| b.prepared.patch == failed)
+                .and_then(|k| reqs.iter().position(|r| r.addr == built[k].prepared.probe))
+                .unwrap_or(0);
+            for (b, rec_idx) in built.into_iter().zip(recs) {
+                self.tombstone(b.prepared.patch);
                 if let Some(rec) = PROBES.get(rec_idx as usize) {
                     // Ordering: Relaxed — the record is no longer indexed.
                     rec.addr.store(0, Ordering::Relaxed);
                 }
-                if let Some(s) = p.stub {
-                    self.pool.retire(s, false);
-                }
+                b.retire(&mut self.pool);
                 self.deferred.push(Deferred::ProbeRecord(rec_idx));
             }
             return Err((index, e));
         }
-        for (p, rec_idx) in prepared.into_iter().zip(recs) {
-            self.sites.insert_armed(p, rec_idx);
+        let new_sites: Vec<usize> = built.iter().map(|b| b.prepared.probe).collect();
+        for (b, rec_idx) in built.into_iter().zip(recs) {
+            self.sites.insert_armed(b, rec_idx);
         }
-        // 3. Consumers, then their lists.
+        // 4. Consumers (not yet published).
         let mut ids = Vec::with_capacity(reqs.len());
+        let mut idxs = Vec::with_capacity(reqs.len());
         let mut owners = owners.into_iter();
         for (i, r) in reqs.iter().enumerate() {
             let mode = modes.get(i).copied().unwrap_or_default();
+            let clobbers = self.classes_of(r.handler);
             let attachment = Attachment {
                 addr: r.addr,
                 handler: r.handler,
                 user_data: r.user_data as usize,
                 mode,
                 owner: owners.next().flatten(),
+                clobbers,
             };
             let (id, idx) = self
                 .consumers
@@ -340,19 +420,94 @@ impl WriterState {
             if let Some(s) = self.sites.get_mut(r.addr) {
                 s.consumers.push(idx);
                 s.pins += usize::from(mode == Mode::Trap);
+                s.fast_pins += usize::from(mode == Mode::Fast);
             }
             ids.push(id);
+            idxs.push(idx);
         }
         let mut addrs: Vec<usize> = reqs.iter().map(|r| r.addr).collect();
         addrs.sort_unstable();
         addrs.dedup();
+        // 5. Sites that can be fast become fast, before any handler can run.
+        //    A FAST request whose site did not make it fails the batch;
+        //    anything else stays on the trap path, which serves every
+        //    consumer just the same.
+        let (stuck, switched) = self.sites.apply_modes(&addrs);
+        if let Some(i) = reqs
+            .iter()
+            .enumerate()
+            .position(|(i, r)| modes.get(i) == Some(&Mode::Fast) && stuck.contains(&r.addr))
+        {
+            let e = switched.err().unwrap_or_else(|| {
+                Error::unsupported(reqs[i].addr, "the site could not be made fast")
+            });
+            // Nothing was published: detaching leaves existing sites as
+            // they were and removes the new ones.
+            let _ = self.detach_nosync(&idxs);
+            let _ = new_sites;
+            return Err((i, e));
+        }
+        // 6. Their lists: handlers run from here.
         for &a in &addrs {
             self.publish_list(a).map_err(|e| (0, e))?;
         }
-        // 4. Sites that can be fast become fast. A failure here leaves them
-        //    on the trap path, which serves every consumer just the same.
-        let _ = self.sites.apply_modes(&mut self.pool, &addrs);
         Ok(ids)
+    }
+
+    /// Makes room for a probe at `inside`, an instruction inside the run
+    /// the fast-capable site at `probe` displaces: that site goes on with
+    /// its first instruction alone ([`Sites::demote`]). Its consumers keep
+    /// being called throughout (on the trap path while it switches); a FAST
+    /// consumer there refuses, unless that instruction is long enough for a
+    /// jump by itself.
+    ///
+    /// On return no thread runs the old copy of the run any more, so the
+    /// instruction at `inside`, once armed, misses no execution: the trap
+    /// handler that chose the old copy leaves its read-side section only
+    /// after writing the address (a grace period covers it), and a thread
+    /// scan then sees every thread out of that copy and out of the code
+    /// that leads into it.
+    fn demote(&mut self, probe: usize, inside: usize) -> Result<()> {
+        let site = self
+            .sites
+            .get(probe)
+            .ok_or(Error::Internal("demoting a missing site".into()))?;
+        let rec_idx = site.rec;
+        let rec = PROBES
+            .get(rec_idx as usize)
+            .ok_or(Error::Internal("probe record out of range".into()))?;
+        let why =
+            format!("a probe at {inside:#x} is inside the instructions its jump would displace");
+        let (resume, old) = self.sites.demote(
+            &mut self.pool,
+            probe,
+            rec as *const ProbeRecord as usize,
+            why,
+        )?;
+        // Ordering: Release — the new stub was written before a trap handler
+        // may resume in it (pairs with the validated load in
+        // `view_speculative`; the stub's bytes are written by the kernel
+        // before `write_code` returned).
+        rec.stub.store(resume, Ordering::Release);
+        let range = old.range();
+        old.retire(&mut self.pool);
+        grace::synchronize();
+        if let Some(range) = range {
+            let mut ranges = vec![range, crate::fast::code_range()];
+            ranges.extend(self.pool.trampolines());
+            if !crate::xol::quiet(&ranges, threads::Depth::Frames)? {
+                return Err(Error::unsupported(
+                    inside,
+                    format!(
+                        "a thread stays inside the displaced copy of the instructions of the \
+                         probe at {probe:#x}"
+                    ),
+                ));
+            }
+        }
+        // The first instruction alone may be fast again.
+        let (_, switched) = self.sites.apply_modes(&[probe]);
+        switched
     }
 
     /// Detaches consumers (already validated), removing probes left with
@@ -366,6 +521,7 @@ impl WriterState {
             if let Some(s) = self.sites.get_mut(a.addr) {
                 s.consumers.retain(|&c| c != idx);
                 s.pins -= usize::from(a.mode == Mode::Trap);
+                s.fast_pins -= usize::from(a.mode == Mode::Fast);
                 touched.push(a.addr);
             }
             self.deferred.push(Deferred::ConsumerRecord(idx, tag));
@@ -381,7 +537,7 @@ impl WriterState {
         for &a in &busy {
             self.publish_list(a)?;
         }
-        let switched = self.sites.apply_modes(&mut self.pool, &busy);
+        let (_, switched) = self.sites.apply_modes(&busy);
         self.remove_probes(&empty).and(switched)
     }
 
@@ -390,9 +546,11 @@ impl WriterState {
         if addrs.is_empty() {
             return Ok(());
         }
-        let (recs, result) = self.sites.disarm(&mut self.pool, addrs);
-        for &a in addrs {
-            self.tombstone(a);
+        let (removed, result) = self.sites.disarm(&mut self.pool, addrs);
+        let mut recs = Vec::with_capacity(removed.len());
+        for (rec_idx, patch) in removed {
+            self.tombstone(patch);
+            recs.push(rec_idx);
         }
         for rec_idx in recs {
             if let Some(rec) = PROBES.get(rec_idx as usize) {
@@ -624,6 +782,22 @@ pub fn stats(id: ConsumerId) -> Result<Stats> {
 /// Registers a JIT region.
 pub fn region_add(desc: RegionDesc) -> Result<RegionId> {
     with_state(|st| st.regions.add(desc))
+}
+
+/// Declares the functions inside a JIT region, as `(start, len)`: probert
+/// then decodes instruction boundaries from each function's start (instead
+/// of the region's) and lets a fast site displace several instructions only
+/// within one function. Applies to probes attached afterwards.
+pub fn region_functions(id: RegionId, functions: &[(usize, usize)]) -> Result<()> {
+    let bounds: Vec<(usize, usize)> = functions
+        .iter()
+        .map(|&(s, len)| (s, s.saturating_add(len)))
+        .collect();
+    with_state(|st| {
+        st.regions.set_functions(id, &bounds)?;
+        st.sites.forget_region(id);
+        Ok(())
+    })
 }
 
 /// Detaches every probe in the region (one grace period), then forgets it.

@@ -42,7 +42,7 @@
 //! is poisoned with `ud2` first, so a violation of the above crashes loudly
 //! instead of running stale code.
 
-use crate::arch::{self, Displaced, POISON, STUB_SLOT, TRAMPOLINE_SIZE};
+use crate::arch::{self, CpuState, POISON, STUB_SLOT, TRAMPOLINE_SIZE};
 use crate::error::{Error, Result};
 use crate::fast;
 use crate::sys::{code, maps, threads};
@@ -58,6 +58,22 @@ const SCAN_BATCH: usize = 64;
 /// thread seen inside again until it leaves; a retry covers a thread that
 /// outlasted the scan's timeout.
 const SCAN_TRIES: usize = 3;
+/// The slot sizes: [`STUB_SLOT`] (nearly every stub), and twice that for a
+/// site stub whose displaced instructions grow when relocated.
+const SIZES: [usize; 2] = [STUB_SLOT, 2 * STUB_SLOT];
+
+/// A stub: its slot and the slot's size (one of [`SIZES`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stub {
+    pub addr: usize,
+    class: u8,
+}
+
+impl Stub {
+    pub(crate) fn len(self) -> usize {
+        SIZES[usize::from(self.class)]
+    }
+}
 
 #[derive(Debug)]
 struct Chunk {
@@ -74,7 +90,7 @@ impl Chunk {
 /// A retired stub waiting for its grace periods.
 #[derive(Debug, Clone, Copy)]
 struct RetiredStub {
-    addr: usize,
+    stub: Stub,
     /// Retirement order: a grace period covers exactly the stubs retired
     /// before it began, whatever other grace periods run meanwhile.
     seq: u64,
@@ -98,15 +114,18 @@ pub(crate) struct Snapshot {
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     chunks: Vec<Chunk>,
-    free: Vec<usize>,
+    /// Free slots, per size class.
+    free: [Vec<usize>; 2],
     /// Retired, waiting for a read-side grace period.
     awaiting_grace: Vec<RetiredStub>,
     /// Past their grace period, waiting for a thread scan.
-    awaiting_scan: Vec<usize>,
+    awaiting_scan: Vec<Stub>,
     /// Successful scans so far.
     scans: u64,
     /// The next retirement's `seq`.
     next_seq: u64,
+    /// The register state trampolines handle, detected once.
+    cpu: Option<CpuState>,
 }
 
 fn within_reach(a: usize, b: usize) -> bool {
@@ -122,47 +141,52 @@ impl Pool {
     }
 
     /// Builds and writes the out-of-line stub for the instruction `code` at
-    /// `addr`; returns its address.
-    pub(crate) fn create(&mut self, code: &[u8], addr: usize) -> Result<usize> {
-        let slot = self.alloc(addr)?.0;
-        let bytes = arch::emit_out_of_line(code, addr, slot);
-        self.fill(slot, bytes)
+    /// `addr`.
+    pub(crate) fn create(&mut self, code: &[u8], addr: usize) -> Result<Stub> {
+        let (stub, _) = self.alloc(addr, 0)?;
+        let bytes = arch::emit_out_of_line(code, addr, stub.addr);
+        self.fill(stub, bytes)
     }
 
-    /// Builds and writes the fast-path stub of the site `site`; returns its
-    /// address.
-    pub(crate) fn create_fast(
-        &mut self,
-        code: &[u8],
-        site: usize,
-        len: u8,
-        displaced: &Displaced,
-        tag: u32,
-    ) -> Result<usize> {
-        let (slot, trampoline) = self.alloc(site)?;
-        let bytes = arch::emit_site_stub(code, site, len, displaced, slot, trampoline, tag);
-        self.fill(slot, bytes)
+    /// Builds and writes the site stub for the run `code` (the original
+    /// bytes of the instructions the site's jump displaces, at `jump`) of the
+    /// probe record at `record`: the fast path enters it, the trap path
+    /// resumes in its displaced instructions. A small slot if the stub fits,
+    /// else a large one.
+    pub(crate) fn create_site(&mut self, code: &[u8], jump: usize, record: usize) -> Result<Stub> {
+        let mut last = None;
+        for class in 0..SIZES.len() as u8 {
+            let (stub, trampoline) = self.alloc(jump, class)?;
+            match arch::emit_site_stub(code, jump, stub.addr, stub.len(), trampoline, record) {
+                Ok(b) => return self.fill(stub, Ok(b)),
+                Err(e) => {
+                    self.free_unpublished(stub);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Internal("no stub size".into())))
     }
 
-    fn fill(&mut self, slot: usize, bytes: Result<Vec<u8>>) -> Result<usize> {
-        match bytes.and_then(|b| code::write_code(slot, &b)) {
-            Ok(()) => Ok(slot),
+    fn fill(&mut self, stub: Stub, bytes: Result<Vec<u8>>) -> Result<Stub> {
+        match bytes.and_then(|b| code::write_code(stub.addr, &b)) {
+            Ok(()) => Ok(stub),
             Err(e) => {
-                self.free.push(slot);
+                self.free_unpublished(stub);
                 Err(e)
             }
         }
     }
 
     /// Frees a stub that was never published (no thread can be in it).
-    pub(crate) fn free_unpublished(&mut self, slot: usize) {
-        self.free.push(slot);
+    pub(crate) fn free_unpublished(&mut self, stub: Stub) {
+        self.free[usize::from(stub.class)].push(stub.addr);
     }
 
     /// Frees a published stub: reused only after its grace periods.
-    pub(crate) fn retire(&mut self, slot: usize, fast: bool) {
+    pub(crate) fn retire(&mut self, stub: Stub, fast: bool) {
         self.awaiting_grace.push(RetiredStub {
-            addr: slot,
+            stub,
             seq: self.next_seq,
             fast,
             prescanned: None,
@@ -190,7 +214,7 @@ impl Pool {
             self.awaiting_grace
                 .iter()
                 .filter(|r| ready(r))
-                .map(|r| r.addr),
+                .map(|r| r.stub),
         );
         self.awaiting_grace.retain(|r| !ready(r));
     }
@@ -201,13 +225,13 @@ impl Pool {
         (self.awaiting_grace.len(), self.awaiting_scan.len())
     }
 
-    /// Allocates a slot within reach of `near`; returns it and the
-    /// trampoline of its chunk.
-    fn alloc(&mut self, near: usize) -> Result<(usize, usize)> {
-        if let Some(s) = self.take_free(near) {
+    /// Allocates a slot of size class `class` within reach of `near`;
+    /// returns it and the trampoline of its chunk.
+    fn alloc(&mut self, near: usize, class: u8) -> Result<(Stub, usize)> {
+        if let Some(s) = self.take_free(near, class) {
             return Ok(s);
         }
-        if let Some(s) = self.bump(near) {
+        if let Some(s) = self.bump(near, class) {
             return Ok(s);
         }
         // Reuse before mapping more: a scan frees the stubs past their grace
@@ -215,24 +239,25 @@ impl Pool {
         // for one (which a later `sync` then moves on), so retired stubs of
         // every kind come back without the user calling `recycle_stubs`.
         let retired = self.awaiting_scan.len() + self.awaiting_grace.len();
-        let near_enough = |s: usize| within_reach(s, near);
+        let near_enough = |s: &Stub| within_reach(s.addr, near);
         if retired >= SCAN_BATCH
-            || self.awaiting_scan.iter().copied().any(near_enough)
-            || self.awaiting_grace.iter().any(|r| near_enough(r.addr))
+            || self.awaiting_scan.iter().any(near_enough)
+            || self.awaiting_grace.iter().any(|r| near_enough(&r.stub))
         {
             self.recycle()?;
-            if let Some(s) = self.take_free(near) {
+            if let Some(s) = self.take_free(near, class) {
                 return Ok(s);
             }
         }
         let base = maps::map_exec_near(near, CHUNK)?;
-        let tramp = arch::emit_trampoline(base, &fast::inline_layout())?;
+        let cpu = *self.cpu.get_or_insert_with(CpuState::detect);
+        let tramp = arch::emit_trampoline(base, &fast::inline_layout(), cpu)?;
         code::write_code(base, &tramp)?;
         self.chunks.push(Chunk {
             base,
             used: TRAMPOLINE_SIZE,
         });
-        self.bump(near)
+        self.bump(near, class)
             .ok_or_else(|| Error::Internal("a fresh stub chunk has no room".into()))
     }
 
@@ -242,20 +267,31 @@ impl Pool {
             .find(|c| (c.base..c.base + CHUNK).contains(&slot))
     }
 
-    fn take_free(&mut self, near: usize) -> Option<(usize, usize)> {
-        let i = self.free.iter().rposition(|&s| within_reach(s, near))?;
-        let s = self.free.swap_remove(i);
-        Some((s, self.chunk_of(s)?.trampoline()))
+    fn take_free(&mut self, near: usize, class: u8) -> Option<(Stub, usize)> {
+        let free = &mut self.free[usize::from(class)];
+        let i = free.iter().rposition(|&s| within_reach(s, near))?;
+        let addr = free.swap_remove(i);
+        let tramp = self.chunk_of(addr)?.trampoline();
+        Some((Stub { addr, class }, tramp))
     }
 
-    fn bump(&mut self, near: usize) -> Option<(usize, usize)> {
+    fn bump(&mut self, near: usize, class: u8) -> Option<(Stub, usize)> {
+        let len = SIZES[usize::from(class)];
         let c = self
             .chunks
             .iter_mut()
-            .find(|c| c.used + STUB_SLOT <= CHUNK && within_reach(c.base + c.used, near))?;
-        let s = c.base + c.used;
-        c.used += STUB_SLOT;
-        Some((s, c.trampoline()))
+            .find(|c| c.used + len <= CHUNK && within_reach(c.base + c.used, near))?;
+        let addr = c.base + c.used;
+        c.used += len;
+        Some((Stub { addr, class }, c.trampoline()))
+    }
+
+    /// The trampolines of every chunk: code a thread on the fast path runs
+    /// outside any read-side section.
+    pub(crate) fn trampolines(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.chunks
+            .iter()
+            .map(|c| (c.base, c.base + TRAMPOLINE_SIZE))
     }
 
     /// The number of successful thread scans so far: a scan numbered `n`
@@ -275,27 +311,15 @@ impl Pool {
             .awaiting_scan
             .iter()
             .copied()
-            .chain(self.awaiting_grace.iter().map(|r| r.addr))
-            .map(|s| (s, s + STUB_SLOT))
+            .chain(self.awaiting_grace.iter().map(|r| r.stub))
+            .map(|s| (s.addr, s.addr + s.len()))
             .collect();
         // Always also the code a thread runs outside any read-side section on
         // its way into or out of a stub. A thread there is asked again until
         // it leaves.
-        ranges.extend(
-            self.chunks
-                .iter()
-                .map(|c| (c.base, c.base + TRAMPOLINE_SIZE)),
-        );
+        ranges.extend(self.trampolines());
         ranges.push(fast::code_range());
-        let mut quiet = false;
-        for _ in 0..SCAN_TRIES {
-            if threads::quiescent(&ranges, std::time::Duration::from_millis(200))? {
-                quiet = true;
-                break;
-            }
-            std::thread::yield_now();
-        }
-        if !quiet {
+        if !quiet(&ranges, threads::Depth::Frames)? {
             return Ok(false);
         }
         self.scans += 1;
@@ -319,16 +343,28 @@ impl Pool {
         if !self.scan()? {
             return Ok(());
         }
-        let poison: Vec<u8> = POISON.iter().copied().cycle().take(STUB_SLOT).collect();
+        let poison: Vec<u8> = POISON.iter().copied().cycle().take(SIZES[1]).collect();
         while let Some(s) = self.awaiting_scan.pop() {
-            if let Err(e) = code::write_code(s, &poison) {
+            if let Err(e) = code::write_code(s.addr, &poison[..s.len()]) {
                 self.awaiting_scan.push(s);
                 return Err(e);
             }
-            self.free.push(s);
+            self.free[usize::from(s.class)].push(s.addr);
         }
         Ok(())
     }
+}
+
+/// Whether every other thread is seen outside `ranges` (at `depth`), with
+/// [`SCAN_TRIES`] tries: the ranges must be unreachable already.
+pub(crate) fn quiet(ranges: &[(usize, usize)], depth: threads::Depth) -> Result<bool> {
+    for _ in 0..SCAN_TRIES {
+        if threads::quiescent_at(ranges, std::time::Duration::from_millis(200), depth)? {
+            return Ok(true);
+        }
+        std::thread::yield_now();
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -341,13 +377,14 @@ mod tests {
         // began first must not release stubs retired after it began, even if
         // the later one finishes first.
         let mut pool = Pool::default();
-        pool.retire(0x1000, false);
+        let stub = |addr| Stub { addr, class: 0 };
+        pool.retire(stub(0x1000), false);
         let first = pool.grace_snapshot();
-        pool.retire(0x2000, false);
+        pool.retire(stub(0x2000), false);
         let second = pool.grace_snapshot();
         pool.after_grace_period(second);
         assert_eq!(pool.retired_counts(), (0, 2));
-        pool.retire(0x3000, false);
+        pool.retire(stub(0x3000), false);
         pool.after_grace_period(first);
         assert_eq!(
             pool.retired_counts(),
@@ -359,7 +396,13 @@ mod tests {
     #[test]
     fn a_fast_stub_needs_a_scan_before_its_grace_period() {
         let mut pool = Pool::default();
-        pool.retire(0x1000, true);
+        pool.retire(
+            Stub {
+                addr: 0x1000,
+                class: 0,
+            },
+            true,
+        );
         let snap = pool.grace_snapshot();
         pool.after_grace_period(snap);
         assert_eq!(

@@ -20,6 +20,7 @@ use targets::*;
 /// checks the bytes restored and no more hits.
 /// `auto` is the mechanism the default mode must pick for this site.
 fn probe_and_check(addr: usize, n: u64, call: impl Fn() -> u64, expect: u64, auto: Mode) {
+    FAST_CAPABLE.store(auto == Mode::Fast, Ordering::SeqCst);
     probe_and_check_mode(addr, n, &call, expect, Mode::Trap, Mode::Trap);
     probe_and_check_mode(addr, n, &call, expect, Mode::Auto, auto);
     if auto == Mode::Fast {
@@ -32,6 +33,16 @@ fn probe_and_check(addr: usize, n: u64, call: impl Fn() -> u64, expect: u64, aut
         );
     }
 }
+
+/// Whether a site served by `served` after a request for `mode` is a
+/// fast-capable one (the test's targets that are fast-capable are fast in
+/// AUTO).
+fn auto_capable(served: Mode, mode: Mode) -> bool {
+    served == Mode::Fast || mode == Mode::Trap && FAST_CAPABLE.load(Ordering::SeqCst)
+}
+
+/// Set by `probe_and_check` for a target AUTO makes fast.
+static FAST_CAPABLE: AtomicBool = AtomicBool::new(false);
 
 fn probe_and_check_mode(
     addr: usize,
@@ -48,9 +59,16 @@ fn probe_and_check_mode(
     // SAFETY: a target of this test; `count` is async-signal-safe.
     let id = unsafe { probert::attach_ex(addr, count, counter(&HITS), mode) }.expect("attach");
     let served = probert::probe_mode(addr).unwrap();
+    // At a fast-capable `endbr64` entry the trap, and the jump, go after it.
+    let endbr = before[..4] == [0xF3, 0x0F, 0x1E, 0xFA];
+    let patch = if endbr && auto_capable(served, mode) {
+        addr + 4
+    } else {
+        addr
+    };
     match served {
-        Mode::Trap => assert_eq!(bytes(addr, 1), [0xCC]),
-        Mode::Fast => assert_eq!(bytes(addr, 1), [0xE9]),
+        Mode::Trap => assert_eq!(bytes(patch, 1), [0xCC]),
+        Mode::Fast => assert_eq!(bytes(patch, 1), [0xE9]),
         Mode::Auto => panic!("probe_mode never answers Auto"),
     }
     assert_eq!(served, served_expected, "mechanism for {mode:?}");
@@ -67,22 +85,47 @@ fn probe_and_check_mode(
 }
 
 isolated!(push_rbp, {
+    // `push rbp; mov rbp, rsp; lea`: a run of three instructions.
     probe_and_check(
         addr!(t_push_rbp),
         10,
         || unsafe { t_push_rbp(41) },
         42,
+        Mode::Fast,
+    );
+});
+
+isolated!(push_rbp_emulated, {
+    // A branch lands after the `push`: trap only, emulated.
+    probe_and_check(
+        addr!(t_push_emul),
+        10,
+        || unsafe { t_push_emul(41) },
+        42,
+        Mode::Trap,
+    );
+});
+
+isolated!(call_reg_emulated, {
+    let site = addr!(t_call_reg_emul) + 7;
+    let expect = site as u64 + 2;
+    probe_and_check(
+        site,
+        10,
+        || unsafe { t_call_reg_emul() },
+        expect,
         Mode::Trap,
     );
 });
 
 isolated!(endbr64, {
+    // The jump goes after the `endbr64`, which stays.
     probe_and_check(
         addr!(t_endbr),
         10,
         || unsafe { t_endbr(40) },
         42,
-        Mode::Trap,
+        Mode::Fast,
     );
 });
 
@@ -132,13 +175,15 @@ isolated!(jcc_taken_and_not_taken, {
     for (f, name) in [
         (t_jcc as unsafe extern "C" fn(u64) -> u64, "rel32"),
         (t_jcc8, "rel8"),
+        (t_jcc8_emul, "rel8, a branch after it"),
     ] {
         let site = f as *const () as usize + 3;
-        // jz rel32 is 6 bytes (fast); jz rel8 is 2 (trap only).
-        let auto = if name == "rel32" {
-            Mode::Fast
-        } else {
+        // jz rel32 is 6 bytes (fast); jz rel8 with the `mov` after it is 7
+        // (fast, a run); with a branch landing after it, trap only.
+        let auto = if name.contains("branch") {
             Mode::Trap
+        } else {
+            Mode::Fast
         };
         probe_and_check(site, 5, || unsafe { f(0) }, 2, auto);
         probe_and_check(site, 5, || unsafe { f(1) }, 1, auto);
@@ -151,7 +196,7 @@ isolated!(sub_rsp, {
         10,
         || unsafe { t_sub_rsp(37) },
         42,
-        Mode::Trap,
+        Mode::Fast,
     );
 });
 
@@ -163,7 +208,8 @@ isolated!(rsp_read, {
         std::hint::black_box(unsafe { t_rsp_read() })
     }
     let unprobed = call();
-    probe_and_check(addr!(t_rsp_read), 3, call, unprobed, Mode::Trap);
+    // `mov rax, [rsp]; ret`: a run ending in the `ret`.
+    probe_and_check(addr!(t_rsp_read), 3, call, unprobed, Mode::Fast);
 });
 
 isolated!(lock_prefixed_rip_relative, {
@@ -640,8 +686,11 @@ isolated!(sync_from_a_handler_is_refused, {
 
 isolated!(probes_work_in_a_forked_child, {
     static HITS: AtomicU64 = AtomicU64::new(0);
+    let original = bytes(addr!(t_push_rbp), 8);
     let id = unsafe { probert::attach(addr!(t_push_rbp), count, counter(&HITS)) }.unwrap();
     unsafe { t_push_rbp(1) };
+    let probed = bytes(addr!(t_push_rbp), 8);
+    assert_ne!(probed, original);
     let before = bytes(addr!(t_riprel_mov), 8);
     match unsafe { libc::fork() } {
         0 => {
@@ -657,7 +706,7 @@ isolated!(probes_work_in_a_forked_child, {
                 unsafe { t_riprel_mov(1) };
                 probert::detach(id2).ok()?;
                 probert::detach(id).ok()?;
-                Some(HITS.load(Ordering::SeqCst) == 3 && bytes(addr!(t_push_rbp), 1) != [0xCC])
+                Some(HITS.load(Ordering::SeqCst) == 3 && bytes(addr!(t_push_rbp), 8) == original)
             })()
             .unwrap_or(false);
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
@@ -665,7 +714,7 @@ isolated!(probes_work_in_a_forked_child, {
         pid => common::expect_child_success(pid),
     }
     // The parent is untouched by the child's writes.
-    assert_eq!(bytes(addr!(t_push_rbp), 1), [0xCC]);
+    assert_eq!(bytes(addr!(t_push_rbp), 8), probed);
     assert_eq!(bytes(addr!(t_riprel_mov), 8), before);
     unsafe { t_push_rbp(1) };
     assert_eq!(HITS.load(Ordering::SeqCst), 2);

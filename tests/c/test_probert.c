@@ -56,7 +56,11 @@ static long (*volatile call_other)(long) = target_other;
                   c3            ret
    asm_int3:      cc            int3 (a foreign breakpoint)  ; c3 ret
    asm_invalid:   06            (invalid in 64-bit mode)     ; c3 ret
-   asm_raise_trap: cc c3        executes a foreign int3 and returns */
+   asm_raise_trap: cc c3        executes a foreign int3 and returns
+   asm_countdown: 48 89 f8      mov rax, rdi
+               1: 48 83 e8 01   sub rax, 1       <- the loop's branch lands here
+                  7f fa         jg 1b
+                  c3            ret              (returns 0 for x >= 1) */
 /* asm_nop5: 0f 1f 44 00 00  nop5 (a patchable site: fast-path capable);
               48 8d 47 02     lea rax, [rdi + 2]; c3 ret */
 __asm__(".text\n"
@@ -98,11 +102,23 @@ __asm__(".text\n"
         "asm_raise_trap:\n"
         "  int3\n"
         "  ret\n"
-        ".size asm_raise_trap, .-asm_raise_trap\n");
+        ".size asm_raise_trap, .-asm_raise_trap\n"
+        ".p2align 4\n"
+        ".globl asm_countdown\n"
+        ".type asm_countdown, @function\n"
+        "asm_countdown:\n"
+        "  movq %rdi, %rax\n"
+        "1:\n"
+        "  subq $1, %rax\n"
+        "  jg 1b\n"
+        "  ret\n"
+        ".size asm_countdown, .-asm_countdown\n");
 long asm_inc(long x);
 void asm_int3(void);
 void asm_invalid(void);
 void asm_raise_trap(void);
+long asm_countdown(long x);
+static long (*volatile call_countdown)(long) = asm_countdown;
 static long (*volatile call_inc)(long) = asm_inc;
 static void (*volatile call_raise_trap)(void) = asm_raise_trap;
 
@@ -1129,7 +1145,11 @@ static void t_write_callback_region(void) {
   int w0 = atomic_load(&m.writes);
   CHECK_OK(probert_attach(m.rx, count_hit, &hits, &c));
   CHECK(atomic_load(&m.writes) > w0);
-  CHECK_EQ(m.rx[0], 0xCC);
+  /* push rbp; mov rbp, rsp; lea rax, [rdi+1]: a fast site of three
+     instructions, its jump written through the callback. */
+  CHECK_EQ(m.rx[0], 0xE9);
+  CHECK_OK(probert_probe_mode(m.rx, &mode));
+  CHECK_EQ(mode, PROBERT_MODE_FAST);
   char perms[8];
   mapping_perms(m.rx, perms);
   CHECK(strcmp(perms, "r-xs") == 0);
@@ -1140,15 +1160,31 @@ static void t_write_callback_region(void) {
   CHECK(atomic_load(&m.writes) > w1);
   CHECK(memcmp(m.rx, JIT_CODE, sizeof JIT_CODE) == 0);
 
-  /* region_remove restores through the callback, then never calls it. */
-  probert_consumer c2, c3;
-  CHECK_OK(probert_attach(m.rx + 4, count_hit, &hits, &c2));
-  CHECK_OK(probert_attach(m.rx + 8, count_hit, &hits, &c3));
+  /* A probe inside a fast site's run demotes that site to its first
+     instruction (here on the trap path: push rbp is one byte), through the
+     callback too; every probe keeps counting. */
+  probert_consumer c1, c2, c3;
+  CHECK_OK(probert_attach(m.rx, count_hit, &hits, &c1));
   CHECK_EQ(f(2), 9);
-  CHECK_EQ(atomic_load(&hits), 3);
+  CHECK_EQ(atomic_load(&hits), 2);
+  CHECK_OK(probert_attach(m.rx + 4, count_hit, &hits, &c2));
+  CHECK_OK(probert_probe_mode(m.rx, &mode));
+  CHECK_EQ(mode, PROBERT_MODE_TRAP);
+  CHECK_EQ(m.rx[0], 0xCC);
+  CHECK(memcmp(m.rx + 1, JIT_CODE + 1, 3) == 0); /* the rest of its run is original again */
+  CHECK_EQ(f(2), 9);
+  CHECK_EQ(atomic_load(&hits), 4);
+  /* lea; imul was a fast run too: a probe on the imul demotes it. */
+  CHECK_OK(probert_attach(m.rx + 8, count_hit, &hits, &c3));
+  CHECK_OK(probert_probe_mode(m.rx + 4, &mode));
+  CHECK_EQ(mode, PROBERT_MODE_TRAP);
+  CHECK_EQ(f(2), 9);
+  CHECK_EQ(atomic_load(&hits), 7);
+  /* region_remove restores through the callback, then never calls it. */
   CHECK_OK(probert_region_remove(r));
   atomic_store(&m.removed, 1);
   CHECK(memcmp(m.rx, JIT_CODE, sizeof JIT_CODE) == 0);
+  CHECK_STATUS(probert_detach(c1), PROBERT_ERR_NOT_FOUND);
   CHECK_STATUS(probert_detach(c2), PROBERT_ERR_NOT_FOUND);
   CHECK_STATUS(probert_attach(m.rx, count_hit, &hits, &c), PROBERT_ERR_NO_REGION);
   CHECK_OK(probert_sync());
@@ -1176,14 +1212,24 @@ static void t_modes(void) {
   CHECK_EQ(m, PROBERT_MODE_TRAP);
   m = (probert_mode)77;
   CHECK_OK(probert_probe_mode(FN_ADDR(asm_inc), &m));
-  /* lea rax, [rdi + 1] is 4 bytes: too short for the 5-byte jump. */
-  CHECK_EQ(m, PROBERT_MODE_TRAP);
-  CHECK_STATUS(probert_attach_ex(FN_ADDR(asm_inc), count_hit, &hits, &fast, &c3),
+  /* lea rax, [rdi + 1]; ret: whole instructions covering the 5-byte jump,
+     and nothing branches between them: AUTO makes it fast. */
+  CHECK_EQ(m, PROBERT_MODE_FAST);
+  /* asm_countdown's loop branches back into its first 5 bytes, and its
+     first instruction is 3 bytes: trap only, so FAST refuses it and AUTO
+     serves it on the trap path. */
+  CHECK_STATUS(probert_attach_ex(FN_ADDR(asm_countdown), count_hit, &hits, &fast, &c3),
                PROBERT_ERR_UNSUPPORTED_INSN);
   CHECK_EQ(c3, SENTINEL);
+  probert_consumer c5;
+  CHECK_OK(probert_attach_ex(FN_ADDR(asm_countdown), count_hit, &hits, &autom, &c5));
+  CHECK_OK(probert_probe_mode(FN_ADDR(asm_countdown), &m));
+  CHECK_EQ(m, PROBERT_MODE_TRAP);
+  CHECK_EQ(call_countdown(3), 0);
+  CHECK_OK(probert_detach(c5));
   CHECK_STATUS(probert_probe_mode(FN_ADDR(asm_nop5), &m), PROBERT_ERR_NOT_FOUND);
   CHECK_EQ(call_add(1, 1) + call_inc(1), 4);
-  CHECK_EQ(atomic_load(&hits), 2);
+  CHECK_EQ(atomic_load(&hits), 1 + 2);
   /* A 5-byte NOP is a fast site: FAST and AUTO both serve it without a
      signal, and a TRAP consumer holds it on the int3 path while attached. */
   long (*volatile nop5)(long) = asm_nop5;
@@ -1201,7 +1247,7 @@ static void t_modes(void) {
   CHECK_OK(probert_probe_mode(FN_ADDR(asm_nop5), &m));
   CHECK_EQ(m, PROBERT_MODE_FAST);
   CHECK_EQ(nop5(40), 42);
-  CHECK_EQ(atomic_load(&hits), 2 + 1 + 2 + 1);
+  CHECK_EQ(atomic_load(&hits), 1 + 2 + 1 + 2 + 1);
   CHECK_OK(probert_detach(c3));
   CHECK_EQ(((const unsigned char *)FN_ADDR(asm_nop5))[0], 0x0F);
   CHECK_OK(probert_detach(c1));

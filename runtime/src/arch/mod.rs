@@ -34,8 +34,10 @@
 //! address and classifies how the trap path gets past it ([`Displaced`]):
 //! skip, emulate, or run out of line; it refuses what can be neither.
 //! [`Displaced::encode`]/[`Displaced::decode`] pack it into words the trap
-//! path reads speculatively. [`check_boundary`] and [`Boundaries`] refuse an
-//! address inside an instruction. [`MAX_INSN_LEN`] bounds an instruction.
+//! path reads speculatively. [`check_boundary`] refuses an address inside an
+//! instruction where no layout is known, and [`FunctionFlow`] analyses a
+//! whole function: every instruction boundary, and which runs of whole
+//! instructions a jump may displace ([`link_module`] across a module). [`MAX_INSN_LEN`] bounds an instruction.
 //!
 //! **Relocation into a stub.** [`emit_out_of_line`] gives the bytes of an
 //! out-of-line stub: the instruction relocated to the stub's address and a
@@ -126,11 +128,12 @@ mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
     analyze, check_boundary, classify_trap_site, emit_out_of_line, emit_site_stub, emit_trampoline,
-    emulate, fast_eligible, handler_restorer, interrupted_pc, interrupted_sp, jump_to,
-    restorer_address, resume_out_of_line, thread_pointer, Boundaries, Displaced, FastFrame,
-    InlineLayout, KernelSigaction, Reg, Regs, SwitchStep, TrapContext, TrapSite, HEAD, JUMP_LEN,
-    MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP,
-    TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
+    emulate, errno_get, errno_offset, errno_set, far_exit, fast_eligible, handler_restorer,
+    interrupted_pc, interrupted_sp, jump_to, link_module, restorer_address, resume_out_of_line,
+    stub_entry, stub_resume, thread_pointer, Clobbers, CpuState, Displaced, FastFrame,
+    FunctionFlow, InlineLayout, KernelSigaction, PointerJumps, Reg, Regs, SwitchStep, TrapContext,
+    TrapSite, HEAD, JUMP_LEN, MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL,
+    TO_JUMP, TO_TRAP, TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
 };
 
 #[cfg(not(target_arch = "x86_64"))]

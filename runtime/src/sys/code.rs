@@ -25,8 +25,8 @@
 //!
 //! # Reading code
 //!
-//! [`read_code`] and [`read_code_byte`] read code the caller resolved to a
-//! live region.
+//! [`read_code_checked`] reads code and fails, rather than faulting, where
+//! the memory is gone (a host may free or unmap its code under probes).
 //!
 //! # Safety
 //!
@@ -36,8 +36,8 @@
 //! writable without executable; it closes only descriptors it opened. Writing
 //! code bytes is sound only if the caller owns the bytes it overwrites (the
 //! region map's contract) — the functions here cannot check that. Reading
-//! code is sound for addresses inside a region the caller resolved (a loaded
-//! module's executable segment or a registered JIT region).
+//! code goes through the kernel (`process_vm_readv` or `/proc/self/mem`),
+//! which fails on memory that is not mapped readable.
 
 #![allow(unsafe_code)]
 
@@ -356,20 +356,73 @@ fn mprotect(addr: usize, len: usize, prot: i32) -> Result<(), i32> {
     raw::check(ret).map(drop)
 }
 
-/// Reads one code byte at `addr`, which lies in a mapped, readable region.
+/// Reads `[start, end)` of code without ever faulting: `None` if any of it
+/// is not mapped readable (freed, unmapped, `PROT_NONE`). A raw
+/// `process_vm_readv` on our own pid (the kernel walks the page tables and
+/// fails instead of raising `SIGSEGV`), or, where that is unavailable (a
+/// seccomp filter, `ENOSYS`), `pread` on the cached `/proc/self/mem`
+/// descriptor, which fails with `EIO` on such memory just the same. No libc,
+/// no allocation but the result.
 ///
-/// # Signal safety
-/// One volatile load.
-#[inline]
-pub fn read_code_byte(addr: usize) -> u8 {
-    // SAFETY: see the module's safety paragraph; volatile because other
-    // threads (or the kernel, via /proc/self/mem) may change code bytes.
-    unsafe { std::ptr::read_volatile(addr as *const u8) }
-}
-
-/// Reads `[start, end)` of code.
-pub fn read_code(start: usize, end: usize) -> Vec<u8> {
-    (start..end).map(read_code_byte).collect()
+/// Normal context only (the fallback takes the write lock).
+pub fn read_code_checked(start: usize, end: usize) -> Option<Vec<u8>> {
+    let len = end.checked_sub(start)?;
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Some(buf);
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: start as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: the kernel writes at most `len` bytes into `buf`, and only
+    // reads the remote range (which may be anything).
+    let ret = unsafe {
+        let pid = raw::syscall0(libc::SYS_getpid);
+        raw::syscall6(
+            libc::SYS_process_vm_readv,
+            pid,
+            &local as *const libc::iovec as i64,
+            1,
+            &remote as *const libc::iovec as i64,
+            1,
+            0,
+        )
+    };
+    match raw::check(ret) {
+        Ok(n) if n as usize == len => return Some(buf),
+        Ok(_) | Err(libc::EFAULT) => return None,
+        Err(_) => {}
+    }
+    let _lock = WriteLock::lock();
+    let fd = mem_fd_locked().ok()?;
+    let mut done = 0;
+    while done < len {
+        let rest = &mut buf[done..];
+        let n = raw::check_retry(|| {
+            // SAFETY: `rest` is writable for its length; the offset is an
+            // address of ours, below i64::MAX for user space.
+            unsafe {
+                raw::syscall4(
+                    libc::SYS_pread64,
+                    i64::from(fd),
+                    rest.as_mut_ptr() as i64,
+                    rest.len() as i64,
+                    (start + done) as i64,
+                )
+            }
+        })
+        .ok()?;
+        if n == 0 {
+            return None;
+        }
+        done += n as usize;
+    }
+    Some(buf)
 }
 
 #[cfg(test)]

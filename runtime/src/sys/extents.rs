@@ -517,6 +517,16 @@ impl FunctionTable {
         found
     }
 
+    /// The run-time start of every function symbol, sorted, for a module
+    /// at `bias`.
+    pub(crate) fn symbol_starts(&self, bias: usize) -> Vec<usize> {
+        let load = bias.wrapping_add(self.base as usize);
+        let mut v: Vec<usize> = self.syms.iter().map(|s| load + s.start as usize).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// Every function symbol as `(name, run-time start, size)`, in address
     /// order; a symbol in both tables appears once.
     pub(crate) fn functions(
@@ -558,7 +568,6 @@ impl FunctionTable {
     }
 
     /// Every extent of the table, in address order, for a module at `bias`.
-    #[cfg(test)]
     pub(crate) fn extents(self: &Arc<Self>, bias: usize) -> Vec<Extent> {
         let load = bias.wrapping_add(self.base as usize);
         let mut v: Vec<Extent> = Vec::new();

@@ -142,6 +142,72 @@ pub fn function_extent(addr: usize) -> Option<Extent> {
     })
 }
 
+/// What identifies a loaded module's image, for caches of what was computed
+/// from its code: its table (a new one for every load of a file) and its
+/// load bias. Keeping the table alive keeps its identity unique.
+#[derive(Clone, Debug)]
+pub struct TableRef {
+    table: Arc<FunctionTable>,
+    bias: usize,
+    exec: Vec<(usize, usize)>,
+}
+
+impl TableRef {
+    /// The same image.
+    pub fn same(&self, other: &TableRef) -> bool {
+        Arc::ptr_eq(&self.table, &other.table) && self.bias == other.bias
+    }
+
+    /// Whether the two images' executable segments overlap (one replaced
+    /// the other at the same address).
+    pub fn overlaps(&self, other: &TableRef) -> bool {
+        self.exec
+            .iter()
+            .any(|&(a, b)| other.exec.iter().any(|&(c, d)| a < d && c < b))
+    }
+}
+
+/// Every function of the module around an address, for analysing them all.
+pub struct ModuleLayout {
+    /// The image.
+    pub table: TableRef,
+    /// Its extents, in address order.
+    pub extents: Vec<Extent>,
+    symbol_starts: Vec<usize>,
+}
+
+impl ModuleLayout {
+    /// The function symbols starting strictly inside `(start, end)`:
+    /// another name for code inside a function (an alias, an entry) is a
+    /// place execution may arrive at.
+    pub fn symbols_inside(&self, start: usize, end: usize) -> impl Iterator<Item = usize> + '_ {
+        let a = self.symbol_starts.partition_point(|&s| s <= start);
+        let b = self.symbol_starts.partition_point(|&s| s < end);
+        self.symbol_starts[a..b.max(a)].iter().copied()
+    }
+}
+
+/// The layout of the module whose executable segment holds `addr`; `None`
+/// outside modules and for a module without a readable table.
+///
+/// Normal context only.
+pub fn module_layout(addr: usize) -> Option<ModuleLayout> {
+    with_snapshot(|s| {
+        let (m, _) = s.segment_at(addr)?;
+        let table = m.table()?;
+        let bias = m.info.bias;
+        Some(ModuleLayout {
+            extents: table.extents(bias),
+            symbol_starts: table.symbol_starts(bias),
+            table: TableRef {
+                table,
+                bias,
+                exec: m.info.exec.clone(),
+            },
+        })
+    })
+}
+
 /// The loaded modules, in load order (the main program first).
 ///
 /// Normal context only.

@@ -260,6 +260,7 @@ pub enum Depth {
 /// more threads than CPUs), so batch retirements. Scans are serialized.
 /// `Err` if the signal handler cannot be installed or was replaced. Normal
 /// context only.
+#[cfg(test)]
 pub fn quiescent(ranges: &[(usize, usize)], timeout: Duration) -> Result<bool> {
     quiescent_at(ranges, timeout, Depth::Frames)
 }

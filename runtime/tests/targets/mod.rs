@@ -93,6 +93,36 @@ t_counter: .quad 0
     ret
     END t_jcc8
 
+    // Trap-only sites: a branch lands right after the probed instruction,
+    // so no jump may displace it with the next one and the trap path
+    // emulates it (the `jmp`s back are never taken).
+    FUNC t_push_emul         // push rbp; … → rdi + 1
+    push rbp
+1:  mov rbp, rsp
+    lea rax, [rdi + 1]
+    pop rbp
+    ret
+    jmp 1b
+    END t_push_emul
+
+    FUNC t_jcc8_emul         // test; jz rel8 (at +3) → 2 if rdi == 0 else 1
+    test rdi, rdi
+    .byte 0x74
+    .byte 2f - 1f
+1:  mov eax, 1
+    ret
+2:  mov eax, 2
+    ret
+    jmp 1b
+    END t_jcc8_emul
+
+    FUNC t_call_reg_emul     // call rax (at +7) → t_ret_addr's return address
+    lea rax, [rip + t_ret_addr]
+    call rax
+1:  ret
+    jmp 1b
+    END t_call_reg_emul
+
     FUNC t_sub_rsp           // sub rsp, 24; … → rdi + 5
     sub rsp, 24
     mov qword ptr [rsp + 8], rdi
@@ -277,6 +307,9 @@ extern "C" {
     pub fn t_jmp(x: u64) -> u64;
     pub fn t_jcc(x: u64) -> u64;
     pub fn t_jcc8(x: u64) -> u64;
+    pub fn t_push_emul(x: u64) -> u64;
+    pub fn t_jcc8_emul(x: u64) -> u64;
+    pub fn t_call_reg_emul() -> u64;
     pub fn t_sub_rsp(x: u64) -> u64;
     pub fn t_rsp_read() -> u64;
     pub fn t_lock(x: u64) -> u64;

@@ -118,23 +118,27 @@ pub fn emit_displaced(code: &[u8], addr: usize, at: usize, max_len: usize) -> Re
     Ok(out.bytes)
 }
 
-/// The whole per-site stub at `stub` for the run `code` (mapped at `jump`,
-/// where the site's `jmp` goes): the prologue of
-/// [`emit_site_stub`](super::emit_site_stub) calling `trampoline` with
-/// `tag`, then [`emit_displaced`]; at most `slot` bytes.
-pub fn emit_run_stub(
+/// The whole per-site stub in the slot at `slot` (`slot_len` bytes) for the
+/// run `code` (the original bytes of whole instructions, mapped at `jump`,
+/// where the site's `jmp` goes): the data words and prologue of
+/// [`stub_prologue`] calling `trampoline` for probe record `record`, then
+/// [`emit_displaced`].
+pub fn emit_site_stub(
     code: &[u8],
     jump: usize,
-    stub: usize,
-    trampoline: usize,
-    tag: u32,
     slot: usize,
+    slot_len: usize,
+    trampoline: usize,
+    record: usize,
 ) -> Result<Vec<u8>> {
-    let mut b = stub_prologue(jump, stub, trampoline, tag)?;
-    let room = slot.checked_sub(STUB_PROLOGUE).ok_or_else(|| {
-        Error::unsupported(jump, format!("a {slot}-byte slot cannot hold a fast stub"))
+    let mut b = stub_prologue(slot, trampoline, record, jump)?;
+    let room = slot_len.checked_sub(STUB_PROLOGUE).ok_or_else(|| {
+        Error::unsupported(
+            jump,
+            format!("a {slot_len}-byte slot cannot hold a fast stub"),
+        )
     })?;
-    b.extend(emit_displaced(code, jump, stub + STUB_PROLOGUE, room)?);
+    b.extend(emit_displaced(code, jump, slot + STUB_PROLOGUE, room)?);
     Ok(b)
 }
 
@@ -490,21 +494,21 @@ mod tests {
     }
 
     #[test]
-    fn the_run_stub_starts_with_the_site_prologue() {
+    fn the_site_stub_starts_with_the_site_prologue() {
         let code = [0x55, 0x48, 0x89, 0xE5, 0x53];
-        let (stub, tramp) = (AT, AT - 0x1000);
-        let b = emit_run_stub(&code, ADDR, stub, tramp, 7, 64).unwrap();
+        let (stub, tramp, rec) = (AT, AT - 0x1000, 0x7f00_1234_0000);
+        let b = emit_site_stub(&code, ADDR, stub, 64, tramp, rec).unwrap();
         assert_eq!(
             b[..STUB_PROLOGUE],
-            stub_prologue(ADDR, stub, tramp, 7).unwrap()[..]
+            stub_prologue(stub, tramp, rec, ADDR).unwrap()[..]
         );
         assert_eq!(
             b[STUB_PROLOGUE..],
             emit_displaced(&code, ADDR, stub + STUB_PROLOGUE, 64).unwrap()[..]
         );
-        assert!(emit_run_stub(&code, ADDR, stub, tramp, 7, 16).is_err());
-        assert!(emit_run_stub(&code, ADDR, stub, tramp, 7, STUB_PROLOGUE + 9).is_err());
-        assert!(emit_run_stub(&code, ADDR, stub, tramp, 7, STUB_PROLOGUE + 10).is_ok());
+        assert!(emit_site_stub(&code, ADDR, stub, 16, tramp, rec).is_err());
+        assert!(emit_site_stub(&code, ADDR, stub, STUB_PROLOGUE + 9, tramp, rec).is_err());
+        assert!(emit_site_stub(&code, ADDR, stub, STUB_PROLOGUE + 10, tramp, rec).is_ok());
     }
 
     #[test]

@@ -1,39 +1,48 @@
 //! Fast-path code: a site becomes `jmp rel32` to a per-site stub that calls
 //! the dispatcher through a shared trampoline — no signal, no syscall.
 //!
-//! # The per-site stub (one [`STUB_SLOT`])
+//! # The per-site stub (a pool slot)
 //!
 //! ```text
-//! stub:       lea  rsp, [rsp - 128]     ; step over the red zone
-//!             push TAG                  ; which probe (record index | generation)
+//! slot:       .quad record              ; the probe record (data, never run)
+//!             .quad site                ; the patch address it belongs to
+//! entry:      lea  rsp, [rsp - 128]     ; step over the red zone
 //!             call trampoline           ; pushes ret_point
-//! ret_point:  <displaced instruction>   ; relocated, emulated, or nothing
-//!             jmp  site + len
+//! ret_point:  <displaced instructions>  ; relocated (see `displace`)
+//!             jmp  site_end
 //! ```
+//!
+//! The site jumps to `entry`. The trap path resumes at `ret_point` too, so
+//! a site whose instructions are being switched never runs them in place.
 //!
 //! # The trampoline (one per stub chunk, shared by its stubs)
 //!
 //! Pushes RFLAGS and rax, aligns the stack down to 64 bytes and saves every
-//! GPR and xmm0–15 into a [`FastFrame`] there (the same [`Regs`] layout the
-//! handler sees on the trap path; aligned, so no store splits a cache line),
-//! and clears DF (the ABI requires it clear at calls). Then it dispatches:
+//! GPR into a [`FastFrame`] there (the same [`Regs`] layout the handler sees
+//! on the trap path); rbx holds the frame from then on. It reads the stub's
+//! data words (through the return address) and the probe record's
+//! *clobber classes* (`effects`): what the probe's handlers may change
+//! beyond the GPRs and flags. Only those are saved — xmm0–15 and MXCSR;
+//! the upper vector state, the opmasks and the x87 stack (by what `xgetbv(1)`
+//! says is in use, into an area below the frame); `errno` — and restored
+//! after the call; components that were in their initial state are put back
+//! there (zeroed) rather than saved. A counting handler needs none of it.
+//! DF is cleared if it was set (the ABI requires it clear at calls). Then
+//! it dispatches:
 //!
 //! - **The inline case**, in assembly: the thread's home section slot is its
-//!   own and not in a section; the probe record still has the tag's
-//!   generation; the probe's consumer list says it may be dispatched inline
-//!   (one consumer of the plain kind — the writer decides, so a new kind of
-//!   consumer needs no change here), attached, whose way of the slot's hit
-//!   cache is already its own. It enters the section, calls the
-//!   handler, counts the hit and leaves. This is the fast path of
-//!   `grace::enter`, `probe::dispatch` and `Section::count_hit`/`exit`,
-//!   repeated instruction for instruction over the layout in
-//!   [`InlineLayout`]: a compiled dispatcher costs about twice the
-//!   instructions (prologue, spills, the general loop), which is most of a
-//!   fast hit. A handler that returns `Remove` or moves RIP or RSP sends it
-//!   to `after`, still inside the section.
+//!   own and not in a section; the probe record is still the site's; its
+//!   consumer list says it may be dispatched inline (one consumer of the
+//!   plain kind — the writer decides, so a new kind of consumer needs no
+//!   change here), whose classes were saved, attached, and whose way of the
+//!   slot's hit cache is already its own. It enters the section, calls the
+//!   handler, counts the hit and leaves — the fast path of `grace::enter`,
+//!   `probe::dispatch` and `Section::count_hit`/`exit`, repeated over the
+//!   layout in [`InlineLayout`]. A handler that returns `Remove` or moves RIP
+//!   or RSP sends it to `after`, still inside the section.
 //! - **Anything else** (first hit of a thread, recursion, several
-//!   consumers, a stale stub...): `dispatch(tag, frame)`, the general
-//!   dispatcher in Rust, which enters a section of its own.
+//!   consumers, a stale stub...): `dispatch(record, site, frame)`, the
+//!   general dispatcher in Rust, which enters a section of its own.
 //!
 //! It then restores everything from the frame (so register writes take
 //! effect; the status flags and DF of RFLAGS, but not the system flags, and
@@ -41,28 +50,35 @@
 //!
 //! ```text
 //!             mov  rsp, [frame.exit]
-//!             ret  136
+//!             mov  rbx, [frame.rbx]
+//!             ret  128
 //! ```
 //!
-//! `frame.exit` points at a slot holding where to go, 136 bytes (the tag and
-//! the red zone) above which lies the stack pointer to resume with: by
-//! default the `call`'s own return address (`ret_point`) at `rsp₀ - 144`, so
-//! `ret 136` lands on `ret_point` with `rsp = rsp₀`. A handler that writes
-//! RIP or RSP moves that slot (see `fast::redirect`).
+//! `frame.exit` points at a slot holding where to go, 128 bytes (the red zone) above which lies the stack pointer to
+//! resume with: by default the `call`'s own return address (`ret_point`), so
+//! `ret 128` lands on `ret_point` with `rsp = rsp₀`. A handler that writes
+//! RIP or RSP moves that slot ([`FastFrame::retarget`]); where the new stack
+//! pointer is too far below for that, the exit goes through a trap
+//! instruction whose handler sets both ([`far_exit`]).
+//!
+//! The trampoline is assembled with `dynasmrt`; the AVX, AVX-512 and XSAVE
+//! instructions of its slow paths, which `dynasm` does not know, are encoded
+//! with `iced-x86` and spliced in.
 //!
 //! # Safety
 //!
 //! Nothing here runs code; it computes bytes, and [`FastFrame::retarget`]
-//! writes the resume slot on the thread's own stack, below the stack pointer
-//! it will resume with. The frame layout below is shared with the assembly
-//! it emits, checked by the compile-time assertions.
+//! writes the resume slot on the thread's own stack, above the stack
+//! pointer the trampoline runs with. The frame layout below is shared with
+//! the assembly it emits, checked by the compile-time assertions.
 #![allow(unsafe_code)]
 
 use dynasmrt::x64::X64Relocation;
 use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi, VecAssembler};
+use iced_x86::{Code, Encoder, Instruction, MemoryOperand, Register};
 
-use super::insn::Target;
-use super::{emit_out_of_line, Displaced, Regs, STUB_SLOT};
+use super::effects::Clobbers;
+use super::{Regs, TrapContext};
 use crate::error::{Error, Result};
 use crate::sigctx::SignalContext;
 
@@ -73,16 +89,39 @@ use crate::sigctx::SignalContext;
 pub struct FastFrame {
     /// The registers, as the handler sees them.
     pub regs: Regs,
-    /// The address of the slot `ret 136` resumes from (see the module docs).
+    /// The address of the slot `ret 128` resumes from (see the module docs).
     pub exit: u64,
     /// The `call`'s return address: the stub's `ret_point`.
     pub ret_point: u64,
     /// The inline case's `Hit` (address, registers, user data).
     pub hit: [u64; 3],
-    _pad: u64,
-    /// xmm0–15, restored unchanged.
-    pub xmm: [[u64; 2]; 16],
+    /// The [`Clobbers`] classes saved for this hit.
+    pub saved: u32,
+    /// `xgetbv(1)` when the upper vector, opmask or x87 state was saved.
+    xinuse: u32,
+    /// MXCSR, saved with [`Clobbers::SSE`].
+    mxcsr: u32,
+    /// `errno`, saved with [`Clobbers::ERRNO`].
+    errno: u32,
+    /// The stub's probe record and site (its data words).
+    pub record: u64,
+    pub site: u64,
+    /// The exit slot of a far redirect (see [`FastFrame::retarget`]); the
+    /// target and stack pointer lie at least 16 bytes above it, out of
+    /// reach of the signal frame the far exit's trap pushes.
+    far_slot: u64,
+    _pad0: u64,
+    far_target: u64,
+    far_rsp: u64,
+    _pad1: u64,
+    /// xmm0–15, saved with [`Clobbers::SSE`].
+    xmm: [[u64; 2]; 16],
 }
+
+/// What the final `ret` pops besides the target: the red zone (the
+/// target's own slot is the stub `call`'s return address, 136 bytes below
+/// the probed instruction's stack pointer).
+const EXIT_POP: u64 = 128;
 
 impl FastFrame {
     /// The stack pointer of the probed instruction (what RSP reads before
@@ -97,17 +136,19 @@ impl FastFrame {
 
     /// Points the trampoline's exit at where the handlers sent the thread:
     /// `regs.rip` (or, if it is still the probed address `probed`, the
-    /// displaced instruction at `ret_point`) with `regs.rsp`. `false` if the
-    /// new stack pointer would put the exit slot inside the frames still in
-    /// use (the caller reports and aborts).
+    /// displaced instructions at `ret_point`) with `regs.rsp`.
     ///
-    /// By default the exit slot holds the stub's `ret_point`, just below the
-    /// original stack pointer; a handler that wrote RIP or RSP needs another
-    /// target or slot. The slot is always the 8 bytes `EXIT_POP + 8` below
-    /// the stack pointer to resume with (`ret 136` pops it, then the rest).
+    /// The exit slot must hold the target until the trampoline's `ret`, so
+    /// it must lie above the stack pointer the trampoline runs with (memory
+    /// below it belongs to any signal frame) and outside the frame still to
+    /// be read. The slot 8 bytes under `EXIT_POP` below the new stack pointer
+    /// qualifies when that pointer is above the frame; otherwise (a handler
+    /// that lowered RSP) the exit goes through [`far_exit`]: the frame's own
+    /// exit slot leads to a trap instruction, and the `SIGTRAP` handler sets
+    /// RIP and RSP from the frame.
     ///
     /// # Signal safety
-    /// Arithmetic and one store to the thread's own stack.
+    /// Arithmetic and at most one store to the thread's own stack.
     pub fn retarget(&mut self, _cx: SignalContext, probed: usize) -> bool {
         let (rip, rsp) = (self.regs.rip, self.regs.get(super::Reg::Rsp));
         let target = if rip == probed as u64 {
@@ -116,30 +157,83 @@ impl FastFrame {
             rip
         };
         let slot = rsp.wrapping_sub(EXIT_POP + 8);
-        // What the trampoline still reads after we return: the frame.
-        let base = self as *const FastFrame as u64;
-        let live = base..base + std::mem::size_of::<FastFrame>() as u64;
-        // And the dispatcher's own frames, below the trampoline's, live until
-        // it returns: from a little below this function's locals up to the
-        // frame.
-        let marker = 0u8;
-        let own = (std::ptr::addr_of!(marker) as u64).saturating_sub(256);
-        if slot.wrapping_add(8) > own.min(live.start) && slot < live.end {
-            return false;
+        let frame_end = self as *const FastFrame as u64 + std::mem::size_of::<FastFrame>() as u64;
+        if slot >= frame_end && slot.checked_add(EXIT_POP + 8).is_some() {
+            // SAFETY: the slot lies below the stack pointer the thread
+            // resumes with (so it holds no live data of the interrupted
+            // code) and above the frame and the stack pointer the
+            // trampoline runs with (checked); the handler chose that stack
+            // pointer for the thread.
+            unsafe { std::ptr::write_volatile(slot as *mut u64, target) };
+            self.exit = slot;
+        } else {
+            self.far_slot = far_exit_address() as u64;
+            self.far_target = target;
+            self.far_rsp = rsp;
+            self.exit = std::ptr::addr_of!(self.far_slot) as u64;
         }
-        // SAFETY: the slot lies below the stack pointer the thread resumes
-        // with (so it holds no live data of the interrupted code) and outside
-        // the frame still to be restored (checked above); the handler chose
-        // that stack pointer for the thread.
-        unsafe { std::ptr::write_volatile(slot as *mut u64, target) };
-        self.exit = slot;
         true
     }
 }
 
-/// What the trampoline's inline case knows of probert's data structures:
-/// addresses and field offsets, all from `offset_of!`/`size_of` (see
-/// `crate::fast::inline_layout`).
+// The far exit: a trap instruction in `probert_fast` (thread scans treat a
+// thread there as on its way out of a stub), reached with every register
+// restored and RSP just above the frame's far exit slot.
+std::arch::global_asm!(
+    ".pushsection probert_fast,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl __probert_far_exit",
+    ".hidden __probert_far_exit",
+    "__probert_far_exit:",
+    "int3",
+    "ud2",
+    ".popsection",
+);
+
+fn far_exit_address() -> usize {
+    extern "C" {
+        #[link_name = "__probert_far_exit"]
+        static FAR_EXIT: u8;
+    }
+    std::ptr::addr_of!(FAR_EXIT) as usize
+}
+
+/// The stack pointer at the far exit's trap, above the frame's far slot.
+const FAR_SP_FROM_SLOT: usize = 8 + EXIT_POP as usize;
+
+/// If the `SIGTRAP` in `ctx` is the fast path's far exit, resumes the
+/// thread where its handler sent it and returns `true`.
+///
+/// # Signal safety
+/// Two loads from the thread's own stack, above its stack pointer.
+pub fn far_exit(_cx: SignalContext, ctx: &mut TrapContext<'_>) -> bool {
+    if ctx.trap_address() != far_exit_address() {
+        return false;
+    }
+    let regs = ctx.regs();
+    let slot = regs.get(super::Reg::Rsp) as usize - FAR_SP_FROM_SLOT;
+    let off = std::mem::offset_of!(FastFrame, far_slot);
+    let target_at = slot - off + std::mem::offset_of!(FastFrame, far_target);
+    let rsp_at = slot - off + std::mem::offset_of!(FastFrame, far_rsp);
+    // SAFETY: the trampoline left `rsp` just above the frame's far slot; the
+    // target and stack pointer words lie above `rsp - 128`, where the kernel
+    // put no signal frame, and were written by `retarget`.
+    let (target, rsp) = unsafe {
+        (
+            std::ptr::read_volatile(target_at as *const u64),
+            std::ptr::read_volatile(rsp_at as *const u64),
+        )
+    };
+    let mut r = regs;
+    r.rip = target;
+    r.set(super::Reg::Rsp, rsp);
+    ctx.set_regs(&r);
+    true
+}
+
+/// Where the trampoline's inline case finds probert's data: addresses and
+/// field offsets, all from `offset_of!`/`size_of` (see
+/// `crate::fast::inline_layout`), and what it calls.
 #[derive(Clone, Copy, Debug)]
 pub struct InlineLayout {
     /// The read-side section table (`grace`): slot 0, slot size, fields,
@@ -152,27 +246,27 @@ pub struct InlineLayout {
     pub hit_ways: usize,
     pub home_mul: u64,
     pub home_shift: u32,
-    /// The probe records (`probe::PROBES`): record 0, the record size (a
-    /// power of two), fields.
-    pub probes: usize,
-    pub probe_size: usize,
+    /// Fields of a probe record (`probe::ProbeRecord`): the patch address
+    /// (the site's key), the address handlers see as RIP, the consumer
+    /// list, the union of its consumers' clobber classes (a 32-bit word).
     pub probe_addr: usize,
-    pub probe_gen: usize,
+    pub probe_report: usize,
     pub probe_consumers: usize,
-    /// How a stub's tag splits into record index and generation.
-    pub tag_index_bits: u32,
-    pub tag_gen_mask: u32,
+    pub probe_clobbers: usize,
     /// A consumer list's inline flag (non-zero: the inline case may
-    /// dispatch it) and its first entry's fields.
+    /// dispatch it) and its first entry's fields (`clobbers` a 32-bit word).
     pub list_inline: usize,
     pub first_handler: usize,
     pub first_user_data: usize,
     pub first_record: usize,
     pub first_tag: usize,
+    pub first_clobbers: usize,
     /// A consumer record's state, and the value that means attached.
     pub consumer_state: usize,
     pub state_active: u32,
-    /// The general dispatcher, `extern "C" fn(tag, frame)`.
+    /// `errno` relative to the thread pointer, for [`Clobbers::ERRNO`].
+    pub errno_offset: i32,
+    /// The general dispatcher, `extern "C" fn(record, site, frame)`.
     pub dispatch: usize,
     /// What the inline case calls, still inside its section, when the
     /// handler asked to be removed or moved RIP or RSP:
@@ -188,7 +282,15 @@ const FRAME_SIZE: i32 = std::mem::size_of::<FastFrame>() as i32;
 const EXIT: i32 = std::mem::offset_of!(FastFrame, exit) as i32;
 const RET_POINT: i32 = std::mem::offset_of!(FastFrame, ret_point) as i32;
 const HIT: i32 = std::mem::offset_of!(FastFrame, hit) as i32;
+const SAVED: i32 = std::mem::offset_of!(FastFrame, saved) as i32;
+const XINUSE: i32 = std::mem::offset_of!(FastFrame, xinuse) as i32;
+const MXCSR: i32 = std::mem::offset_of!(FastFrame, mxcsr) as i32;
+const ERRNO: i32 = std::mem::offset_of!(FastFrame, errno) as i32;
+const RECORD: i32 = std::mem::offset_of!(FastFrame, record) as i32;
+const SITE: i32 = std::mem::offset_of!(FastFrame, site) as i32;
 const XMM: i32 = std::mem::offset_of!(FastFrame, xmm) as i32;
+const RBX: i32 = 0x08;
+const RCX: i32 = 0x10;
 const RSP: i32 = 0x38;
 const RIP: i32 = 0x80;
 const RFLAGS: i32 = 0x88;
@@ -197,134 +299,219 @@ const _: () = assert!(std::mem::size_of::<Regs>() == 144);
 const _: () = assert!(std::mem::offset_of!(Regs, rip) == RIP as usize);
 const _: () = assert!(std::mem::offset_of!(Regs, rflags) == RFLAGS as usize);
 const _: () = assert!(XMM % 64 == 0 && FRAME_SIZE % 64 == 0);
-/// Below the stack pointer `rsp₀` of the probed instruction, what the stub
-/// and the trampoline's first pushes leave: the red zone, the tag, the
-/// `call`'s return address, RFLAGS and rax.
-const TAG_AT: i32 = -136;
-const RET_AT: i32 = -144;
-const FLAGS_AT: i32 = -152;
-const RAX_AT: i32 = -160;
-/// What `ret 136` pops besides the target: the tag and the red zone.
-pub const EXIT_POP: u64 = 136;
-/// The length of the stub's prologue, up to `ret_point`.
-pub const STUB_PROLOGUE: usize = 8 + 5 + 5;
+// The far exit's words are beyond the reach of the signal frame its trap
+// pushes (below `rsp - 128`, with `rsp` = far slot + 144).
+const _: () = assert!(
+    std::mem::offset_of!(FastFrame, far_target)
+        >= std::mem::offset_of!(FastFrame, far_slot) + FAR_SP_FROM_SLOT - 128
+);
+
+/// The area below the frame where the slow path saves the upper vector
+/// state, the opmasks and the x87 state (64-byte aligned, like the frame).
+const EXT_ZMM: i32 = 0;
+const EXT_HI16: i32 = 0x400;
+const EXT_K: i32 = 0x800;
+const EXT_FX: i32 = 0x840;
+const EXT_SIZE: i32 = 0xA40;
+
+/// `XINUSE` bits (`xgetbv(1)`).
+const XI_X87: u32 = 1 << 0;
+const XI_AVX: u32 = 1 << 2;
+const XI_OPMASK: u32 = 1 << 5;
+const XI_ZMM_HI256: u32 = 1 << 6;
+const XI_HI16_ZMM: u32 = 1 << 7;
+
+/// The data words at the start of a site stub (the record and the site),
+/// then the entry.
+pub const STUB_DATA: usize = 16;
+/// From a stub slot's start to `ret_point`: the data, `lea rsp, [rsp -
+/// 128]` and `call rel32`.
+pub const STUB_PROLOGUE: usize = STUB_DATA + 8 + 5;
+/// The record's and the site's data words, below `ret_point`.
+const STUB_RECORD_BELOW_RET: i32 = STUB_PROLOGUE as i32;
+const STUB_SITE_BELOW_RET: i32 = STUB_PROLOGUE as i32 - 8;
 
 /// Bytes of the trampoline (fits in this many bytes of the chunk).
-pub const TRAMPOLINE_SIZE: usize = 2048;
+pub const TRAMPOLINE_SIZE: usize = 4096;
+/// Where, in the trampoline's space, the zeroed XSAVE area its x87 reset
+/// restores from lies (64-byte aligned, standard form: legacy area and
+/// header all zero, so every component it restores is initialised).
+const INIT_AREA: usize = TRAMPOLINE_SIZE - 1024;
+
+/// The register state the trampoline may have to save, from the CPU and the
+/// kernel: which XSAVE components are enabled (`XCR0`), and whether
+/// `xgetbv(1)` reports the ones in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuState {
+    /// AVX (ymm upper halves) enabled.
+    pub avx: bool,
+    /// AVX-512 (opmasks, zmm upper halves, zmm16–31) enabled.
+    pub avx512: bool,
+    /// `xgetbv(1)` is available.
+    pub xinuse: bool,
+}
+
+impl CpuState {
+    /// This CPU's.
+    pub fn detect() -> CpuState {
+        let xsave = std::arch::is_x86_feature_detected!("xsave");
+        let xcr0 = if xsave { xgetbv(0) } else { 3 };
+        let leaf = std::arch::x86_64::__cpuid_count(0xD, 1);
+        CpuState {
+            avx: std::arch::is_x86_feature_detected!("avx") && xcr0 & 0x6 == 0x6,
+            avx512: std::arch::is_x86_feature_detected!("avx512f") && xcr0 & 0xE6 == 0xE6,
+            xinuse: xsave && leaf.eax & (1 << 2) != 0,
+        }
+    }
+}
+
+/// `xgetbv(ecx)`.
+fn xgetbv(ecx: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: called only where `xsave` is supported (OSXSAVE set), so
+    // XCR0 is readable; `xgetbv` only reads.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") ecx, out("eax") lo, out("edx") hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
 
 fn disp(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::Internal("fast trampoline: offset out of range".into()))
 }
 
+/// One instruction encoded by `iced-x86` (the ones `dynasm` lacks), for a
+/// position-independent use.
+fn enc(i: Instruction) -> Result<Vec<u8>> {
+    let mut e = Encoder::new(64);
+    e.encode(&i, 0)
+        .map_err(|err| Error::Internal(format!("encoding {i}: {err}").into()))?;
+    Ok(e.take_buffer())
+}
+
+fn mem(base: Register, d: i32) -> MemoryOperand {
+    MemoryOperand::with_base_displ(base, i64::from(d))
+}
+
+/// The register `i` places after `kind` in iced's numbering (xmm, ymm, zmm
+/// and k registers are numbered consecutively there).
+fn reg(kind: Register, i: u32) -> Register {
+    Register::values()
+        .nth(kind as usize + i as usize)
+        .unwrap_or(kind)
+}
+
 /// Emits the shared trampoline to be placed at `at`, for the data described
-/// by `l`.
+/// by `l` and the state `cpu` has. The chunk reserves [`TRAMPOLINE_SIZE`]
+/// bytes for it; the caller writes the bytes returned at `at` (they include
+/// the zeroed init area at [`INIT_AREA`]).
 // dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
 #[allow(clippy::useless_conversion)]
-pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
-    if l.probes == 0 || !l.probe_size.is_power_of_two() || !l.hit_ways.is_power_of_two() {
+pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec<u8>> {
+    if !l.hit_ways.is_power_of_two() {
         return Err(Error::Internal("fast trampoline: bad inline layout".into()));
     }
     let (owner, seq, hits) = (disp(l.slot_owner)?, disp(l.slot_seq)?, disp(l.slot_hits)?);
-    let (p_addr, p_gen, p_list) = (
+    let (p_addr, p_report, p_list, p_clobbers) = (
         disp(l.probe_addr)?,
-        disp(l.probe_gen)?,
+        disp(l.probe_report)?,
         disp(l.probe_consumers)?,
+        disp(l.probe_clobbers)?,
     );
-    let (inline, handler, user_data, record, tag) = (
+    let (inline, handler, user_data, record, tag, e_clobbers) = (
         disp(l.list_inline)?,
         disp(l.first_handler)?,
         disp(l.first_user_data)?,
         disp(l.first_record)?,
         disp(l.first_tag)?,
+        disp(l.first_clobbers)?,
     );
     let state = disp(l.consumer_state)?;
+    let slow = (Clobbers::VECTOR.0 | Clobbers::OPMASK.0 | Clobbers::X87.0) as i32;
     let mut a = VecAssembler::<X64Relocation>::new(at);
+
+    // ---- entry: the frame, the GPRs, the stub's data ----------------------
     dynasm!(a
         ; .arch x64
         ; pushfq
         ; push rax
-        ; lea rax, [rsp - RAX_AT]          // rsp₀
+        ; mov rax, rsp                       // rsp₀ - 152
         ; and rsp, -64
         ; sub rsp, FRAME_SIZE
     );
-    for i in 1..7i32 {
+    for i in (1..16i32).filter(|&i| i != 7) {
         dynasm!(a ; .arch x64 ; mov [rsp + 8 * i], Rq(GPR[i as usize]));
     }
     dynasm!(a
         ; .arch x64
-        ; mov [rsp + RSP], rax
-    );
-    for i in 8..16i32 {
-        dynasm!(a ; .arch x64 ; mov [rsp + 8 * i], Rq(GPR[i as usize]));
-    }
-    dynasm!(a
-        ; .arch x64
-        ; mov rcx, [rax + RAX_AT]
-        ; mov [rsp + 0x00], rcx
-        ; mov rcx, [rax + FLAGS_AT]
-        ; mov [rsp + RFLAGS], rcx
-        ; mov rcx, [rax + RET_AT]
-        ; mov [rsp + RET_POINT], rcx
-        ; lea rcx, [rax + RET_AT]
-        ; mov [rsp + EXIT], rcx
-        ; mov rdi, [rax + TAG_AT]
-    );
-    for i in 0..16u8 {
-        dynasm!(a ; .arch x64 ; movdqa [rsp + XMM + 16 * i32::from(i)], Rx(i));
-    }
-    dynasm!(a
-        ; .arch x64
+        ; mov rbx, rsp
+        ; lea rcx, [rax + 152]
+        ; mov [rbx + RSP], rcx
+        ; mov rcx, [rax]
+        ; mov [rbx], rcx
+        ; mov rcx, [rax + 8]
+        ; mov [rbx + RFLAGS], rcx
+        ; mov rcx, [rax + 16]
+        ; mov [rbx + RET_POINT], rcx
+        ; lea rdx, [rax + 16]
+        ; mov [rbx + EXIT], rdx
+        ; mov r13, [rcx - STUB_RECORD_BELOW_RET]
+        ; mov [rbx + RECORD], r13
+        ; mov r15, [rcx - STUB_SITE_BELOW_RET]
+        ; mov [rbx + SITE], r15
+        // The classes to save: the record's, read before its list (x86
+        // keeps loads in order; the writer widens them before it publishes
+        // a list that needs more, see `writer::publish_list`).
+        ; mov esi, [r13 + p_clobbers]
+        ; mov [rbx + SAVED], esi
+        ; test esi, esi
+        ; jnz ->save_state
+        ; ->state_saved:
+        // DF: clear at calls (the ABI), restored with the flags.
+        ; test BYTE [rbx + RFLAGS + 1], 4
+        ; jz >no_df
         ; cld
+        ; no_df:
     );
-    // The inline case (module docs): rdi = tag, rsp = frame; every register
-    // is saved, and rbx rbp r12–r15 survive the handler call.
+
+    // ---- the inline case ---------------------------------------------------
+    // rbx = frame, r13 = record, r15 = site; r12 = slot, r14 = list, then
+    // r15 = the hit-cache entry. rbp stays the interrupted code's, for
+    // handlers that walk frame pointers.
     dynasm!(a
         ; .arch x64
         // `grace::enter`, fast path: the home slot is ours and not in a
-        // section. rbx = slot, r12 = its sequence.
+        // section.
         ; fs mov rax, [0]
         ; mov rcx, QWORD l.home_mul as i64
         ; imul rcx, rax
         ; shr rcx, l.home_shift as i8
         ; imul rcx, rcx, disp(l.slot_size)?
-        ; mov rbx, QWORD l.table as i64
-        ; add rbx, rcx
-        ; cmp [rbx + owner], rax
-        ; jne >general
-        ; mov r12, [rbx + seq]
-        ; test r12b, 1
-        ; jnz >general
-        ; inc r12
-        ; mov [rbx + seq], r12
-        // The probe record of the tag (r13): its list (r14) and address
-        // (r15), if the record is still of the tag's generation after them.
-        // (The writer bumps the generation before it reinitialises a record,
-        // and x86 keeps loads in order: fields of a newer probe come with
-        // its generation.)
-        ; mov eax, edi
-        ; and eax, ((1u32 << l.tag_index_bits) - 1) as i32
-        ; shl rax, l.probe_size.trailing_zeros() as i8
-        ; mov r13, QWORD l.probes as i64
-        ; add r13, rax
-        ; mov esi, edi
-        ; shr esi, l.tag_index_bits as i8
+        ; mov r12, QWORD l.table as i64
+        ; add r12, rcx
+        ; cmp [r12 + owner], rax
+        ; jne ->general
+        ; mov rcx, [r12 + seq]
+        ; test cl, 1
+        ; jnz ->general
+        ; inc rcx
+        ; mov [r12 + seq], rcx
+        // The record is still the site's, with a list the inline case may
+        // dispatch, whose one consumer's classes were saved, attached, and
+        // owning its way of the hit cache.
         ; mov r14, [r13 + p_list]
-        ; mov r15, [r13 + p_addr]
-        ; mov eax, [r13 + p_gen]
-        ; and eax, l.tag_gen_mask as i32
-        ; cmp eax, esi
+        ; cmp [r13 + p_addr], r15
         ; jne >leave_general
-        ; test r15, r15
-        ; jz >leave_general
-        // A list the inline case may dispatch (one consumer of the plain
-        // kind: decided by the writer, in the list's data), attached, whose
-        // way of the hit cache (r13, the record no longer needed) is its
-        // own. (rbp stays the interrupted code's, for handlers that walk
-        // frame pointers.)
         ; test r14, r14
         ; jz >leave_general
         ; cmp QWORD [r14 + inline], 0
         ; je >leave_general
+        ; mov eax, [r14 + e_clobbers]
+        ; mov ecx, [rbx + SAVED]
+        ; not ecx
+        ; test eax, ecx
+        ; jnz >leave_general
         ; mov rax, [r14 + record]
         ; cmp DWORD [rax + state], l.state_active as i32
         ; jne >leave_general
@@ -332,56 +519,66 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         ; mov ecx, eax
         ; and ecx, (l.hit_ways - 1) as i32
         ; shl ecx, 4
-        ; lea r13, [rbx + rcx + hits]
-        ; cmp [r13], rax
+        ; lea r15, [r12 + rcx + hits]
+        ; cmp [r15], rax
         ; jne >leave_general
         // The call: regs.rip = the probed address; Hit in the frame.
-        ; mov [rsp + RIP], r15
-        ; mov [rsp + HIT], r15
-        ; mov [rsp + HIT + 8], rsp
+        ; mov rax, [r13 + p_report]
+        ; mov [rbx + RIP], rax
+        ; mov [rbx + HIT], rax
+        ; mov [rbx + HIT + 8], rbx
         ; mov rax, [r14 + user_data]
-        ; mov [rsp + HIT + 16], rax
-        ; lea rdi, [rsp + HIT]
+        ; mov [rbx + HIT + 16], rax
+        ; lea rdi, [rbx + HIT]
         ; call QWORD [r14 + handler]
-        ; inc QWORD [r13 + 8]
-        // `Remove`, or RIP or RSP moved: the Rust side, still in the section
-        // (eax, the handler's action, goes with it).
+        ; inc QWORD [r15 + 8]
+        // `Remove`, or RIP or RSP moved: the Rust side, still in the
+        // section (eax, the handler's action, goes with it).
         ; cmp eax, 1
         ; je >after
-        ; cmp [rsp + RIP], r15
+        ; mov rcx, [rbx + HIT]
+        ; cmp [rbx + RIP], rcx
         ; jne >after
-        ; mov rcx, [rsp + EXIT]
+        ; mov rcx, [rbx + EXIT]
         ; add rcx, (EXIT_POP + 8) as i32
-        ; cmp [rsp + RSP], rcx
+        ; cmp [rbx + RSP], rcx
         ; jne >after
         ; leave:
-        ; inc r12
-        ; mov [rbx + seq], r12
-        ; jmp >restore
+        ; mov rcx, [r12 + seq]
+        ; inc rcx
+        ; mov [r12 + seq], rcx
+        ; jmp ->restore
         ; after:
-        ; mov rdi, rsp
+        ; mov rdi, rbx
         ; mov esi, eax
         ; mov rdx, [r14 + record]
-        ; mov rcx, r15
+        ; mov rcx, [rbx + HIT]
         ; mov rax, QWORD l.after as i64
         ; call rax
         ; jmp <leave
         // Anything else: leave the section, and run the general dispatcher.
         ; leave_general:
-        ; inc r12
-        ; mov [rbx + seq], r12
-        ; general:
-        ; mov rsi, rsp
+        ; mov rcx, [r12 + seq]
+        ; inc rcx
+        ; mov [r12 + seq], rcx
+        ; ->general:
+        ; mov rdi, r13
+        ; mov rsi, [rbx + SITE]
+        ; mov rdx, rbx
         ; mov rax, QWORD l.dispatch as i64
         ; call rax
-        ; restore:
+        ; ->restore:
+        ; mov esi, [rbx + SAVED]
+        ; test esi, esi
+        ; jnz ->restore_state
+        ; ->state_restored:
     );
-    for i in 0..16u8 {
-        dynasm!(a ; .arch x64 ; movdqa Rx(i), [rsp + XMM + 16 * i32::from(i)]);
-    }
-    // rax and rcx last: the flags below need them; rsp from `exit`.
-    for i in (1..16i32).filter(|&i| i != 2 && i != 7) {
-        dynasm!(a ; .arch x64 ; mov Rq(GPR[i as usize]), [rsp + 8 * i]);
+
+    // ---- restore and leave ---------------------------------------------------
+    // rax, rbx and rcx last: the flags below need rax and rcx, and rbx is
+    // the frame; rsp from `exit`.
+    for i in (3..16i32).filter(|&i| i != 7) {
+        dynasm!(a ; .arch x64 ; mov Rq(GPR[i as usize]), [rbx + 8 * i]);
     }
     dynasm!(a
         ; .arch x64
@@ -391,26 +588,278 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
         // `add` that overflows exactly when it was set; then SF ZF AF PF CF
         // from AH with `sahf`, which leaves OF alone. The system flags (IF,
         // TF, AC...) are not the handler's to change.
-        ; test DWORD [rsp + RFLAGS], 0x400
-        ; jz >no_df
+        ; test BYTE [rbx + RFLAGS + 1], 4
+        ; jz >no_std
         ; std
-        ; no_df:
-        ; mov eax, [rsp + RFLAGS]
+        ; no_std:
+        ; mov eax, [rbx + RFLAGS]
         ; shl eax, 8
-        ; mov ecx, [rsp + RFLAGS]
+        ; mov ecx, [rbx + RFLAGS]
         ; and ecx, 0x800
         ; shl ecx, 20
         ; add ecx, ecx
         ; sahf
-        ; mov rax, [rsp + 0x00]
-        ; mov rcx, [rsp + 0x10]
-        ; mov rsp, [rsp + EXIT]
+        ; mov rax, [rbx]
+        ; mov rcx, [rbx + RCX]
+        ; mov rsp, [rbx + EXIT]
+        ; mov rbx, [rbx + RBX]
         ; ret EXIT_POP as i16
     );
-    let bytes = a
+
+    // ---- slow path: save the classes the probe's handlers may change --------
+    // esi = the classes; rsp = rbx = the frame.
+    dynasm!(a
+        ; .arch x64
+        ; ->save_state:
+        ; test esi, Clobbers::ERRNO.0 as i32
+        ; jz >no_errno
+        ; fs mov eax, [l.errno_offset]
+        ; mov [rbx + ERRNO], eax
+        ; no_errno:
+        ; test esi, Clobbers::SSE.0 as i32
+        ; jz >no_sse
+    );
+    for i in 0..16u8 {
+        dynasm!(a ; .arch x64 ; movdqa [rbx + XMM + 16 * i32::from(i)], Rx(i));
+    }
+    a.extend(enc(Instruction::with1(
+        Code::Stmxcsr_m32,
+        mem(Register::RBX, MXCSR),
+    )
+    .map_err(iced)?)?);
+    dynasm!(a
+        ; .arch x64
+        ; no_sse:
+        ; test esi, slow
+        ; jz ->state_saved
+        ; sub rsp, EXT_SIZE
+    );
+    if cpu.xinuse {
+        dynasm!(a ; .arch x64 ; mov ecx, 1);
+        a.extend(enc(Instruction::with(Code::Xgetbv))?);
+    } else {
+        // Without XINUSE, everything enabled counts as in use.
+        dynasm!(a ; .arch x64 ; mov eax, -1);
+    }
+    dynasm!(a
+        ; .arch x64
+        ; mov [rbx + XINUSE], eax
+        ; test esi, Clobbers::VECTOR.0 as i32
+        ; jz >no_vec
+    );
+    if cpu.avx512 {
+        dynasm!(a ; .arch x64 ; test eax, XI_ZMM_HI256 as i32 ; jz >no_z);
+        for i in 0..16u32 {
+            a.extend(zmm_store(Register::ZMM0, i, EXT_ZMM)?);
+        }
+        dynasm!(a ; .arch x64 ; jmp >hi16 ; no_z:);
+    }
+    if cpu.avx {
+        dynasm!(a ; .arch x64 ; test eax, XI_AVX as i32 ; jz >hi16);
+        for i in 0..16u32 {
+            a.extend(enc(Instruction::with2(
+                Code::VEX_Vmovdqa_ymmm256_ymm,
+                mem(Register::RSP, EXT_ZMM + 64 * i as i32),
+                reg(Register::YMM0, i),
+            )
+            .map_err(iced)?)?);
+        }
+    }
+    dynasm!(a ; .arch x64 ; hi16:);
+    if cpu.avx512 {
+        dynasm!(a ; .arch x64 ; test eax, XI_HI16_ZMM as i32 ; jz >no_vec);
+        for i in 0..16u32 {
+            a.extend(zmm_store(Register::ZMM16, i, EXT_HI16)?);
+        }
+    }
+    dynasm!(a ; .arch x64 ; no_vec:);
+    if cpu.avx512 {
+        dynasm!(a
+            ; .arch x64
+            ; test esi, Clobbers::OPMASK.0 as i32
+            ; jz >no_k
+            ; test eax, XI_OPMASK as i32
+            ; jz >no_k
+        );
+        for i in 0..8u32 {
+            a.extend(enc(Instruction::with2(
+                Code::VEX_Kmovq_m64_kr,
+                mem(Register::RSP, EXT_K + 8 * i as i32),
+                reg(Register::K0, i),
+            )
+            .map_err(iced)?)?);
+        }
+        dynasm!(a ; .arch x64 ; no_k:);
+    }
+    dynasm!(a
+        ; .arch x64
+        ; test esi, Clobbers::X87.0 as i32
+        ; jz ->state_saved
+        ; test eax, XI_X87 as i32
+        ; jz ->state_saved
+    );
+    a.extend(enc(Instruction::with1(
+        Code::Fxsave64_m512byte,
+        mem(Register::RSP, EXT_FX),
+    )
+    .map_err(iced)?)?);
+    // A handler may assume an empty x87 stack (the ABI): give it one.
+    dynasm!(a
+        ; .arch x64
+        ; cmp BYTE [rsp + EXT_FX + 4], 0
+        ; je ->state_saved
+    );
+    a.extend(enc(Instruction::with(Code::Fninit))?);
+    dynasm!(a ; .arch x64 ; jmp ->state_saved);
+
+    // ---- slow path: restore ---------------------------------------------------
+    // esi = the classes saved; rsp = rbx (- EXT_SIZE if the area was used).
+    dynasm!(a
+        ; .arch x64
+        ; ->restore_state:
+        ; test esi, slow
+        ; jz >sse_back
+        ; mov ecx, [rbx + XINUSE]
+        ; test esi, Clobbers::VECTOR.0 as i32
+        ; jz >vec_back
+    );
+    if cpu.avx {
+        // What was in its initial state goes back to it; what was in use
+        // comes back from the area.
+        dynasm!(a ; .arch x64 ; test ecx, (XI_AVX | XI_ZMM_HI256) as i32 ; jnz >some_upper);
+        a.extend(enc(Instruction::with(Code::VEX_Vzeroupper))?);
+        dynasm!(a ; .arch x64 ; some_upper:);
+    }
+    if cpu.avx512 {
+        dynasm!(a ; .arch x64 ; test ecx, XI_ZMM_HI256 as i32 ; jz >no_zb);
+        for i in 0..16u32 {
+            a.extend(zmm_load(Register::ZMM0, i, EXT_ZMM)?);
+        }
+        dynasm!(a ; .arch x64 ; jmp >hi16b ; no_zb:);
+    }
+    if cpu.avx {
+        dynasm!(a ; .arch x64 ; test ecx, XI_AVX as i32 ; jz >hi16b);
+        for i in 0..16u32 {
+            // A VEX.256 load zeroes bits 511:256: ZMM_Hi256 was initial.
+            a.extend(enc(Instruction::with2(
+                Code::VEX_Vmovdqa_ymm_ymmm256,
+                reg(Register::YMM0, i),
+                mem(Register::RSP, EXT_ZMM + 64 * i as i32),
+            )
+            .map_err(iced)?)?);
+        }
+    }
+    dynasm!(a ; .arch x64 ; hi16b:);
+    if cpu.avx512 {
+        dynasm!(a ; .arch x64 ; test ecx, XI_HI16_ZMM as i32 ; jz >hi16_zero);
+        for i in 0..16u32 {
+            a.extend(zmm_load(Register::ZMM16, i, EXT_HI16)?);
+        }
+        dynasm!(a ; .arch x64 ; jmp >vec_back ; hi16_zero:);
+        for i in 0..16u32 {
+            let z = reg(Register::ZMM16, i);
+            a.extend(enc(Instruction::with3(
+                Code::EVEX_Vpxord_zmm_k1z_zmm_zmmm512b32,
+                z,
+                z,
+                z,
+            )
+            .map_err(iced)?)?);
+        }
+    }
+    dynasm!(a ; .arch x64 ; vec_back:);
+    if cpu.avx512 {
+        dynasm!(a
+            ; .arch x64
+            ; test esi, Clobbers::OPMASK.0 as i32
+            ; jz >k_back
+            ; test ecx, XI_OPMASK as i32
+            ; jz >k_zero
+        );
+        for i in 0..8u32 {
+            a.extend(enc(Instruction::with2(
+                Code::VEX_Kmovq_kr_km64,
+                reg(Register::K0, i),
+                mem(Register::RSP, EXT_K + 8 * i as i32),
+            )
+            .map_err(iced)?)?);
+        }
+        dynasm!(a ; .arch x64 ; jmp >k_back ; k_zero:);
+        for i in 0..8u32 {
+            let k = reg(Register::K0, i);
+            a.extend(enc(
+                Instruction::with3(Code::VEX_Kxorq_kr_kr_kr, k, k, k).map_err(iced)?
+            )?);
+        }
+        dynasm!(a ; .arch x64 ; k_back:);
+    }
+    dynasm!(a
+        ; .arch x64
+        ; test esi, Clobbers::X87.0 as i32
+        ; jz >x87_back
+        ; test ecx, XI_X87 as i32
+        ; jz >x87_was_init
+    );
+    a.extend(enc(Instruction::with1(
+        Code::Fxrstor64_m512byte,
+        mem(Register::RSP, EXT_FX),
+    )
+    .map_err(iced)?)?);
+    dynasm!(a
+        ; .arch x64
+        ; jmp >x87_back
+        ; x87_was_init:
+    );
+    // The handler may have used the x87 stack the probed code did not: if it
+    // is in use now, put it back in its initial state (an XRSTOR of x87 from
+    // an all-zero area initialises it; `fninit` would leave register
+    // contents an `fxsave` could see).
+    if cpu.xinuse {
+        dynasm!(a ; .arch x64 ; mov ecx, 1);
+        a.extend(enc(Instruction::with(Code::Xgetbv))?);
+        dynasm!(a ; .arch x64 ; test eax, XI_X87 as i32 ; jz >x87_back);
+    }
+    dynasm!(a
+        ; .arch x64
+        ; mov eax, XI_X87 as i32
+        ; xor edx, edx
+        ; mov rcx, QWORD (at + INIT_AREA) as i64
+    );
+    a.extend(enc(Instruction::with1(
+        Code::Xrstor64_mem,
+        MemoryOperand::with_base(Register::RCX),
+    )
+    .map_err(iced)?)?);
+    dynasm!(a
+        ; .arch x64
+        ; x87_back:
+        ; add rsp, EXT_SIZE
+        ; sse_back:
+        ; test esi, Clobbers::SSE.0 as i32
+        ; jz >sse_done
+    );
+    for i in 0..16u8 {
+        dynasm!(a ; .arch x64 ; movdqa Rx(i), [rbx + XMM + 16 * i32::from(i)]);
+    }
+    a.extend(enc(Instruction::with1(
+        Code::Ldmxcsr_m32,
+        mem(Register::RBX, MXCSR),
+    )
+    .map_err(iced)?)?);
+    dynasm!(a
+        ; .arch x64
+        ; sse_done:
+        ; test esi, Clobbers::ERRNO.0 as i32
+        ; jz ->state_restored
+        ; mov eax, [rbx + ERRNO]
+        ; fs mov [l.errno_offset], eax
+        ; jmp ->state_restored
+    );
+
+    let mut bytes = a
         .finalize()
         .map_err(|e| Error::Internal(format!("emitting the fast trampoline: {e:?}").into()))?;
-    if bytes.len() > TRAMPOLINE_SIZE {
+    if bytes.len() > INIT_AREA {
         return Err(Error::Internal(
             format!(
                 "the fast trampoline outgrew its space: {} bytes",
@@ -419,7 +868,32 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout) -> Result<Vec<u8>> {
             .into(),
         ));
     }
+    bytes.resize(INIT_AREA + 576, 0);
     Ok(bytes)
+}
+
+fn iced(e: iced_x86::IcedError) -> Error {
+    Error::Internal(format!("encoding the fast trampoline: {e}").into())
+}
+
+/// `vmovdqa64 [rsp + area + 64 i], zmm(base + i)`.
+fn zmm_store(base: Register, i: u32, area: i32) -> Result<Vec<u8>> {
+    enc(Instruction::with2(
+        Code::EVEX_Vmovdqa64_zmmm512_k1z_zmm,
+        mem(Register::RSP, area + 64 * i as i32),
+        reg(base, i),
+    )
+    .map_err(iced)?)
+}
+
+/// `vmovdqa64 zmm(base + i), [rsp + area + 64 i]`.
+fn zmm_load(base: Register, i: u32, area: i32) -> Result<Vec<u8>> {
+    enc(Instruction::with2(
+        Code::EVEX_Vmovdqa64_zmm_k1z_zmmm512,
+        reg(base, i),
+        mem(Register::RSP, area + 64 * i as i32),
+    )
+    .map_err(iced)?)
 }
 
 fn rel32(site: usize, from_end: usize, to: usize) -> Result<[u8; 4]> {
@@ -432,174 +906,128 @@ fn rel32(site: usize, from_end: usize, to: usize) -> Result<[u8; 4]> {
     })
 }
 
-/// The stub's first [`STUB_PROLOGUE`] bytes, up to `ret_point`: step over
-/// the red zone, push `tag`, call `trampoline`.
+/// A stub's first [`STUB_PROLOGUE`] bytes, for the slot at `slot` of the
+/// site `site` (its patch address) and probe record `record`: the data
+/// words, then `lea rsp, [rsp - 128]; call trampoline`.
 pub(super) fn stub_prologue(
-    site: usize,
-    stub: usize,
+    slot: usize,
     trampoline: usize,
-    tag: u32,
+    record: usize,
+    site: usize,
 ) -> Result<Vec<u8>> {
-    if tag > i32::MAX as u32 {
-        return Err(Error::Internal("fast stub tag out of range".into()));
-    }
-    // lea rsp, [rsp - 128]; push imm32; call rel32
-    let mut b = vec![0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0x68];
-    b.extend_from_slice(&tag.to_le_bytes());
-    b.push(0xE8);
-    b.extend_from_slice(&rel32(site, stub + b.len() + 4, trampoline)?);
+    let mut b = Vec::with_capacity(STUB_PROLOGUE + 32);
+    b.extend_from_slice(&(record as u64).to_le_bytes());
+    b.extend_from_slice(&(site as u64).to_le_bytes());
+    b.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0xE8]);
+    b.extend_from_slice(&rel32(site, slot + b.len() + 4, trampoline)?);
     debug_assert_eq!(b.len(), STUB_PROLOGUE);
     Ok(b)
 }
 
-/// The bytes of the per-site stub at `stub` for the instruction `code`
-/// (decoded as `len`, `displaced`) at `site`, calling `trampoline` with `tag`.
-pub fn emit_site_stub(
-    code: &[u8],
-    site: usize,
-    len: u8,
-    displaced: &Displaced,
-    stub: usize,
-    trampoline: usize,
-    tag: u32,
-) -> Result<Vec<u8>> {
-    let back = site + len as usize;
-    let mut b = stub_prologue(site, stub, trampoline, tag)?;
-    let ret_point = stub + b.len();
-    let jmp = |b: &mut Vec<u8>, to: usize| -> Result<()> {
-        b.push(0xE9);
-        let end = stub + b.len() + 4;
-        b.extend_from_slice(&rel32(site, end, to)?);
-        Ok(())
-    };
-    match *displaced {
-        Displaced::Skip => jmp(&mut b, back)?,
-        Displaced::OutOfLine => b.extend(emit_out_of_line(code, site, ret_point)?),
-        Displaced::Jmp(Target::Abs(t)) => jmp(&mut b, t as usize)?,
-        Displaced::Call(Target::Abs(t)) => {
-            // Push the original return address (the callee sees its real
-            // caller), then jump: lea rsp, [rsp - 8]; mov dword [rsp], lo;
-            // mov dword [rsp + 4], hi; jmp target.
-            let ret = back as u64;
-            b.extend_from_slice(&[0x48, 0x8D, 0x64, 0x24, 0xF8]);
-            b.extend_from_slice(&[0xC7, 0x04, 0x24]);
-            b.extend_from_slice(&(ret as u32).to_le_bytes());
-            b.extend_from_slice(&[0xC7, 0x44, 0x24, 0x04]);
-            b.extend_from_slice(&((ret >> 32) as u32).to_le_bytes());
-            jmp(&mut b, t as usize)?;
-        }
-        Displaced::Jcc { cond, target } => {
-            b.extend_from_slice(&[0x0F, 0x80 | (cond.0 & 0xF)]);
-            let end = stub + b.len() + 4;
-            b.extend_from_slice(&rel32(site, end, target as usize)?);
-            jmp(&mut b, back)?;
-        }
-        _ => {
-            return Err(Error::unsupported(
-                site,
-                "this instruction cannot be displaced by a fast probe",
-            ))
-        }
-    }
-    if b.len() > STUB_SLOT {
-        return Err(Error::unsupported(
-            site,
-            "the fast stub would outgrow its slot",
-        ));
-    }
-    Ok(b)
+/// Where a site jumps, in its stub at `slot`.
+pub fn stub_entry(slot: usize) -> usize {
+    slot + STUB_DATA
+}
+
+/// Where the trap path resumes, in the stub at `slot`: its displaced
+/// instructions.
+pub fn stub_resume(slot: usize) -> usize {
+    slot + STUB_PROLOGUE
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::analyze;
 
-    #[test]
-    fn trampoline_fits_and_ends_with_ret_136() {
-        let l = InlineLayout {
+    pub(crate) fn layout() -> InlineLayout {
+        InlineLayout {
             table: 0x5555_0001_0000,
-            slot_size: 192,
+            slot_size: 256,
             slot_owner: 0,
             slot_seq: 8,
             slot_hits: 16,
             hit_ways: 8,
             home_mul: 0x9E37_79B9_7F4A_7C15,
             home_shift: 55,
-            probes: 0x7f00_0000_0000,
-            probe_size: 64,
             probe_addr: 0,
-            probe_gen: 0x38,
+            probe_report: 8,
             probe_consumers: 0x30,
-            tag_index_bits: 20,
-            tag_gen_mask: 0x7ff,
+            probe_clobbers: 0x38,
             list_inline: 8,
             first_handler: 16,
             first_user_data: 24,
             first_record: 32,
             first_tag: 40,
+            first_clobbers: 48,
             consumer_state: 0,
             state_active: 1,
+            errno_offset: -128,
             dispatch: 0x5555_0000_1234,
             after: 0x5555_0000_5678,
-        };
-        let t = emit_trampoline(0x7000_0000, &l).unwrap();
-        assert!(t.len() <= TRAMPOLINE_SIZE);
-        assert_eq!(&t[t.len() - 3..], &[0xC2, 0x88, 0x00], "ret 136");
-        assert_eq!(t[0], 0x9C, "pushfq first: flags before any arithmetic");
+        }
     }
 
     #[test]
-    fn nop5_stub_golden_bytes() {
-        let code = [0x0F, 0x1F, 0x44, 0x00, 0x00];
-        let site = 0x40_1000;
-        let d = analyze(&code, site).unwrap();
-        assert!(super::super::patch::fast_eligible(d.len, &d.displaced));
-        let stub = 0x50_0000;
-        let b = emit_site_stub(&code, site, d.len, &d.displaced, stub, 0x4F_F000, 7).unwrap();
-        let call_rel = (0x4F_F000i64 - (stub as i64 + 18)) as i32;
-        let back_rel = (site as i64 + 5 - (stub as i64 + 23)) as i32;
-        let mut expect = vec![
-            0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0x68, 7, 0, 0, 0, 0xE8,
+    fn trampoline_fits_for_every_cpu_state() {
+        for avx in [false, true] {
+            for avx512 in [false, true] {
+                for xinuse in [false, true] {
+                    let cpu = CpuState {
+                        avx: avx || avx512,
+                        avx512,
+                        xinuse,
+                    };
+                    let t = emit_trampoline(0x7000_0000, &layout(), cpu).unwrap();
+                    assert_eq!(t.len(), INIT_AREA + 576);
+                    assert_eq!(t[0], 0x9C, "pushfq first: flags before any arithmetic");
+                    assert!(
+                        t[INIT_AREA..].iter().all(|&b| b == 0),
+                        "the init area is zero"
+                    );
+                }
+            }
+        }
+        assert_eq!(INIT_AREA % 64, 0);
+    }
+
+    #[test]
+    fn the_exit_is_ret_128_after_restoring_rbx() {
+        let t = emit_trampoline(0x7000_0000, &layout(), CpuState::detect()).unwrap();
+        // mov rsp, [rbx + 0x90]; mov rbx, [rbx + 8]; ret 128
+        let tail = [
+            0x48, 0x8B, 0xA3, 0x90, 0, 0, 0, 0x48, 0x8B, 0x9B, 0x08, 0, 0, 0, 0xC2, 0x80, 0x00,
         ];
+        assert!(
+            t.windows(tail.len()).any(|w| w == tail),
+            "the exit sequence"
+        );
+    }
+
+    #[test]
+    fn stub_prologue_golden_bytes() {
+        let (slot, tramp) = (0x50_0000, 0x4F_F000);
+        let b = stub_prologue(slot, tramp, 0x1122_3344_5566, 0x40_1000).unwrap();
+        let call_rel = (tramp as i64 - (slot as i64 + STUB_PROLOGUE as i64)) as i32;
+        let mut expect = 0x1122_3344_5566u64.to_le_bytes().to_vec();
+        expect.extend_from_slice(&0x40_1000u64.to_le_bytes());
+        expect.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0xE8]);
         expect.extend_from_slice(&call_rel.to_le_bytes());
-        expect.push(0xE9);
-        expect.extend_from_slice(&back_rel.to_le_bytes());
         assert_eq!(b, expect);
+        assert_eq!(stub_entry(slot), slot + 16);
+        assert_eq!(stub_resume(slot), slot + STUB_PROLOGUE);
     }
 
     #[test]
-    fn eligibility() {
-        let check = |code: &[u8]| {
-            let d = analyze(code, 0x40_0000).unwrap();
-            super::super::patch::fast_eligible(d.len, &d.displaced)
-        };
-        assert!(check(&[0x0F, 0x1F, 0x44, 0x00, 0x00]), "nop5");
-        assert!(check(&[0x48, 0x8B, 0x05, 1, 0, 0, 0]), "mov rax, [rip+1]");
-        assert!(check(&[0xE8, 0, 0, 0, 0]), "call rel32");
-        assert!(check(&[0xE9, 0, 0, 0, 0]), "jmp rel32");
-        assert!(check(&[0x0F, 0x84, 0, 0, 0, 0]), "jz rel32");
-        assert!(check(&[0xB8, 1, 0, 0, 0]), "mov eax, 1");
-        assert!(!check(&[0x55]), "push rbp is too short");
-        assert!(
-            !check(&[0x48, 0x83, 0xEC, 0x10]),
-            "sub rsp, 16 is too short"
+    fn encoded_slow_path_instructions() {
+        // vmovdqa64 [rsp + 0x40], zmm1
+        assert_eq!(
+            zmm_store(Register::ZMM0, 1, 0).unwrap(),
+            [0x62, 0xF1, 0xFD, 0x48, 0x7F, 0x4C, 0x24, 0x01]
         );
-        assert!(
-            !check(&[0xFF, 0x15, 0, 0, 0, 0]),
-            "call [rip] is not emulated in a stub"
+        // vmovdqa64 zmm17, [rsp + 0x440]
+        assert_eq!(
+            zmm_load(Register::ZMM16, 1, EXT_HI16).unwrap(),
+            [0x62, 0xE1, 0xFD, 0x48, 0x6F, 0x4C, 0x24, 0x11]
         );
-    }
-
-    #[test]
-    fn call_is_emulated_with_the_original_return_address() {
-        let code = [0xE8, 0x10, 0, 0, 0];
-        let site = 0x40_1000;
-        let d = analyze(&code, site).unwrap();
-        let b = emit_site_stub(&code, site, d.len, &d.displaced, 0x50_0000, 0x4F_F000, 1).unwrap();
-        let tail = &b[STUB_PROLOGUE..];
-        assert_eq!(&tail[..5], &[0x48, 0x8D, 0x64, 0x24, 0xF8]);
-        assert_eq!(&tail[8..12], &(site as u32 + 5).to_le_bytes());
-        assert_eq!(&tail[16..20], &0u32.to_le_bytes());
     }
 }

@@ -371,59 +371,6 @@ pub fn check_boundary(code: &[u8], func_start: usize, addr: usize) -> Result<()>
     }
 }
 
-/// The instruction starts of a block of code (a JIT region), decoded once, so
-/// that checking many probe addresses in it costs a binary search each
-/// instead of a decode from its start each.
-#[derive(Clone, Debug, Default)]
-pub struct Boundaries {
-    start: usize,
-    /// Offsets of the instructions decoded, ascending.
-    starts: Vec<u32>,
-    /// Where decoding stopped (the end, or the first undecodable byte).
-    decoded: usize,
-}
-
-impl Boundaries {
-    /// Decodes `code` (mapped at `start`) linearly to its end or its first
-    /// undecodable byte.
-    pub fn decode(code: &[u8], start: usize) -> Boundaries {
-        let mut decoder = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
-        let mut instr = Instruction::default();
-        let mut starts = Vec::new();
-        let mut offset = 0;
-        while offset < code.len() {
-            decoder.decode_out(&mut instr);
-            if instr.is_invalid() {
-                break;
-            }
-            starts.push(offset as u32);
-            offset += instr.len();
-        }
-        Boundaries {
-            start,
-            starts,
-            decoded: offset,
-        }
-    }
-
-    /// [`check_boundary`] for an address of the decoded block.
-    pub fn check(&self, addr: usize) -> Result<()> {
-        let Some(off) = addr.checked_sub(self.start) else {
-            return Err(Error::InvalidArgument(
-                "probe address lies before the start of its function".into(),
-            ));
-        };
-        if off >= self.decoded || self.starts.binary_search(&(off as u32)).is_ok() {
-            Ok(())
-        } else {
-            Err(Error::Misaligned {
-                addr,
-                func: self.start,
-            })
-        }
-    }
-}
-
 /// Decodes the first instruction of `code` (mapped at `addr`) and classifies
 /// it: [`analyze`] without the disassembly, and the decoded instruction for
 /// the relocator.
@@ -1075,24 +1022,6 @@ mod tests {
             flipped[(bit / 64) as usize] ^= 1 << (bit % 64);
             assert_eq!(Displaced::decode(flipped), None, "{a:x?} bit {bit}");
         }
-    }
-
-    #[test]
-    fn cached_boundaries_agree_with_check_boundary() {
-        // push rbp; mov rbp, rsp; sub rsp, 16; ret; then an invalid byte.
-        let code = [
-            0x55, 0x48, 0x89, 0xE5, 0x48, 0x83, 0xEC, 0x10, 0xC3, 0x06, 0x90,
-        ];
-        let b = Boundaries::decode(&code, 0x1000);
-        for off in 0..code.len() + 3 {
-            let addr = 0x1000 + off;
-            assert_eq!(
-                b.check(addr).is_ok(),
-                check_boundary(&code, 0x1000, addr).is_ok(),
-                "offset {off}"
-            );
-        }
-        assert!(b.check(0xFFF).is_err());
     }
 
     #[test]

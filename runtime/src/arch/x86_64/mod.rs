@@ -20,9 +20,7 @@
 mod context;
 #[cfg(test)]
 mod corpus;
-#[allow(dead_code)] // wired into sites next
 mod displace;
-#[allow(dead_code)] // wired into the fast path next
 mod effects;
 mod emulate;
 mod fast;
@@ -39,15 +37,16 @@ mod tp;
 pub use context::{
     handler_restorer, interrupted_pc, interrupted_sp, TrapContext, SIGFRAME_PC, SIGFRAME_SP,
 };
-#[allow(unused_imports)] // wired into sites next
-pub use displace::{emit_displaced, emit_run_stub};
-#[allow(unused_imports)] // wired into the fast path next
+pub use displace::emit_site_stub;
 pub use effects::Clobbers;
 pub use emulate::emulate;
-pub use fast::{emit_site_stub, emit_trampoline, FastFrame, InlineLayout, TRAMPOLINE_SIZE};
+pub use fast::{
+    emit_trampoline, far_exit, stub_entry, stub_resume, CpuState, FastFrame, InlineLayout,
+    TRAMPOLINE_SIZE,
+};
 #[allow(unused_imports)] // wired into sites next
 pub use flow::{link_module, EntrySource, FunctionFlow, PointerJumps, Refusal, Site};
-pub use insn::{analyze, check_boundary, Boundaries, Displaced};
+pub use insn::{analyze, check_boundary, Displaced};
 pub use patch::{
     classify_trap_site, fast_eligible, jump_to, SwitchStep, TrapSite, HEAD, JUMP_LEN, TAIL,
     TO_JUMP, TO_TRAP, TRAP_SI_CODE,
@@ -55,7 +54,7 @@ pub use patch::{
 pub use regs::{Reg, Regs};
 pub use relocate::{emit_out_of_line, resume_out_of_line};
 pub use signal::{restorer_address, KernelSigaction};
-pub use tp::thread_pointer;
+pub use tp::{errno_get, errno_offset, errno_set, thread_pointer};
 
 /// The trap instruction written over a probed instruction's first byte:
 /// `int3`.
