@@ -22,7 +22,6 @@ mod context;
 mod corpus;
 #[allow(dead_code)] // wired into sites next
 mod displace;
-#[allow(dead_code)] // wired into the fast path next
 mod effects;
 mod emulate;
 mod fast;
@@ -41,8 +40,7 @@ pub use context::{
 };
 #[allow(unused_imports)] // wired into sites next
 pub use displace::{emit_displaced, emit_run_stub};
-#[allow(unused_imports)] // wired into the fast path next
-pub use effects::Clobbers;
+pub use effects::{function_effects, Callee, Clobbers, FunctionEffects, Unknowable};
 pub use emulate::emulate;
 pub use fast::{emit_site_stub, emit_trampoline, FastFrame, InlineLayout, TRAMPOLINE_SIZE};
 #[allow(unused_imports)] // wired into sites next
