@@ -105,7 +105,8 @@
 //!   `probe`: probe and consumer records and the one dispatcher of both
 //!   paths; `map`: the latch-protected index; `grace`: read-side sections
 //!   and grace periods; `xol`: the stub pool and when a stub may be reused;
-//!   `arena`: the never-unmapped record arrays;
+//!   `arena`: the never-unmapped record arrays; `effects`: which register
+//!   state a handler may change, from its call graph's machine code;
 //! - `arch`: everything that knows an instruction encoding or a register
 //!   layout, behind a written interface (its module docs state the contract
 //!   hook by hook, and how an aarch64 backend would fill it); `sys`: the only
@@ -149,6 +150,7 @@ mod api;
 mod arch;
 mod arena;
 mod consumer;
+mod effects;
 mod error;
 mod fast;
 mod grace;

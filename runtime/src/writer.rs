@@ -39,6 +39,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::arch::Clobbers;
 use crate::consumer::{AttachReq, Attachment, ConsumerId, Consumers, Owner, Stats};
+use crate::effects::{self, EffectsCache};
 use crate::error::{Error, Result};
 use crate::grace;
 use crate::hit::Handler;
@@ -81,6 +82,8 @@ struct WriterState {
     /// scan after that shows no thread still on its way from that trap to
     /// its lookup, and the entry goes.
     tombstones: HashMap<usize, u64>,
+    /// What handlers' code may change, memoized.
+    effects: EffectsCache,
 }
 
 // SAFETY: everything in WriterState is touched only under the writer lock.
@@ -220,11 +223,18 @@ impl WriterState {
         Ok(())
     }
 
-    /// The clobber classes of a handler (see `arch::Clobbers`).
-    fn classes_of(&mut self, _handler: Handler) -> Clobbers {
-        // Everything until the effects analysis says less: correct for any
-        // handler.
-        Clobbers::ALL
+    /// The classes of register state a handler may change beyond the GPRs
+    /// and flags (see `arch::Clobbers`): what the fast path must save around
+    /// it. From the analysis of its code ([`crate::effects`]); everything
+    /// when that cannot tell.
+    fn classes_of(&mut self, handler: Handler) -> Clobbers {
+        let c = effects::handler_clobbers(handler as usize, &mut self.effects);
+        // Whatever saves the upper vector state saves the whole registers.
+        if Clobbers::VECTOR.within(c) {
+            c.union(Clobbers::SSE)
+        } else {
+            c
+        }
     }
 
     /// Attaches every request or none.
@@ -402,9 +412,17 @@ impl WriterState {
         let mut ids = Vec::with_capacity(reqs.len());
         let mut idxs = Vec::with_capacity(reqs.len());
         let mut owners = owners.into_iter();
+        let mut classes: HashMap<usize, Clobbers> = HashMap::new();
         for (i, r) in reqs.iter().enumerate() {
             let mode = modes.get(i).copied().unwrap_or_default();
-            let clobbers = self.classes_of(r.handler);
+            let clobbers = match classes.get(&(r.handler as usize)) {
+                Some(&c) => c,
+                None => {
+                    let c = self.classes_of(r.handler);
+                    classes.insert(r.handler as usize, c);
+                    c
+                }
+            };
             let attachment = Attachment {
                 addr: r.addr,
                 handler: r.handler,

@@ -66,6 +66,13 @@
 //! is what the trampoline's inline dispatch knows of the portable data
 //! structures, all offsets taken from the Rust definitions.
 //!
+//! **What a handler may change.** [`function_effects`] reads one
+//! function's machine code and says which [`Clobbers`] classes of register
+//! state beyond the general-purpose registers it may change, which
+//! functions it calls or tail-jumps to, or why that is [`Unknowable`]; the
+//! portable `effects` module walks a handler's call graph with it, so the
+//! fast path saves only what the handler may change.
+//!
 //! **Registers, thread identity, signals.** [`Reg`]/[`Regs`] are the frame
 //! handlers see (the C ABI's `probert_regs`); [`thread_pointer`] is an
 //! allocation-free thread identity for signal context;
@@ -135,6 +142,8 @@ pub use x86_64::{
     TrapSite, HEAD, JUMP_LEN, MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL,
     TO_JUMP, TO_TRAP, TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
 };
+#[cfg(target_arch = "x86_64")]
+pub use x86_64::{function_effects, Callee, FunctionEffects, Unknowable};
 
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("probert supports x86_64 only for now (see the aarch64 notes in `arch`)");

@@ -208,6 +208,20 @@ pub fn module_layout(addr: usize) -> Option<ModuleLayout> {
     })
 }
 
+/// The loader's generation, `(dlpi_adds, dlpi_subs)`: the number of
+/// objects ever loaded and unloaded. Both only grow, and every `dlopen` that
+/// maps an object or `dlclose` that unmaps one grows one of them, so a cache
+/// of facts about module code (`crate::effects`) that remembers the
+/// generation it was filled under knows it is stale when the value differs,
+/// even for a module unloaded and another loaded at the same address.
+/// `None` if the loader does not report them: then nothing may be kept.
+///
+/// One `dl_iterate_phdr` call that stops at the first object. Normal
+/// context only.
+pub fn generation() -> Option<(u64, u64)> {
+    loader_generation()
+}
+
 /// The loaded modules, in load order (the main program first).
 ///
 /// Normal context only.

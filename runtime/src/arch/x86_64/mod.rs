@@ -38,7 +38,7 @@ pub use context::{
     handler_restorer, interrupted_pc, interrupted_sp, TrapContext, SIGFRAME_PC, SIGFRAME_SP,
 };
 pub use displace::emit_site_stub;
-pub use effects::Clobbers;
+pub use effects::{function_effects, Callee, Clobbers, FunctionEffects, Unknowable};
 pub use emulate::emulate;
 pub use fast::{
     emit_trampoline, far_exit, stub_entry, stub_resume, CpuState, FastFrame, InlineLayout,
