@@ -25,7 +25,6 @@ use crate::grace;
 use crate::hit::{Action, Hit};
 use crate::probe::{self, ConsumerList, ConsumerRecord, Entry, ProbeRecord};
 use crate::sigctx::SignalContext;
-use crate::trap::fatal;
 
 /// probert's own code that runs outside read-side sections on the way into
 /// or out of a stub: `fast_dispatch` and what it calls before entering and
@@ -47,7 +46,9 @@ pub(crate) fn code_range() -> (usize, usize) {
 }
 
 /// Called by the trampoline for every fast hit its inline case does not
-/// serve.
+/// serve, with the classes of register state it saved. Returns non-zero if
+/// the handlers redirected the thread (the trampoline then takes the exit
+/// [`FastFrame::retarget`] prepared).
 ///
 /// # Signal safety
 /// The fast path may run anywhere a probed instruction runs — inside a
@@ -59,7 +60,8 @@ pub(crate) extern "C" fn fast_dispatch(
     record: *const ProbeRecord,
     site: usize,
     frame: *mut FastFrame,
-) {
+    saved: u32,
+) -> u32 {
     // SAFETY: this is a dispatcher entry point.
     let cx = unsafe { SignalContext::new() };
     // SAFETY: the trampoline passes the frame it built on this thread's
@@ -77,34 +79,35 @@ pub(crate) extern "C" fn fast_dispatch(
         rec.addr.load(Ordering::Relaxed),
         rec.report.load(Ordering::Relaxed),
     );
+    let mut redirected = 0;
     if addr == site && addr != 0 {
         let rsp0 = frame.regs.sp();
         frame.regs.set_pc(report);
-        let saved = Clobbers(frame.saved);
-        probe::dispatch(cx, &section, list, report, &mut frame.regs, saved);
+        probe::dispatch(cx, &section, list, report, &mut frame.regs, Clobbers(saved));
         if frame.regs.pc() != report || frame.regs.sp() != rsp0 {
             redirect(cx, frame, report);
+            redirected = 1;
         }
     }
     section.exit(cx);
+    redirected
 }
 
 /// Makes the trampoline resume where the handlers left the registers (they
 /// moved RIP or RSP).
 ///
 /// # Signal safety
-/// Arithmetic and one store to the thread's own stack, or `fatal`.
+/// Arithmetic and at most two stores to the thread's own stack.
 #[cold]
 #[inline(never)]
 #[link_section = "probert_fast"]
 fn redirect(cx: SignalContext, frame: &mut FastFrame, addr: usize) {
-    if !frame.retarget(cx, addr) {
-        fatal(b"probert: a fast-path handler moved RSP where the thread cannot resume\n");
-    }
+    frame.retarget(cx, addr);
 }
 
 /// What the trampoline's inline case calls when its handler returned
 /// `Remove` or moved RIP or RSP, still inside the read-side section.
+/// Returns non-zero if the thread was redirected, as [`fast_dispatch`].
 ///
 /// # Signal safety
 /// As `fast_dispatch`.
@@ -114,7 +117,7 @@ extern "C" fn fast_after(
     action: u32,
     consumer: *const ConsumerRecord,
     addr: usize,
-) {
+) -> u32 {
     // SAFETY: this is a dispatcher entry point.
     let cx = unsafe { SignalContext::new() };
     // SAFETY: the trampoline passes its own frame, as to `fast_dispatch`,
@@ -126,7 +129,9 @@ extern "C" fn fast_after(
     }
     if frame.regs.pc() != addr || frame.regs.sp() != frame.entry_sp() {
         redirect(cx, frame, addr);
+        return 1;
     }
+    0
 }
 
 /// Where the trampoline's inline case finds probert's data: the fast path

@@ -17,10 +17,12 @@
 //!
 //! # The trampoline (one per stub chunk, shared by its stubs)
 //!
-//! Pushes RFLAGS and rax, aligns the stack down to 64 bytes and saves every
-//! GPR into a [`FastFrame`] there (the same [`Regs`] layout the handler sees
-//! on the trap path); rbx holds the frame from then on. It reads the stub's
-//! data words (through the return address) and the probe record's
+//! Pushes RFLAGS and every GPR right below the stub's return address, in
+//! the [`Regs`] layout the handler sees on the trap path (the pushes build
+//! [`FastFrame::regs`] in place: no copy); r15 holds the registers' address
+//! from then on, and the rest of the [`FastFrame`] lies below them, with
+//! the stack pointer 16-byte aligned under it. It reads the stub's data
+//! words (through the return address) and the probe record's
 //! *clobber classes* (`effects`): what the probe's handlers may change
 //! beyond the GPRs and flags. Only those are saved — xmm0–15 and MXCSR;
 //! the upper vector state, the opmasks and the x87 stack (by what `xgetbv(1)`
@@ -49,17 +51,28 @@
 //! without the microcoded `popfq`) and leaves with
 //!
 //! ```text
-//!             mov  rsp, [frame.exit]
-//!             mov  rbx, [frame.rbx]
+//!             lea  rsp, [r15 + 0x90]    ; the return address's slot
+//!             mov  r15, [rsp - 0x18]    ; regs.r15
 //!             ret  128
 //! ```
 //!
-//! `frame.exit` points at a slot holding where to go, 128 bytes (the red zone) above which lies the stack pointer to
-//! resume with: by default the `call`'s own return address (`ret_point`), so
-//! `ret 128` lands on `ret_point` with `rsp = rsp₀`. A handler that writes
-//! RIP or RSP moves that slot ([`FastFrame::retarget`]); where the new stack
-//! pointer is too far below for that, the exit goes through a trap
-//! instruction whose handler sets both ([`far_exit`]).
+//! so `ret 128` lands on `ret_point` with `rsp = rsp₀`. Once rsp is the exit
+//! slot the frame lies below the stack pointer, where a signal frame may
+//! land at any instruction — except in the 128 bytes right under it, the
+//! red zone the kernel skips: r15 is the frame register because its slot
+//! is there. A handler that writes RIP or RSP sends the hit through another
+//! exit, `mov rsp, [r15 + exit]` instead of the `lea`, to a slot
+//! [`FastFrame::retarget`] prepared (with a copy of r15 under it); where the
+//! new stack pointer is too far below for that, the exit goes through a
+//! trap instruction whose handler sets both ([`far_exit`]).
+//!
+//! The costs that matter (AMD Zen 4, per hit): the stub's four control
+//! transfers (jump in, call, ret, jump back) about 2 ns, `pushfq` under
+//! 1 ns, and the stores — the path is store-bound, which is why the
+//! registers are pushed where the handler reads them and nothing is copied.
+//! A load narrower than, and at an offset into, a store still in flight
+//! waits for the store to retire (no forwarding): DF is tested in a whole
+//! reload of the flags, not a byte.
 //!
 //! The trampoline is assembled with `dynasmrt`; the AVX, AVX-512 and XSAVE
 //! instructions of its slow paths, which `dynasm` does not know, are encoded
@@ -82,46 +95,50 @@ use super::{Regs, TrapContext};
 use crate::error::{Error, Result};
 use crate::sigctx::SignalContext;
 
-/// What the trampoline saves, 64-byte aligned below the stack pointer the
-/// stub called it with.
-#[repr(C, align(64))]
+/// What the trampoline saves: the registers it pushes below the stub's
+/// return address ([`Regs`] layout, the same the handler sees on the trap
+/// path), and below them what the hit needs. Lies on the thread's stack,
+/// above the stack pointer the trampoline runs with.
+#[repr(C)]
 #[derive(Debug)]
 pub struct FastFrame {
-    /// The registers, as the handler sees them.
-    pub regs: Regs,
-    /// The address of the slot `ret 128` resumes from (see the module docs).
-    pub exit: u64,
-    /// The `call`'s return address: the stub's `ret_point`.
-    pub ret_point: u64,
     /// The inline case's `Hit` (address, registers, user data).
     pub hit: [u64; 3],
-    /// The [`Clobbers`] classes saved for this hit.
-    pub saved: u32,
     /// `xgetbv(1)` when the upper vector, opmask or x87 state was saved.
     xinuse: u32,
     /// MXCSR, saved with [`Clobbers::SSE`].
     mxcsr: u32,
     /// `errno`, saved with [`Clobbers::ERRNO`].
     errno: u32,
-    /// The stub's probe record and site (its data words).
-    pub record: u64,
-    pub site: u64,
-    /// The exit slot of a far redirect (see [`FastFrame::retarget`]); the
-    /// target and stack pointer lie at least 16 bytes above it, out of
-    /// reach of the signal frame the far exit's trap pushes.
-    far_slot: u64,
-    _pad0: u64,
-    far_target: u64,
-    far_rsp: u64,
-    _pad1: u64,
+    _pad: u32,
+    /// After a redirect: the address of the slot `ret 128` resumes from (see
+    /// [`FastFrame::retarget`]).
+    exit: u64,
+    /// The far exit's words (see [`FastFrame::retarget`]): its exit slot at
+    /// [`FAR_SLOT`], with the copy of r15 the exit reads
+    /// [`FRAME_REG_BELOW_EXIT`] bytes below it and the target and stack
+    /// pointer 16 and 24 bytes above it.
+    far: [u64; FAR_WORDS],
     /// xmm0–15, saved with [`Clobbers::SSE`].
     xmm: [[u64; 2]; 16],
+    /// The registers, as the handler sees them (pushed by the trampoline).
+    pub regs: Regs,
+    /// The stub `call`'s return address: the stub's `ret_point`, and the
+    /// slot the normal exit's `ret 128` resumes from.
+    pub ret_point: u64,
 }
 
 /// What the final `ret` pops besides the target: the red zone (the
 /// target's own slot is the stub `call`'s return address, 136 bytes below
 /// the probed instruction's stack pointer).
 const EXIT_POP: u64 = 128;
+/// Where the exit reads r15 (the trampoline's frame register) from, below
+/// the exit slot: within the 128 bytes no signal frame can take (for the
+/// normal exit it is `regs.r15` itself).
+const FRAME_REG_BELOW_EXIT: i32 = (std::mem::size_of::<Regs>() - R15 as usize) as i32;
+/// The far exit's slot, in [`FastFrame::far`] (words).
+const FAR_SLOT: usize = FRAME_REG_BELOW_EXIT as usize / 8;
+const FAR_WORDS: usize = FAR_SLOT + 4;
 
 impl FastFrame {
     /// The stack pointer of the probed instruction (what RSP reads before
@@ -131,48 +148,61 @@ impl FastFrame {
     /// Arithmetic.
     #[inline]
     pub fn entry_sp(&self) -> usize {
-        (self.exit + EXIT_POP + 8) as usize
+        std::ptr::addr_of!(self.ret_point) as usize + 8 + EXIT_POP as usize
     }
 
     /// Points the trampoline's exit at where the handlers sent the thread:
     /// `regs.rip` (or, if it is still the probed address `probed`, the
-    /// displaced instructions at `ret_point`) with `regs.rsp`.
+    /// displaced instructions at `ret_point`) with `regs.rsp`. The
+    /// trampoline takes this exit when its dispatcher says so (returns
+    /// non-zero).
     ///
-    /// The exit slot must hold the target until the trampoline's `ret`, so
-    /// it must lie above the stack pointer the trampoline runs with (memory
-    /// below it belongs to any signal frame) and outside the frame still to
-    /// be read. The slot 8 bytes under `EXIT_POP` below the new stack pointer
-    /// qualifies when that pointer is above the frame; otherwise (a handler
-    /// that lowered RSP) the exit goes through [`far_exit`]: the frame's own
-    /// exit slot leads to a trap instruction, and the `SIGTRAP` handler sets
-    /// RIP and RSP from the frame.
+    /// The exit slot must hold the target until the trampoline's `ret`, with
+    /// the copy of r15 the exit reads [`FRAME_REG_BELOW_EXIT`] bytes below it, so
+    /// both must lie above the stack pointer the trampoline runs with
+    /// (memory below it belongs to any signal frame) and outside the frame
+    /// still to be read. The slot 8 bytes under `EXIT_POP` below the new
+    /// stack pointer qualifies when that is above the frame; otherwise (a
+    /// handler that lowered RSP) the exit goes through [`far_exit`]: the
+    /// frame's own far slot leads to a trap instruction, and the `SIGTRAP`
+    /// handler sets RIP and RSP from the frame.
     ///
     /// # Signal safety
-    /// Arithmetic and at most one store to the thread's own stack.
-    pub fn retarget(&mut self, _cx: SignalContext, probed: usize) -> bool {
+    /// Arithmetic and at most two stores to the thread's own stack.
+    pub fn retarget(&mut self, _cx: SignalContext, probed: usize) {
         let (rip, rsp) = (self.regs.rip, self.regs.get(super::Reg::Rsp));
+        let r15 = self.regs.get(super::Reg::R15);
         let target = if rip == probed as u64 {
             self.ret_point
         } else {
             rip
         };
-        let slot = rsp.wrapping_sub(EXIT_POP + 8);
-        let frame_end = self as *const FastFrame as u64 + std::mem::size_of::<FastFrame>() as u64;
-        if slot >= frame_end && slot.checked_add(EXIT_POP + 8).is_some() {
-            // SAFETY: the slot lies below the stack pointer the thread
-            // resumes with (so it holds no live data of the interrupted
-            // code) and above the frame and the stack pointer the
-            // trampoline runs with (checked); the handler chose that stack
-            // pointer for the thread.
-            unsafe { std::ptr::write_volatile(slot as *mut u64, target) };
-            self.exit = slot;
-        } else {
-            self.far_slot = far_exit_address() as u64;
-            self.far_target = target;
-            self.far_rsp = rsp;
-            self.exit = std::ptr::addr_of!(self.far_slot) as u64;
+        let frame_end = self.entry_sp() as u64 - EXIT_POP;
+        let low = rsp.checked_sub(EXIT_POP + 8).and_then(|slot| {
+            slot.checked_sub(FRAME_REG_BELOW_EXIT as u64)
+                .map(|l| (slot, l))
+        });
+        match low {
+            Some((slot, low)) if low >= frame_end => {
+                // SAFETY: both words lie below the stack pointer the thread
+                // resumes with, beyond its red zone (so they hold no live
+                // data of the interrupted code), and above the frame and the
+                // stack pointer the trampoline runs with (checked); the
+                // handler chose that stack pointer for the thread.
+                unsafe {
+                    std::ptr::write_volatile(slot as *mut u64, target);
+                    std::ptr::write_volatile(low as *mut u64, r15);
+                }
+                self.exit = slot;
+            }
+            _ => {
+                self.far[FAR_SLOT] = far_exit_address() as u64;
+                self.far[FAR_SLOT + 2] = target;
+                self.far[FAR_SLOT + 3] = rsp;
+                self.far[FAR_SLOT - FRAME_REG_BELOW_EXIT as usize / 8] = r15;
+                self.exit = std::ptr::addr_of!(self.far[FAR_SLOT]) as u64;
+            }
         }
-        true
     }
 }
 
@@ -212,16 +242,13 @@ pub fn far_exit(_cx: SignalContext, ctx: &mut TrapContext<'_>) -> bool {
     }
     let regs = ctx.regs();
     let slot = regs.get(super::Reg::Rsp) as usize - FAR_SP_FROM_SLOT;
-    let off = std::mem::offset_of!(FastFrame, far_slot);
-    let target_at = slot - off + std::mem::offset_of!(FastFrame, far_target);
-    let rsp_at = slot - off + std::mem::offset_of!(FastFrame, far_rsp);
     // SAFETY: the trampoline left `rsp` just above the frame's far slot; the
     // target and stack pointer words lie above `rsp - 128`, where the kernel
     // put no signal frame, and were written by `retarget`.
     let (target, rsp) = unsafe {
         (
-            std::ptr::read_volatile(target_at as *const u64),
-            std::ptr::read_volatile(rsp_at as *const u64),
+            std::ptr::read_volatile((slot + 16) as *const u64),
+            std::ptr::read_volatile((slot + 24) as *const u64),
         )
     };
     let mut r = regs;
@@ -266,11 +293,13 @@ pub struct InlineLayout {
     pub state_active: u32,
     /// `errno` relative to the thread pointer, for [`Clobbers::ERRNO`].
     pub errno_offset: i32,
-    /// The general dispatcher, `extern "C" fn(record, site, frame)`.
+    /// The general dispatcher, `extern "C" fn(record, site, frame, saved)
+    /// -> redirected`.
     pub dispatch: usize,
     /// What the inline case calls, still inside its section, when the
     /// handler asked to be removed or moved RIP or RSP:
-    /// `extern "C" fn(frame, action: u32, consumer_record, addr)`.
+    /// `extern "C" fn(frame, action: u32, consumer_record, addr) ->
+    /// redirected`.
     pub after: usize,
 }
 
@@ -278,33 +307,38 @@ pub struct InlineLayout {
 /// rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8–r15).
 const GPR: [u8; 16] = [0, 3, 1, 2, 6, 7, 5, 4, 8, 9, 10, 11, 12, 13, 14, 15];
 
-const FRAME_SIZE: i32 = std::mem::size_of::<FastFrame>() as i32;
-const EXIT: i32 = std::mem::offset_of!(FastFrame, exit) as i32;
-const RET_POINT: i32 = std::mem::offset_of!(FastFrame, ret_point) as i32;
-const HIT: i32 = std::mem::offset_of!(FastFrame, hit) as i32;
-const SAVED: i32 = std::mem::offset_of!(FastFrame, saved) as i32;
-const XINUSE: i32 = std::mem::offset_of!(FastFrame, xinuse) as i32;
-const MXCSR: i32 = std::mem::offset_of!(FastFrame, mxcsr) as i32;
-const ERRNO: i32 = std::mem::offset_of!(FastFrame, errno) as i32;
-const RECORD: i32 = std::mem::offset_of!(FastFrame, record) as i32;
-const SITE: i32 = std::mem::offset_of!(FastFrame, site) as i32;
-const XMM: i32 = std::mem::offset_of!(FastFrame, xmm) as i32;
-const RBX: i32 = 0x08;
+/// Offsets from the registers (rbx in the trampoline) into the frame.
+const REGS_AT: i32 = std::mem::offset_of!(FastFrame, regs) as i32;
+const FRAME_FROM_REGS: i32 = -REGS_AT;
+const fn field(off: usize) -> i32 {
+    off as i32 - REGS_AT
+}
+const EXIT: i32 = field(std::mem::offset_of!(FastFrame, exit));
+const RET_POINT: i32 = field(std::mem::offset_of!(FastFrame, ret_point));
+const HIT: i32 = field(std::mem::offset_of!(FastFrame, hit));
+const XINUSE: i32 = field(std::mem::offset_of!(FastFrame, xinuse));
+const MXCSR: i32 = field(std::mem::offset_of!(FastFrame, mxcsr));
+const ERRNO: i32 = field(std::mem::offset_of!(FastFrame, errno));
+const XMM: i32 = field(std::mem::offset_of!(FastFrame, xmm));
+const ENTRY_SP: i32 = RET_POINT + 8 + EXIT_POP as i32;
 const RCX: i32 = 0x10;
+const R15: i32 = 0x78;
 const RSP: i32 = 0x38;
 const RIP: i32 = 0x80;
 const RFLAGS: i32 = 0x88;
 const _: () = assert!(std::mem::offset_of!(Regs, gpr) + 7 * 8 == RSP as usize);
 const _: () = assert!(std::mem::size_of::<Regs>() == 144);
+const _: () = assert!(std::mem::offset_of!(Regs, gpr) + 15 * 8 == R15 as usize);
 const _: () = assert!(std::mem::offset_of!(Regs, rip) == RIP as usize);
 const _: () = assert!(std::mem::offset_of!(Regs, rflags) == RFLAGS as usize);
-const _: () = assert!(XMM % 64 == 0 && FRAME_SIZE % 64 == 0);
-// The far exit's words are beyond the reach of the signal frame its trap
-// pushes (below `rsp - 128`, with `rsp` = far slot + 144).
-const _: () = assert!(
-    std::mem::offset_of!(FastFrame, far_target)
-        >= std::mem::offset_of!(FastFrame, far_slot) + FAR_SP_FROM_SLOT - 128
-);
+// The registers end at the return address the stub's call pushed (the
+// pushes build them in place), and the normal exit finds rbx within the 128
+// bytes below it.
+const _: () = assert!(RET_POINT == std::mem::size_of::<Regs>() as i32);
+const _: () = assert!(RET_POINT - FRAME_REG_BELOW_EXIT == R15 && FRAME_REG_BELOW_EXIT < 128);
+// The far exit's target and stack pointer lie above `rsp - 128` at its
+// trap (rsp = far slot + FAR_SP_FROM_SLOT), out of the signal frame's reach.
+const _: () = assert!(16 >= FAR_SP_FROM_SLOT - 128);
 
 /// The area below the frame where the slow path saves the upper vector
 /// state, the opmasks and the x87 state (64-byte aligned, like the frame).
@@ -431,54 +465,60 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     let slow = (Clobbers::VECTOR.0 | Clobbers::OPMASK.0 | Clobbers::X87.0) as i32;
     let mut a = VecAssembler::<X64Relocation>::new(at);
 
-    // ---- entry: the frame, the GPRs, the stub's data ----------------------
+    // ---- entry: the registers, pushed in `Regs` order -------------------------
+    // The stub's `call` pushed ret_point; everything below it, down to the
+    // frame's start, is the trampoline's (the stub stepped over the red
+    // zone). Registers: r15 = the registers (`FastFrame::regs`), r13 = the
+    // record, rbx = the site, esi = the classes saved.
     dynasm!(a
         ; .arch x64
-        ; pushfq
+        ; pushfq                             // regs.rflags
+        ; lea rsp, [rsp - 8]                 // regs.rip, set below
+        ; push r15
+        ; push r14
+        ; push r13
+        ; push r12
+        ; push r11
+        ; push r10
+        ; push r9
+        ; push r8
+        ; lea rsp, [rsp - 8]                 // regs.rsp, set below
+        ; push rbp
+        ; push rdi
+        ; push rsi
+        ; push rdx
+        ; push rcx
+        ; push rbx
         ; push rax
-        ; mov rax, rsp                       // rsp₀ - 152
-        ; and rsp, -64
-        ; sub rsp, FRAME_SIZE
-    );
-    for i in (1..16i32).filter(|&i| i != 7) {
-        dynasm!(a ; .arch x64 ; mov [rsp + 8 * i], Rq(GPR[i as usize]));
-    }
-    dynasm!(a
-        ; .arch x64
-        ; mov rbx, rsp
-        ; lea rcx, [rax + 152]
-        ; mov [rbx + RSP], rcx
-        ; mov rcx, [rax]
-        ; mov [rbx], rcx
-        ; mov rcx, [rax + 8]
-        ; mov [rbx + RFLAGS], rcx
-        ; mov rcx, [rax + 16]
-        ; mov [rbx + RET_POINT], rcx
-        ; lea rdx, [rax + 16]
-        ; mov [rbx + EXIT], rdx
+        ; mov r15, rsp
+        ; lea rax, [r15 + ENTRY_SP]
+        ; mov [r15 + RSP], rax
+        // DF: clear at calls (the ABI), restored with the flags. A whole
+        // reload of what `pushfq` stored (a narrower load at an offset into
+        // a store in flight is not forwarded: it would wait for the store).
+        ; mov rax, [r15 + RFLAGS]
+        ; test eax, 0x400
+        ; jz >no_df
+        ; cld
+        ; no_df:
+        ; lea rsp, [r15 + FRAME_FROM_REGS]
+        ; and rsp, -16
+        ; mov rcx, [r15 + RET_POINT]
         ; mov r13, [rcx - STUB_RECORD_BELOW_RET]
-        ; mov [rbx + RECORD], r13
-        ; mov r15, [rcx - STUB_SITE_BELOW_RET]
-        ; mov [rbx + SITE], r15
+        ; mov rbx, [rcx - STUB_SITE_BELOW_RET]
         // The classes to save: the record's, read before its list (x86
         // keeps loads in order; the writer widens them before it publishes
         // a list that needs more, see `writer::publish_list`).
         ; mov esi, [r13 + p_clobbers]
-        ; mov [rbx + SAVED], esi
         ; test esi, esi
         ; jnz ->save_state
         ; ->state_saved:
-        // DF: clear at calls (the ABI), restored with the flags.
-        ; test BYTE [rbx + RFLAGS + 1], 4
-        ; jz >no_df
-        ; cld
-        ; no_df:
     );
 
     // ---- the inline case ---------------------------------------------------
-    // rbx = frame, r13 = record, r15 = site; r12 = slot, r14 = list, then
-    // r15 = the hit-cache entry. rbp stays the interrupted code's, for
-    // handlers that walk frame pointers.
+    // r12 = slot, r14 = list, then rbx = the hit-cache entry; esi = the
+    // classes saved (kept in r13d across the call). rbp stays the
+    // interrupted code's, for handlers that walk frame pointers.
     dynasm!(a
         ; .arch x64
         // `grace::enter`, fast path: the home slot is ours and not in a
@@ -487,7 +527,14 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov rcx, QWORD l.home_mul as i64
         ; imul rcx, rax
         ; shr rcx, l.home_shift as i8
-        ; imul rcx, rcx, disp(l.slot_size)?
+    );
+    if l.slot_size.is_power_of_two() {
+        dynasm!(a ; .arch x64 ; shl rcx, l.slot_size.trailing_zeros() as i8);
+    } else {
+        dynasm!(a ; .arch x64 ; imul rcx, rcx, disp(l.slot_size)?);
+    }
+    dynasm!(a
+        ; .arch x64
         ; mov r12, QWORD l.table as i64
         ; add r12, rcx
         ; cmp [r12 + owner], rax
@@ -501,14 +548,14 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         // dispatch, whose one consumer's classes were saved, attached, and
         // owning its way of the hit cache.
         ; mov r14, [r13 + p_list]
-        ; cmp [r13 + p_addr], r15
+        ; cmp [r13 + p_addr], rbx
         ; jne >leave_general
         ; test r14, r14
         ; jz >leave_general
         ; cmp QWORD [r14 + inline], 0
         ; je >leave_general
         ; mov eax, [r14 + e_clobbers]
-        ; mov ecx, [rbx + SAVED]
+        ; mov ecx, esi
         ; not ecx
         ; test eax, ecx
         ; jnz >leave_general
@@ -519,42 +566,46 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov ecx, eax
         ; and ecx, (l.hit_ways - 1) as i32
         ; shl ecx, 4
-        ; lea r15, [r12 + rcx + hits]
-        ; cmp [r15], rax
+        ; cmp [r12 + rcx + hits], rax
         ; jne >leave_general
-        // The call: regs.rip = the probed address; Hit in the frame.
+        // rbx held the site for the general path until here.
+        ; lea rbx, [r12 + rcx + hits]
+        // The call: regs.rip = the probed address; the Hit in the frame.
         ; mov rax, [r13 + p_report]
-        ; mov [rbx + RIP], rax
-        ; mov [rbx + HIT], rax
-        ; mov [rbx + HIT + 8], rbx
+        ; mov r13d, esi
+        ; mov [r15 + RIP], rax
+        ; mov [r15 + HIT], rax
+        ; mov [r15 + HIT + 8], r15
         ; mov rax, [r14 + user_data]
-        ; mov [rbx + HIT + 16], rax
-        ; lea rdi, [rbx + HIT]
+        ; mov [r15 + HIT + 16], rax
+        ; lea rdi, [r15 + HIT]
         ; call QWORD [r14 + handler]
-        ; inc QWORD [r15 + 8]
+        ; inc QWORD [rbx + 8]
         // `Remove`, or RIP or RSP moved: the Rust side, still in the
         // section (eax, the handler's action, goes with it).
+        ; xor r8d, r8d
         ; cmp eax, 1
         ; je >after
-        ; mov rcx, [rbx + HIT]
-        ; cmp [rbx + RIP], rcx
+        ; mov rcx, [r15 + HIT]
+        ; cmp [r15 + RIP], rcx
         ; jne >after
-        ; mov rcx, [rbx + EXIT]
-        ; add rcx, (EXIT_POP + 8) as i32
-        ; cmp [rbx + RSP], rcx
+        ; lea rcx, [r15 + ENTRY_SP]
+        ; cmp [r15 + RSP], rcx
         ; jne >after
         ; leave:
         ; mov rcx, [r12 + seq]
         ; inc rcx
         ; mov [r12 + seq], rcx
+        ; mov esi, r13d
         ; jmp ->restore
         ; after:
-        ; mov rdi, rbx
+        ; lea rdi, [r15 + FRAME_FROM_REGS]
         ; mov esi, eax
         ; mov rdx, [r14 + record]
-        ; mov rcx, [rbx + HIT]
+        ; mov rcx, [r15 + HIT]
         ; mov rax, QWORD l.after as i64
         ; call rax
+        ; mov r8d, eax
         ; jmp <leave
         // Anything else: leave the section, and run the general dispatcher.
         ; leave_general:
@@ -562,69 +613,91 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; inc rcx
         ; mov [r12 + seq], rcx
         ; ->general:
+        ; mov r12d, esi
         ; mov rdi, r13
-        ; mov rsi, [rbx + SITE]
-        ; mov rdx, rbx
+        ; mov rsi, rbx
+        ; lea rdx, [r15 + FRAME_FROM_REGS]
+        ; mov ecx, r12d
         ; mov rax, QWORD l.dispatch as i64
         ; call rax
+        ; mov r8d, eax
+        ; mov esi, r12d
         ; ->restore:
-        ; mov esi, [rbx + SAVED]
         ; test esi, esi
         ; jnz ->restore_state
         ; ->state_restored:
+        ; test r8d, r8d
+        ; jnz ->redirected
     );
 
     // ---- restore and leave ---------------------------------------------------
-    // rax, rbx and rcx last: the flags below need rax and rcx, and rbx is
-    // the frame; rsp from `exit`.
-    for i in (3..16i32).filter(|&i| i != 7) {
-        dynasm!(a ; .arch x64 ; mov Rq(GPR[i as usize]), [rbx + 8 * i]);
+    // Twice: to where the call came from, and to where a handler redirected
+    // the thread (`FastFrame::retarget`). rax, rcx and r15 last: the flags
+    // need rax and rcx, and r15 is the frame. Once rsp is the exit slot, the
+    // frame lies below it: only the 128 bytes under it are safe from a
+    // signal frame, so r15 comes from there (`FRAME_REG_BELOW_EXIT`:
+    // regs.r15 itself for the normal exit, a copy `retarget` made for a
+    // redirect).
+    for redirected in [false, true] {
+        if redirected {
+            dynasm!(a ; .arch x64 ; ->redirected:);
+        }
+        for i in (1..15i32).filter(|&i| i != 2 && i != 7) {
+            dynasm!(a ; .arch x64 ; mov Rq(GPR[i as usize]), [r15 + 8 * i]);
+        }
+        dynasm!(a
+            ; .arch x64
+            // RFLAGS without `popfq` (microcoded, tens of cycles), and with
+            // only full-register writes (no partial-register merge before
+            // `sahf`): DF by hand (the dispatcher returned with it clear);
+            // OF from an `add` that overflows exactly when it was set; then
+            // SF ZF AF PF CF from AH with `sahf`, which leaves OF alone. The
+            // system flags (IF, TF, AC...) are not the handler's to change.
+            ; mov eax, [r15 + RFLAGS]
+            ; test eax, 0x400
+            ; jz >no_std
+            ; std
+            ; no_std:
+            ; mov ecx, eax
+            ; shl eax, 8
+            ; and ecx, 0x800
+            ; shl ecx, 20
+            ; add ecx, ecx
+            ; sahf
+            ; mov rax, [r15]
+            ; mov rcx, [r15 + RCX]
+        );
+        if redirected {
+            dynasm!(a ; .arch x64 ; mov rsp, [r15 + EXIT]);
+        } else {
+            dynasm!(a ; .arch x64 ; lea rsp, [r15 + RET_POINT]);
+        }
+        dynasm!(a
+            ; .arch x64
+            ; mov r15, [rsp - FRAME_REG_BELOW_EXIT]
+            ; ret EXIT_POP as i16
+        );
     }
-    dynasm!(a
-        ; .arch x64
-        // RFLAGS without `popfq` (microcoded, tens of cycles), and with only
-        // full-register writes (no partial-register merge before `sahf`):
-        // DF by hand (the dispatcher returned with it clear); OF from an
-        // `add` that overflows exactly when it was set; then SF ZF AF PF CF
-        // from AH with `sahf`, which leaves OF alone. The system flags (IF,
-        // TF, AC...) are not the handler's to change.
-        ; test BYTE [rbx + RFLAGS + 1], 4
-        ; jz >no_std
-        ; std
-        ; no_std:
-        ; mov eax, [rbx + RFLAGS]
-        ; shl eax, 8
-        ; mov ecx, [rbx + RFLAGS]
-        ; and ecx, 0x800
-        ; shl ecx, 20
-        ; add ecx, ecx
-        ; sahf
-        ; mov rax, [rbx]
-        ; mov rcx, [rbx + RCX]
-        ; mov rsp, [rbx + EXIT]
-        ; mov rbx, [rbx + RBX]
-        ; ret EXIT_POP as i16
-    );
 
     // ---- slow path: save the classes the probe's handlers may change --------
-    // esi = the classes; rsp = rbx = the frame.
+    // esi = the classes; r15 = the registers; rsp = the frame, 16-aligned.
     dynasm!(a
         ; .arch x64
         ; ->save_state:
         ; test esi, Clobbers::ERRNO.0 as i32
         ; jz >no_errno
         ; fs mov eax, [l.errno_offset]
-        ; mov [rbx + ERRNO], eax
+        ; mov [r15 + ERRNO], eax
         ; no_errno:
         ; test esi, Clobbers::SSE.0 as i32
         ; jz >no_sse
     );
     for i in 0..16u8 {
-        dynasm!(a ; .arch x64 ; movdqa [rbx + XMM + 16 * i32::from(i)], Rx(i));
+        dynasm!(a ; .arch x64 ; movdqu [r15 + XMM + 16 * i32::from(i)], Rx(i));
     }
     a.extend(enc(Instruction::with1(
         Code::Stmxcsr_m32,
-        mem(Register::RBX, MXCSR),
+        mem(Register::R15, MXCSR),
     )
     .map_err(iced)?)?);
     dynasm!(a
@@ -633,6 +706,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; test esi, slow
         ; jz ->state_saved
         ; sub rsp, EXT_SIZE
+        ; and rsp, -64
     );
     if cpu.xinuse {
         dynasm!(a ; .arch x64 ; mov ecx, 1);
@@ -643,7 +717,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     }
     dynasm!(a
         ; .arch x64
-        ; mov [rbx + XINUSE], eax
+        ; mov [r15 + XINUSE], eax
         ; test esi, Clobbers::VECTOR.0 as i32
         ; jz >no_vec
     );
@@ -713,13 +787,14 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     dynasm!(a ; .arch x64 ; jmp ->state_saved);
 
     // ---- slow path: restore ---------------------------------------------------
-    // esi = the classes saved; rsp = rbx (- EXT_SIZE if the area was used).
+    // esi = the classes saved; rsp = the frame (the area below it if used);
+    // r8d = the exit to take, kept.
     dynasm!(a
         ; .arch x64
         ; ->restore_state:
         ; test esi, slow
         ; jz >sse_back
-        ; mov ecx, [rbx + XINUSE]
+        ; mov ecx, [r15 + XINUSE]
         ; test esi, Clobbers::VECTOR.0 as i32
         ; jz >vec_back
     );
@@ -833,17 +908,18 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     dynasm!(a
         ; .arch x64
         ; x87_back:
-        ; add rsp, EXT_SIZE
+        ; lea rsp, [r15 + FRAME_FROM_REGS]
+        ; and rsp, -16
         ; sse_back:
         ; test esi, Clobbers::SSE.0 as i32
         ; jz >sse_done
     );
     for i in 0..16u8 {
-        dynasm!(a ; .arch x64 ; movdqa Rx(i), [rbx + XMM + 16 * i32::from(i)]);
+        dynasm!(a ; .arch x64 ; movdqu Rx(i), [r15 + XMM + 16 * i32::from(i)]);
     }
     a.extend(enc(Instruction::with1(
         Code::Ldmxcsr_m32,
-        mem(Register::RBX, MXCSR),
+        mem(Register::R15, MXCSR),
     )
     .map_err(iced)?)?);
     dynasm!(a
@@ -851,7 +927,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; sse_done:
         ; test esi, Clobbers::ERRNO.0 as i32
         ; jz ->state_restored
-        ; mov eax, [rbx + ERRNO]
+        ; mov eax, [r15 + ERRNO]
         ; fs mov [l.errno_offset], eax
         ; jmp ->state_restored
     );
@@ -991,16 +1067,29 @@ mod tests {
     }
 
     #[test]
-    fn the_exit_is_ret_128_after_restoring_rbx() {
+    fn the_exits_restore_r15_from_the_red_zone_then_ret_128() {
         let t = emit_trampoline(0x7000_0000, &layout(), CpuState::detect()).unwrap();
-        // mov rsp, [rbx + 0x90]; mov rbx, [rbx + 8]; ret 128
-        let tail = [
-            0x48, 0x8B, 0xA3, 0x90, 0, 0, 0, 0x48, 0x8B, 0x9B, 0x08, 0, 0, 0, 0xC2, 0x80, 0x00,
+        // lea rsp, [r15 + 0x90]; mov r15, [rsp - 0x18]; ret 128 (dynasm
+        // encodes both displacements in 32 bits)
+        let normal = [
+            0x49, 0x8D, 0xA7, 0x90, 0, 0, 0, 0x4C, 0x8B, 0xBC, 0x24, 0xE8, 0xFF, 0xFF, 0xFF, 0xC2,
+            0x80, 0x00,
         ];
         assert!(
-            t.windows(tail.len()).any(|w| w == tail),
-            "the exit sequence"
+            t.windows(normal.len()).any(|w| w == normal),
+            "the normal exit"
         );
+        // mov rsp, [r15 + EXIT]; mov r15, [rsp - 0x18]; ret 128
+        let mut redirected = vec![0x49, 0x8B, 0xA7];
+        redirected.extend_from_slice(&EXIT.to_le_bytes());
+        redirected.extend_from_slice(&[
+            0x4C, 0x8B, 0xBC, 0x24, 0xE8, 0xFF, 0xFF, 0xFF, 0xC2, 0x80, 0x00,
+        ]);
+        assert!(
+            t.windows(redirected.len()).any(|w| w == redirected),
+            "the redirected exit"
+        );
+        assert_eq!(FRAME_REG_BELOW_EXIT, 0x18);
     }
 
     #[test]
