@@ -59,7 +59,9 @@ typedef enum probert_status {
   PROBERT_ERR_NO_MEMORY = 8,
   /**
    * The SIGTRAP handler could not be installed (or was replaced by the host
-   * after probert installed it).
+   * after probert installed it, without `probert_sigtrap_chained`); or the
+   * thread-scan signal's: the host handles it; or no memory barrier is
+   * available (see `probert_init`).
    */
   PROBERT_ERR_SIGNAL = 9,
   /**
@@ -684,14 +686,23 @@ const char *probert_status_str(enum probert_status s);
 const char *probert_version(void);
 
 /**
- * Initialises probert: installs the SIGTRAP handler (chaining to the one
- * installed before, if any), the thread-scan signal and the fork handlers.
- * Idempotent; every other call initialises lazily, so calling it is optional
- * — call it early to learn of failures early, and before the host installs
- * SIGTRAP handlers of its own that must chain to probert.
+ * Initialises probert: installs the SIGTRAP handler (a SIGTRAP that is not
+ * a probe's then does what the disposition it replaced would have done),
+ * the thread-scan signal's handler (`SIGRTMAX - 1`, or the one chosen with
+ * `probert_set_scan_signal` or `PROBERT_SCAN_SIGNAL`; none with
+ * `probert_use_quiescent_points`), chooses the memory barrier of grace
+ * periods (`membarrier(2)`, else signals or quiescent points) and installs
+ * the fork handlers. Idempotent; every other call initialises lazily, so
+ * calling it is optional — call it early to learn of failures early, and
+ * before the host installs SIGTRAP handlers of its own (which must then
+ * chain to probert's: `probert_sigtrap_chained`).
  *
- * Errors: PROBERT_ERR_SIGNAL (the signal handlers could not be installed),
- * PROBERT_ERR_NO_MEMORY, PROBERT_ERR_INVALID_ARGUMENT (called from a handler).
+ * Errors: PROBERT_ERR_SIGNAL (the signal handlers could not be installed,
+ * the scan signal has a handler of the host's, or no real memory barrier is
+ * available: no `membarrier(2)` and neither the scan signal with
+ * `/proc/self/task` nor quiescent points), PROBERT_ERR_NO_MEMORY,
+ * PROBERT_ERR_INVALID_ARGUMENT (called from a handler; `PROBERT_SCAN_SIGNAL`
+ * names no real-time signal).
  * Blocks: takes the writer lock (briefly); no grace period.
  * From a handler: no. Thread safety: any thread.
  */

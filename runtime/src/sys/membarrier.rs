@@ -548,6 +548,112 @@ mod tests {
         );
     }
 
+    /// Cost of one barrier by each mechanism available here, with 0 and 4
+    /// other threads (sleeping in `nanosleep`, or spinning), and of the
+    /// quiescent-point wait with a worker reporting from a tight loop. A
+    /// benchmark, not a test: run with `--ignored --nocapture` (in its own
+    /// process: it installs the scan handler).
+    #[test]
+    #[ignore]
+    fn barrier_costs() {
+        use std::time::{Duration, Instant};
+        fn per_call(n: u32, mut f: impl FnMut()) -> f64 {
+            for _ in 0..n / 10 + 1 {
+                f();
+            }
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(n)
+        }
+        crate::sys::threads::scan_init().expect("scan handler");
+        let row = |what: &str| {
+            let n = if what.contains("GLOBAL") { 20 } else { 2_000 };
+            let m = match what {
+                "PRIVATE_EXPEDITED" => Barrier::MembarrierExpedited,
+                "GLOBAL" => Barrier::MembarrierGlobal,
+                _ => Barrier::Signals,
+            };
+            if available(m).is_err() {
+                return format!("{what:>18}: unavailable");
+            }
+            let ns = per_call(n, || barrier_with(m).expect("barrier"));
+            format!("{what:>18}: {:>9.1} us", ns / 1000.0)
+        };
+        for (label, spin) in [("idle", false), ("spinning", true)] {
+            for others in [0usize, 4] {
+                let stop = Arc::new(AtomicBool::new(false));
+                let threads: Vec<_> = (0..others)
+                    .map(|_| {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || {
+                            // Ordering: Relaxed — a benchmark flag.
+                            while !stop.load(Ordering::Relaxed) {
+                                if spin {
+                                    std::hint::spin_loop();
+                                } else {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                println!("{others} other threads, {label}:");
+                for what in ["PRIVATE_EXPEDITED", "GLOBAL", "signals"] {
+                    println!("  {}", row(what));
+                }
+                // Ordering: Relaxed — joined right after.
+                stop.store(true, Ordering::Relaxed);
+                for t in threads {
+                    t.join().expect("join");
+                }
+            }
+        }
+        // A thread scan by signals of one range no thread is in (the other
+        // thread of this process: the test harness's, asleep), frames walked.
+        let ns = per_call(500, || {
+            let r = crate::sys::threads::quiescent(&[(1, 2)], Duration::from_secs(1));
+            assert_eq!(r, Ok(true));
+        });
+        println!(
+            "thread scan by signals, 1 other thread: {:.1} us",
+            ns / 1000.0
+        );
+        // Quiescent points: one worker reporting in a loop.
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let h = super::super::quiescent::register().expect("register");
+                // Ordering: Relaxed — a benchmark flag.
+                while !stop.load(Ordering::Relaxed) {
+                    super::super::quiescent::quiescent(h).expect("qs");
+                    std::hint::spin_loop();
+                }
+                super::super::quiescent::unregister(h).expect("unregister");
+            })
+        };
+        std::thread::sleep(Duration::from_millis(10));
+        let ns = per_call(2_000, || {
+            super::super::quiescent::wait(None);
+        });
+        println!(
+            "quiescent-point wait (a scan, or a barrier), 1 worker reporting in a loop: \
+             {:.1} us",
+            ns / 1000.0
+        );
+        // Ordering: Relaxed — joined right after.
+        stop.store(true, Ordering::Relaxed);
+        worker.join().expect("join");
+        let h = super::super::quiescent::register().expect("register");
+        let ns = per_call(10_000_000, || {
+            super::super::quiescent::quiescent(h).expect("qs");
+        });
+        println!("probert_quiescent with nothing waiting: {ns:.2} ns");
+        super::super::quiescent::unregister(h).expect("unregister");
+    }
+
     #[test]
     fn the_signal_barrier_forbids_store_buffering() {
         crate::sys::threads::in_own_process(

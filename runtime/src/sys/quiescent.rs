@@ -124,6 +124,7 @@ pub fn register() -> Result<HostThread> {
         // Ordering: Relaxed load, Release store, then the SeqCst fence of
         // `online` — pairs with the Acquire loads and fences in `wait`.
         rec.ctr.store(GP.load(Ordering::Relaxed), Ordering::Release);
+        // Ordering: SeqCst — as in `online`.
         fence(Ordering::SeqCst);
         Some(HostThread(((st + 1) << INDEX_BITS) | (idx as u64 + 1)))
     };
@@ -174,12 +175,14 @@ pub fn unregister(h: HostThread) -> Result<()> {
     let (rec, st) = record(h)?;
     // Ordering: SeqCst fence, then the stores — as `offline`.
     fence(Ordering::SeqCst);
+    // Ordering: Release — pairs with the Acquire load in `all_passed`.
     rec.ctr.store(0, Ordering::Release);
     // Ordering: Relaxed — see `register`.
     rec.tid.store(0, Ordering::Relaxed);
     // Ordering: Release — hands the record to the next registrant (Acquire
     // CAS in `register`); waiters re-check it (Acquire in `wait`).
     rec.state.store(st + 1, Ordering::Release);
+    // Ordering: SeqCst — the stores before WAITERS is read (as in `report`).
     fence(Ordering::SeqCst);
     wake_waiters();
     Ok(())
@@ -224,6 +227,7 @@ fn report(rec: &Record, g: u64) {
     // Ordering: SeqCst — everything before the report happens before a
     // waiter that reads it — pairs with the fences in `wait`.
     fence(Ordering::SeqCst);
+    // Ordering: Release — pairs with the Acquire load in `all_passed`.
     rec.ctr.store(g, Ordering::Release);
     // Ordering: SeqCst — the report is visible before we read WAITERS (a
     // waiter increments WAITERS before reading counters) — pairs with the
@@ -241,7 +245,9 @@ pub fn offline(h: HostThread) -> Result<()> {
     let (rec, _) = record(h)?;
     // Ordering: SeqCst fences around the store, as in `report`.
     fence(Ordering::SeqCst);
+    // Ordering: Release — pairs with the Acquire load in `all_passed`.
     rec.ctr.store(0, Ordering::Release);
+    // Ordering: SeqCst — as the second fence in `report`.
     fence(Ordering::SeqCst);
     wake_waiters();
     Ok(())
@@ -256,6 +262,7 @@ pub fn online(h: HostThread) -> Result<()> {
     // Ordering: the store, then a SeqCst fence before any probed code runs:
     // see "Why this is correct" — pairs with the fences in `wait`.
     rec.ctr.store(GP.load(Ordering::Relaxed), Ordering::Release);
+    // Ordering: SeqCst — see above.
     fence(Ordering::SeqCst);
     Ok(())
 }
@@ -305,11 +312,14 @@ pub fn wait(deadline: Option<Instant>) -> bool {
     // any access a thread makes after reporting the new number — pairs with
     // the fences in `report`.
     fence(Ordering::SeqCst);
+    // Ordering: SeqCst — the bump a reporting thread's load reads (see the
+    // fence above) — pairs with the Relaxed load and fence in `quiescent`.
     let g = GP.fetch_add(1, Ordering::SeqCst) + 1;
     // Ordering: SeqCst, then a fence: either a thread's report is visible
     // below, or it sees WAITERS non-zero and wakes us — pairs with the
     // fence after the store in `report`.
     WAITERS.fetch_add(1, Ordering::SeqCst);
+    // Ordering: SeqCst — the increment before the counters are read.
     fence(Ordering::SeqCst);
     let pid = std::process::id() as i32;
     let result = loop {

@@ -119,7 +119,8 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
     // rt_sigaction below is a syscall, a full barrier); read with Acquire in
     // `chain`.
     PREV_HANDLER.store(prev.handler(), Ordering::Release);
-    // The kernel's flags fit the C `int` (`SA_RESTORER` included).
+    // Ordering: Release, as above. The kernel's flags fit the C `int`
+    // (`SA_RESTORER` included).
     PREV_FLAGS.store(prev.flags() as i32, Ordering::Release);
     set_ours(handler as usize).map_err(|errno| {
         Error::Signal(format!("rt_sigaction: {}", std::io::Error::from_raw_os_error(errno)).into())
@@ -349,8 +350,11 @@ pub fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, trap
     if flags & libc::SA_RESETHAND != 0 {
         // The kernel resets the disposition on entry to such a handler: the
         // next one gets the default action.
-        // Ordering: Release — pairs with the Acquire loads above.
+        // Ordering: Release — pairs with the Acquire loads above (another
+        // thread racing us calls the handler too, as concurrent deliveries
+        // could have).
         PREV_FLAGS.store(0, Ordering::Release);
+        // Ordering: Release, as above.
         PREV_HANDLER.store(libc::SIG_DFL, Ordering::Release);
     }
     if flags & libc::SA_SIGINFO != 0 {

@@ -24,13 +24,17 @@
 //!
 //! [`list_tids`] answers `None` when no complete listing can be had (no
 //! procfs, or the descriptor was lost and cannot be reopened at the limit):
-//! callers then say "not quiescent" and keep memory retired.
+//! callers then say "not quiescent" and keep memory retired. The
+//! descriptor stays open for the life of the process (one of the host's
+//! descriptors, as `/proc/self/mem` is another); with quiescent points it is
+//! never opened.
 //!
 //! # Safety
 //!
 //! Raw `openat`, `lseek`, `getdents64`, `fcntl`, `newfstatat` and `close` on
 //! a descriptor this module opened (closed only while it is verified to be
-//! ours), into buffers it owns.
+//! ours), into buffers it owns. The lock's guard is kept in a static between
+//! the `pthread_atfork` handlers of one `fork`, which run on one thread.
 #![allow(unsafe_code)]
 
 use std::sync::{Mutex, MutexGuard};
