@@ -59,7 +59,9 @@ typedef enum probert_status {
   PROBERT_ERR_NO_MEMORY = 8,
   /**
    * The SIGTRAP handler could not be installed (or was replaced by the host
-   * after probert installed it).
+   * after probert installed it, without `probert_sigtrap_chained`); or the
+   * thread-scan signal's: the host handles it; or no memory barrier is
+   * available (see `probert_init`).
    */
   PROBERT_ERR_SIGNAL = 9,
   /**
@@ -224,6 +226,11 @@ typedef struct probert_consumer_stats {
    */
   uint64_t missed;
 } probert_consumer_stats;
+
+/**
+ * A thread registered for quiescent points. 0 is never a valid handle.
+ */
+typedef uint64_t probert_thread;
 
 /**
  * Writes `len` code bytes from `src` at `dst`, an address in the region's
@@ -424,6 +431,146 @@ enum probert_status probert_consumer_get_stats(probert_consumer c,
                                                struct probert_consumer_stats *out);
 
 /**
+ * Chooses the real-time signal (`SIGRTMIN`..`SIGRTMAX`) probert's thread
+ * scans send — and, where `membarrier(2)` is unavailable, the memory
+ * barrier of its grace periods — instead of the default `SIGRTMAX - 1`.
+ * For hosts that use real-time signals of their own. Overrides the
+ * environment variable `PROBERT_SCAN_SIGNAL` (a number, or `SIGRTMIN+n` /
+ * `SIGRTMAX-n`), which hosts that cannot be changed may set instead.
+ *
+ * Call it before `probert_init` and before any other call that
+ * initialises probert (every control call does, lazily); calling it again
+ * with the same signal is harmless. The host must not install a handler
+ * for that signal afterwards: thread scans then fail with
+ * PROBERT_ERR_SIGNAL.
+ *
+ * Errors: PROBERT_ERR_INVALID_ARGUMENT (not a real-time signal; quiescent
+ * points chosen; probert already initialised with another signal; called
+ * from a handler), PROBERT_ERR_SIGNAL (the host already has a handler for
+ * `sig`).
+ * Blocks: no. From a handler: no. Thread safety: any thread.
+ */
+enum probert_status probert_set_scan_signal(int sig);
+
+/**
+ * Chooses quiescent points instead of scan signals, for hosts that forbid
+ * foreign signals (a VM that owns every real-time signal, a seccomp
+ * sandbox): probert then sends no signal to any thread and installs no
+ * handler but its SIGTRAP one. Before an out-of-line stub is reused, it
+ * waits until every thread registered with `probert_thread_register` has
+ * called `probert_quiescent` after the wait began (or is offline,
+ * unregistered or gone); where `membarrier(2)` is unavailable, every grace
+ * period (`probert_sync`, `probert_detach`) waits for that too.
+ *
+ * The host promises: a registered thread runs nothing probert patched or
+ * placed (probed instructions, out-of-line stubs, probert's handlers)
+ * between a `probert_quiescent` call and its return to the host's own code,
+ * nor while offline — so its safepoint code and what it runs offline stay
+ * unprobed; and a thread that is not registered never runs probed code.
+ * probert cannot check this: a thread that breaks it may be running a stub
+ * that probert reuses.
+ *
+ * Call it before `probert_init` and before any other call that initialises
+ * probert. A stub waits up to 0.6 s per attempt for the registered threads;
+ * one that cannot be reused yet stays retired (more stub memory is mapped
+ * meanwhile) and is tried again later.
+ *
+ * Errors: PROBERT_ERR_INVALID_ARGUMENT (probert already initialised with a
+ * scan signal; called from a handler).
+ * Blocks: no. From a handler: no. Thread safety: any thread.
+ */
+enum probert_status probert_use_quiescent_points(void);
+
+/**
+ * Registers the calling thread for quiescent points and writes its handle
+ * to `*out`. The thread starts online: from now on, waits (see
+ * `probert_use_quiescent_points`) wait for its next `probert_quiescent`.
+ * Keep the handle in the host's own thread structure; unregister the thread
+ * before it exits (a thread that exits registered is noticed, more slowly).
+ *
+ * Errors: PROBERT_ERR_INVALID_ARGUMENT (`out` NULL), PROBERT_ERR_NO_MEMORY
+ * (4096 threads registered). On error `*out` is untouched.
+ * Blocks: no. From a handler: yes (async-signal-safe).
+ * Thread safety: registers the calling thread.
+ */
+enum probert_status probert_thread_register(probert_thread *out);
+
+/**
+ * Unregisters thread `t`: waits no longer wait for it, and `t` becomes
+ * stale. Call it from the thread itself, or from another thread after the
+ * thread's last call with `t`.
+ *
+ * Errors: PROBERT_ERR_NOT_FOUND (stale, unknown or 0).
+ * Blocks: no. From a handler: yes (async-signal-safe).
+ * Thread safety: any thread, as above.
+ */
+enum probert_status probert_thread_unregister(probert_thread t);
+
+/**
+ * A quiescent point of the calling thread `t`: call it at the host's own
+ * safepoints, in code probert has not probed (see
+ * `probert_use_quiescent_points` for the promise it makes). While nothing
+ * waits it is one load and a compare; during a wait, two fences, a store
+ * and a futex wake, once per wait. While offline it does nothing.
+ *
+ * Errors: PROBERT_ERR_NOT_FOUND (stale, unknown or 0).
+ * Blocks: no. From a handler: yes (async-signal-safe), but not from a
+ * probert handler, nor from a signal handler that may have interrupted
+ * probed code: the thread would resume there.
+ * Thread safety: only the thread `t` names.
+ */
+enum probert_status probert_quiescent(probert_thread t);
+
+/**
+ * Takes the calling thread `t` offline, around a long blocking call (a
+ * wait for work, I/O): waits do not wait for it until
+ * `probert_thread_online`. It must run no probed code until then.
+ *
+ * Errors: PROBERT_ERR_NOT_FOUND (stale, unknown or 0).
+ * Blocks: no. From a handler: yes (async-signal-safe).
+ * Thread safety: only the thread `t` names.
+ */
+enum probert_status probert_thread_offline(probert_thread t);
+
+/**
+ * Brings the calling thread `t` back online; counts as a quiescent point.
+ *
+ * Errors: PROBERT_ERR_NOT_FOUND (stale, unknown or 0).
+ * Blocks: no. From a handler: yes (async-signal-safe).
+ * Thread safety: only the thread `t` names.
+ */
+enum probert_status probert_thread_online(probert_thread t);
+
+/**
+ * Declares that the SIGTRAP handler the host installed after probert
+ * chains to probert's: for every SIGTRAP it does not handle itself it calls
+ * the `sigaction` it replaced (probert's) with the kernel's three
+ * arguments, unchanged, and returns normally afterwards. Without this
+ * declaration a handler installed after probert makes `probert_attach`
+ * fail with PROBERT_ERR_SIGNAL (probes attached before then deliver their
+ * hits to the host's handler; detaching them still restores the code). If
+ * the host later installs yet another handler, it declares again.
+ *
+ * Through the host's handler, probes work as they do directly, a SIGTRAP
+ * that neither handles goes to the disposition that preceded probert, and
+ * stub memory is not reused while a thread is on its way back through the
+ * host's handler (its signal frame is recognised on the thread's stack).
+ * The handler must be installed with SA_SIGINFO and SA_NODEFER and must not
+ * block SIGTRAP in its `sa_mask`: a consumer that calls probed code would
+ * otherwise trap with SIGTRAP blocked, which the kernel punishes with death.
+ *
+ * PROBERT_OK, with nothing to declare, if the handler installed is
+ * probert's own.
+ *
+ * Errors: PROBERT_ERR_SIGNAL (SIGTRAP is SIG_DFL or SIG_IGN; the handler
+ * lacks SA_SIGINFO or SA_NODEFER, or blocks SIGTRAP),
+ * PROBERT_ERR_INVALID_ARGUMENT (called from a handler).
+ * Blocks: takes the writer lock (briefly). From a handler: no.
+ * Thread safety: any thread.
+ */
+enum probert_status probert_sigtrap_chained(void);
+
+/**
  * Writes to `*out` the mechanism serving the probed address `addr` right now
  * (PROBERT_MODE_TRAP or PROBERT_MODE_FAST, never PROBERT_MODE_AUTO).
  * A site switches between the two as consumers that want the trap path come
@@ -539,14 +686,23 @@ const char *probert_status_str(enum probert_status s);
 const char *probert_version(void);
 
 /**
- * Initialises probert: installs the SIGTRAP handler (chaining to the one
- * installed before, if any), the thread-scan signal and the fork handlers.
- * Idempotent; every other call initialises lazily, so calling it is optional
- * — call it early to learn of failures early, and before the host installs
- * SIGTRAP handlers of its own that must chain to probert.
+ * Initialises probert: installs the SIGTRAP handler (a SIGTRAP that is not
+ * a probe's then does what the disposition it replaced would have done),
+ * the thread-scan signal's handler (`SIGRTMAX - 1`, or the one chosen with
+ * `probert_set_scan_signal` or `PROBERT_SCAN_SIGNAL`; none with
+ * `probert_use_quiescent_points`), chooses the memory barrier of grace
+ * periods (`membarrier(2)`, else signals or quiescent points) and installs
+ * the fork handlers. Idempotent; every other call initialises lazily, so
+ * calling it is optional — call it early to learn of failures early, and
+ * before the host installs SIGTRAP handlers of its own (which must then
+ * chain to probert's: `probert_sigtrap_chained`).
  *
- * Errors: PROBERT_ERR_SIGNAL (the signal handlers could not be installed),
- * PROBERT_ERR_NO_MEMORY, PROBERT_ERR_INVALID_ARGUMENT (called from a handler).
+ * Errors: PROBERT_ERR_SIGNAL (the signal handlers could not be installed,
+ * the scan signal has a handler of the host's, or no real memory barrier is
+ * available: no `membarrier(2)` and neither the scan signal with
+ * `/proc/self/task` nor quiescent points), PROBERT_ERR_NO_MEMORY,
+ * PROBERT_ERR_INVALID_ARGUMENT (called from a handler; `PROBERT_SCAN_SIGNAL`
+ * names no real-time signal).
  * Blocks: takes the writer lock (briefly); no grace period.
  * From a handler: no. Thread safety: any thread.
  */

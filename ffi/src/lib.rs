@@ -35,7 +35,9 @@
 //!
 //! One module per C object: [`status`] (status codes, version, init),
 //! [`regions`], [`regs`], [`consumers`] (handlers, hits, attach, detach,
-//! sync, statistics), [`mode`] (the mechanism serving a site).
+//! sync, statistics), [`mode`] (the mechanism serving a site), [`host`] (the
+//! host's signals and threads: the scan signal, quiescent points, a chaining
+//! SIGTRAP handler).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 // The exported names are the C names of API.md.
@@ -52,6 +54,7 @@
 pub mod boundary;
 pub mod consumers;
 pub mod from_c;
+pub mod host;
 pub mod mode;
 pub mod regions;
 pub mod regs;

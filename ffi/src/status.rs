@@ -41,7 +41,9 @@ pub enum probert_status {
     /// An allocation, a mapping or a table ran out.
     PROBERT_ERR_NO_MEMORY = 8,
     /// The SIGTRAP handler could not be installed (or was replaced by the host
-    /// after probert installed it).
+    /// after probert installed it, without `probert_sigtrap_chained`); or the
+    /// thread-scan signal's: the host handles it; or no memory barrier is
+    /// available (see `probert_init`).
     PROBERT_ERR_SIGNAL = 9,
     /// The address is not on an instruction boundary of its function.
     PROBERT_ERR_MISALIGNED = 10,
@@ -85,7 +87,7 @@ impl probert_status {
             PROBERT_ERR_CONFLICT => c"address already holds an int3 that is not probert's",
             PROBERT_ERR_PROTECT => c"page protection change or code write failed",
             PROBERT_ERR_NO_MEMORY => c"out of memory",
-            PROBERT_ERR_SIGNAL => c"the SIGTRAP handler could not be installed",
+            PROBERT_ERR_SIGNAL => c"a signal handler could not be installed or was replaced",
             PROBERT_ERR_MISALIGNED => c"address is not on an instruction boundary",
             PROBERT_ERR_INTERNAL => c"internal error (a bug in probert)",
         }
@@ -153,14 +155,23 @@ pub extern "C" fn probert_version() -> *const c_char {
 /// The version, NUL-terminated (the runtime's version: one workspace version).
 const VERSION_C: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
 
-/// Initialises probert: installs the SIGTRAP handler (chaining to the one
-/// installed before, if any), the thread-scan signal and the fork handlers.
-/// Idempotent; every other call initialises lazily, so calling it is optional
-/// — call it early to learn of failures early, and before the host installs
-/// SIGTRAP handlers of its own that must chain to probert.
+/// Initialises probert: installs the SIGTRAP handler (a SIGTRAP that is not
+/// a probe's then does what the disposition it replaced would have done),
+/// the thread-scan signal's handler (`SIGRTMAX - 1`, or the one chosen with
+/// `probert_set_scan_signal` or `PROBERT_SCAN_SIGNAL`; none with
+/// `probert_use_quiescent_points`), chooses the memory barrier of grace
+/// periods (`membarrier(2)`, else signals or quiescent points) and installs
+/// the fork handlers. Idempotent; every other call initialises lazily, so
+/// calling it is optional — call it early to learn of failures early, and
+/// before the host installs SIGTRAP handlers of its own (which must then
+/// chain to probert's: `probert_sigtrap_chained`).
 ///
-/// Errors: PROBERT_ERR_SIGNAL (the signal handlers could not be installed),
-/// PROBERT_ERR_NO_MEMORY, PROBERT_ERR_INVALID_ARGUMENT (called from a handler).
+/// Errors: PROBERT_ERR_SIGNAL (the signal handlers could not be installed,
+/// the scan signal has a handler of the host's, or no real memory barrier is
+/// available: no `membarrier(2)` and neither the scan signal with
+/// `/proc/self/task` nor quiescent points), PROBERT_ERR_NO_MEMORY,
+/// PROBERT_ERR_INVALID_ARGUMENT (called from a handler; `PROBERT_SCAN_SIGNAL`
+/// names no real-time signal).
 /// Blocks: takes the writer lock (briefly); no grace period.
 /// From a handler: no. Thread safety: any thread.
 #[no_mangle]

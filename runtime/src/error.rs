@@ -60,8 +60,10 @@ pub enum Error {
     /// An allocation or mapping failed.
     #[error("out of memory: {0}")]
     NoMemory(Cow<'static, str>),
-    /// The `SIGTRAP` handler could not be installed.
-    #[error("the SIGTRAP handler could not be installed: {0}")]
+    /// A signal handler (the `SIGTRAP` one, the thread scan's) could not be
+    /// installed or was replaced by the host, or nothing can stand in for
+    /// what probert needs of signals (a memory barrier without `membarrier`).
+    #[error("signal handling: {0}")]
     Signal(Cow<'static, str>),
     /// The address is not on an instruction boundary of its function.
     #[error("{addr:#x} is not on an instruction boundary of the function at {func:#x}")]

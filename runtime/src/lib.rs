@@ -136,13 +136,33 @@
 //!   `crossbeam-epoch` would have to be.
 //! - `thiserror` derives [`Error`].
 //!
+//! # The host's signals and threads
+//!
+//! - A `SIGTRAP` that is not a probe's goes to the disposition probert
+//!   replaced, which acts as it would have without probert: a handler is
+//!   called, an ignored `kill -TRAP` stays ignored (also when `SIG_IGN` was
+//!   inherited across `exec`), the default action (and a foreign `int3`,
+//!   which the kernel never lets a process ignore) kills the process.
+//!   probert's handler stays installed.
+//! - A host that installs its own `SIGTRAP` handler after probert must chain
+//!   to probert's and say so ([`declare_chained_sigtrap_handler`]); until it
+//!   does, attaching fails with [`Error::Signal`].
+//! - Thread scans send a real-time signal, `SIGRTMAX - 1` unless the host
+//!   picks another ([`set_scan_signal`], or `PROBERT_SCAN_SIGNAL`) — or
+//!   none: a host that forbids foreign signals reports *quiescent points*
+//!   from its registered threads instead ([`use_quiescent_points`],
+//!   [`register_thread`], [`quiescent`]).
+//! - Grace periods use `membarrier`; where it is missing, a barrier that is
+//!   just as real (signals to every thread, or the quiescent points;
+//!   [`barrier_mechanism`]), or initialisation fails.
+//!
 //! # Limitations
 //!
 //! x86_64 Linux only. A module unloaded (`dlclose`) with probes still attached
-//! leaves them dangling: detach first. A thread that sits inside an
-//! out-of-line stub while a *different* signal's handler runs on it for the
-//! whole duration of a thread scan is not seen by that scan (the scan sees
-//! only the innermost context).
+//! leaves them dangling: detach first. A thread scan sees a thread's
+//! innermost context and the contexts saved in signal frames above it on the
+//! same stack; a context saved on another stack (a handler running on an
+//! alternate signal stack, interrupting a stub) is not seen.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -155,6 +175,7 @@ mod error;
 mod fast;
 mod grace;
 mod hit;
+mod host;
 mod layout;
 mod map;
 mod patch;
@@ -173,11 +194,16 @@ pub use arch::{Reg, Regs};
 pub use consumer::{AttachReq, ConsumerId, Stats};
 pub use error::{Error, Result};
 pub use hit::{Action, Handler, Hit};
+pub use host::{
+    barrier_mechanism, quiescent, register_thread, set_scan_signal, thread_offline, thread_online,
+    unregister_thread, use_quiescent_points, Barrier, HostThread,
+};
 pub use region::{RegionDesc, RegionId, WriteFn};
 pub use site::Mode;
 pub use writer::{
-    attach_batch, detach, detach_batch, detach_nosync, init, probe_count, probe_mode,
-    recycle_stubs, region_add, region_functions, region_remove, retired_stubs, stats, sync,
+    attach_batch, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync, init,
+    probe_count, probe_mode, recycle_stubs, region_add, region_functions, region_remove,
+    retired_stubs, stats, sync,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is

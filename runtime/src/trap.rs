@@ -13,7 +13,16 @@
 //!    between the trap and the lookup; resume at the trapped address (the
 //!    kernel's `is_trap_insn` rule);
 //! 5. no probe and a trap instruction there: not ours; chain to the previous
-//!    handler.
+//!    disposition, which decides as it would have without probert (see
+//!    [`crate::sys::signal`]: an ignored `kill -TRAP` stays ignored, a
+//!    foreign `int3` still kills, and probert's handler stays installed).
+//!
+//! Our handler may also be called by a host's `SIGTRAP` handler that chains
+//! to it. The kernel's signal frame then starts with the host's signal
+//! return trampoline rather than probert's: before a probe hit sends the
+//! thread into a stub, the handler notes that trampoline, so that thread
+//! scans recognise the frame while the thread runs the host's handler
+//! (`sys::signal`, "Hosts that install a SIGTRAP handler after probert").
 //!
 //! The section is left last, after the registers are written back: a grace
 //! period therefore also covers a thread that has decided to resume in a stub
@@ -32,7 +41,7 @@ use crate::grace;
 use crate::map::Index;
 use crate::probe::{self, ProbeView, PROBES};
 use crate::sigctx::SignalContext;
-use crate::sys::signal::{self as sig, Chained};
+use crate::sys::signal as sig;
 
 /// The probe index the trap path reads (address → probe record index).
 pub(crate) static INDEX: Index = Index::new();
@@ -115,6 +124,7 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
             if regs.pc() == view.report {
                 resume_displaced(cx, &view, addr, &mut regs);
             }
+            note_frame_restorer(cx, uc);
             ctx.set_regs(&regs);
             arch::errno_set(errno_off, errno);
             section.exit(cx);
@@ -178,24 +188,34 @@ fn resume_displaced(cx: SignalContext, view: &ProbeView, addr: usize, regs: &mut
     }
 }
 
-/// Hands a trap that is not ours to the previous disposition; a trap of
-/// `trap_len` bytes that must run again (the default action) is rewound.
+/// Hands a trap that is not ours (raised by a trap instruction of
+/// `trap_len` bytes, or 0) to the previous disposition.
 ///
 /// # Signal safety
 /// See [`sig::chain`].
 fn chain(
-    cx: SignalContext,
+    _cx: SignalContext,
     signo: libc::c_int,
     info: *mut libc::siginfo_t,
     uc: *mut c_void,
     trap_len: u8,
 ) {
-    if let Chained::Rewind(n) = sig::chain(signo, info, uc, trap_len) {
-        // SAFETY: as in `on_sigtrap`; the previous handler has returned.
-        if let Some(mut ctx) = unsafe { TrapContext::from_raw(cx, uc) } {
-            let pc = ctx.pc();
-            ctx.set_pc(pc.wrapping_sub(usize::from(n)));
-        }
+    sig::chain(signo, info, uc, trap_len);
+}
+
+/// If this signal's frame does not start with probert's signal return
+/// trampoline, the kernel delivered it to another handler that called ours:
+/// note that trampoline for the thread scans (see the module docs).
+///
+/// # Signal safety
+/// One load from the handler's own frame; see [`sig::note_restorer`].
+#[inline]
+fn note_frame_restorer(cx: SignalContext, uc: *mut c_void) {
+    // SAFETY: `uc` is the third argument of this SA_SIGINFO handler (the
+    // kernel's, passed on unchanged by a chaining host).
+    let restorer = unsafe { arch::handler_restorer(cx, uc) };
+    if restorer != arch::restorer_address() {
+        sig::note_restorer(cx, restorer);
     }
 }
 

@@ -132,22 +132,28 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
 fn init_state() -> Result<WriterState> {
     PROBES.init()?;
     CONSUMERS.init()?;
-    membarrier::init();
+    // The scan signal (or quiescent points) first: the barrier may need it.
     threads::scan_init()?;
+    membarrier::init_barrier()?;
     trap::install()?;
     extern "C" fn prepare() {
         let g = lock();
+        // Then the thread scan's lock (scans run under the writer lock;
+        // barriers take it alone).
+        threads::fork_prepare();
         // SAFETY: atfork handlers of one fork run on one thread, serialised
         // by the lock we now hold.
         unsafe { *std::ptr::addr_of_mut!(FORK_GUARD) = Some(g) };
     }
     extern "C" fn parent() {
+        threads::fork_parent();
         // SAFETY: see `prepare`.
         drop(unsafe { (*std::ptr::addr_of_mut!(FORK_GUARD)).take() });
     }
     extern "C" fn child() {
         grace::reset_after_fork(crate::probe::flush_hits);
         crate::sys::code::after_fork_child();
+        threads::fork_child();
         // SAFETY: see `prepare`.
         drop(unsafe { (*std::ptr::addr_of_mut!(FORK_GUARD)).take() });
     }
@@ -688,15 +694,40 @@ pub(crate) fn attach_owned(
     })
 }
 
-/// Fails if a host replaced our `SIGTRAP` handler after init.
+/// Fails if a host replaced our `SIGTRAP` handler after init (and did not
+/// declare its own to chain to ours: [`declare_chained_sigtrap_handler`]).
 fn ensure_handler() -> Result<()> {
     if crate::sys::signal::trap_handler_installed() {
         Ok(())
     } else {
         Err(Error::Signal(
-            "the SIGTRAP handler was replaced after probert installed it".into(),
+            "the SIGTRAP handler was replaced after probert installed it (a handler that \
+             chains to probert's must be declared with declare_chained_sigtrap_handler)"
+                .into(),
         ))
     }
+}
+
+/// Declares that the `SIGTRAP` handler the host installed after probert
+/// chains to probert's: for every `SIGTRAP` it does not handle itself it
+/// calls the `sigaction` it replaced (probert's) with the kernel's three
+/// arguments, unchanged, and returns normally afterwards. Until then, a
+/// handler installed after probert makes every attach fail with
+/// [`Error::Signal`] (probes attached before deliver their hits to the
+/// host's handler; detaching them still restores the code).
+///
+/// Through a declared handler probes work as they do directly, a `SIGTRAP`
+/// neither handles goes to the disposition that preceded probert, and stub
+/// memory is not reused while a thread is on its way back through the
+/// host's handler: thread scans recognise its signal frame. The handler
+/// must be installed with `SA_SIGINFO` and `SA_NODEFER` and must not block
+/// `SIGTRAP` in its mask (a consumer calling probed code would trap with
+/// `SIGTRAP` blocked, which the kernel punishes with death):
+/// [`Error::Signal`] otherwise, and when no handler is installed. `Ok` with
+/// nothing to declare when the handler installed is probert's own.
+/// Initialises probert if needed; not from a handler.
+pub fn declare_chained_sigtrap_handler() -> Result<()> {
+    with_state(|_| crate::sys::signal::declare_chained_handler())
 }
 
 /// Attaches every request or none; on error, the index of the first request

@@ -248,6 +248,22 @@ impl Pool {
             if let Some(s) = self.take_free(near, class) {
                 return Ok(s);
             }
+            // Fast stubs that scan counted as scanned still wait for their
+            // grace period: wait it here (normal context, the writer)
+            // rather than map a chunk more for every chunk they fill.
+            if self
+                .awaiting_grace
+                .iter()
+                .any(|r| r.fast && r.prescanned.is_some() && near_enough(&r.stub))
+            {
+                let snap = self.grace_snapshot();
+                crate::grace::synchronize();
+                self.after_grace_period(snap);
+                self.recycle()?;
+                if let Some(s) = self.take_free(near, class) {
+                    return Ok(s);
+                }
+            }
         }
         let base = maps::map_exec_near(near, CHUNK)?;
         let cpu = *self.cpu.get_or_insert_with(CpuState::detect);

@@ -5,21 +5,33 @@
 //! process execute a full memory barrier before it returns. Between the two, a
 //! store-then-load on each side can no longer both miss the other's store.
 //! This is the scheme of `membarrier(2)`, Linux RCU's `sys_membarrier` users,
-//! folly's `asymmetricHeavyBarrier` and .NET's `FlushProcessWriteBuffers`.
+//! folly's `asymmetricHeavyBarrier`, .NET's `FlushProcessWriteBuffers` and
+//! liburcu's signal flavour.
 //!
-//! - Preferred: `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (Linux 4.14+), after a
-//!   one-time `MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED`. The kernel IPIs
-//!   every CPU currently running a thread of this process and executes a full
-//!   barrier there; threads not running get one at their next context switch.
-//! - Fallback (no `membarrier`, e.g. seccomp-filtered or old kernels): flip
-//!   the protection of a dedicated, touched page RW → `PROT_NONE` → RW. Taking
-//!   access away makes the kernel shoot down the page's TLB entries on every
-//!   CPU that may run this address space, by IPI; the interrupt is a full
-//!   barrier on each such CPU. This is what .NET and folly do without
-//!   `membarrier`. It relies on the kernel flushing remote TLBs by IPI: true
-//!   for x86 kernels today, not for hardware with broadcast TLB invalidation
-//!   (arm64 `TLBI …IS`, AMD `INVLPGB` when the kernel uses it), where the
-//!   fallback degrades to a local fence. [`init`] says which one is in use.
+//! [`init_barrier`] picks the first mechanism that is a real barrier here
+//! ([`Barrier`]), and fails if there is none, rather than degrade:
+//!
+//! 1. `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (Linux 4.14+), after a one-time
+//!    `MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED`. The kernel IPIs every CPU
+//!    currently running a thread of this process and executes a full barrier
+//!    there; threads not running get one at their next context switch.
+//! 2. `MEMBARRIER_CMD_GLOBAL` (Linux 4.3+): the same guarantee for every
+//!    thread of the system, through an RCU grace period — milliseconds, but
+//!    no signal and no help from the host.
+//! 3. Without `membarrier` (seccomp-filtered, or older kernels): the host's
+//!    quiescent points, if it chose them (`sys::quiescent`: every registered
+//!    thread reports between two fences), else the signal barrier
+//!    (`threads::signal_barrier`: every thread takes the scan signal and runs
+//!    a full fence in its handler, or is seen asleep in the kernel). The
+//!    signal barrier needs the scan signal's handler and a listing of
+//!    `/proc/self/task`; without them initialisation fails.
+//!
+//! A mechanism that fails later (a seccomp filter installed after
+//! initialisation) is replaced by the next that works, at the barrier that
+//! notices. The TLB-shootdown trick (`mprotect` of a touched page, as .NET
+//! and folly do) is not used: it is a barrier only where the kernel flushes
+//! remote TLBs by IPI, which broadcast invalidation (AMD `INVLPGB`, arm64
+//! `TLBI …IS`) does not.
 //!
 //! Every path also issues a local `SeqCst` fence on both sides, so the
 //! caller's own accesses are ordered around the remote barriers.
@@ -30,19 +42,20 @@
 //!
 //! # Safety
 //!
-//! The unsafe code here is raw `membarrier` and `mprotect` system calls and
-//! atomic accesses to the fallback page, which this module maps itself, never
-//! unmaps, and is the only one to touch.
+//! The unsafe code here is raw `membarrier` system calls.
 
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{fence, AtomicU8, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{fence, AtomicU8, Ordering};
 
-use super::{maps, raw};
+use super::raw;
+use super::scan_mode::{self, ScanMode};
+use crate::error::{Error, Result};
 
 /// `MEMBARRIER_CMD_QUERY`: returns the mask of supported commands.
 const CMD_QUERY: i64 = 0;
+/// `MEMBARRIER_CMD_GLOBAL` (formerly `MEMBARRIER_CMD_SHARED`).
+const CMD_GLOBAL: i64 = 1;
 /// `MEMBARRIER_CMD_PRIVATE_EXPEDITED`.
 const CMD_PRIVATE_EXPEDITED: i64 = 1 << 3;
 /// `MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED`.
@@ -63,6 +76,31 @@ const UNSUPPORTED: u8 = 2;
 static EXPEDITED: AtomicU8 = AtomicU8::new(UNKNOWN);
 /// State of `PRIVATE_EXPEDITED_SYNC_CORE`.
 static SYNC_CORE: AtomicU8 = AtomicU8::new(UNKNOWN);
+/// The [`Barrier`] in use, as `1 + discriminant`; 0 before [`init_barrier`].
+static MECHANISM: AtomicU8 = AtomicU8::new(0);
+
+/// How the memory barrier of every grace period reaches every thread
+/// (`membarrier`, or what stands in for it where it is missing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Barrier {
+    /// `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`: microseconds.
+    MembarrierExpedited,
+    /// `membarrier(MEMBARRIER_CMD_GLOBAL)`: an RCU grace period, milliseconds.
+    MembarrierGlobal,
+    /// Every registered thread passes a quiescent point (the host's
+    /// safepoints): as long as the slowest takes.
+    QuiescentPoints,
+    /// Every thread takes the scan signal (or is seen asleep in the kernel):
+    /// tens of microseconds per thread.
+    Signals,
+}
+
+const ALL: [Barrier; 4] = [
+    Barrier::MembarrierExpedited,
+    Barrier::MembarrierGlobal,
+    Barrier::QuiescentPoints,
+    Barrier::Signals,
+];
 
 /// Raw `membarrier(cmd, flags = 0, cpu_id = 0)`.
 fn membarrier(cmd: i64) -> Result<i64, i32> {
@@ -92,12 +130,8 @@ fn register(state: &AtomicU8, command: i64, register_cmd: i64) -> bool {
 }
 
 /// Registers for `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (once). Returns whether
-/// [`barrier`] is a real cross-thread barrier.
-///
-/// `true`: `membarrier` is registered. `false`: [`barrier`] uses the
-/// mprotect TLB-shootdown fallback, a real barrier on kernels that shoot
-/// down TLBs by IPI (x86 today) but not guaranteed elsewhere (see the module
-/// docs). Idempotent and thread-safe; [`barrier`] calls it itself.
+/// it is available; [`init_barrier`] decides what [`barrier`] uses.
+/// Idempotent and thread-safe.
 pub fn init() -> bool {
     register(
         &EXPEDITED,
@@ -106,25 +140,144 @@ pub fn init() -> bool {
     )
 }
 
-/// Issues a full memory barrier on every thread of the process.
-///
-/// Costs one IPI round (microseconds). Normal context only (the fallback
-/// takes a lock). Pairs with the readers' compiler fences.
-pub fn barrier() {
-    barrier_with(true);
+/// The mechanism [`barrier`] uses, once [`init_barrier`] has chosen one.
+pub fn mechanism() -> Option<Barrier> {
+    // Ordering: Acquire — pairs with the Release in `choose`: the
+    // mechanism's own set-up (registration, handler) happened before.
+    let m = MECHANISM.load(Ordering::Acquire);
+    ALL.get(usize::from(m).checked_sub(1)?).copied()
 }
 
-/// [`barrier`], with `membarrier` allowed or not (tests force the fallback).
-fn barrier_with(use_membarrier: bool) {
+/// Chooses the mechanism of [`barrier`] (once; see the module docs), and
+/// fails with [`Error::Signal`] if none is a real barrier here: no
+/// `membarrier`, and neither quiescent points nor the signal barrier (the
+/// scan signal has a host handler, or `/proc/self/task` cannot be listed).
+/// Idempotent and thread-safe. Normal context.
+pub fn init_barrier() -> Result<Barrier> {
+    if let Some(m) = mechanism() {
+        return Ok(m);
+    }
+    choose(&ALL)
+}
+
+/// The first of `candidates` that works here, stored as the mechanism.
+fn choose(candidates: &[Barrier]) -> Result<Barrier> {
+    let mut why = Vec::new();
+    for &m in candidates {
+        match available(m) {
+            Ok(()) => {
+                // Ordering: Release — publishes the choice after the set-up
+                // `available` did — pairs with the Acquire in `mechanism`.
+                MECHANISM.store(m as u8 + 1, Ordering::Release);
+                return Ok(m);
+            }
+            Err(e) => why.push(format!("{m:?}: {e}")),
+        }
+    }
+    Err(Error::Signal(
+        format!(
+            "no process-wide memory barrier is available ({}); allow membarrier(2), or give \
+             probert a scan signal and /proc, or use quiescent points",
+            why.join("; ")
+        )
+        .into(),
+    ))
+}
+
+/// Whether `m` works here, setting it up if needed.
+fn available(m: Barrier) -> Result<()> {
+    let unavailable = |what: &str| Err(Error::Signal(what.to_owned().into()));
+    match m {
+        Barrier::MembarrierExpedited => {
+            if init() && membarrier(CMD_PRIVATE_EXPEDITED).is_ok() {
+                Ok(())
+            } else {
+                unavailable("membarrier PRIVATE_EXPEDITED unavailable")
+            }
+        }
+        Barrier::MembarrierGlobal => {
+            if membarrier(CMD_QUERY).is_ok_and(|mask| mask & CMD_GLOBAL != 0)
+                && membarrier(CMD_GLOBAL).is_ok()
+            {
+                Ok(())
+            } else {
+                unavailable("membarrier GLOBAL unavailable")
+            }
+        }
+        Barrier::QuiescentPoints => match scan_mode::freeze()? {
+            ScanMode::QuiescentPoints => Ok(()),
+            ScanMode::Signal(_) => unavailable("quiescent points not chosen"),
+        },
+        Barrier::Signals => match scan_mode::freeze()? {
+            ScanMode::QuiescentPoints => unavailable("quiescent points chosen: no signals"),
+            ScanMode::Signal(_) => {
+                super::threads::scan_init()?;
+                if super::tasks::open() && super::tasks::list_tids().is_some() {
+                    Ok(())
+                } else {
+                    unavailable("/proc/self/task cannot be listed")
+                }
+            }
+        },
+    }
+}
+
+/// Issues a full memory barrier on every thread of the process.
+///
+/// Costs one IPI round (microseconds) with `membarrier`, more with the
+/// fallbacks (see [`Barrier`]); blocks until every thread is covered.
+/// Normal context only. Pairs with the readers' compiler fences.
+pub fn barrier() {
     // Ordering: SeqCst orders the caller's earlier accesses before the
     // remote barriers — pairs with the readers' `compiler_fence(SeqCst)`.
     fence(Ordering::SeqCst);
-    if !(use_membarrier && init() && membarrier(CMD_PRIVATE_EXPEDITED).is_ok()) {
-        shootdown_barrier();
+    let mut m = match mechanism().map_or_else(init_barrier, Ok) {
+        Ok(m) => m,
+        Err(e) => no_barrier(&e),
+    };
+    while let Err(e) = barrier_with(m) {
+        // It stopped working (a seccomp filter installed since, the scan
+        // handler replaced): the next one that works, for good.
+        let rest = ALL
+            .iter()
+            .position(|&c| c == m)
+            .map_or(&[][..], |i| &ALL[i + 1..]);
+        m = match choose(rest) {
+            Ok(next) => next,
+            Err(_) => no_barrier(&e),
+        };
     }
     // Ordering: SeqCst orders the caller's later accesses after the remote
     // barriers — pairs with the readers' `compiler_fence(SeqCst)`.
     fence(Ordering::SeqCst);
+}
+
+/// A grace period without a barrier would be silently unsafe: stop.
+fn no_barrier(e: &Error) -> ! {
+    eprintln!("probert: no process-wide memory barrier is left ({e}); aborting");
+    std::process::abort()
+}
+
+/// One barrier by `m`; `Err` if `m` does not work (any more).
+fn barrier_with(m: Barrier) -> Result<()> {
+    let failed = |errno: i32| {
+        Error::Signal(
+            format!(
+                "membarrier failed: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )
+            .into(),
+        )
+    };
+    match m {
+        Barrier::MembarrierExpedited => membarrier(CMD_PRIVATE_EXPEDITED).map(drop).map_err(failed),
+        Barrier::MembarrierGlobal => membarrier(CMD_GLOBAL).map(drop).map_err(failed),
+        Barrier::QuiescentPoints => {
+            super::quiescent::wait(None);
+            Ok(())
+        }
+        Barrier::Signals => super::threads::signal_barrier(),
+    }
 }
 
 /// Registers for `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE` (Linux 4.16+,
@@ -143,9 +296,9 @@ pub fn register_sync_core() -> bool {
 /// in the `int3`-first cross-modification protocol.
 ///
 /// Uses `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`, registering on first
-/// use. Without it, falls back to [`barrier`]: on x86 each IPI returns to
-/// user space through `IRET`, which is serializing, so that is best effort
-/// there and not a guarantee elsewhere. Normal context only.
+/// use. Without it, falls back to [`barrier`], which is not a serializing
+/// guarantee; fast sites, the protocol's only user, are refused where
+/// `register_sync_core` fails (`site::Sites::new`). Normal context only.
 pub fn sync_core() {
     // Ordering: SeqCst orders the code writes before the remote
     // serialization — pairs with the instruction fetch of the other threads
@@ -158,60 +311,11 @@ pub fn sync_core() {
     fence(Ordering::SeqCst);
 }
 
-/// Address of the fallback page, mapped read-write; 0 until first needed.
-static SHOOTDOWN_PAGE: AtomicUsize = AtomicUsize::new(0);
-/// Serializes fallback barriers: two flipping one page would fault each
-/// other's touch.
-static SHOOTDOWN_LOCK: Mutex<()> = Mutex::new(());
-
-/// The fallback: touch the page (so its PTE is present and dirty and the
-/// kernel cannot skip the flush), revoke all access (TLB shootdown: an IPI to
-/// every CPU in the address space's CPU mask), restore read-write.
-fn shootdown_barrier() {
-    let _lock = SHOOTDOWN_LOCK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let page_len = maps::page_size();
-    // Ordering: Relaxed — written and read only under SHOOTDOWN_LOCK, which
-    // orders them — pairs with the store below.
-    let mut page = SHOOTDOWN_PAGE.load(Ordering::Relaxed);
-    if page == 0 {
-        match maps::reserve(page_len) {
-            Ok(p) => page = p as usize,
-            // No page, no shootdown: the local fences are all we can do.
-            Err(_) => return,
-        }
-        // Ordering: Relaxed — under SHOOTDOWN_LOCK, as above.
-        SHOOTDOWN_PAGE.store(page, Ordering::Relaxed);
-    }
-    // SAFETY: `page` is our own read-write page, page-aligned (mmap), so
-    // valid and aligned for an `AtomicUsize`; only this function, under the
-    // lock, accesses it.
-    let cell = unsafe { &*(page as *const AtomicUsize) };
-    // Ordering: Relaxed — the write only makes the PTE present and dirty;
-    // ordering comes from the fences in `barrier` — pairs with nothing.
-    cell.fetch_add(1, Ordering::Relaxed);
-    let prot = |p: i32| {
-        // SAFETY: our own page; nothing accesses it while it is PROT_NONE
-        // (the lock is held and only this function touches it).
-        unsafe {
-            raw::syscall3(
-                libc::SYS_mprotect,
-                page as i64,
-                page_len as i64,
-                i64::from(p),
-            )
-        }
-    };
-    prot(libc::PROT_NONE);
-    prot(libc::PROT_READ | libc::PROT_WRITE);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU32, AtomicU64};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
     #[test]
     fn init_is_idempotent_and_thread_safe() {
@@ -235,7 +339,9 @@ mod tests {
                     for _ in 0..200 {
                         match i % 3 {
                             0 => barrier(),
-                            1 => barrier_with(false),
+                            1 => {
+                                let _ = barrier_with(Barrier::MembarrierExpedited);
+                            }
                             _ => sync_core(),
                         }
                     }
@@ -341,8 +447,223 @@ mod tests {
         }
     }
 
+    /// Makes `membarrier` fail with `errno` for every thread of this
+    /// process, as a seccomp sandbox does: a filter returning `errno` for
+    /// `membarrier` and allowing everything else, synchronised to every
+    /// thread.
+    pub(crate) fn forbid_membarrier(errno: u32) {
+        // Classic BPF: the architecture, then the system call number.
+        const LD_W_ABS: u16 = 0x20;
+        const JEQ_K: u16 = 0x15;
+        const RET_K: u16 = 0x06;
+        const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+        const RET_ALLOW: u32 = 0x7fff_0000;
+        const RET_ERRNO: u32 = 0x0005_0000;
+        let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+        let filter = [
+            ins(LD_W_ABS, 0, 0, 4),
+            ins(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+            ins(RET_K, 0, 0, RET_ALLOW),
+            ins(LD_W_ABS, 0, 0, 0),
+            ins(JEQ_K, 0, 1, libc::SYS_membarrier as u32),
+            ins(RET_K, 0, 0, RET_ERRNO | (errno & 0xffff)),
+            ins(RET_K, 0, 0, RET_ALLOW),
+        ];
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: installs a valid filter on this process (a test child):
+        // no_new_privs first, as unprivileged seccomp requires; TSYNC (1)
+        // applies it to every thread.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(
+                libc::syscall(libc::SYS_seccomp, 1, 1, &prog as *const libc::sock_fprog),
+                0,
+                "seccomp: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        assert_eq!(membarrier(CMD_QUERY), Err(errno as i32));
+    }
+
+    fn without_membarrier_the_signal_barrier_forbids_store_buffering(errno: u32) {
+        forbid_membarrier(errno);
+        assert_eq!(init_barrier(), Ok(Barrier::Signals));
+        assert_eq!(mechanism(), Some(Barrier::Signals));
+        store_buffering(barrier, 5_000);
+        // sync_core without SYNC_CORE falls back to the barrier.
+        assert!(!register_sync_core());
+        sync_core();
+    }
+
     #[test]
-    fn shootdown_fallback_forbids_store_buffering() {
-        store_buffering(|| barrier_with(false), 5_000);
+    fn membarrier_filtered_with_enosys_falls_back_to_signals() {
+        crate::sys::threads::in_own_process(
+            "sys::membarrier::tests::membarrier_filtered_with_enosys_falls_back_to_signals",
+            || without_membarrier_the_signal_barrier_forbids_store_buffering(libc::ENOSYS as u32),
+        );
+    }
+
+    #[test]
+    fn membarrier_filtered_with_eperm_falls_back_to_signals() {
+        crate::sys::threads::in_own_process(
+            "sys::membarrier::tests::membarrier_filtered_with_eperm_falls_back_to_signals",
+            || without_membarrier_the_signal_barrier_forbids_store_buffering(libc::EPERM as u32),
+        );
+    }
+
+    #[test]
+    fn a_filter_installed_after_init_moves_barriers_to_signals() {
+        crate::sys::threads::in_own_process(
+            "sys::membarrier::tests::a_filter_installed_after_init_moves_barriers_to_signals",
+            || {
+                if init_barrier() != Ok(Barrier::MembarrierExpedited) {
+                    return;
+                }
+                forbid_membarrier(libc::EPERM as u32);
+                barrier();
+                assert_eq!(mechanism(), Some(Barrier::Signals));
+                store_buffering(barrier, 2_000);
+            },
+        );
+    }
+
+    #[test]
+    fn without_membarrier_or_a_listing_init_fails() {
+        crate::sys::threads::in_own_process(
+            "sys::membarrier::tests::without_membarrier_or_a_listing_init_fails",
+            || {
+                forbid_membarrier(libc::ENOSYS as u32);
+                // At the descriptor limit before /proc/self/task was ever
+                // opened: the signal barrier could not list the threads.
+                let filled = crate::sys::threads::test_support::fill_descriptors();
+                let err = init_barrier().expect_err("no barrier");
+                assert!(matches!(err, Error::Signal(_)), "{err}");
+                assert_eq!(mechanism(), None);
+                drop(filled);
+                assert_eq!(init_barrier(), Ok(Barrier::Signals));
+            },
+        );
+    }
+
+    /// Cost of one barrier by each mechanism available here, with 0 and 4
+    /// other threads (sleeping in `nanosleep`, or spinning), and of the
+    /// quiescent-point wait with a worker reporting from a tight loop. A
+    /// benchmark, not a test: run with `--ignored --nocapture` (in its own
+    /// process: it installs the scan handler).
+    #[test]
+    #[ignore]
+    fn barrier_costs() {
+        use std::time::{Duration, Instant};
+        fn per_call(n: u32, mut f: impl FnMut()) -> f64 {
+            for _ in 0..n / 10 + 1 {
+                f();
+            }
+            let t = Instant::now();
+            for _ in 0..n {
+                f();
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(n)
+        }
+        crate::sys::threads::scan_init().expect("scan handler");
+        let row = |what: &str| {
+            let n = if what.contains("GLOBAL") { 20 } else { 2_000 };
+            let m = match what {
+                "PRIVATE_EXPEDITED" => Barrier::MembarrierExpedited,
+                "GLOBAL" => Barrier::MembarrierGlobal,
+                _ => Barrier::Signals,
+            };
+            if available(m).is_err() {
+                return format!("{what:>18}: unavailable");
+            }
+            let ns = per_call(n, || barrier_with(m).expect("barrier"));
+            format!("{what:>18}: {:>9.1} us", ns / 1000.0)
+        };
+        for (label, spin) in [("idle", false), ("spinning", true)] {
+            for others in [0usize, 4] {
+                let stop = Arc::new(AtomicBool::new(false));
+                let threads: Vec<_> = (0..others)
+                    .map(|_| {
+                        let stop = stop.clone();
+                        std::thread::spawn(move || {
+                            // Ordering: Relaxed — a benchmark flag.
+                            while !stop.load(Ordering::Relaxed) {
+                                if spin {
+                                    std::hint::spin_loop();
+                                } else {
+                                    std::thread::sleep(Duration::from_millis(1));
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                println!("{others} other threads, {label}:");
+                for what in ["PRIVATE_EXPEDITED", "GLOBAL", "signals"] {
+                    println!("  {}", row(what));
+                }
+                // Ordering: Relaxed — joined right after.
+                stop.store(true, Ordering::Relaxed);
+                for t in threads {
+                    t.join().expect("join");
+                }
+            }
+        }
+        // A thread scan by signals of one range no thread is in (the other
+        // thread of this process: the test harness's, asleep), frames walked.
+        let ns = per_call(500, || {
+            let r = crate::sys::threads::quiescent(&[(1, 2)], Duration::from_secs(1));
+            assert_eq!(r, Ok(true));
+        });
+        println!(
+            "thread scan by signals, 1 other thread: {:.1} us",
+            ns / 1000.0
+        );
+        // Quiescent points: one worker reporting in a loop.
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let h = super::super::quiescent::register().expect("register");
+                // Ordering: Relaxed — a benchmark flag.
+                while !stop.load(Ordering::Relaxed) {
+                    super::super::quiescent::quiescent(h).expect("qs");
+                    std::hint::spin_loop();
+                }
+                super::super::quiescent::unregister(h).expect("unregister");
+            })
+        };
+        std::thread::sleep(Duration::from_millis(10));
+        let ns = per_call(2_000, || {
+            super::super::quiescent::wait(None);
+        });
+        println!(
+            "quiescent-point wait (a scan, or a barrier), 1 worker reporting in a loop: \
+             {:.1} us",
+            ns / 1000.0
+        );
+        // Ordering: Relaxed — joined right after.
+        stop.store(true, Ordering::Relaxed);
+        worker.join().expect("join");
+        let h = super::super::quiescent::register().expect("register");
+        let ns = per_call(10_000_000, || {
+            super::super::quiescent::quiescent(h).expect("qs");
+        });
+        println!("probert_quiescent with nothing waiting: {ns:.2} ns");
+        super::super::quiescent::unregister(h).expect("unregister");
+    }
+
+    #[test]
+    fn the_signal_barrier_forbids_store_buffering() {
+        crate::sys::threads::in_own_process(
+            "sys::membarrier::tests::the_signal_barrier_forbids_store_buffering",
+            || {
+                store_buffering(
+                    || barrier_with(Barrier::Signals).expect("signal barrier"),
+                    5_000,
+                )
+            },
+        );
     }
 }

@@ -11,9 +11,13 @@
 //!   with `object`; `cfi`: its `.eh_frame` FDEs (`gimli`); `lsda`: C++
 //!   call-site tables; `extents`: the compact table of function extents;
 //!   `symbols`: lookup by name;
-//! - `signal`: installing the `SIGTRAP` handler and chaining;
-//! - `threads`: thread ids and the thread scan; `sigframes`: contexts saved
-//!   in signal frames deeper on a thread's stack.
+//! - `signal`: installing the `SIGTRAP` handler, chaining to the previous
+//!   disposition, hosts' handlers that chain to ours;
+//! - `threads`: thread ids, the thread scan and the signal barrier;
+//!   `scan_mode`: which signal scans use, or the host's quiescent points
+//!   (`quiescent`) instead; `tasks`: listing the threads through a cached
+//!   `/proc/self/task` descriptor; `sigframes`: contexts saved in signal
+//!   frames deeper on a thread's stack.
 
 pub mod cfi;
 pub mod code;
@@ -25,8 +29,11 @@ pub mod membarrier;
 pub mod module_file;
 pub mod modules;
 pub mod peek;
+pub mod quiescent;
 pub mod raw;
+pub mod scan_mode;
 pub mod sigframes;
 pub mod signal;
 pub mod symbols;
+pub mod tasks;
 pub mod threads;

@@ -11,12 +11,26 @@
 //! each.
 //!
 //! A signal frame is recognised by its first word, the address of the
-//! signal return trampoline the handler returns through: probert's own, or
-//! the one the scan's own handler returns through (libc's `__restore_rt`
-//! for handlers installed through libc, as nearly every handler is), with a
-//! plausible saved stack pointer (above the frame). A handler installed
-//! with the raw system call and a trampoline of its own (a language
-//! runtime's) is not recognised: its frames are not seen.
+//! signal return trampoline the handler returns through, with a plausible
+//! saved stack pointer (above the frame). The trampolines recognised are
+//! probert's own, the one the scan's own handler returns through (libc's
+//! `__restore_rt` for handlers installed through libc, as nearly every
+//! handler is), and those [`crate::sys::signal`] learned: the trampoline of
+//! every foreign `SIGTRAP` handler seen chaining to probert's (it returns
+//! into the stub probert's handler chose, through its own trampoline), and
+//! of a host handler declared to chain. A handler of some other signal,
+//! installed with the raw system call and a trampoline of its own (a
+//! language runtime's), is not recognised: its frames are not seen.
+//!
+//! A thread stopped *in* a trampoline has already popped the frame's first
+//! word: [`in_restorer`] recognises it by its program counter and reads the
+//! context it is about to resume from its stack pointer.
+//!
+//! The walk reads up to the end of the stack's mapping, from
+//! `/proc/self/maps`. Where that cannot be opened (the descriptor limit, no
+//! procfs) it reads until the first unreadable 512-byte block (the end of
+//! the mapping, or a guard page), at most [`WALK_WITHOUT_MAPS`] bytes; a
+//! stack still readable there is [`Saved::Unknown`].
 //!
 //! # Cost
 //!
@@ -33,11 +47,19 @@
 
 use crate::arch;
 use crate::sigctx::SignalContext;
-use crate::sys::{maps, peek};
+use crate::sys::{maps, peek, signal};
 
 /// Bytes read per step: on the interrupted stack (which may be a small
-/// alternate signal stack), so kept small.
+/// alternate signal stack), so kept small. A power of two dividing the page
+/// size, so that a block is either wholly readable or not.
 const CHUNK: usize = 512;
+
+/// Longest walk when the stack's mapping is unknown (see the module docs).
+pub const WALK_WITHOUT_MAPS: usize = 256 * 1024;
+
+/// Bytes of a signal return trampoline: `mov rax, 15; syscall`, the
+/// sequence every libc and runtime uses (unwinders recognise it).
+const RESTORER_LEN: usize = 9;
 
 /// What a walk found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +71,21 @@ pub enum Saved {
     /// The stack could not be read, or `inside` answered `None`: the caller
     /// treats it as inside (the answer that is always safe).
     Unknown,
+}
+
+/// The trampolines a frame may start with: probert's, `current` (the one
+/// the running handler returns through, or 0), and the learned ones.
+///
+/// # Signal safety
+/// Atomic loads into a stack array.
+fn restorers(cx: SignalContext, current: usize) -> [usize; 2 + signal::MAX_RESTORERS] {
+    let mut all = [0usize; 2 + signal::MAX_RESTORERS];
+    all[0] = arch::restorer_address();
+    all[1] = current;
+    for (slot, r) in all[2..].iter_mut().zip(signal::learned_restorers(cx)) {
+        *slot = r;
+    }
+    all
 }
 
 /// Walks the signal frames saved on the stack of the handler whose third
@@ -65,33 +102,94 @@ pub enum Saved {
 pub unsafe fn saved_contexts(
     cx: SignalContext,
     uc: *const std::ffi::c_void,
-    mut inside: impl FnMut(usize) -> Option<bool>,
+    inside: impl FnMut(usize) -> Option<bool>,
 ) -> Saved {
     // SAFETY: the caller's contract.
     let Some(sp) = (unsafe { arch::interrupted_sp(cx, uc) }) else {
         return Saved::Unknown;
     };
     // SAFETY: as above.
-    let restorers = [arch::restorer_address(), unsafe {
-        arch::handler_restorer(cx, uc)
-    }];
-    let Some(end) = maps::mapping_end(cx, sp) else {
-        return Saved::Unknown;
-    };
+    let current = unsafe { arch::handler_restorer(cx, uc) };
+    walk(cx, sp, &restorers(cx, current), inside)
+}
+
+/// [`saved_contexts`] for a thread stopped at stack pointer `sp` (read from
+/// procfs by another thread while it sleeps in the kernel), with the
+/// trampoline of the scan's handler `scan_restorer`. Normal context.
+pub fn saved_contexts_at(
+    sp: usize,
+    scan_restorer: usize,
+    inside: impl FnMut(usize) -> Option<bool>,
+) -> Saved {
+    // SAFETY: normal context may call signal-safe functions; the token only
+    // records that everything below is signal-safe.
+    let cx = unsafe { SignalContext::new() };
+    walk(cx, sp, &restorers(cx, scan_restorer), inside)
+}
+
+/// If `pc` lies in one of the known trampolines, the thread has popped its
+/// frame's first word and is about to resume the context saved at `sp`:
+/// `Some(inside(saved pc))` (`Some(None)` if it cannot be read); `None` if
+/// `pc` is in no trampoline.
+///
+/// # Signal safety
+/// Atomic loads, raw `process_vm_readv`, and `inside`.
+pub fn in_restorer(
+    cx: SignalContext,
+    pc: usize,
+    sp: usize,
+    current: usize,
+    inside: impl FnOnce(usize) -> Option<bool>,
+) -> Option<Option<bool>> {
+    let known = restorers(cx, current);
+    known
+        .iter()
+        .any(|&r| r != 0 && (r..r + RESTORER_LEN).contains(&pc))
+        .then(|| {
+            let frame = sp.wrapping_sub(8);
+            read_word(cx, frame.wrapping_add(arch::SIGFRAME_PC)).and_then(inside)
+        })
+}
+
+/// The walk of [`saved_contexts`] from `sp`, recognising frames by
+/// `restorers` (zeros are ignored).
+///
+/// # Signal safety
+/// As [`saved_contexts`].
+fn walk(
+    cx: SignalContext,
+    sp: usize,
+    restorers: &[usize],
+    mut inside: impl FnMut(usize) -> Option<bool>,
+) -> Saved {
+    let known_end = maps::mapping_end(cx, sp);
+    let end = known_end.unwrap_or(sp.saturating_add(WALK_WITHOUT_MAPS));
     let mut buf = [0u8; CHUNK];
     let mut at = sp & !7;
     while at < end {
-        let n = CHUNK.min(end - at);
+        // Without a known end, stop at block boundaries (see `CHUNK`).
+        let n = if known_end.is_some() {
+            CHUNK.min(end - at)
+        } else {
+            (CHUNK - at % CHUNK).min(end - at)
+        };
         let Some(chunk) = buf.get_mut(..n) else {
             return Saved::Unknown;
         };
         if peek::read_memory_raw(cx, at, chunk).is_err() {
-            return Saved::Unknown;
+            // Past the end of the mapping (when it is unknown), or a stack
+            // that cannot be read.
+            return if known_end.is_none() && at > sp & !7 {
+                Saved::Outside
+            } else {
+                Saved::Unknown
+            };
         }
         for (i, word) in chunk.chunks_exact(8).enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(word);
-            if !restorers.contains(&(usize::from_ne_bytes(w))) {
+            let w = usize::from_ne_bytes(w);
+            if w == 0 || !restorers.contains(&w) {
                 continue;
             }
             let frame = at + 8 * i;
@@ -113,7 +211,12 @@ pub unsafe fn saved_contexts(
         }
         at += n;
     }
-    Saved::Outside
+    if known_end.is_some() {
+        Saved::Outside
+    } else {
+        // Still readable at the cap: the stack may go on.
+        Saved::Unknown
+    }
 }
 
 /// One word at `addr`, if readable.

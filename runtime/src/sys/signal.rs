@@ -1,10 +1,68 @@
-//! Installing the `SIGTRAP` handler and chaining to the one it replaced.
+//! Installing the `SIGTRAP` handler, and what happens to a `SIGTRAP` that is
+//! not probert's.
+//!
+//! # Foreign traps: exactly what the previous disposition would have done
+//!
+//! probert's handler replaces whatever disposition `SIGTRAP` had (inherited
+//! across `exec`, or set by the host before probert), and must then act, for
+//! every `SIGTRAP` that is not one of its probes, exactly as that disposition
+//! would have — without ever giving up its own handler while the process
+//! lives, or the next probe hit would kill it. [`chain`] tells two kinds of
+//! `SIGTRAP` apart, as the kernel does:
+//!
+//! - *Forced* (`si_code > 0`: a trap instruction — an `int3` that is not
+//!   ours —, a single step, a hardware breakpoint): the kernel delivers it
+//!   with `force_sig`, which resets an ignored (or blocked) `SIGTRAP` to the
+//!   default action. Without probert the process dies, whatever was
+//!   inherited.
+//! - *Sent* (`si_code <= 0`: `kill`, `raise`, `tgkill`, `sigqueue`): it
+//!   honours the disposition. `SIG_IGN` ignores it, `SIG_DFL` kills.
+//!
+//! So: a previous handler is called (for both kinds; with its
+//! `SA_RESETHAND` honoured: it is called once, then the default applies); an
+//! ignored sent trap is ignored, with the disposition left alone; and where
+//! the default action applies ([`die_by_default`]) probert reinstates
+//! `SIG_DFL`, unblocks `SIGTRAP` and sends the same `siginfo` again to the
+//! thread, which dies of it on the way back from that system call — in the
+//! handler (a core dump shows the trap's context one signal frame up, and
+//! the original `siginfo`). A tracer that suppresses that signal (a debugger)
+//! lets the system call return: probert then puts its own handler and the
+//! signal mask back, and the thread carries on as it would after a
+//! suppressed signal.
+//!
+//! Not emulated: the previous handler's `sa_mask` and `SA_ONSTACK` (it runs
+//! on probert's handler's stack, with probert's mask).
+//!
+//! # Hosts that install a `SIGTRAP` handler after probert
+//!
+//! A host handler installed after probert receives probert's traps first. If
+//! it does not pass them on, probes no longer work: every attach fails with
+//! [`Error::Signal`] (probes already attached deliver their hits to the
+//! host's handler; detaching them still restores the code). A host handler
+//! that chains — it saved the previous `sigaction` (probert's) and calls it,
+//! with the kernel's three arguments, for traps it does not recognise — is
+//! declared with [`declare_chained_handler`] and probes work through it.
+//!
+//! A thread that trapped into a chaining handler leaves probert's handler,
+//! and its read-side section, with the register context already pointing
+//! into an out-of-line stub, then runs the host's code and the host's
+//! signal return trampoline: outside the `probert_fast` code a thread scan
+//! treats as busy. The thread scan still sees it: its walk of the stack
+//! above the interrupted context finds the `SIGTRAP` signal frame, whose
+//! saved program counter is the stub ([`crate::sys::sigframes`]). For that
+//! walk to recognise the frame, probert learns the trampoline it starts
+//! with: a `SIGTRAP` frame that does not start with probert's own
+//! trampoline was delivered to another handler, which then called ours, and
+//! its trampoline is noted ([`note_restorer`]) before the context is changed;
+//! the declared handler's is noted at declaration. A thread inside that
+//! trampoline is recognised by its program counter.
 //!
 //! # Safety
 //!
 //! `sigaction` is called with fully initialised structures. The previous
 //! handler is stored as plain integers and called with the arguments the
-//! kernel gave us, exactly as the kernel would have called it.
+//! kernel gave us, exactly as the kernel would have called it. Signals are
+//! sent to the calling thread only.
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
@@ -12,6 +70,7 @@ use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 
 use crate::arch::KernelSigaction;
 use crate::error::{Error, Result};
+use crate::sigctx::SignalContext;
 use crate::sys::raw;
 
 /// The previous disposition: its handler address and `sa_flags`.
@@ -19,6 +78,16 @@ static PREV_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 static PREV_FLAGS: AtomicI32 = AtomicI32::new(0);
 /// Our handler, once installed.
 static OURS: AtomicUsize = AtomicUsize::new(0);
+/// The handler a host installed after probert and declared to chain to ours
+/// ([`declare_chained_handler`]); 0 if none.
+static CHAINED: AtomicUsize = AtomicUsize::new(0);
+
+/// Most signal return trampolines [`note_restorer`] remembers.
+pub const MAX_RESTORERS: usize = 8;
+/// Learned signal return trampolines (0: free).
+static RESTORERS: [AtomicUsize; MAX_RESTORERS] = [const { AtomicUsize::new(0) }; MAX_RESTORERS];
+/// Set when a trampoline could not be remembered (all slots taken).
+static RESTORERS_LOST: AtomicUsize = AtomicUsize::new(0);
 
 /// A signal handler with `SA_SIGINFO` arguments.
 pub type SigInfoHandler = extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut c_void);
@@ -43,28 +112,37 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
     if OURS.load(Ordering::Acquire) != 0 {
         return Ok(());
     }
-    // SAFETY: as above.
-    let mut prev: libc::sigaction = unsafe { std::mem::zeroed() };
+    let prev = query(libc::SIGTRAP)?;
     // Read the previous disposition first so the handler never sees a window
     // in which it is ours but `PREV_*` is not yet filled in.
-    // SAFETY: valid pointers to initialised structures.
-    if unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut prev) } != 0 {
-        return Err(Error::Signal(
-            format!("sigaction: {}", std::io::Error::last_os_error()).into(),
-        ));
-    }
     // Ordering: Release — published before our handler can run (the
     // rt_sigaction below is a syscall, a full barrier); read with Acquire in
     // `chain`.
-    PREV_HANDLER.store(prev.sa_sigaction, Ordering::Release);
-    PREV_FLAGS.store(prev.sa_flags, Ordering::Release);
-    // Installed with the raw system call and a restorer of our own, so that
-    // the whole way from the handler back into the interrupted code (or an
-    // out-of-line stub) runs probert's code, in the `probert_fast` section
-    // that thread scans treat as busy (see `crate::xol`). libc's `sigaction`
-    // would install its own restorer, in libc.
+    PREV_HANDLER.store(prev.handler(), Ordering::Release);
+    // Ordering: Release, as above. The kernel's flags fit the C `int`
+    // (`SA_RESTORER` included).
+    PREV_FLAGS.store(prev.flags() as i32, Ordering::Release);
+    set_ours(handler as usize).map_err(|errno| {
+        Error::Signal(format!("rt_sigaction: {}", std::io::Error::from_raw_os_error(errno)).into())
+    })?;
+    // Ordering: Release — pairs with the Acquire at the top.
+    OURS.store(handler as usize, Ordering::Release);
+    Ok(())
+}
+
+/// Installs `handler` as our disposition for `SIGTRAP`.
+///
+/// Installed with the raw system call and a restorer of our own, so that
+/// the whole way from the handler back into the interrupted code (or an
+/// out-of-line stub) runs probert's code, in the `probert_fast` section that
+/// thread scans treat as busy (see `crate::xol`). libc's `sigaction` would
+/// install its own restorer, in libc.
+///
+/// # Signal safety
+/// One raw system call.
+fn set_ours(handler: usize) -> Result<(), i32> {
     let act = KernelSigaction::new(
-        handler as usize,
+        handler,
         libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART,
     );
     // SAFETY: a valid kernel sigaction for SIGTRAP and its sigset size.
@@ -77,79 +155,207 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
             KernelSigaction::SIGSET_SIZE,
         )
     };
-    if let Err(errno) = raw::check(rc) {
+    raw::check(rc).map(drop)
+}
+
+/// The kernel's current disposition of `sig` (raw `rt_sigaction`, so the
+/// trampoline and flags are the kernel's, whatever libc the host uses).
+fn query(sig: libc::c_int) -> Result<KernelSigaction> {
+    let mut cur = KernelSigaction::zeroed();
+    // SAFETY: a query: null new action, `cur` writable.
+    let rc = unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigaction,
+            i64::from(sig),
+            0,
+            &mut cur as *mut KernelSigaction as i64,
+            KernelSigaction::SIGSET_SIZE,
+        )
+    };
+    raw::check(rc).map_err(|errno| {
+        Error::Signal(
+            format!(
+                "rt_sigaction({sig}) query: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )
+            .into(),
+        )
+    })?;
+    Ok(cur)
+}
+
+/// The signal return trampoline the kernel's disposition of `sig` uses (0
+/// if none), for the thread scan's own handler. Normal context.
+pub fn restorer_of(sig: libc::c_int) -> usize {
+    query(sig).map_or(0, |a| a.restorer())
+}
+
+/// Whether probes can work through the `SIGTRAP` disposition installed now:
+/// it is probert's handler, or the handler a host declared to chain to it
+/// ([`declare_chained_handler`]).
+///
+/// Our handler re-installed by the host through libc (it saved probert's
+/// `sigaction` and restored it) is accepted and re-installed exactly as
+/// probert installs it (its own trampoline, its flags): that displaces no
+/// one. Normal context.
+pub fn trap_handler_installed() -> bool {
+    // Ordering: Acquire — pairs with the Release in `install_trap`.
+    let ours = OURS.load(Ordering::Acquire);
+    let Ok(cur) = query(libc::SIGTRAP) else {
+        return false;
+    };
+    if ours == 0 {
+        return false;
+    }
+    if cur.handler() == ours {
+        let want =
+            KernelSigaction::new(ours, libc::SA_SIGINFO | libc::SA_NODEFER | libc::SA_RESTART);
+        if cur.flags() != want.flags()
+            || cur.restorer() != want.restorer()
+            || cur.mask() != want.mask()
+        {
+            return set_ours(ours).is_ok();
+        }
+        return true;
+    }
+    // Ordering: Relaxed — written under the writer lock, read under it.
+    let chained = CHAINED.load(Ordering::Relaxed);
+    chained != 0 && cur.handler() == chained
+}
+
+/// Declares that the `SIGTRAP` handler installed now (by the host, after
+/// probert) chains to probert's: it calls the `sigaction` it replaced with
+/// the kernel's three arguments for every `SIGTRAP` it does not handle
+/// itself, and returns normally afterwards. Attaching then works through it.
+///
+/// Refused with [`Error::Signal`] if no handler other than probert's is
+/// installed, or if it could not chain safely: it must be an `SA_SIGINFO`
+/// handler (probert's needs `siginfo` and the context), and `SIGTRAP` must
+/// not be blocked while it runs (`SA_NODEFER`, and not in its `sa_mask`) —
+/// a consumer that calls probed code would otherwise trap with `SIGTRAP`
+/// blocked, which the kernel punishes with death. Normal context.
+pub fn declare_chained_handler() -> Result<()> {
+    // Ordering: Acquire — pairs with the Release in `install_trap`.
+    let ours = OURS.load(Ordering::Acquire);
+    let cur = query(libc::SIGTRAP)?;
+    let h = cur.handler();
+    if h == ours && ours != 0 {
+        return Ok(());
+    }
+    if h == libc::SIG_DFL || h == libc::SIG_IGN {
         return Err(Error::Signal(
-            format!("rt_sigaction: {}", std::io::Error::from_raw_os_error(errno)).into(),
+            "no SIGTRAP handler is installed that could chain to probert's".into(),
         ));
     }
-    // Ordering: Release — pairs with the Acquire at the top.
-    OURS.store(handler as usize, Ordering::Release);
+    let flags = cur.flags() as i32;
+    let trap_bit = 1u64 << (libc::SIGTRAP - 1);
+    if flags & libc::SA_SIGINFO == 0 {
+        return Err(Error::Signal(
+            "the host's SIGTRAP handler is not an SA_SIGINFO handler: it cannot pass \
+             probert's handler the siginfo and context"
+                .into(),
+        ));
+    }
+    if flags & libc::SA_NODEFER == 0 || cur.mask() & trap_bit != 0 {
+        return Err(Error::Signal(
+            "the host's SIGTRAP handler blocks SIGTRAP while it runs (no SA_NODEFER, or \
+             SIGTRAP in its sa_mask): a probe hit inside it would kill the process"
+                .into(),
+        ));
+    }
+    // SAFETY: a normal-context caller may call signal-safe functions.
+    let cx = unsafe { SignalContext::new() };
+    note_restorer(cx, cur.restorer());
+    // Ordering: Relaxed — read by `trap_handler_installed` under the same
+    // writer lock this runs under.
+    CHAINED.store(h, Ordering::Relaxed);
     Ok(())
 }
 
-/// Whether `SIGTRAP` is still handled by our handler (a host may have
-/// replaced it after init).
-pub fn trap_handler_installed() -> bool {
-    // SAFETY: as in `install_trap`.
-    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to an initialised structure.
-    let ok = unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) } == 0;
-    // Ordering: Acquire — pairs with the Release in `install_trap`.
-    ok && OURS.load(Ordering::Acquire) != 0 && cur.sa_sigaction == OURS.load(Ordering::Acquire)
+/// Remembers `restorer` as the first word of signal frames the thread scan
+/// must recognise (see the module docs). No effect for 0, probert's own, or
+/// one already known; if every slot is taken, scans stop trusting their
+/// walks ([`restorers_lost`]).
+///
+/// # Signal safety
+/// Atomic loads and at most [`MAX_RESTORERS`] compare-and-swaps.
+pub fn note_restorer(_cx: SignalContext, restorer: usize) {
+    if restorer == 0 || restorer == crate::arch::restorer_address() {
+        return;
+    }
+    for slot in &RESTORERS {
+        // Ordering: Release on success publishes the trampoline to scan
+        // handlers on other threads; Acquire on the loads — pairs with
+        // `learned_restorers`. (The thread that noted it is the one whose
+        // frame it starts, and sees its own store in any case.)
+        match slot.compare_exchange(0, restorer, Ordering::Release, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(r) if r == restorer => return,
+            Err(_) => {}
+        }
+    }
+    // Ordering: Release — pairs with the Acquire in `restorers_lost`.
+    RESTORERS_LOST.store(1, Ordering::Release);
 }
 
-/// What the caller must do to the interrupted context after [`chain`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Chained {
-    /// The previous handler ran (or the signal is ignored): return.
-    Done,
-    /// The previous disposition was the default action, now reinstated: rewind
-    /// the instruction pointer by this many bytes so the trap instruction runs
-    /// again and the kernel applies the default action, as it would have
-    /// without us.
-    Rewind(u8),
+/// The trampolines [`note_restorer`] learned (0: none in that slot).
+///
+/// # Signal safety
+/// Atomic loads.
+pub fn learned_restorers(_cx: SignalContext) -> [usize; MAX_RESTORERS] {
+    // Ordering: Acquire — pairs with the Release CAS in `note_restorer`.
+    std::array::from_fn(|i| RESTORERS[i].load(Ordering::Acquire))
+}
+
+/// Whether a trampoline could not be remembered: walks may then miss a
+/// frame, and scans must not trust a thread they did not see inside.
+///
+/// # Signal safety
+/// One atomic load.
+pub fn restorers_lost() -> bool {
+    // Ordering: Acquire — pairs with the Release in `note_restorer`.
+    RESTORERS_LOST.load(Ordering::Acquire) != 0
 }
 
 /// Passes a `SIGTRAP` that is not ours to the previous disposition, in the
 /// three cases: an `SA_SIGINFO` handler, a plain handler, or `SIG_DFL` /
-/// `SIG_IGN`. `trap_len` is the length of the trap instruction that raised it
-/// (0 if it was not raised by an instruction).
+/// `SIG_IGN` (see the module docs for what each does). `trap_len` is the
+/// length of the trap instruction that raised it (0 if it was not raised by
+/// an instruction of ours to classify). Returns only if the process lives
+/// on.
 ///
 /// # Signal safety
-/// Calls only `sigaction`, `getpid`/`gettid`/`tgkill` (async-signal-safe)
-/// and the previous handler.
-pub fn chain(
-    sig: libc::c_int,
-    info: *mut libc::siginfo_t,
-    uc: *mut c_void,
-    trap_len: u8,
-) -> Chained {
+/// Raw system calls (`rt_sigaction`, `rt_sigprocmask`, `gettid`/`getpid`,
+/// `rt_tgsigqueueinfo`, `tgkill`) and the previous handler.
+pub fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, trap_len: u8) {
     // Ordering: Acquire — pairs with the Release in `install_trap`.
     let handler = PREV_HANDLER.load(Ordering::Acquire);
     let flags = PREV_FLAGS.load(Ordering::Acquire);
+    let code = if info.is_null() {
+        0
+    } else {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler
+        // (and a chaining host passes the kernel's).
+        unsafe { (*info).si_code }
+    };
+    let forced = trap_len > 0 || code > 0;
+    if handler == libc::SIG_IGN && !forced {
+        // Sent by a process and ignored: nothing happens, as without us.
+        return;
+    }
     if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        // Reinstate the default action: a trap instruction ignored or
-        // defaulted kills the process with SIGTRAP (the kernel forces
-        // synchronous traps), so do exactly that.
-        // SAFETY: zeroed sigaction = SIG_DFL with no flags and an empty mask.
-        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
-        act.sa_sigaction = libc::SIG_DFL;
-        // SAFETY: valid pointer to an initialised structure.
-        unsafe { libc::sigaction(sig, &act, std::ptr::null_mut()) };
-        if trap_len > 0 {
-            return Chained::Rewind(trap_len);
-        }
-        if handler == libc::SIG_DFL {
-            // Raised by a process (kill, raise): raise it again for the
-            // default action to apply once we return.
-            // SAFETY: plain syscalls with valid arguments.
-            unsafe {
-                let pid = raw::syscall0(libc::SYS_getpid);
-                let tid = raw::syscall0(libc::SYS_gettid);
-                raw::syscall3(libc::SYS_tgkill, pid, tid, sig as i64);
-            }
-        }
-        return Chained::Done;
+        die_by_default(sig, info);
+        return;
+    }
+    if flags & libc::SA_RESETHAND != 0 {
+        // The kernel resets the disposition on entry to such a handler: the
+        // next one gets the default action.
+        // Ordering: Release — pairs with the Acquire loads above (another
+        // thread racing us calls the handler too, as concurrent deliveries
+        // could have).
+        PREV_FLAGS.store(0, Ordering::Release);
+        // Ordering: Release, as above.
+        PREV_HANDLER.store(libc::SIG_DFL, Ordering::Release);
     }
     if flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the previous handler was installed with SA_SIGINFO, so it
@@ -162,5 +368,64 @@ pub fn chain(
             unsafe { std::mem::transmute::<usize, extern "C" fn(libc::c_int)>(handler) };
         f(sig);
     }
-    Chained::Done
+}
+
+/// Applies `sig`'s default action (for `SIGTRAP`: terminate with a core
+/// dump) to this process, from the handler: `SIG_DFL`, `sig` unblocked,
+/// `info` sent again to this thread, which dies of it when that system call
+/// returns. If it returns after all (a tracer suppressed the signal), puts
+/// our handler and the mask back and returns.
+///
+/// # Signal safety
+/// Raw system calls only.
+fn die_by_default(sig: libc::c_int, info: *mut libc::siginfo_t) {
+    let dfl = KernelSigaction::new(libc::SIG_DFL, 0);
+    let bit: u64 = 1 << (sig - 1);
+    let mut old_mask: u64 = 0;
+    // SAFETY: raw system calls with valid pointers to our own stack; the
+    // signal goes to this thread only; `info` is the kernel's siginfo (or
+    // null, then a plain tgkill is used).
+    unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigaction,
+            i64::from(sig),
+            &dfl as *const KernelSigaction as i64,
+            0,
+            KernelSigaction::SIGSET_SIZE,
+        );
+        raw::syscall4(
+            libc::SYS_rt_sigprocmask,
+            i64::from(libc::SIG_UNBLOCK),
+            &bit as *const u64 as i64,
+            &mut old_mask as *mut u64 as i64,
+            KernelSigaction::SIGSET_SIZE,
+        );
+        let pid = raw::syscall0(libc::SYS_getpid);
+        let tid = raw::syscall0(libc::SYS_gettid);
+        let sent = !info.is_null()
+            && raw::check(raw::syscall4(
+                libc::SYS_rt_tgsigqueueinfo,
+                pid,
+                tid,
+                i64::from(sig),
+                info as i64,
+            ))
+            .is_ok();
+        if !sent {
+            raw::syscall3(libc::SYS_tgkill, pid, tid, i64::from(sig));
+        }
+        // Still alive: a tracer suppressed the signal.
+        raw::syscall4(
+            libc::SYS_rt_sigprocmask,
+            i64::from(libc::SIG_SETMASK),
+            &old_mask as *const u64 as i64,
+            0,
+            KernelSigaction::SIGSET_SIZE,
+        );
+    }
+    // Ordering: Acquire — pairs with the Release in `install_trap`.
+    let ours = OURS.load(Ordering::Acquire);
+    if ours != 0 && sig == libc::SIGTRAP {
+        let _ = set_ours(ours);
+    }
 }

@@ -1,5 +1,6 @@
 //! Threads of this process, and the thread scan: the grace period for
-//! trampoline memory (DESIGN.md part 7).
+//! trampoline memory (DESIGN.md part 7); and the signal barrier, the heavy
+//! side of the asymmetric fence where `membarrier` is missing.
 //!
 //! # The thread scan
 //!
@@ -11,18 +12,24 @@
 //! 1. One scan at a time (a mutex; normal context). The caller's half-open
 //!    ranges `[a, b)` are published in a static table under a sequence lock,
 //!    whose even value after publication is the scan's *generation*.
-//! 2. Every other thread listed in `/proc/self/task` gets [`scan_signal`]
-//!    through `rt_tgsigqueueinfo`, carrying the generation and an ack slot in
-//!    `si_value`. Its handler reads the interrupted `rip` from the
-//!    `ucontext`, checks it against the ranges under the sequence lock (a
-//!    stale or foreign signal is ignored) and acks `inside`/`outside` into the
-//!    slot with one compare-and-swap, then wakes the scanner with a futex.
+//! 2. Every other thread listed in `/proc/self/task` (through the cached
+//!    descriptor of [`super::tasks`]; no complete listing, no scan: the
+//!    answer is `false`) gets the scan signal ([`scan_signal`], see
+//!    [`super::scan_mode`]) through `rt_tgsigqueueinfo`, carrying the
+//!    generation and an ack slot in `si_value`. Its handler reads the
+//!    interrupted `rip` from the `ucontext`, checks it — and the contexts
+//!    saved in signal frames above it ([`super::sigframes`]) — against the
+//!    ranges under the sequence lock (a stale or foreign signal is ignored)
+//!    and acks `inside`/`outside` into the slot with one compare-and-swap,
+//!    then wakes the scanner with a futex.
 //! 3. The scanner waits for every slot. A thread that has exited
 //!    (`tgkill(.., 0)` → `ESRCH`) or is a zombie counts as quiescent. A thread
 //!    that does not ack within 20 ms (it blocks the signal, or is in
 //!    uninterruptible sleep) is read from `/proc/self/task/<tid>/syscall`: if
-//!    it is blocked in the kernel with its user `pc` outside the ranges, it is
-//!    quiescent; if it is running, the scanner keeps polling.
+//!    it sleeps in the kernel with its user `pc` outside the ranges, and the
+//!    signal frames on its stack (walked by the scanner from the `sp` procfs
+//!    gives, then that state read again unchanged) hold no context inside,
+//!    it is quiescent; if it is running, the scanner keeps polling.
 //! 4. Any thread seen inside a range, or not seen before the timeout, makes
 //!    the answer `false`: the caller keeps the memory retired and asks again
 //!    later. `false` is always safe; `true` means every thread was observed
@@ -30,39 +37,53 @@
 //!    caller made the ranges unreachable before calling, none can enter them
 //!    again.
 //!
-//! Limits, all erring on `false` except the first:
-//! - Only the innermost context is seen. A thread that took a host signal
-//!   while inside a stub, and still runs (or sleeps in) that handler, shows
-//!   the handler's `pc`. Callers include probert's own handler entry in the
-//!   ranges for the trap path; foreign handlers interrupting a stub for the
-//!   whole scan are not detected.
-//! - Threads blocking [`scan_signal`] are checked through procfs only; one
+//! With quiescent points chosen instead, no signal is sent: [`quiescent`]
+//! waits until every thread the host registered has passed one
+//! ([`super::quiescent`]).
+//!
+//! Limits, all erring on `false`:
+//! - Threads blocking the scan signal are checked through procfs only; one
 //!   spinning with the signal blocked is never seen (the scan times out). At
 //!   most one of our signals is left pending per such thread (a tid seen
-//!   blocking it is checked in `/proc/self/task/<tid>/status` first).
+//!   blocking it is checked in `/proc/self/task/<tid>/status` first). At the
+//!   descriptor limit procfs files cannot be opened: such threads time out.
 //! - `SA_RESTART` restarts most interrupted system calls, but the ones
 //!   signal(7) lists as never restarted (`epoll_wait`, `poll`, `select`,
 //!   `nanosleep`, `sigtimedwait`, timed socket reads, …) return `EINTR` in
 //!   the signalled thread, as with any signal (a profiler's `SIGPROF` does the
 //!   same); hosts must already handle that.
 //!
+//! # The signal barrier
+//!
+//! [`signal_barrier`] is a scan round with no ranges: every handler
+//! executes a full fence before it acks, and a thread that does not ack but
+//! that procfs shows asleep in the kernel counts too — `/proc/<tid>/syscall`
+//! reports a system call only for a thread that is off its CPU
+//! (`wait_task_inactive`), so it went through the scheduler's full barrier
+//! after its last user-mode access and goes through another before its next
+//! one (the argument `membarrier` itself makes for threads not running). It
+//! retries until every thread has been covered: a thread that blocks the
+//! signal and never sleeps delays it for as long as it does so.
+//!
 //! # Safety
 //!
 //! The unsafe code here installs a signal handler (`sigaction`), sends
 //! signals to threads of this process only (`rt_tgsigqueueinfo` and `tgkill`
 //! with our own pid), reads the kernel-provided `siginfo_t` and `ucontext_t`
-//! inside the handler, and waits and wakes on a static futex word. The
-//! handler touches nothing but static atomics, allocates nothing and cannot
-//! panic.
+//! inside the handler, waits and wakes on a static futex word, and keeps the
+//! scan lock's guard in a static between the `pthread_atfork` handlers of
+//! one `fork`, which run on one thread. The handler touches nothing but
+//! static atomics and its own stack, allocates nothing and cannot panic.
 
 #![allow(unsafe_code)]
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{fence, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::raw;
+use super::scan_mode::{self, ScanMode};
 use super::sigframes::Saved;
 use crate::error::{Error, Result};
 use crate::sigctx::SignalContext;
@@ -78,27 +99,20 @@ pub fn gettid() -> i32 {
     tid as i32
 }
 
-/// The thread ids of this process, from `/proc/self/task`, in no particular
-/// order; empty if procfs is unavailable. Normal context only.
-pub fn list_tids() -> Vec<i32> {
-    std::fs::read_dir("/proc/self/task")
-        .map(|dir| {
-            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The real-time signal the thread scan uses: `SIGRTMAX - 1` (63 with glibc
-/// and musl).
-///
-/// The top of the real-time range, because libcs and runtimes reserve its
-/// bottom (glibc takes 32–33 for threads and cancellation, musl 32–34) and
-/// `SIGRTMAX` itself is the one applications most often pick. A host that
-/// uses `SIGRTMAX - 1` conflicts: [`scan_init`] refuses to replace a handler
-/// it finds there, and [`quiescent`] fails if the host replaces ours.
+/// The real-time signal thread scans use once [`scan_init`] installed its
+/// handler (chosen with [`super::scan_mode::set_scan_signal`] or
+/// `PROBERT_SCAN_SIGNAL`, else `SIGRTMAX - 1`, 63 with glibc and musl); the
+/// default before. [`scan_init`] refuses to replace a handler it finds
+/// there, and [`quiescent`] fails if the host replaces ours.
+#[cfg(test)]
 pub fn scan_signal() -> i32 {
-    libc::SIGRTMAX() - 1
+    match *INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        0 => scan_mode::default_signal(),
+        sig => sig,
+    }
 }
 
 /// Most ranges one scan round publishes; [`quiescent`] splits larger sets.
@@ -135,7 +149,7 @@ static SCAN_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Scanner state kept between scans; the mutex makes scans one at a time.
 struct ScanState {
-    /// Threads seen blocking [`scan_signal`]: checked before re-signalling,
+    /// Threads seen blocking the scan signal: checked before re-signalling,
     /// so at most one of our signals waits in their queue.
     blocked: Vec<i32>,
 }
@@ -144,8 +158,12 @@ struct ScanState {
 static SCAN: Mutex<ScanState> = Mutex::new(ScanState {
     blocked: Vec::new(),
 });
-/// Whether [`scan_init`] installed the handler. Normal context only.
-static INSTALLED: Mutex<bool> = Mutex::new(false);
+/// The signal [`scan_init`] installed the handler for (0: not installed).
+/// Normal context only.
+static INSTALLED: Mutex<i32> = Mutex::new(0);
+/// The signal return trampoline the scan handler returns through (libc's,
+/// which installed it), for the scanner's own walks of sleeping threads.
+static SCAN_RESTORER: AtomicUsize = AtomicUsize::new(0);
 
 /// `siginfo_t` as `rt_tgsigqueueinfo` takes it for `SI_QUEUE`: the kernel's
 /// 128-byte layout with the `_rt` member of the union.
@@ -164,7 +182,8 @@ struct QueueInfo {
 const _: () = assert!(std::mem::size_of::<QueueInfo>() == 128);
 const _: () = assert!(std::mem::size_of::<libc::siginfo_t>() == 128);
 
-/// Installs (once) the handler for [`scan_signal`].
+/// Installs (once) the handler for [`scan_signal`], fixing the scan mode
+/// ([`super::scan_mode::freeze`]); with quiescent points, installs nothing.
 ///
 /// Flags: `SA_SIGINFO` to receive `si_value` (the generation and slot) and
 /// the `ucontext` (the interrupted `rip`); `SA_RESTART` so the scan is
@@ -172,20 +191,33 @@ const _: () = assert!(std::mem::size_of::<libc::siginfo_t>() == 128);
 /// handler needs a few hundred bytes, and the interrupted stack has them. No
 /// `SA_NODEFER`: a second scan signal waits until the first returns.
 ///
+/// Also opens the `/proc/self/task` descriptor listings use, so that scans
+/// work at the descriptor limit later (a failure here is not an error: a
+/// scan without a listing answers `false`).
+///
 /// Fails with [`Error::Signal`] if another handler is installed for the
-/// signal (the host uses it). Idempotent and thread-safe. Normal context only.
+/// signal (the host uses it), [`Error::InvalidArgument`] if
+/// `PROBERT_SCAN_SIGNAL` names no real-time signal. Idempotent and
+/// thread-safe. Normal context only.
 pub fn scan_init() -> Result<()> {
     let mut installed = INSTALLED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if *installed {
+    if *installed != 0 {
         return Ok(());
     }
-    let sig = scan_signal();
+    let ScanMode::Signal(sig) = scan_mode::freeze()? else {
+        return Ok(());
+    };
     let current = current_handler(sig)?;
     if current != libc::SIG_DFL && current != libc::SIG_IGN && current != our_handler() {
         return Err(Error::Signal(
-            format!("the thread-scan signal {sig} (SIGRTMAX-1) already has a handler").into(),
+            format!(
+                "the thread-scan signal {sig} already has a handler (choose another with \
+                 probert_set_scan_signal or {})",
+                scan_mode::ENV
+            )
+            .into(),
         ));
     }
     // SAFETY: `sigaction` is plain data; all-zero is a valid start.
@@ -205,8 +237,17 @@ pub fn scan_init() -> Result<()> {
             .into(),
         ));
     }
-    *installed = true;
+    // Ordering: Relaxed — read by the scanner, which runs under SCAN after
+    // taking INSTALLED in `quiescent_at` (the mutexes order it).
+    SCAN_RESTORER.store(super::signal::restorer_of(sig), Ordering::Relaxed);
+    *installed = sig;
+    super::tasks::open();
     Ok(())
+}
+
+/// The scan handler's address as `sigaction` stores it.
+pub(crate) fn scan_handler() -> libc::sighandler_t {
+    our_handler()
 }
 
 /// The handler's address as `sigaction` stores it.
@@ -231,6 +272,20 @@ fn current_handler(sig: c_int) -> Result<libc::sighandler_t> {
     Ok(old.sa_sigaction)
 }
 
+/// The installed scan signal, checking our handler is still there.
+fn installed_signal() -> Result<i32> {
+    scan_init()?;
+    let sig = *INSTALLED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if current_handler(sig)? != our_handler() {
+        return Err(Error::Signal(
+            format!("the thread-scan signal {sig} handler was replaced by the host").into(),
+        ));
+    }
+    Ok(sig)
+}
+
 /// How much of each thread's state a scan checks against its ranges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Depth {
@@ -251,13 +306,15 @@ pub enum Depth {
 /// after the call began. A thread seen inside is asked again until it is seen
 /// outside — the ranges are unreachable, so it can only leave them — so a busy
 /// thread passing through does not fail the scan. `Ok(false)`: some thread was
-/// still inside, or could not be seen, at `timeout`; keep the memory retired
-/// and try again later.
+/// still inside, or could not be seen, at `timeout`, or the threads could not
+/// be listed; keep the memory retired and try again later.
 /// The calling thread is not checked. The ranges must already be unreachable
 /// (no thread can newly enter them), or the answer means nothing.
 ///
 /// Costs one signal per thread (tens of microseconds idle, milliseconds with
-/// more threads than CPUs), so batch retirements. Scans are serialized.
+/// more threads than CPUs), so batch retirements. Scans are serialized. With
+/// quiescent points, waits instead until every registered thread has passed
+/// one ([`super::quiescent::wait`]).
 /// `Err` if the signal handler cannot be installed or was replaced. Normal
 /// context only.
 #[cfg(test)]
@@ -271,29 +328,107 @@ pub fn quiescent_at(ranges: &[(usize, usize)], timeout: Duration, depth: Depth) 
     if ranges.is_empty() {
         return Ok(true);
     }
-    scan_init()?;
-    let sig = scan_signal();
-    if current_handler(sig)? != our_handler() {
-        return Err(Error::Signal(
-            format!("the thread-scan signal {sig} (SIGRTMAX-1) handler was replaced").into(),
-        ));
-    }
     let deadline = Instant::now() + timeout;
+    if scan_mode::freeze()? == ScanMode::QuiescentPoints {
+        return Ok(super::quiescent::wait(Some(deadline)));
+    }
+    if super::signal::restorers_lost() {
+        // A signal frame could go unrecognised: no thread can be proven out.
+        return Ok(false);
+    }
+    let sig = installed_signal()?;
     let mut state = SCAN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let me = gettid();
-    let tids: Vec<i32> = list_tids().into_iter().filter(|&t| t != me).collect();
+    let Some(tids) = super::tasks::list_tids() else {
+        return Ok(false);
+    };
+    let tids: Vec<i32> = tids.into_iter().filter(|&t| t != me).collect();
     state.blocked.retain(|t| tids.contains(t));
     for chunk in ranges.chunks(MAX_RANGES) {
         for batch in tids.chunks(ACK_SLOTS) {
-            if !scan_round(chunk, depth, batch, deadline, &mut state) {
+            if !scan_round(chunk, depth, sig, batch, deadline, &mut state) {
                 return Ok(false);
             }
         }
     }
     Ok(true)
 }
+
+/// One attempt of [`signal_barrier`].
+const BARRIER_ROUND: Duration = Duration::from_secs(1);
+
+/// Makes every other thread of the process execute a full memory barrier
+/// (see "The signal barrier" in the module docs) before it returns. Blocks
+/// until it has: retries rounds of [`BARRIER_ROUND`] for as long as a thread
+/// neither takes the signal nor sleeps, or the threads cannot be listed.
+/// `Err` only if the scan signal's handler cannot be installed or was
+/// replaced (no barrier is possible then). Normal context only.
+pub fn signal_barrier() -> Result<()> {
+    let sig = installed_signal()?;
+    let me = gettid();
+    let mut complained = false;
+    loop {
+        let deadline = Instant::now() + BARRIER_ROUND;
+        // Taken per round, so a `fork` (whose prepare handler takes it)
+        // waits at most one round.
+        let mut state = SCAN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(tids) = super::tasks::list_tids() {
+            let tids: Vec<i32> = tids.into_iter().filter(|&t| t != me).collect();
+            state.blocked.retain(|t| tids.contains(t));
+            if tids
+                .chunks(ACK_SLOTS)
+                .all(|batch| scan_round(&[], Depth::Frames, sig, batch, deadline, &mut state))
+            {
+                return Ok(());
+            }
+        } else {
+            drop(state);
+            if !complained {
+                complained = true;
+                eprintln!(
+                    "probert: /proc/self/task cannot be listed; the memory barrier of a grace \
+                     period waits until it can"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// `pthread_atfork` prepare handler: takes the scan lock (then the listing's)
+/// so that no scan or barrier round is half done in the child.
+pub fn fork_prepare() {
+    let g = SCAN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: the handlers of one fork run on one thread, in order; nothing
+    // else touches FORK_SCAN.
+    unsafe { *std::ptr::addr_of_mut!(FORK_SCAN) = Some(g) };
+    super::tasks::fork_prepare();
+}
+
+/// `pthread_atfork` parent handler.
+pub fn fork_parent() {
+    super::tasks::fork_parent();
+    // SAFETY: see `fork_prepare`.
+    drop(unsafe { (*std::ptr::addr_of_mut!(FORK_SCAN)).take() });
+}
+
+/// `pthread_atfork` child handler: the parent's threads are gone.
+pub fn fork_child() {
+    super::tasks::fork_child();
+    // SAFETY: see `fork_prepare`.
+    if let Some(mut g) = unsafe { (*std::ptr::addr_of_mut!(FORK_SCAN)).take() } {
+        g.blocked.clear();
+    }
+}
+
+/// Between the prepare and the parent/child handlers of one `fork`.
+static mut FORK_SCAN: Option<MutexGuard<'static, ScanState>> = None;
 
 /// `ranges` without empty ranges, sorted and with overlapping or touching
 /// ones merged.
@@ -337,6 +472,7 @@ struct ScanTarget {
 fn scan_round(
     ranges: &[(usize, usize)],
     depth: Depth,
+    sig: c_int,
     tids: &[i32],
     deadline: Instant,
     state: &mut ScanState,
@@ -347,7 +483,6 @@ fn scan_round(
     // below; the kernel's signal queueing orders the two — pairs with the
     // load in `on_scan_signal`.
     SCAN_PID.store(pid, Ordering::Relaxed);
-    let sig = scan_signal();
     let bit = 1u64 << (sig - 1);
     let mut pending: Vec<ScanTarget> = Vec::with_capacity(tids.len());
     for (slot, &tid) in tids.iter().enumerate() {
@@ -421,13 +556,7 @@ fn scan_round(
                     state.blocked.push(p.tid);
                 }
                 p.last_proc = Some(Instant::now());
-                match proc_state(p.tid) {
-                    ProcState::Gone => p.done = true,
-                    // Blocked in a syscall inside a range: look again later.
-                    ProcState::Blocked(pc) if in_ranges(ranges, pc) => {}
-                    ProcState::Blocked(_) => p.done = true,
-                    ProcState::Running => {}
-                }
+                p.done = asleep_outside(p.tid, ranges, depth);
             }
             all_done &= p.done;
         }
@@ -439,6 +568,47 @@ fn scan_round(
             return false;
         }
         futex_wait(&ACK_EVENTS, events, (deadline - now).min(MAX_SLEEP));
+    }
+}
+
+/// Whether procfs shows `tid` gone, or asleep in the kernel with neither
+/// its user `pc` nor a context saved in a signal frame on its stack inside
+/// `ranges` (no ranges: a barrier round, which only needs it asleep; see the
+/// module docs). The stack is walked while the thread sleeps, then its state
+/// is read again: unchanged, the walk read a stack that did not move.
+fn asleep_outside(tid: i32, ranges: &[(usize, usize)], depth: Depth) -> bool {
+    let (sp, pc) = match proc_state(tid) {
+        ProcState::Gone => return true,
+        ProcState::Running => return false,
+        ProcState::Blocked { sp, pc } => (sp, pc),
+    };
+    if ranges.is_empty() {
+        return true;
+    }
+    if in_ranges(ranges, pc) {
+        // Blocked in a syscall inside a range: look again later.
+        return false;
+    }
+    // Ordering: Relaxed — stored by `scan_init` before this scan could run
+    // (ordered by the INSTALLED and SCAN mutexes).
+    let scan_restorer = SCAN_RESTORER.load(Ordering::Relaxed);
+    let inside = |pc| Some(in_ranges(ranges, pc));
+    // SAFETY: the normal-context scanner may call signal-safe functions.
+    let cx = unsafe { SignalContext::new() };
+    if let Some(found) = super::sigframes::in_restorer(cx, pc, sp, scan_restorer, inside) {
+        if found != Some(false) {
+            return false;
+        }
+    }
+    match super::sigframes::saved_contexts_at(sp, scan_restorer, inside) {
+        Saved::Inside => return false,
+        Saved::Unknown if depth == Depth::FramesRequired => return false,
+        Saved::Unknown | Saved::Outside => {}
+    }
+    match proc_state(tid) {
+        ProcState::Gone => true,
+        ProcState::Blocked { sp: sp2, pc: pc2 } => (sp2, pc2) == (sp, pc),
+        ProcState::Running => false,
     }
 }
 
@@ -548,19 +718,48 @@ unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx
         // Unknown pc: say inside, the answer that is always safe.
         None => true,
     };
-    let inside = inside || {
-        // Ordering: Relaxed — validated with the ranges by `gen` (a stale
-        // depth only makes the walk's ranges stale, which `ranges_contain`
-        // refuses).
-        let required = DEPTH.load(Ordering::Relaxed) == Depth::FramesRequired as usize;
-        // SAFETY: `ctx` is this handler's third argument.
-        match unsafe { super::sigframes::saved_contexts(cx, ctx, |pc| ranges_contain(cx, gen, pc)) }
-        {
-            Saved::Outside => false,
-            Saved::Inside => true,
-            Saved::Unknown => required,
-        }
-    };
+    // Ordering: Relaxed — the count of generation `gen`, or of a later one
+    // whose slots are armed with another generation, so an answer based on
+    // it cannot be taken for this round's (the CAS below checks `gen`).
+    let barrier_round = RANGE_COUNT.load(Ordering::Relaxed) == 0;
+    let inside = !barrier_round
+        && (inside || {
+            let within = |pc| ranges_contain(cx, gen, pc);
+            // SAFETY: `ctx` is this handler's third argument.
+            let (sp, current) = unsafe {
+                (
+                    crate::arch::interrupted_sp(cx, ctx),
+                    crate::arch::handler_restorer(cx, ctx),
+                )
+            };
+            // Stopped in a signal return trampoline: about to resume the
+            // context saved at its stack pointer.
+            let returning = match (pc, sp) {
+                (Some(pc), Some(sp)) => super::sigframes::in_restorer(cx, pc, sp, current, within),
+                _ => None,
+            };
+            match returning {
+                Some(Some(false)) => false,
+                Some(_) => true,
+                None => {
+                    // Ordering: Relaxed — validated with the ranges by `gen` (a
+                    // stale depth only makes the walk's ranges stale, which
+                    // `ranges_contain` refuses).
+                    let required = DEPTH.load(Ordering::Relaxed) == Depth::FramesRequired as usize;
+                    // SAFETY: `ctx` is this handler's third argument.
+                    match unsafe { super::sigframes::saved_contexts(cx, ctx, within) } {
+                        Saved::Outside => false,
+                        Saved::Inside => true,
+                        Saved::Unknown => required,
+                    }
+                }
+            }
+        });
+    // Ordering: SeqCst — the barrier this signal exists for (in a barrier
+    // round; harmless in a scan): this thread's accesses before it are
+    // ordered before the ack the scanner reads, its later ones after —
+    // pairs with the scanner's fences in `membarrier::barrier`.
+    fence(Ordering::SeqCst);
     let answer = gen << 2 | if inside { INSIDE } else { OUTSIDE };
     // Ordering: AcqRel — Acquire pairs with the scanner's Release arm (the
     // slot is for this round), Release publishes the answer — pairs with
@@ -680,8 +879,14 @@ fn sig_masks(tid: i32) -> Option<(u64, u64)> {
 enum ProcState {
     /// Exited, or a zombie: it runs no more code.
     Gone,
-    /// Blocked in the kernel; it will resume at this user `pc`.
-    Blocked(usize),
+    /// Asleep in the kernel, off its CPU; it will resume at this user `pc`,
+    /// with this stack pointer.
+    Blocked {
+        /// The user stack pointer.
+        sp: usize,
+        /// The user program counter.
+        pc: usize,
+    },
     /// Running or runnable, or unreadable: nothing known.
     Running,
 }
@@ -710,20 +915,30 @@ fn proc_state(tid: i32) -> ProcState {
 
 /// Parses `/proc/<tid>/syscall`: `running`, or `nr args… sp pc` while in a
 /// system call, or `-1 sp pc` while blocked outside one (e.g. a page fault).
+/// The kernel prints the numbers only for a thread off its CPU
+/// (`wait_task_inactive`).
 fn parse_syscall_file(s: &str) -> ProcState {
     let s = s.trim();
     if s.is_empty() || s == "running" {
         return ProcState::Running;
     }
-    s.split_whitespace()
-        .last()
-        .and_then(|pc| pc.strip_prefix("0x"))
-        .and_then(|pc| usize::from_str_radix(pc, 16).ok())
-        .map_or(ProcState::Running, ProcState::Blocked)
+    let hex = |f: &str| {
+        f.strip_prefix("0x")
+            .and_then(|v| usize::from_str_radix(v, 16).ok())
+    };
+    let mut fields = s.split_whitespace().rev();
+    match (fields.next().and_then(hex), fields.next().and_then(hex)) {
+        (Some(pc), Some(sp)) => ProcState::Blocked { sp, pc },
+        _ => ProcState::Running,
+    }
 }
 
 #[cfg(test)]
 pub(crate) use tests::in_own_process;
+#[cfg(test)]
+pub(crate) mod test_support {
+    pub(crate) use super::tests::fill_descriptors;
+}
 
 #[cfg(test)]
 mod tests {
@@ -817,6 +1032,53 @@ mod tests {
         }
     }
 
+    /// Every descriptor in use (under a soft limit lowered to 256); dropping
+    /// it closes them and restores the limit.
+    pub(crate) struct Filled {
+        fds: Vec<i32>,
+        old: libc::rlimit,
+    }
+
+    impl Drop for Filled {
+        fn drop(&mut self) {
+            for &fd in &self.fds {
+                // SAFETY: descriptors this guard opened.
+                unsafe { libc::close(fd) };
+            }
+            // SAFETY: restores the limit read at the start.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &self.old) };
+        }
+    }
+
+    /// Uses every descriptor the process may open, as a host at its limit.
+    pub(crate) fn fill_descriptors() -> Filled {
+        // SAFETY: rlimit is plain data.
+        let mut old: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointers to rlimit structures.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+            let low = libc::rlimit {
+                rlim_cur: old.rlim_cur.min(256),
+                rlim_max: old.rlim_max,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &low), 0);
+        }
+        let mut fds = Vec::new();
+        loop {
+            // SAFETY: opens /dev/null; the descriptor is owned by `Filled`.
+            let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+            if fd < 0 {
+                assert_eq!(
+                    std::io::Error::last_os_error().raw_os_error(),
+                    Some(libc::EMFILE)
+                );
+                break;
+            }
+            fds.push(fd);
+        }
+        Filled { fds, old }
+    }
+
     /// Blocks every signal in the calling thread.
     fn block_all_signals() {
         // SAFETY: sigset_t is plain data; it is filled before use.
@@ -839,7 +1101,9 @@ mod tests {
         let main = gettid();
         let other = std::thread::spawn(gettid).join().expect("thread");
         assert_ne!(main, other);
-        assert!(list_tids().contains(&main));
+        assert!(super::super::tasks::list_tids()
+            .expect("procfs")
+            .contains(&main));
     }
 
     #[test]
@@ -851,7 +1115,9 @@ mod tests {
             let _ = done_rx.recv();
         });
         let tid = rx.recv().expect("tid");
-        assert!(list_tids().contains(&tid));
+        assert!(super::super::tasks::list_tids()
+            .expect("procfs")
+            .contains(&tid));
         drop(done_tx);
         t.join().expect("join");
     }
@@ -882,11 +1148,17 @@ mod tests {
         assert_eq!(parse_syscall_file("running\n"), ProcState::Running);
         assert_eq!(
             parse_syscall_file("230 0x1 0x0 0x7ffc 0x0 0x0 0x0 0x7ffd1230 0x7f12abcd\n"),
-            ProcState::Blocked(0x7f12abcd)
+            ProcState::Blocked {
+                sp: 0x7ffd1230,
+                pc: 0x7f12abcd
+            }
         );
         assert_eq!(
             parse_syscall_file("-1 0x7ffd1230 0x55aa00\n"),
-            ProcState::Blocked(0x55aa00)
+            ProcState::Blocked {
+                sp: 0x7ffd1230,
+                pc: 0x55aa00
+            }
         );
         assert_eq!(parse_syscall_file(""), ProcState::Running);
     }
@@ -1058,6 +1330,82 @@ mod tests {
         in_own_process(
             "sys::threads::tests::exiting_thread_does_not_hang_the_scan",
             exiting_thread_does_not_hang_the_scan_body,
+        );
+    }
+
+    fn the_signal_barrier_covers_every_thread_body() {
+        // A thread that takes the signal, one that blocks it and sleeps (seen
+        // asleep in procfs), and one that blocks it and spins for a while:
+        // the barrier returns only once the spinner has stopped spinning and
+        // gone to sleep.
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinning = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let threads = [
+            {
+                let (stop, tx) = (stop.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    tx.send(()).expect("send");
+                    // Ordering: Relaxed — a test flag; joined below.
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            },
+            {
+                let (stop, tx) = (stop.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    block_all_signals();
+                    tx.send(()).expect("send");
+                    // Ordering: Relaxed — as above.
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            },
+            {
+                let (stop, spinning, tx) = (stop.clone(), spinning.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    block_all_signals();
+                    tx.send(()).expect("send");
+                    let until = Instant::now() + Duration::from_millis(300);
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                    // Ordering: SeqCst — read by the main thread after the
+                    // barrier returned.
+                    spinning.store(false, Ordering::SeqCst);
+                    // Ordering: Relaxed — as above.
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            },
+        ];
+        for _ in 0..threads.len() {
+            rx.recv().expect("started");
+        }
+        signal_barrier().expect("barrier");
+        // Ordering: SeqCst — see the store.
+        assert!(
+            !spinning.load(Ordering::SeqCst),
+            "the barrier returned while a thread that could not take it ran"
+        );
+        for _ in 0..20 {
+            signal_barrier().expect("barrier");
+        }
+        // Ordering: Relaxed — the threads are joined right after.
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().expect("join");
+        }
+    }
+
+    #[test]
+    fn the_signal_barrier_covers_every_thread() {
+        in_own_process(
+            "sys::threads::tests::the_signal_barrier_covers_every_thread",
+            the_signal_barrier_covers_every_thread_body,
         );
     }
 

@@ -42,6 +42,40 @@ impl KernelSigaction {
     /// The size of the kernel's signal set, the last argument of
     /// `rt_sigaction`.
     pub const SIGSET_SIZE: i64 = 8;
+
+    /// An all-zero structure for `rt_sigaction` to fill (the old action).
+    pub fn zeroed() -> KernelSigaction {
+        KernelSigaction {
+            handler: 0,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        }
+    }
+
+    /// The handler (or `SIG_DFL`/`SIG_IGN`).
+    pub fn handler(&self) -> usize {
+        self.handler
+    }
+
+    /// `sa_flags`, `SA_RESTORER` included.
+    pub fn flags(&self) -> u64 {
+        self.flags
+    }
+
+    /// The signal return trampoline (0 without `SA_RESTORER`).
+    pub fn restorer(&self) -> usize {
+        if self.flags & SA_RESTORER != 0 {
+            self.restorer
+        } else {
+            0
+        }
+    }
+
+    /// The signals blocked while the handler runs: bit `n - 1` for signal `n`.
+    pub fn mask(&self) -> u64 {
+        self.mask
+    }
 }
 
 // The signal return trampoline, byte for byte the one glibc uses
