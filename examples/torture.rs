@@ -8,7 +8,9 @@
 //! - no handler ran after its `detach`/`detach_batch`/`sync`/`region_remove`
 //!   returned;
 //! - every probed call returned the right value;
-//! - all code is byte-identical to the original, and no probe is left.
+//! - all code is byte-identical to the original, and no probe is left;
+//! - multi-instruction fast sites were exercised: entry runs went fast, and
+//!   probes inside a run demoted its site (static code and JIT code).
 //!
 //! ```text
 //! cargo run --release --example torture -- --threads 4 --seconds 60 --probes 8
@@ -69,6 +71,19 @@ tt_sub:                       // sub rsp (out of line) → rdi + 5
     add rsp, 24
     ret
     .size tt_sub, .-tt_sub
+    .p2align 4
+    .globl tt_run
+    .type tt_run,@function
+tt_run:                       // an entry run of three instructions → rdi + 7
+    push rbp                  // +0
+    mov rbp, rsp              // +1
+    push rbx                  // +4
+    lea rax, [rdi + 7]        // +5: the steady consumer, after the run
+    mov rbx, rax
+    pop rbx
+    pop rbp
+    ret
+    .size tt_run, .-tt_run
 "#
 );
 
@@ -77,6 +92,7 @@ extern "C" {
     fn tt_riprel(x: u64) -> u64;
     fn tt_nop5(x: u64) -> u64;
     fn tt_sub(x: u64) -> u64;
+    fn tt_run(x: u64) -> u64;
 }
 
 /// `push rbp; mov rbp, rsp; lea rax, [rdi + 1]; pop rbp; ret`.
@@ -149,6 +165,22 @@ struct Counters {
     nosyncs: AtomicU64,
     regions: AtomicU64,
     cycles: AtomicU64,
+    /// Attaches at a multi-instruction entry run after which it was fast.
+    runs_fast: AtomicU64,
+    /// Attaches inside a run after which its fast site was on the trap path.
+    demotions: AtomicU64,
+}
+
+/// Records what an attach at `site` did to a multi-instruction run: `entry`
+/// is the run's site (a probe inside its run demotes it), `was_fast` its
+/// mode before the attach.
+fn note_run(c: &Counters, site: usize, entry: usize, was_fast: bool) {
+    let fast = probert::probe_mode(entry) == Ok(Mode::Fast);
+    if site == entry && fast {
+        c.runs_fast.fetch_add(1, Ordering::Relaxed);
+    } else if site != entry && was_fast && !fast {
+        c.demotions.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
@@ -168,13 +200,20 @@ fn main() {
     let seconds = arg(&args, "--seconds", 10);
     let probes = arg(&args, "--probes", 8).max(1) as usize;
 
-    let funcs: [(usize, u64); 4] = [
-        (tt_push as *const () as usize, 1),
-        (tt_riprel as *const () as usize, 1000),
-        (tt_nop5 as *const () as usize, 2),
-        (tt_sub as *const () as usize, 5),
+    // Each function, what it adds, and where its steady consumer goes: the
+    // entry, or (tt_run) the instruction after the entry's run, so that the
+    // churn creates, demotes and removes the entry's site over and over.
+    let funcs: [(usize, u64, usize); 5] = [
+        (tt_push as *const () as usize, 1, 0),
+        (tt_riprel as *const () as usize, 1000, 0),
+        (tt_nop5 as *const () as usize, 2, 0),
+        (tt_sub as *const () as usize, 5, 0),
+        (tt_run as *const () as usize, 7, 5),
     ];
-    // Sites: instruction starts in the static targets.
+    // Sites: instruction starts in the static targets. Entries whose run
+    // spans several instructions (tt_push, tt_sub, tt_run), and an
+    // instruction inside each of those runs (a probe there demotes the
+    // entry's site).
     let sites: Vec<usize> = vec![
         funcs[0].0,
         funcs[0].0 + 1,
@@ -182,6 +221,16 @@ fn main() {
         funcs[2].0,
         funcs[3].0,
         funcs[3].0 + 4,
+        funcs[4].0,
+        funcs[4].0 + 1,
+        funcs[4].0 + 4,
+    ];
+    // The multi-instruction entry runs among the sites, with the offsets of
+    // the sites inside them.
+    let runs: [(usize, &[usize]); 3] = [
+        (funcs[0].0, &[1]),
+        (funcs[3].0, &[4]),
+        (funcs[4].0, &[1, 4]),
     ];
     let pages: Vec<usize> = (0..JIT_PAGES)
         .map(|_| {
@@ -198,16 +247,16 @@ fn main() {
         .collect();
     let originals: Vec<(usize, Vec<u8>)> = funcs
         .iter()
-        .map(|&(f, _)| (f, read(f, 24)))
+        .map(|&(f, _, _)| (f, read(f, 24)))
         .chain(pages.iter().map(|&p| (p, read(p, 64))))
         .collect();
 
-    // The steady consumers: one per function entry, attached throughout.
+    // The steady consumers: one per function, attached throughout.
     let steady: Vec<(&'static Rec, ConsumerId)> = funcs
         .iter()
-        .map(|&(f, _)| {
+        .map(|&(f, _, at)| {
             let r = rec(false);
-            let id = unsafe { probert::attach(f, handler, ud(r)) }.expect("steady attach");
+            let id = unsafe { probert::attach(f + at, handler, ud(r)) }.expect("steady attach");
             (r, id)
         })
         .collect();
@@ -230,7 +279,7 @@ fn main() {
             s.spawn(move || {
                 let mut x = t as u64;
                 while !stop.load(Ordering::Relaxed) {
-                    for (i, &(f, add)) in funcs.iter().enumerate() {
+                    for (i, &(f, add, _)) in funcs.iter().enumerate() {
                         let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(f) };
                         assert_eq!(f(x), x + add, "a probed function computed wrong");
                         calls_per_func[i].fetch_add(1, Ordering::Relaxed);
@@ -248,8 +297,8 @@ fn main() {
         // Churn: attach `probes` consumers, then take them all down one of
         // three ways.
         for t in 0..2u64 {
-            let (sites, c, stop, regions, pages, jit_recs) =
-                (&sites, &c, &stop, &regions, &pages, &jit_recs);
+            let (sites, runs, c, stop, regions, pages, jit_recs) =
+                (&sites, &runs, &c, &stop, &regions, &pages, &jit_recs);
             s.spawn(move || {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
                 while !stop.load(Ordering::Relaxed) {
@@ -258,9 +307,25 @@ fn main() {
                         let r = rec(rng.below(8) == 0);
                         let site = sites[rng.below(sites.len())];
                         let mode = [Mode::Auto, Mode::Trap, Mode::Fast][rng.below(3)];
+                        let entry = runs
+                            .iter()
+                            .find(|(e, inner)| site == *e || inner.iter().any(|&o| site == e + o))
+                            .map(|&(e, _)| e);
+                        let was_fast =
+                            entry.is_some_and(|e| probert::probe_mode(e) == Ok(Mode::Fast));
                         match unsafe { probert::attach_ex(site, handler, ud(r), mode) } {
-                            Ok(id) => live.push((r, id)),
+                            Ok(id) => {
+                                live.push((r, id));
+                                if let Some(e) = entry {
+                                    note_run(c, site, e, was_fast);
+                                }
+                            }
                             Err(Error::UnsupportedInstruction { .. }) if mode == Mode::Fast => {}
+                            // A FAST consumer at the entry keeps its run: a
+                            // probe inside it is refused, in any mode.
+                            Err(Error::UnsupportedInstruction { reason, .. })
+                                if entry.is_some_and(|e| e != site)
+                                    && reason.contains("a FAST probe at") => {}
                             Err(e) => panic!("attach at {site:#x} ({mode:?}): {e}"),
                         }
                         c.attaches.fetch_add(1, Ordering::Relaxed);
@@ -271,12 +336,25 @@ fn main() {
                         let reg = regions[p].read().unwrap();
                         if reg.is_some() {
                             let r = rec(false);
-                            let reqs = [0, 1, 4].map(|off| AttachReq {
-                                addr: pages[p] + off,
-                                handler,
-                                user_data: ud(r),
-                            });
+                            // The entry alone (a run of three instructions,
+                            // fast), the two inside its run (demoting it if
+                            // it is there), or all three at once (none
+                            // fast: each run holds another probe).
+                            let offsets: &[usize] =
+                                [&[0usize][..], &[1, 4], &[0, 1, 4]][rng.below(3)];
+                            let was_fast = probert::probe_mode(pages[p]) == Ok(Mode::Fast);
+                            let reqs: Vec<AttachReq> = offsets
+                                .iter()
+                                .map(|&off| AttachReq {
+                                    addr: pages[p] + off,
+                                    handler,
+                                    user_data: ud(r),
+                                })
+                                .collect();
                             let ids = probert::attach_batch(&reqs).expect("attach_batch in JIT");
+                            if offsets.len() < 3 {
+                                note_run(c, pages[p] + offsets[0], pages[p], was_fast);
+                            }
                             jit_recs[p].lock().unwrap().push(r);
                             if rng.below(2) == 0 {
                                 probert::detach_batch(&ids).expect("detach_batch in JIT");
@@ -398,6 +476,13 @@ fn main() {
     if late != 0 {
         failures.push(format!("{late} handler calls after detach returned"));
     }
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    if l(&c.runs_fast) == 0 {
+        failures.push("no multi-instruction entry run went fast".into());
+    }
+    if l(&c.demotions) == 0 {
+        failures.push("no probe inside a run demoted its site".into());
+    }
     if probert::probe_count() != 0 {
         failures.push(format!("{} probes left", probert::probe_count()));
     }
@@ -406,12 +491,13 @@ fn main() {
             failures.push(format!("code at {addr:#x} not restored"));
         }
     }
-    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     println!(
         "torture: {threads} hammer threads, {seconds} s, {probes} probes per cycle\n  \
          calls {}, steady hits {hits} (exact: {})\n  \
          churn cycles {}: attaches {}, detaches {}, batch detaches {}, nosync detaches {}, \
          region add/remove {}\n  \
+         multi-instruction runs: fast after {} attaches at their entry, demoted by {} \
+         inside them\n  \
          checks: {} of {}",
         l(&c.calls),
         failures.iter().all(|f| !f.starts_with("function")),
@@ -421,8 +507,10 @@ fn main() {
         l(&c.batches),
         l(&c.nosyncs),
         l(&c.regions),
-        5 + steady.len() - failures.len().min(5 + steady.len()),
-        5 + steady.len(),
+        l(&c.runs_fast),
+        l(&c.demotions),
+        CHECKS + steady.len() - failures.len().min(CHECKS + steady.len()),
+        CHECKS + steady.len(),
     );
     if !failures.is_empty() {
         for f in &failures {
@@ -431,6 +519,9 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+/// The checks besides one per steady consumer (the module docs list them).
+const CHECKS: usize = 7;
 
 fn read_orig(_page: usize) -> Vec<u8> {
     let mut v = JIT_CODE.to_vec();

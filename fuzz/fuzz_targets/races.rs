@@ -17,6 +17,11 @@
 //!
 //! libFuzzer runs every input in this one process, so state carries over: an
 //! input that leaves a probe or a late handler behind fails the next check.
+//!
+//! Several sites are multi-instruction fast sites (the entries of `fz_push`,
+//! `fz_sub`, `fz_endbr` and the JIT function displace a run of instructions),
+//! and each has a site inside its run: a probe there demotes the entry's
+//! site to its first instruction. `world` checks once that both happen.
 #![no_main]
 
 use std::arch::global_asm;
@@ -80,6 +85,15 @@ fz_data: .quad 1000
     add rsp, 24
     ret
     .size fz_sub, .-fz_sub
+
+    FZFUNC fz_endbr          // endbr64, then a run of 3 (jump at +4) → rdi + 3
+    endbr64
+    push rbp
+    mov rbp, rsp             // +5: inside the entry's run
+    lea rax, [rdi + 3]
+    pop rbp
+    ret
+    .size fz_endbr, .-fz_endbr
 "#
 );
 
@@ -89,6 +103,7 @@ extern "C" {
     fn fz_call(x: u64) -> u64;
     fn fz_nop5(x: u64) -> u64;
     fn fz_sub(x: u64) -> u64;
+    fn fz_endbr(x: u64) -> u64;
 }
 
 /// The JIT function: `push rbp; mov rbp, rsp; lea rax, [rdi + 1]; pop rbp;
@@ -214,6 +229,8 @@ fn world() -> &'static World {
             f(fz_nop5, 0, 2),
             f(fz_sub, 0, 5),
             f(fz_sub, 4, 5),
+            f(fz_endbr, 0, 3),
+            f(fz_endbr, 5, 3),
         ];
         for (i, &p) in pages.iter().enumerate() {
             for off in [0, 1, 4] {
@@ -231,6 +248,7 @@ fn world() -> &'static World {
             .map(|s| (s.func, read(s.func, 24)))
             .collect();
         originals.extend(pages.iter().map(|&p| (p, read(p, 64))));
+        check_runs(&[(fz_push, 1), (fz_sub, 4), (fz_endbr, 5)]);
         World {
             sites,
             pages,
@@ -238,6 +256,36 @@ fn world() -> &'static World {
             originals,
         }
     })
+}
+
+/// Each function's entry is a fast site displacing a run of several
+/// instructions, and a probe at the offset given, inside that run, demotes
+/// it: the scripts exercise both, and would silently stop if the flow
+/// analysis changed.
+fn check_runs(runs: &[(unsafe extern "C" fn(u64) -> u64, usize)]) {
+    unsafe extern "C" fn nothing(_: *mut Hit) -> u32 {
+        Action::Continue as u32
+    }
+    let attach = |a| {
+        // SAFETY: a site of this target; the handler does nothing.
+        unsafe { probert::attach(a, nothing, std::ptr::null_mut()) }.expect("attach")
+    };
+    for &(f, inner) in runs {
+        let f = f as usize;
+        let entry = attach(f);
+        assert_eq!(
+            probert::probe_mode(f),
+            Ok(Mode::Fast),
+            "the run at {f:#x} is a fast site"
+        );
+        let id = attach(f + inner);
+        assert_eq!(
+            probert::probe_mode(f),
+            Ok(Mode::Trap),
+            "a probe at +{inner} demotes the run at {f:#x}"
+        );
+        probert::detach_batch(&[entry, id]).expect("detach");
+    }
 }
 
 unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
@@ -303,8 +351,15 @@ impl Mine {
 }
 
 fn check_attach_error(e: &Error, mode: Mode, site: &Site, what: &str) {
+    // A FAST consumer at an entry keeps its run: a probe inside the run is
+    // refused, in any mode.
+    let inside_fast_run = |e: &Error| {
+        matches!(e, Error::UnsupportedInstruction { reason, .. }
+            if site.addr != site.func && reason.contains("a FAST probe at"))
+    };
     let fine = matches!(e, Error::NoRegion { .. }) && site.page.is_some()
-        || matches!(e, Error::UnsupportedInstruction { .. }) && mode == Mode::Fast;
+        || matches!(e, Error::UnsupportedInstruction { .. }) && mode == Mode::Fast
+        || inside_fast_run(e);
     assert!(fine, "{what} at {:#x} ({mode:?}) failed: {e}", site.addr);
 }
 

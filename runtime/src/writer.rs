@@ -561,8 +561,13 @@ impl WriterState {
         for &a in &busy {
             self.publish_list(a)?;
         }
-        let (_, switched) = self.sites.apply_modes(&busy);
-        self.remove_probes(&empty).and(switched)
+        // A detach only ever lets a site become fast (a TRAP pin left). If
+        // it cannot (a thread scan sees a thread in its run, a write fails)
+        // it stays on the trap path, which serves its consumers the same:
+        // the detach itself is done, and must not report failure (its
+        // caller would skip the grace period `detach` waits for).
+        let _ = self.sites.apply_modes(&busy);
+        self.remove_probes(&empty)
     }
 
     /// Removes probes (their consumers are gone): restore, unindex, defer.
