@@ -407,7 +407,7 @@ pub(crate) fn pending_hits(tag: u64) -> u64 {
 /// before the purge, so a grace period after the purge covers that flush.
 /// No section that begins after the purge sees the tags: the consumers were
 /// unpublished a grace period before, so no new entry for them is made.
-pub(crate) fn purge_hit_entries(tags: &std::collections::HashSet<u64>) {
+pub(crate) fn purge_hit_entries(tags: &crate::addr_hash::AddrSet<u64>) {
     TABLE.purge_hit_entries(tags);
 }
 
@@ -577,7 +577,7 @@ impl Sections {
             .any(|s| s.owner.load(Ordering::Relaxed) == tp | TRANSIENT_TAG && inside(s))
     }
 
-    fn purge_hit_entries(&self, tags: &std::collections::HashSet<u64>) {
+    fn purge_hit_entries(&self, tags: &crate::addr_hash::AddrSet<u64>) {
         for e in self.slots.iter().flat_map(|s| s.hits.iter()) {
             // Ordering: Relaxed — a statistic; the owner's own eviction and
             // this compare-exchange decide which of the two drops the entry.

@@ -36,6 +36,10 @@ impl Flows {
 /// A module's flows, with what identifies the module's image.
 struct ModuleFlows {
     table: modules::TableRef,
+    /// Its executable segments, and the loader generation at which they
+    /// were last seen to be this image's.
+    exec: Vec<(usize, usize)>,
+    generation: Option<(u64, u64)>,
     flows: Flows,
 }
 
@@ -60,13 +64,26 @@ impl Layouts {
         addr: usize,
         original: &dyn Fn(usize, usize) -> Option<Vec<u8>>,
     ) -> Option<&FunctionFlow> {
+        // The common case, one loader call: nothing was loaded or unloaded
+        // since this module's flows were last confirmed.
+        let generation = modules::generation();
+        if let Some(i) = self.modules.iter().position(|m| {
+            generation.is_some()
+                && m.generation == generation
+                && m.exec.iter().any(|&(a, b)| (a..b).contains(&addr))
+        }) {
+            return self.modules[i].flows.at(addr);
+        }
         let module = modules::module_layout(addr)?;
         let at = match self
             .modules
             .iter()
             .position(|m| m.table.same(&module.table))
         {
-            Some(i) => i,
+            Some(i) => {
+                self.modules[i].generation = generation;
+                i
+            }
             None => {
                 // A module reloaded where another was: its old flows go.
                 self.modules.retain(|m| !m.table.overlaps(&module.table));
@@ -89,6 +106,8 @@ impl Layouts {
                 flows.sort_by_key(|f| f.start());
                 arch::link_module(&mut flows);
                 self.modules.push(ModuleFlows {
+                    exec: module.table.exec().to_vec(),
+                    generation,
                     table: module.table,
                     flows: Flows { flows },
                 });

@@ -166,6 +166,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+mod addr_hash;
 mod api;
 mod arch;
 mod arena;
@@ -177,6 +178,7 @@ mod grace;
 mod hit;
 mod host;
 mod layout;
+mod lookup;
 mod map;
 mod patch;
 mod probe;
@@ -198,12 +200,13 @@ pub use host::{
     barrier_mechanism, quiescent, register_thread, set_scan_signal, thread_offline, thread_online,
     unregister_thread, use_quiescent_points, Barrier, HostThread,
 };
+pub use lookup::{functions, symbol_addr, Function};
 pub use region::{RegionDesc, RegionId, WriteFn};
 pub use site::Mode;
 pub use writer::{
     attach_batch, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync, init,
-    probe_count, probe_mode, recycle_stubs, region_add, region_functions, region_remove,
-    retired_stubs, stats, sync,
+    instructions, probe_count, probe_mode, recycle_stubs, region_add, region_functions,
+    region_remove, retired_stubs, stats, sync,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is

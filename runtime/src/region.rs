@@ -50,18 +50,34 @@ impl fmt::Debug for RegionDesc {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionId(pub u64);
 
-/// Where a probe lives and how to write there.
-#[derive(Clone)]
+/// Where a probe lives and how to write there: one per JIT region or module
+/// segment, shared by its sites.
 pub(crate) struct Target {
     /// The region's bounds: reads of code never cross them.
     pub start: usize,
     pub end: usize,
-    /// Start of the enclosing function, when known.
-    pub func_start: Option<usize>,
     /// The JIT region, if any.
     pub region: Option<RegionId>,
     /// The writer.
     pub write: Option<Arc<WriteFn>>,
+}
+
+/// What [`Regions::resolve`] found at an address.
+pub(crate) struct Resolved {
+    pub target: Arc<Target>,
+    /// Start of the enclosing function, when known.
+    pub func_start: Option<usize>,
+    /// Whether that function's symbol names probert's own code.
+    pub probert_symbol: bool,
+}
+
+/// Whether a symbol names probert's own code (`probert_*`, or a Rust path
+/// through a `probert` crate).
+fn is_probert_symbol(name: &str) -> bool {
+    name.starts_with("probert_")
+        || name
+            .match_indices("7probert")
+            .any(|(i, _)| !name[..i].ends_with(|c: char| c.is_ascii_digit()))
 }
 
 impl fmt::Debug for Target {
@@ -91,7 +107,7 @@ struct Jit {
     id: RegionId,
     end: usize,
     name: String,
-    write: Option<Arc<WriteFn>>,
+    target: Arc<Target>,
     /// The functions inside, `[start, end)`, as the host declared them
     /// ([`Regions::set_functions`]); empty: the region is one function.
     functions: Vec<(usize, usize)>,
@@ -102,6 +118,8 @@ struct Jit {
 pub(crate) struct Regions {
     by_start: BTreeMap<usize, Jit>,
     next_id: u64,
+    /// The targets of module segments seen so far, by bounds.
+    segments: std::cell::RefCell<std::collections::HashMap<(usize, usize), Arc<Target>>>,
 }
 
 impl fmt::Debug for Regions {
@@ -150,7 +168,12 @@ impl Regions {
                 id,
                 end,
                 name: desc.name,
-                write: desc.write.map(Arc::from),
+                target: Arc::new(Target {
+                    start: desc.start,
+                    end,
+                    region: Some(id),
+                    write: desc.write.map(Arc::from),
+                }),
                 functions: Vec::new(),
             },
         );
@@ -212,30 +235,40 @@ impl Regions {
     }
 
     /// The region holding `addr`: a registered JIT region, else the loaded
-    /// module's executable segment; and, in module code, the name of the
-    /// enclosing function's symbol.
-    pub(crate) fn resolve(&self, addr: usize) -> Result<(Target, Option<String>)> {
+    /// module's executable segment; and, in module code, the enclosing
+    /// function's start and whether its symbol is probert's.
+    pub(crate) fn resolve(&self, addr: usize) -> Result<Resolved> {
         if let Some((&start, j)) = self.by_start.range(..=addr).next_back() {
             if addr < j.end {
-                let target = Target {
-                    start,
-                    end: j.end,
+                return Ok(Resolved {
+                    target: j.target.clone(),
                     func_start: Some(start),
-                    region: Some(j.id),
-                    write: j.write.clone(),
-                };
-                return Ok((target, None));
+                    probert_symbol: false,
+                });
             }
         }
-        let m = modules::module_containing(addr).ok_or(Error::NoRegion { addr })?;
+        let (start, end) = modules::segment_bounds(addr).ok_or(Error::NoRegion { addr })?;
         let func = modules::function_extent(addr);
-        let target = Target {
-            start: m.start,
-            end: m.end,
+        let target = self
+            .segments
+            .borrow_mut()
+            .entry((start, end))
+            .or_insert_with(|| {
+                Arc::new(Target {
+                    start,
+                    end,
+                    region: None,
+                    write: None,
+                })
+            })
+            .clone();
+        Ok(Resolved {
+            target,
             func_start: func.as_ref().map(|f| f.start),
-            region: None,
-            write: None,
-        };
-        Ok((target, func.and_then(|f| f.name().map(String::from))))
+            probert_symbol: func
+                .as_ref()
+                .and_then(|f| f.name())
+                .is_some_and(is_probert_symbol),
+        })
     }
 }

@@ -72,15 +72,19 @@
 //! armed proves there are none, for good. The way back writes the trap
 //! over the head first; no thread is inside the run then either.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+
+use crate::addr_hash::AddrMap;
 
 use crate::arch::{self, Displaced, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
 use crate::error::{Error, Result};
 use crate::layout::Layouts;
 use crate::patch::{self, Patch};
 use crate::region::{Regions, Target};
-use crate::sys::{code, membarrier, threads};
+use crate::sys::{code, maps, membarrier, threads};
 use crate::xol::{self, Pool, Stub};
+use std::sync::Arc;
 
 /// The mechanism that serves a probed address.
 #[repr(u32)]
@@ -148,6 +152,47 @@ impl JumpPart {
     }
 }
 
+/// The consumer records of a site: nearly always one, kept inline.
+#[derive(Debug, Default)]
+pub(crate) struct ConsumerIds {
+    /// The first, if any.
+    first: Option<u32>,
+    rest: Vec<u32>,
+}
+
+impl ConsumerIds {
+    pub(crate) fn push(&mut self, id: u32) {
+        if self.first.is_none() {
+            self.first = Some(id);
+        } else {
+            self.rest.push(id);
+        }
+    }
+
+    /// Removes `id` (every occurrence), keeping the others in order.
+    pub(crate) fn remove(&mut self, id: u32) {
+        self.rest.retain(|&c| c != id);
+        if self.first == Some(id) {
+            self.first = if self.rest.is_empty() {
+                None
+            } else {
+                Some(self.rest.remove(0))
+            };
+        }
+        if self.rest.is_empty() {
+            self.rest = Vec::new();
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &u32> + '_ {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
 /// One patched site.
 pub(crate) struct Site {
     /// Its probe record (`probe::PROBES`).
@@ -156,17 +201,19 @@ pub(crate) struct Site {
     pub patch: usize,
     /// The original bytes from `patch`, written back on disarm.
     orig: [u8; MAX_INSN_LEN],
-    pub target: Target,
+    /// How many bytes of `orig` are the original code.
+    orig_len: u8,
+    pub target: Arc<Target>,
     plan: Plan,
     /// The consumers attached here.
-    pub consumers: Vec<u32>,
+    pub consumers: ConsumerIds,
     /// Consumers that asked for the trap path ([`Mode::Trap`]).
     pub pins: usize,
     /// Consumers that asked for the fast path ([`Mode::Fast`]).
     pub fast_pins: usize,
     jump: JumpState,
     /// Why the site cannot be fast, if it cannot.
-    refusal: Option<String>,
+    trap_only: Option<TrapOnly>,
 }
 
 impl Site {
@@ -175,15 +222,6 @@ impl Site {
             && matches!(self.plan, Plan::Fast { .. })
             && self.pins == 0
             && !self.consumers.is_empty()
-    }
-
-    /// How many bytes from the patch address differ from the original code.
-    fn patched_len(&self) -> usize {
-        if self.jump.tail || self.jump.head {
-            arch::JUMP_LEN
-        } else {
-            TRAP_INSN.len()
-        }
     }
 
     /// The mechanism serving the site now.
@@ -195,9 +233,9 @@ impl Site {
         }
     }
 
-    /// Why the site cannot be fast (`None` if it can).
-    pub(crate) fn refusal(&self) -> Option<&str> {
-        self.refusal.as_deref()
+    /// Whether the site can be fast (its consumers permitting).
+    pub(crate) fn fast_capable(&self) -> bool {
+        self.trap_only.is_none()
     }
 
     /// The displaced run `[patch, end)` of a fast-capable site.
@@ -205,6 +243,47 @@ impl Site {
         match self.plan {
             Plan::Fast { end, .. } => Some((self.patch, end)),
             Plan::Trap { .. } | Plan::Demoted { .. } => None,
+        }
+    }
+}
+
+/// Why a site is trap only: kept compact in a [`Site`] (the message is made
+/// when a FAST request asks, [`Sites::refusal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TrapOnly {
+    /// Its function's flow proves no run here (re-derived for the message).
+    Flow,
+    /// No layout is known and the instruction is shorter than the jump.
+    Short,
+    /// Cores cannot be serialised (no `MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE`).
+    NoSyncCore,
+    /// Another probe, at this address, lies inside the run.
+    ProbeInside(usize),
+    /// Its stub could not be built.
+    Stub,
+}
+
+impl TrapOnly {
+    /// The message, given the flow's refusal for [`TrapOnly::Flow`].
+    fn text(self, flow: Option<String>) -> String {
+        match self {
+            TrapOnly::Flow => flow.unwrap_or_else(|| {
+                "its function's flow proves no run of whole instructions here".into()
+            }),
+            TrapOnly::Short => "its function's layout is unknown and its instruction is shorter \
+                                than the jump"
+                .into(),
+            TrapOnly::NoSyncCore => {
+                "fast probes need membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE), which \
+                 this kernel does not offer"
+                    .into()
+            }
+            TrapOnly::ProbeInside(x) => {
+                format!(
+                    "another probe, at {x:#x}, is inside the instructions its jump would displace"
+                )
+            }
+            TrapOnly::Stub => "its stub could not be built".into(),
         }
     }
 }
@@ -220,16 +299,19 @@ pub(crate) struct PreparedSite {
     code: Vec<u8>,
     pub len: u8,
     pub displaced: Displaced,
-    pub target: Target,
+    pub target: Arc<Target>,
     /// The run `[patch, end)` if fast-capable.
     run: Option<usize>,
-    refusal: Option<String>,
+    /// Why it is trap only, if it is (the flow's refusal with it).
+    trap_only: Option<(TrapOnly, Option<arch::Refusal>)>,
 }
 
 impl PreparedSite {
     /// Why this site cannot be fast, or `None`.
-    pub(crate) fn refusal(&self) -> Option<&str> {
-        self.refusal.as_deref()
+    pub(crate) fn refusal(&self) -> Option<String> {
+        self.trap_only
+            .as_ref()
+            .map(|(k, r)| k.text(r.as_ref().map(ToString::to_string)))
     }
 
     /// The run it would displace, if fast-capable.
@@ -238,9 +320,9 @@ impl PreparedSite {
     }
 
     /// Makes it trap-only, saying why.
-    pub(crate) fn refuse_fast(&mut self, why: String) {
+    pub(crate) fn refuse_fast(&mut self, why: TrapOnly) {
         self.run = None;
-        self.refusal.get_or_insert(why);
+        self.trap_only.get_or_insert((why, None));
     }
 }
 
@@ -336,21 +418,50 @@ impl Plan {
 }
 
 /// Whether `addr` is probert's own code (the trap path, the writer, the
-/// stubs), which must never be probed. `func_name` is the symbol of the
-/// enclosing function, if known.
-fn is_probert_code(pool: &Pool, addr: usize, func_name: Option<&str>) -> bool {
+/// stubs), which must never be probed. `probert_symbol`: the enclosing
+/// function's symbol is probert's.
+fn is_probert_code(pool: &Pool, addr: usize, probert_symbol: bool) -> bool {
     let (lo, hi) = crate::fast::code_range();
-    if pool.contains(addr) || (lo..hi).contains(&addr) {
-        return true;
-    }
-    match func_name {
-        Some(name) => {
-            name.starts_with("probert_")
-                || name
-                    .match_indices("7probert")
-                    .any(|(i, _)| !name[..i].ends_with(|c: char| c.is_ascii_digit()))
+    probert_symbol || pool.contains(addr) || (lo..hi).contains(&addr)
+}
+
+/// Code read during one writer operation, by page: a batch of probes in the
+/// same functions reads each page once, not each instruction.
+#[derive(Default)]
+struct PageReads {
+    pages: AddrMap<usize, Option<Box<[u8]>>>,
+}
+
+impl PageReads {
+    /// The bytes of `[start, end)`, `None` if any of them cannot be read.
+    fn read(&mut self, start: usize, end: usize) -> Option<Vec<u8>> {
+        if end <= start {
+            return Some(Vec::new());
         }
-        None => false,
+        let page = maps::page_size();
+        // Long reads (a whole function's layout) go directly.
+        if end - start > 4 * page {
+            return code::read_code_checked(start, end);
+        }
+        let mut out = Vec::with_capacity(end - start);
+        let mut at = start;
+        while at < end {
+            let p = at / page * page;
+            let bytes = self
+                .pages
+                .entry(p)
+                .or_insert_with(|| code::read_code_checked(p, p + page).map(Vec::into_boxed_slice))
+                .as_deref();
+            let Some(bytes) = bytes else {
+                // Part of the page may still be readable (a region's last
+                // page): read exactly what was asked.
+                return code::read_code_checked(start, end);
+            };
+            let upto = end.min(p + page);
+            out.extend_from_slice(&bytes[at - p..upto - p]);
+            at = upto;
+        }
+        Some(out)
     }
 }
 
@@ -358,6 +469,8 @@ fn is_probert_code(pool: &Pool, addr: usize, func_name: Option<&str>) -> bool {
 #[derive(Default)]
 pub(crate) struct Sites {
     by_probe: BTreeMap<usize, Site>,
+    /// Code read in the current writer operation.
+    reads: RefCell<PageReads>,
     /// Instruction layouts of the functions probes went into.
     layouts: Layouts,
     /// Whether cores can be serialised after code changes (fast sites).
@@ -398,6 +511,11 @@ impl Sites {
         self.by_probe.range(start..end).map(|(&a, s)| (a, s))
     }
 
+    /// Forgets the code read so far (at the edges of a writer operation).
+    pub(crate) fn forget_reads(&mut self) {
+        self.reads.get_mut().pages.clear();
+    }
+
     /// Forgets a region's layout (the region is gone).
     pub(crate) fn forget_region(&mut self, id: crate::region::RegionId) {
         self.layouts.forget_region(id);
@@ -419,10 +537,14 @@ impl Sites {
     /// the bytes of every site replaced by the ones probert displaced.
     /// `None` where the memory cannot be read.
     pub(crate) fn original_code(&self, start: usize, end: usize) -> Option<Vec<u8>> {
-        let mut bytes = code::read_code_checked(start, end)?;
+        let mut bytes = self.reads.borrow_mut().read(start, end)?;
         let from = start.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE);
         for s in self.by_probe.range(from..end).map(|(_, s)| s) {
-            for (i, &orig) in s.orig.iter().enumerate().take(s.patched_len()) {
+            // Every byte probert may have changed there, whatever the
+            // site's state now (a page read earlier in this operation may
+            // hold an older state).
+            let changed = usize::from(s.orig_len).min(arch::JUMP_LEN);
+            for (i, &orig) in s.orig.iter().enumerate().take(changed) {
                 if let Some(b) = (s.patch + i)
                     .checked_sub(start)
                     .and_then(|k| bytes.get_mut(k))
@@ -434,24 +556,17 @@ impl Sites {
         Some(bytes)
     }
 
-    /// Decodes and checks the instruction at `addr` and decides its plan.
-    /// Nothing is built or written.
-    pub(crate) fn prepare(
+    /// Runs `f` on the flow of the function around `addr` (in `target`),
+    /// analysing it first if needed; `None` where no function is known.
+    fn with_flow<R>(
         &mut self,
         regions: &Regions,
-        pool: &Pool,
+        target: &Target,
         addr: usize,
-    ) -> Result<Prepared> {
-        let (target, func_name) = regions.resolve(addr)?;
-        if is_probert_code(pool, addr, func_name.as_deref()) {
-            return Err(Error::InvalidArgument(
-                format!("{addr:#x} is inside probert's own code").into(),
-            ));
-        }
-        // The function's layout: every instruction boundary, and which run a
-        // jump may displace here.
+        f: impl FnOnce(&arch::FunctionFlow) -> R,
+    ) -> Option<R> {
         let mut layouts = std::mem::take(&mut self.layouts);
-        let flow = {
+        let r = {
             let this: &Sites = self;
             let original = |s: usize, e: usize| this.original_code(s, e);
             match target.region {
@@ -463,22 +578,70 @@ impl Sites {
                         addr,
                         &original,
                     )
-                    .map(|f| (misaligned(f, addr), f.displaceable(addr))),
-                None => layouts
-                    .module_flow(addr, &original)
-                    .map(|f| (misaligned(f, addr), f.displaceable(addr))),
+                    .map(f),
+                None => layouts.module_flow(addr, &original).map(f),
             }
         };
         self.layouts = layouts;
+        r
+    }
+
+    /// Why the site at `probe` cannot be fast (`None` if it can).
+    pub(crate) fn refusal(&mut self, regions: &Regions, probe: usize) -> Option<String> {
+        let why = self.by_probe.get(&probe)?.trap_only?;
+        let flow = match why {
+            TrapOnly::Flow => regions.resolve(probe).ok().and_then(|r| {
+                self.with_flow(regions, &r.target, probe, |f| {
+                    f.displaceable(probe).err().map(|r| r.to_string())
+                })
+                .flatten()
+            }),
+            _ => None,
+        };
+        Some(why.text(flow))
+    }
+
+    /// The instruction starts of the function around `addr`, from its whole
+    /// decode (up to where decoding stopped).
+    pub(crate) fn instructions(&mut self, regions: &Regions, addr: usize) -> Result<Vec<usize>> {
+        let target = regions.resolve(addr)?.target;
+        self.with_flow(regions, &target, addr, |f| {
+            f.boundaries()
+                .take_while(|&b| b < f.decoded_end())
+                .collect()
+        })
+        .ok_or(Error::NoRegion { addr })
+    }
+
+    /// Decodes and checks the instruction at `addr` and decides its plan.
+    /// Nothing is built or written.
+    pub(crate) fn prepare(
+        &mut self,
+        regions: &Regions,
+        pool: &Pool,
+        addr: usize,
+    ) -> Result<Prepared> {
+        let resolved = regions.resolve(addr)?;
+        let (target, func_start) = (resolved.target, resolved.func_start);
+        if is_probert_code(pool, addr, resolved.probert_symbol) {
+            return Err(Error::InvalidArgument(
+                format!("{addr:#x} is inside probert's own code").into(),
+            ));
+        }
+        // The function's layout: every instruction boundary, and which run a
+        // jump may displace here.
+        let flow = self.with_flow(regions, &target, addr, |f| {
+            (misaligned(f, addr), f.displaceable(addr))
+        });
         let (flow_run, flow_refusal) = match flow {
             Some((true, _)) => {
                 return Err(Error::Misaligned {
                     addr,
-                    func: target.func_start.unwrap_or(target.start),
+                    func: func_start.unwrap_or(target.start),
                 })
             }
             Some((false, Ok(site))) => (Some(site), None),
-            Some((false, Err(r))) => (None, Some(r.to_string())),
+            Some((false, Err(r))) => (None, Some(r)),
             None => (None, None),
         };
         if let Some((holder, _)) = self.run_holding(addr) {
@@ -492,7 +655,7 @@ impl Sites {
         if flow_run.is_none() && flow_refusal.is_none() {
             // No layout (code outside any known function): check what can be
             // checked from the function start, if known.
-            if let Some(func) = target.func_start.filter(|&f| f < addr) {
+            if let Some(func) = func_start.filter(|&f| f < addr) {
                 let bytes = self.original_code(func, end).unwrap_or_default();
                 arch::check_boundary(&bytes, func, addr)?;
             }
@@ -503,21 +666,13 @@ impl Sites {
         let decoded = arch::analyze(&insn, addr)?;
         // The run a jump displaces: the flow's; or, without a layout, one
         // instruction long enough for the jump.
-        let (patch, run, refusal) = match (flow_run, flow_refusal) {
+        let (patch, run, trap_only) = match (flow_run, flow_refusal) {
             (Some(s), _) => (s.jump, Some(s.end), None),
-            (None, Some(r)) => (addr, None, Some(r)),
+            (None, Some(r)) => (addr, None, Some((TrapOnly::Flow, Some(r)))),
             (None, None) if arch::fast_eligible(decoded.len, &decoded.displaced) => {
                 (addr, Some(addr + usize::from(decoded.len)), None)
             }
-            (None, None) => (
-                addr,
-                None,
-                Some(
-                    "not a fast site: its function's layout is unknown and its instruction is \
-                     shorter than the jump"
-                        .to_string(),
-                ),
-            ),
+            (None, None) => (addr, None, Some((TrapOnly::Short, None))),
         };
         let code = match run {
             Some(e) => self.original_code(patch, e),
@@ -534,16 +689,10 @@ impl Sites {
             let d = arch::analyze(&code, patch)?;
             (d.len, d.displaced)
         };
-        let refusal = if self.fast_ok {
-            refusal
+        let trap_only = if self.fast_ok || run.is_none() {
+            trap_only
         } else {
-            run.is_some()
-                .then(|| {
-                    "fast probes need membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE), \
-                 which this kernel does not offer"
-                        .to_string()
-                })
-                .or(refusal)
+            Some((TrapOnly::NoSyncCore, None))
         };
         Ok(Prepared::Site(PreparedSite {
             probe: addr,
@@ -553,7 +702,7 @@ impl Sites {
             displaced,
             target,
             run: if self.fast_ok { run } else { None },
-            refusal,
+            trap_only,
         }))
     }
 
@@ -575,7 +724,7 @@ impl Sites {
                         plan: Plan::Fast { stub, end, run },
                     });
                 }
-                Err(e) => p.refuse_fast(format!("its stub cannot be built: {e}")),
+                Err(_) => p.refuse_fast(TrapOnly::Stub),
             }
         }
         let ool = match p.displaced {
@@ -619,23 +768,20 @@ impl Sites {
         let mut orig = [0; MAX_INSN_LEN];
         let n = p.code.len().min(MAX_INSN_LEN);
         orig[..n].copy_from_slice(&p.code[..n]);
-        if n < arch::JUMP_LEN {
-            // A trap-only site: only its trap byte is ever written.
-            orig[n..].fill(0);
-        }
         self.by_probe.insert(
             p.probe,
             Site {
                 rec,
                 patch: p.patch,
                 orig,
+                orig_len: n as u8,
                 target: p.target,
                 plan: b.plan,
-                consumers: Vec::new(),
+                consumers: ConsumerIds::default(),
                 pins: 0,
                 fast_pins: 0,
                 jump: JumpState::default(),
-                refusal: p.refusal,
+                trap_only: p.trap_only.map(|(k, _)| k),
             },
         );
     }
@@ -662,15 +808,15 @@ impl Sites {
             .collect();
         let switched = self.switch_to_trap(&fast);
         let mut patches = Vec::with_capacity(probes.len());
+        // The code as it is now, a page at a time.
+        let mut now = PageReads::default();
         for a in probes {
             let Some(s) = self.by_probe.get(a) else {
                 continue;
             };
             // Restore only what is still our trap: if the module was unloaded
             // and something else mapped there, leave it alone.
-            if code::read_code_checked(s.patch, s.patch + TRAP_INSN.len()).as_deref()
-                == Some(TRAP_INSN)
-            {
+            if now.read(s.patch, s.patch + TRAP_INSN.len()).as_deref() == Some(TRAP_INSN) {
                 patches.push(Patch::new(&s.target, s.patch, &s.orig[arch::HEAD]));
             }
         }
@@ -730,7 +876,7 @@ impl Sites {
         pool: &mut Pool,
         probe: usize,
         record: usize,
-        why: String,
+        inside: usize,
     ) -> Result<(usize, Retired)> {
         let Some(s) = self.by_probe.get(&probe) else {
             return Err(Error::Internal("demoting a missing site".into()));
@@ -742,7 +888,10 @@ impl Sites {
         if s.fast_pins > 0 && first < arch::JUMP_LEN {
             return Err(Error::unsupported(
                 s.patch,
-                format!("a FAST probe at {probe:#x} displaces the instructions here; {why}"),
+                format!(
+                    "a FAST probe at {probe:#x} displaces the instructions here: {}",
+                    TrapOnly::ProbeInside(inside).text(None)
+                ),
             ));
         }
         if s.jump.head || s.jump.tail {
@@ -756,6 +905,11 @@ impl Sites {
             return Err(Error::Internal("a demoted site kept its jump".into()));
         }
         let stub = pool.create_site(&s.orig[..first], s.patch, record)?;
+        if let Err(e) = pool.flush() {
+            // Still the old plan, on the trap path: a valid state.
+            pool.free_unpublished(stub);
+            return Err(e);
+        }
         let old = std::mem::replace(
             &mut s.plan,
             if first >= arch::JUMP_LEN {
@@ -769,7 +923,7 @@ impl Sites {
             },
         );
         if first < arch::JUMP_LEN {
-            s.refusal = Some(why);
+            s.trap_only = Some(TrapOnly::ProbeInside(inside));
         }
         Ok((arch::stub_resume(stub.addr), Retired(old)))
     }
@@ -851,9 +1005,9 @@ impl Sites {
                 SwitchStep::WriteHead => JumpPart::Head,
                 SwitchStep::WriteTail => JumpPart::Tail,
             };
-            let patches: Vec<(usize, Patch)> = live
+            let patches: Vec<Patch> = live
                 .iter()
-                .filter_map(|&a| Some((a, self.part_patch(a, part, to_jump)?)))
+                .filter_map(|&a| self.part_patch(a, part, to_jump))
                 .collect();
             let (r, done) = self.write_part(patches, part, to_jump);
             dirty |= done > 0;
@@ -883,14 +1037,26 @@ impl Sites {
         let range = part.range();
         let f = s.jump;
         let jump = || arch::jump_to(s.patch, arch::stub_entry(stub.addr));
-        let bytes: Vec<u8> = match (to_jump, part) {
-            (true, JumpPart::Head) if !f.head => jump()?[range.clone()].to_vec(),
-            (true, JumpPart::Tail) if !f.tail => jump()?[range.clone()].to_vec(),
-            (false, JumpPart::Head) if f.head => TRAP_INSN.to_vec(),
-            (false, JumpPart::Tail) if f.tail && !f.head => s.orig[range.clone()].to_vec(),
+        let j;
+        let bytes: &[u8] = match (to_jump, part) {
+            (true, JumpPart::Head) if !f.head => {
+                j = jump()?;
+                &j[range.clone()]
+            }
+            (true, JumpPart::Tail) if !f.tail => {
+                j = jump()?;
+                &j[range.clone()]
+            }
+            (false, JumpPart::Head) if f.head => TRAP_INSN,
+            (false, JumpPart::Tail) if f.tail && !f.head => &s.orig[range.clone()],
             _ => return None,
         };
-        Some(Patch::new(&s.target, s.patch + range.start, &bytes))
+        Some(Patch::tagged(
+            &s.target,
+            s.patch + range.start,
+            bytes,
+            probe,
+        ))
     }
 
     /// Writes one part of sites and records, for each site written, whether
@@ -898,20 +1064,14 @@ impl Sites {
     /// sites were written.
     fn write_part(
         &mut self,
-        patches: Vec<(usize, Patch)>,
+        mut patches: Vec<Patch>,
         part: JumpPart,
         jump: bool,
     ) -> (Result<()>, usize) {
-        let by_addr: std::collections::HashMap<usize, usize> =
-            patches.iter().map(|(probe, p)| (p.addr, *probe)).collect();
-        let mut patches: Vec<Patch> = patches.into_iter().map(|(_, p)| p).collect();
-        let mut done = Vec::new();
+        let mut done = Vec::with_capacity(patches.len());
         let result = patch::write_all(&mut patches, &mut done);
         for d in &done {
-            let Some(probe) = by_addr.get(&d.addr) else {
-                continue;
-            };
-            if let Some(s) = self.by_probe.get_mut(probe) {
+            if let Some(s) = self.by_probe.get_mut(&d.tag) {
                 match part {
                     JumpPart::Head => s.jump.head = jump,
                     JumpPart::Tail => s.jump.tail = jump,

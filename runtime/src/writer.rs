@@ -33,10 +33,10 @@
 //! thread; consumer lists are freed from raw pointers they were created from.
 #![allow(unsafe_code)]
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::addr_hash::{AddrMap, AddrSet};
 use crate::arch::Clobbers;
 use crate::consumer::{AttachReq, Attachment, ConsumerId, Consumers, Owner, Stats};
 use crate::effects::{self, EffectsCache};
@@ -46,7 +46,7 @@ use crate::hit::Handler;
 use crate::map::RetiredTables;
 use crate::probe::{ConsumerList, Entry, ProbeRecord, CONSUMERS, PROBES, REAP_PENDING};
 use crate::region::{RegionDesc, RegionId, Regions};
-use crate::site::{BuiltSite, Mode, Prepared, PreparedSite, Sites};
+use crate::site::{BuiltSite, Mode, Prepared, PreparedSite, Sites, TrapOnly};
 use crate::sys::{membarrier, threads};
 use crate::trap::{self, INDEX};
 use crate::xol::Pool;
@@ -81,7 +81,7 @@ struct WriterState {
     /// number of thread scans done when its code was restored. The first
     /// scan after that shows no thread still on its way from that trap to
     /// its lookup, and the entry goes.
-    tombstones: HashMap<usize, u64>,
+    tombstones: AddrMap<usize, u64>,
     /// What handlers' code may change, memoized.
     effects: EffectsCache,
 }
@@ -126,7 +126,12 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
         .as_mut()
         .ok_or(Error::Internal("state vanished".into()))?;
     st.reap();
-    f(st)
+    // Code read in an earlier operation may have changed since (a host
+    // rewrites its own code between calls).
+    st.sites.forget_reads();
+    let r = f(st);
+    st.sites.forget_reads();
+    r
 }
 
 fn init_state() -> Result<WriterState> {
@@ -256,7 +261,7 @@ impl WriterState {
         // 1. Prepare new sites (nothing built or visible yet).
         let mut prepared: Vec<PreparedSite> = Vec::new();
         // Address → index in `prepared`, so a large batch stays linear.
-        let mut prepared_at: HashMap<usize, usize> = HashMap::new();
+        let mut prepared_at: AddrMap<usize, usize> = AddrMap::default();
         for (i, r) in reqs.iter().enumerate() {
             if r.addr == 0 {
                 return Err((i, Error::InvalidArgument("null address".into())));
@@ -292,10 +297,7 @@ impl WriterState {
                     .range(j.saturating_sub(4) + 1, e)
                     .find(|(a, s)| *a != p.probe && s.patch > j && s.patch < e);
                 if let Some(x) = inside.or(existing.map(|(a, _)| a)) {
-                    p.refuse_fast(format!(
-                        "another probe, at {x:#x}, is inside the instructions its jump would \
-                         displace"
-                    ));
+                    p.refuse_fast(TrapOnly::ProbeInside(x));
                 }
             }
         }
@@ -304,8 +306,9 @@ impl WriterState {
                 continue;
             }
             let refusal = match self.sites.get(r.addr) {
-                Some(s) if s.pins > 0 => Some("another consumer keeps it on the trap path"),
-                Some(s) => s.refusal(),
+                Some(s) if s.pins > 0 => Some("another consumer keeps it on the trap path".into()),
+                Some(s) if s.fast_capable() => None,
+                Some(_) => self.sites.refusal(&self.regions, r.addr),
                 None => prepared_at
                     .get(&r.addr)
                     .and_then(|&k| prepared[k].refusal()),
@@ -345,6 +348,14 @@ impl WriterState {
                     return Err((index, e));
                 }
             }
+        }
+        // The stubs' bytes, in as few writes as runs of adjacent slots.
+        if let Err(e) = self.pool.flush() {
+            for b in built {
+                b.unbuild(&mut self.pool);
+            }
+            self.free_probes.extend(recs);
+            return Err((0, e));
         }
         // A FAST request whose stub could not be built fails before anything
         // is visible.
@@ -391,6 +402,10 @@ impl WriterState {
                 self.deferred.push(Deferred::Tables(t));
             }
         }
+        debug_assert!(
+            self.pool.is_flushed(),
+            "a stub is armed before it is written"
+        );
         if let Err((failed, e)) = self.sites.arm(&built) {
             // Undo: the traps are restored; unindex and free after a grace
             // period (a thread may have trapped and be inside a stub).
@@ -418,7 +433,7 @@ impl WriterState {
         let mut ids = Vec::with_capacity(reqs.len());
         let mut idxs = Vec::with_capacity(reqs.len());
         let mut owners = owners.into_iter();
-        let mut classes: HashMap<usize, Clobbers> = HashMap::new();
+        let mut classes: AddrMap<usize, Clobbers> = AddrMap::default();
         for (i, r) in reqs.iter().enumerate() {
             let mode = modes.get(i).copied().unwrap_or_default();
             let clobbers = match classes.get(&(r.handler as usize)) {
@@ -500,13 +515,11 @@ impl WriterState {
         let rec = PROBES
             .get(rec_idx as usize)
             .ok_or(Error::Internal("probe record out of range".into()))?;
-        let why =
-            format!("a probe at {inside:#x} is inside the instructions its jump would displace");
         let (resume, old) = self.sites.demote(
             &mut self.pool,
             probe,
             rec as *const ProbeRecord as usize,
-            why,
+            inside,
         )?;
         // Ordering: Release — the new stub was written before a trap handler
         // may resume in it (pairs with the validated load in
@@ -543,7 +556,7 @@ impl WriterState {
                 continue;
             };
             if let Some(s) = self.sites.get_mut(a.addr) {
-                s.consumers.retain(|&c| c != idx);
+                s.consumers.remove(idx);
                 s.pins -= usize::from(a.mode == Mode::Trap);
                 s.fast_pins -= usize::from(a.mode == Mode::Fast);
                 touched.push(a.addr);
@@ -642,7 +655,7 @@ impl WriterState {
         let mut owners = Vec::new();
         // Detached consumers' tags leave the hit caches now; their records
         // wait one more grace period (see `Consumers::release`).
-        let tags: std::collections::HashSet<u64> = items
+        let tags: AddrSet<u64> = items
             .iter()
             .filter_map(|d| match d {
                 Deferred::ConsumerRecord(_, tag) => Some(*tag),
@@ -823,6 +836,17 @@ pub fn sync() -> Result<()> {
     // Dropping owners runs user code (closure destructors): outside the lock.
     drop(owners);
     Ok(())
+}
+
+/// The instruction starts of the function around `addr`, ascending: module
+/// code whose function probert knows the extent of (any ELF code with
+/// `.eh_frame`, or a sized symbol), or a function of a registered JIT region
+/// (the whole region unless the host declared its functions,
+/// [`region_functions`]). Each is an address `attach` accepts as an
+/// instruction boundary (attaching may still refuse it for other reasons).
+/// [`Error::NoRegion`] where no function is known.
+pub fn instructions(addr: usize) -> Result<Vec<usize>> {
+    with_state(|st| st.sites.instructions(&st.regions, addr))
 }
 
 /// Statistics of a consumer.

@@ -126,6 +126,8 @@ pub(crate) struct Pool {
     next_seq: u64,
     /// The register state trampolines handle, detected once.
     cpu: Option<CpuState>,
+    /// New stubs' bytes, not yet written ([`Pool::flush`]).
+    staged: Vec<(usize, Vec<u8>)>,
 }
 
 fn within_reach(a: usize, b: usize) -> bool {
@@ -168,14 +170,48 @@ impl Pool {
         Err(last.unwrap_or_else(|| Error::Internal("no stub size".into())))
     }
 
+    /// Stages a new stub's bytes: they reach the slot at the next
+    /// [`Pool::flush`], which must come before the stub is published.
     fn fill(&mut self, stub: Stub, bytes: Result<Vec<u8>>) -> Result<Stub> {
-        match bytes.and_then(|b| code::write_code(stub.addr, &b)) {
-            Ok(()) => Ok(stub),
+        match bytes {
+            Ok(mut b) => {
+                // The whole slot (the rest never runs: int3), so adjacent
+                // stubs merge into one write.
+                b.resize(stub.len().max(b.len()), 0xCC);
+                self.staged.push((stub.addr, b));
+                Ok(stub)
+            }
             Err(e) => {
                 self.free_unpublished(stub);
                 Err(e)
             }
         }
+    }
+
+    /// Writes the stubs built since the last flush, one write per run of
+    /// adjacent slots (a batch of stubs costs about as many writes as
+    /// chunks). On error none of them may be published: the caller frees
+    /// them ([`Pool::free_unpublished`]).
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        let mut staged = std::mem::take(&mut self.staged);
+        staged.sort_unstable_by_key(|&(a, _)| a);
+        let mut i = 0;
+        while i < staged.len() {
+            let (start, mut run) = (staged[i].0, std::mem::take(&mut staged[i].1));
+            let mut j = i + 1;
+            while j < staged.len() && staged[j].0 == start + run.len() {
+                run.extend_from_slice(&staged[j].1);
+                j += 1;
+            }
+            code::write_code(start, &run)?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Whether every stub built has been written.
+    pub(crate) fn is_flushed(&self) -> bool {
+        self.staged.is_empty()
     }
 
     /// Frees a stub that was never published (no thread can be in it).
@@ -359,13 +395,25 @@ impl Pool {
         if !self.scan()? {
             return Ok(());
         }
-        let poison: Vec<u8> = POISON.iter().copied().cycle().take(SIZES[1]).collect();
-        while let Some(s) = self.awaiting_scan.pop() {
-            if let Err(e) = code::write_code(s.addr, &poison[..s.len()]) {
-                self.awaiting_scan.push(s);
-                return Err(e);
+        // Poisoned in runs of adjacent slots (every slot starts at an even
+        // offset, so the pattern stays in step across a run).
+        self.awaiting_scan.sort_unstable_by_key(|s| s.addr);
+        while !self.awaiting_scan.is_empty() {
+            let mut end = self.awaiting_scan.len() - 1;
+            let mut bytes = self.awaiting_scan[end].len();
+            while end > 0 && {
+                let prev = self.awaiting_scan[end - 1];
+                prev.addr + prev.len() == self.awaiting_scan[end].addr
+            } {
+                end -= 1;
+                bytes += self.awaiting_scan[end].len();
             }
-            self.free[usize::from(s.class)].push(s.addr);
+            let start = self.awaiting_scan[end].addr;
+            let poison: Vec<u8> = POISON.iter().copied().cycle().take(bytes).collect();
+            code::write_code(start, &poison)?;
+            for s in self.awaiting_scan.drain(end..) {
+                self.free[usize::from(s.class)].push(s.addr);
+            }
         }
         Ok(())
     }

@@ -126,6 +126,14 @@ pub fn module_containing(addr: usize) -> Option<Module> {
     })
 }
 
+/// The executable segment of a loaded module holding `addr`,
+/// `[start, end)`; [`module_containing`] without the path.
+///
+/// Normal context only.
+pub fn segment_bounds(addr: usize) -> Option<(usize, usize)> {
+    with_snapshot(|s| s.segment_at(addr).map(|(_, seg)| (seg.0, seg.1)))
+}
+
 /// The function around `addr`, which lies in a loaded module's executable
 /// segment: bounds from the tightest of the FDEs and sized symbols that
 /// contain it, and the symbol naming it ([`super::extents`] has the rules).
@@ -156,6 +164,11 @@ impl TableRef {
     /// The same image.
     pub fn same(&self, other: &TableRef) -> bool {
         Arc::ptr_eq(&self.table, &other.table) && self.bias == other.bias
+    }
+
+    /// The image's executable segments, `[start, end)`.
+    pub fn exec(&self) -> &[(usize, usize)] {
+        &self.exec
     }
 
     /// Whether the two images' executable segments overlap (one replaced
@@ -225,7 +238,6 @@ pub fn generation() -> Option<(u64, u64)> {
 /// The loaded modules, in load order (the main program first).
 ///
 /// Normal context only.
-#[allow(dead_code)] // For the tracing command's globs (API 0.2), not yet wired.
 pub fn loaded_modules() -> Vec<ModuleInfo> {
     with_snapshot(|s| s.modules.iter().map(|m| m.info.clone()).collect())
 }

@@ -58,7 +58,6 @@ pub enum NotFound {
 /// default version). IFUNCs resolve as `dlsym` resolves them (see the module docs).
 ///
 /// Normal context only.
-#[allow(dead_code)] // The C entry point is added with API 0.2.
 pub fn symbol_addr(module: Option<&str>, symbol: &str) -> Result<usize, NotFound> {
     let query = module.filter(|q| !q.is_empty());
     with_snapshot(|s| {
@@ -84,7 +83,7 @@ pub fn symbol_addr(module: Option<&str>, symbol: &str) -> Result<usize, NotFound
 }
 
 /// Whether `query` names the module at `path` (see [`symbol_addr`]).
-fn module_name_matches(query: &str, path: &str) -> bool {
+pub(crate) fn module_name_matches(query: &str, path: &str) -> bool {
     if query.contains('/') {
         if query == path {
             return true;
