@@ -79,6 +79,12 @@ pub(crate) fn install() -> crate::Result<()> {
     sig::install_trap(on_sigtrap)
 }
 
+/// The address of the `SIGTRAP` handler's entry, where a thread the kernel
+/// just delivered a trap to starts (for thread scans).
+pub(crate) fn handler_entry() -> usize {
+    on_sigtrap as *const () as usize
+}
+
 /// The `SIGTRAP` handler.
 ///
 /// # Signal safety
@@ -112,6 +118,12 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
     match lookup(cx, addr) {
         Lookup::Probe(view) => {
             let mut regs = ctx.regs();
+            // Until the handlers are done, the saved context says the trap
+            // instruction, not the byte after it: a thread scan that finds
+            // this frame while a multi-instruction site switches must not
+            // take it for a thread inside the site's instructions (this one
+            // resumes in the stub, or where its handlers send it).
+            ctx.set_pc(addr);
             regs.set_pc(view.report);
             probe::dispatch(
                 cx,

@@ -746,6 +746,21 @@ unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx
                     // stale depth only makes the walk's ranges stale, which
                     // `ranges_contain` refuses).
                     let required = DEPTH.load(Ordering::Relaxed) == Depth::FramesRequired as usize;
+                    // Interrupted at the very entry of probert's SIGTRAP
+                    // handler (the kernel delivered both signals at once):
+                    // the trap's frame, the first one up, will be looked up
+                    // after this scan began, and resumes where the probe
+                    // that is indexed now says (a fast-capable site's stub),
+                    // never at the byte after its trap instruction. Its pc
+                    // says nothing about where the thread will run.
+                    let mut fresh_trap = pc == Some(crate::trap::handler_entry());
+                    let within = |p| {
+                        if std::mem::take(&mut fresh_trap) {
+                            Some(false)
+                        } else {
+                            ranges_contain(cx, gen, p)
+                        }
+                    };
                     // SAFETY: `ctx` is this handler's third argument.
                     match unsafe { super::sigframes::saved_contexts(cx, ctx, within) } {
                         Saved::Outside => false,
