@@ -475,7 +475,14 @@ pub(crate) struct Sites {
     layouts: Layouts,
     /// Whether cores can be serialised after code changes (fast sites).
     fast_ok: bool,
+    /// How long a switch to the jump waits for threads to leave a run:
+    /// scans, and the timeout of each.
+    patience: (usize, std::time::Duration),
 }
+
+/// What a switch waits for threads to leave a run by default: three scans of
+/// 200 ms (a thread seen inside is asked again until it leaves).
+const PATIENCE: (usize, std::time::Duration) = (3, std::time::Duration::from_millis(200));
 
 /// Farthest a site's patch address lies after its probe address (after an
 /// `endbr64`).
@@ -486,6 +493,7 @@ impl Sites {
     pub(crate) fn new(fast_ok: bool) -> Sites {
         Sites {
             fast_ok,
+            patience: PATIENCE,
             ..Sites::default()
         }
     }
@@ -832,6 +840,20 @@ impl Sites {
         (removed, result)
     }
 
+    /// [`Sites::apply_modes`], waiting at most one scan of `timeout` for
+    /// threads to leave runs (for retries, which must not hold up the call
+    /// that makes them).
+    pub(crate) fn apply_modes_briefly(
+        &mut self,
+        probes: &[usize],
+        timeout: std::time::Duration,
+    ) -> Vec<usize> {
+        let saved = std::mem::replace(&mut self.patience, (1, timeout));
+        let (stuck, _) = self.apply_modes(probes);
+        self.patience = saved;
+        stuck
+    }
+
     /// Switches each site at `probes` to the mechanism its consumers want.
     /// Returns the sites that wanted to be fast and are not (their write or
     /// the scan of their run failed), with the first error.
@@ -950,7 +972,8 @@ impl Sites {
             // The int3s armed before are visible everywhere first: then no
             // thread can enter a run any more.
             membarrier::sync_core();
-            match xol::quiet(&runs, threads::Depth::FramesRequired) {
+            let (tries, timeout) = self.patience;
+            match xol::quiet_within(&runs, threads::Depth::FramesRequired, tries, timeout) {
                 Ok(true) => {}
                 r => {
                     // A thread may be inside a run: those sites stay traps.

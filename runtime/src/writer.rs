@@ -84,7 +84,15 @@ struct WriterState {
     tombstones: AddrMap<usize, u64>,
     /// What handlers' code may change, memoized.
     effects: EffectsCache,
+    /// Sites that would be fast but could not switch (a thread scan could
+    /// not show every thread outside their instructions): tried again at
+    /// the next writer operation.
+    want_fast: AddrSet<usize>,
+    last_retry: Option<std::time::Instant>,
 }
+
+/// How often control calls retry the sites that could not be made fast.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 // SAFETY: everything in WriterState is touched only under the writer lock.
 unsafe impl Send for WriterState {}
@@ -129,6 +137,7 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
     // Code read in an earlier operation may have changed since (a host
     // rewrites its own code between calls).
     st.sites.forget_reads();
+    st.retry_fast(false);
     let r = f(st);
     st.sites.forget_reads();
     r
@@ -486,6 +495,8 @@ impl WriterState {
             let _ = new_sites;
             return Err((i, e));
         }
+        // The others that could not switch now try again later.
+        self.want_fast.extend(stuck);
         // 6. Their lists: handlers run from here.
         for &a in &addrs {
             self.publish_list(a).map_err(|e| (0, e))?;
@@ -579,8 +590,25 @@ impl WriterState {
         // it stays on the trap path, which serves its consumers the same:
         // the detach itself is done, and must not report failure (its
         // caller would skip the grace period `detach` waits for).
-        let _ = self.sites.apply_modes(&busy);
+        let (stuck, _) = self.sites.apply_modes(&busy);
+        self.want_fast.extend(stuck);
         self.remove_probes(&empty)
+    }
+
+    /// Tries again to switch the sites that could not be made fast, with
+    /// one short scan, at most every [`RETRY_EVERY`] unless `now`.
+    fn retry_fast(&mut self, now: bool) {
+        if self.want_fast.is_empty()
+            || (!now && self.last_retry.is_some_and(|t| t.elapsed() < RETRY_EVERY))
+        {
+            return;
+        }
+        self.last_retry = Some(std::time::Instant::now());
+        let sites: Vec<usize> = self.want_fast.drain().collect();
+        let stuck = self
+            .sites
+            .apply_modes_briefly(&sites, std::time::Duration::from_millis(2));
+        self.want_fast.extend(stuck);
     }
 
     /// Removes probes (their consumers are gone): restore, unindex, defer.
@@ -814,15 +842,20 @@ pub fn detach(id: ConsumerId) -> Result<()> {
 
 /// Waits one grace period: every handler call that began before `sync` has
 /// returned when it returns, and everything detached before it is freed.
-/// Must not be called from a handler.
+/// It also retries, once, the switch of sites that would be fast but could
+/// not switch while a thread was inside their instructions (every control
+/// call does that too, at most every 20 ms). Must not be called from a
+/// handler.
 pub fn sync() -> Result<()> {
     if grace::in_section() {
         return Err(Error::InvalidArgument(
             "sync (or detach) called from inside a handler would wait for itself".into(),
         ));
     }
-    let (items, snap) =
-        with_state(|st| Ok((std::mem::take(&mut st.deferred), st.pool.grace_snapshot())))?;
+    let (items, snap) = with_state(|st| {
+        st.retry_fast(true);
+        Ok((std::mem::take(&mut st.deferred), st.pool.grace_snapshot()))
+    })?;
     grace::synchronize();
     let owners = {
         let mut guard = lock();

@@ -422,8 +422,23 @@ impl Pool {
 /// Whether every other thread is seen outside `ranges` (at `depth`), with
 /// [`SCAN_TRIES`] tries: the ranges must be unreachable already.
 pub(crate) fn quiet(ranges: &[(usize, usize)], depth: threads::Depth) -> Result<bool> {
-    for _ in 0..SCAN_TRIES {
-        if threads::quiescent_at(ranges, std::time::Duration::from_millis(200), depth)? {
+    quiet_within(
+        ranges,
+        depth,
+        SCAN_TRIES,
+        std::time::Duration::from_millis(200),
+    )
+}
+
+/// [`quiet`] with `tries` scans of at most `timeout` each.
+pub(crate) fn quiet_within(
+    ranges: &[(usize, usize)],
+    depth: threads::Depth,
+    tries: usize,
+    timeout: std::time::Duration,
+) -> Result<bool> {
+    for _ in 0..tries {
+        if threads::quiescent_at(ranges, timeout, depth)? {
             return Ok(true);
         }
         std::thread::yield_now();

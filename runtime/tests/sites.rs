@@ -457,6 +457,10 @@ fn blocked_reader(fd: i32) -> (std::thread::JoinHandle<(i64, u8)>, i32) {
 /// reaches both.
 fn fast_once_the_thread_left(first: ConsumerId, hits: &'static AtomicU64, before: &[u8]) {
     let f = at!(s_read);
+    // The site that could not switch is tried again by the next control
+    // call, whatever it is.
+    probert::sync().unwrap();
+    assert_eq!(probert::probe_mode(f), Ok(Mode::Fast), "retried");
     static SECOND: AtomicU64 = AtomicU64::new(0);
     let second = unsafe { probert::attach(f, count, counter(&SECOND)) }.unwrap();
     assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));

@@ -1204,6 +1204,28 @@ mod tests {
         assert_eq!(quiescent(&[(5, 5)], Duration::ZERO), Ok(true));
     }
 
+    /// Each thread's state and `syscall` line, for a failure message.
+    fn task_states() -> String {
+        let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+            return "(unlisted)".into();
+        };
+        dir.flatten()
+            .map(|e| {
+                let p = e.path();
+                let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+                let state = stat.rsplit(") ").next().unwrap_or("").split(' ').next();
+                let sc = std::fs::read_to_string(p.join("syscall")).unwrap_or_default();
+                format!(
+                    "[{:?} {} syscall {}]",
+                    e.file_name(),
+                    state.unwrap_or("?"),
+                    sc.trim()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     fn spinner_inside_is_not_quiescent_body() {
         let range = spin_range();
         let spinner = Spinner::start();
@@ -1212,7 +1234,12 @@ mod tests {
         // Disjoint ranges: everyone is outside.
         let (a, b) = range;
         let disjoint = [(1, a), (b, b + 4096)];
-        assert_eq!(quiescent(&disjoint, Duration::from_secs(5)), Ok(true));
+        assert_eq!(
+            quiescent(&disjoint, Duration::from_secs(5)),
+            Ok(true),
+            "disjoint ranges: threads {}",
+            task_states()
+        );
         // Many ranges (several rounds), one containing the spinner.
         let mut many: Vec<(usize, usize)> = (0..2 * MAX_RANGES)
             .map(|i| (b + 16 * i + 16, b + 16 * i + 24))
