@@ -87,6 +87,11 @@ typedef enum probert_action {
    * finish; its handle becomes stale.
    */
   PROBERT_REMOVE = 1,
+  /**
+   * From an entry handler: do not call this consumer's return handler for
+   * this invocation (elsewhere, the same as PROBERT_CONTINUE).
+   */
+  PROBERT_NO_RETURN = 2,
 } probert_action;
 
 /**
@@ -154,6 +159,17 @@ typedef struct probert_hit {
    * As given at attach.
    */
   void *user_data;
+  /**
+   * For a consumer with a return handler: 8 bytes private to this
+   * invocation of this consumer, zero at the entry hit, the same bytes at
+   * its return hit; NULL for consumers without `on_return`.
+   */
+  uint64_t *session;
+  /**
+   * 1 on a return hit (then `addr` is the function's entry and `regs` the
+   * state just after it returned), 0 on an entry or instruction hit.
+   */
+  uint32_t is_return;
 } probert_hit;
 
 /**
@@ -178,11 +194,12 @@ typedef enum probert_action (*probert_handler)(struct probert_hit *hit);
 typedef uint64_t probert_consumer;
 
 /**
- * Options of `probert_attach_ex`. Set `size` to
- * `sizeof(probert_attach_opts)`: the struct may grow at the end, and `size`
- * tells probert which fields the caller knows. A larger `size` (a newer
- * header) is accepted if every byte past the fields this library knows is
- * zero.
+ * Options of `probert_attach_ex` and `probert_attach_batch_ex`. Set `size`
+ * to `sizeof(probert_attach_opts)`: the struct may grow at the end, and
+ * `size` tells probert which fields the caller knows. The size of an older
+ * header's struct (16 bytes, 0.1) is always accepted: the fields it does
+ * not reach read as zero. A larger one (a newer header) is accepted if
+ * every byte past the fields this library knows is zero.
  */
 typedef struct probert_attach_opts {
   /**
@@ -193,6 +210,28 @@ typedef struct probert_attach_opts {
    * The mechanism (default PROBERT_MODE_AUTO).
    */
   enum probert_mode mode;
+  /**
+   * If not NULL, `addr` must be a function's entry
+   * (PROBERT_ERR_MISALIGNED otherwise), and `on_return` is called once
+   * for every normal return of every invocation whose entry hit called
+   * this consumer, with `hit->is_return = 1`, `hit->addr` the function's
+   * entry, `hit->session` the invocation's session word, and `regs` the
+   * state just after the return: RIP the return address in the caller,
+   * RSP the caller's stack pointer, RAX/RDX (and xmm0/xmm1) the value
+   * returned; writes take effect, so a return handler may change the
+   * value the caller receives. A tail call out of the function returns
+   * when the callee returns. probert finds the function's returns in its
+   * machine code (its `ret`s and those of the functions it tail-calls,
+   * followed); where it cannot find them all (an indirect jump that may
+   * go anywhere) the attach fails with PROBERT_ERR_UNSUPPORTED_INSN
+   * saying why. The program cannot tell a return is pending: its stack
+   * is not touched (unwinders, `backtrace()`,
+   * `__builtin_return_address` and `dlsym(RTLD_NEXT, ...)` see the real
+   * return addresses). An invocation left by `longjmp`, a C++ exception,
+   * `pthread_exit` or cancellation gets no return hit and counts in
+   * `abandoned`.
+   */
+  probert_handler on_return;
 } probert_attach_opts;
 
 /**
@@ -214,17 +253,29 @@ typedef struct probert_attach_req {
 } probert_attach_req;
 
 /**
- * Statistics of one consumer.
+ * Statistics of one consumer. (Programs built against the 0.1 header,
+ * whose struct ended after `missed`, keep getting exactly that: see
+ * `probert_consumer_get_stats`.)
  */
 typedef struct probert_consumer_stats {
   /**
-   * Handler calls.
+   * Entry (or instruction) handler calls.
    */
   uint64_t hits;
   /**
    * Hits skipped because the thread was already in a handler.
    */
   uint64_t missed;
+  /**
+   * Return handler calls.
+   */
+  uint64_t returns;
+  /**
+   * Invocations whose entry called this consumer and that left without
+   * returning (longjmp, an exception, the thread's exit), counted as
+   * they are found (a thread's exit by the next `probert_sync`).
+   */
+  uint64_t abandoned;
 } probert_consumer_stats;
 
 /**
@@ -356,6 +407,23 @@ enum probert_status probert_attach_batch(const struct probert_attach_req *reqs,
                                          size_t *err_index);
 
 /**
+ * `probert_attach_batch` with the same options for every request (as
+ * `probert_attach_ex`'s; NULL: the defaults). All or nothing, as
+ * `probert_attach_batch`; an error in `opts` itself is reported with
+ * `*err_index = n`.
+ *
+ * Errors: those of `probert_attach_ex`, for the request named by
+ * `*err_index`.
+ * Blocks: takes the writer lock and writes code (once for the batch); no
+ * grace period. From a handler: no. Thread safety: any thread.
+ */
+enum probert_status probert_attach_batch_ex(const struct probert_attach_req *reqs,
+                                            size_t n,
+                                            const struct probert_attach_opts *opts,
+                                            probert_consumer *out,
+                                            size_t *err_index);
+
+/**
  * Detaches consumer `c` and waits until its handler can no longer run: after
  * it returns the handler is never called again for `c` and its user data may
  * be freed. Detaching the last consumer of an address restores the code
@@ -417,9 +485,17 @@ enum probert_status probert_detach_nosync(probert_consumer c);
 enum probert_status probert_sync(void);
 
 /**
- * Writes the statistics of consumer `c` to `*out`: handler calls so far, and
- * hits skipped because the thread was already running a handler (missed).
- * The counts are read without stopping the handlers.
+ * Writes the statistics of consumer `c` to `*out`: handler calls so far,
+ * hits skipped because the thread was already running a handler (missed),
+ * and for a consumer with a return handler its return calls and abandoned
+ * invocations. The counts are read without stopping the handlers.
+ *
+ * The header makes `probert_consumer_get_stats(c, out)` a macro for
+ * `probert_consumer_get_stats_sized(c, out, sizeof(probert_consumer_stats))`, so a program
+ * fills the struct of the header it was built with. This function itself
+ * is what programs built against the 0.1 header call: it writes the 0.1
+ * struct (`hits` and `missed`, 16 bytes) — as does a call through its
+ * address.
  *
  * Errors: PROBERT_ERR_NOT_FOUND (unknown, stale, already detached, 0),
  * PROBERT_ERR_INVALID_ARGUMENT (`out` NULL, called from a handler). On error
@@ -429,6 +505,22 @@ enum probert_status probert_sync(void);
  */
 enum probert_status probert_consumer_get_stats(probert_consumer c,
                                                struct probert_consumer_stats *out);
+
+/**
+ * Writes the first `size` bytes (at most `sizeof(probert_consumer_stats)`)
+ * of consumer `c`'s statistics (see `probert_consumer_get_stats`) to
+ * `*out`: a caller passes the size of the struct it knows.
+ *
+ * Errors: those of `probert_consumer_get_stats`, and
+ * PROBERT_ERR_INVALID_ARGUMENT for a `size` of 0 or not a multiple of 8
+ * (a whole number of counters). A larger struct than this library's is
+ * accepted: only the counters it knows are written.
+ * Blocks: takes the writer lock; no grace period. From a handler: no.
+ * Thread safety: any thread.
+ */
+enum probert_status probert_consumer_get_stats_sized(probert_consumer c,
+                                                     struct probert_consumer_stats *out,
+                                                     size_t size);
 
 /**
  * Chooses the real-time signal (`SIGRTMIN`..`SIGRTMAX`) probert's thread
@@ -713,3 +805,11 @@ enum probert_status probert_init(void);
 #endif  // __cplusplus
 
 #endif  /* PROBERT_H */
+
+/* A program fills the probert_consumer_stats of the header it was built with
+   (the struct grew in 0.2; programs built against 0.1 call the function
+   itself, which writes the 0.1 struct). */
+#ifndef probert_consumer_get_stats
+#define probert_consumer_get_stats(c, out) \
+  probert_consumer_get_stats_sized((c), (out), sizeof(probert_consumer_stats))
+#endif

@@ -38,6 +38,9 @@ pub enum probert_action {
     /// Detach this consumer: no further calls after the ones already running
     /// finish; its handle becomes stale.
     PROBERT_REMOVE = 1,
+    /// From an entry handler: do not call this consumer's return handler for
+    /// this invocation (elsewhere, the same as PROBERT_CONTINUE).
+    PROBERT_NO_RETURN = 2,
 }
 
 /// One execution of a probed instruction, as a handler sees it.
@@ -51,6 +54,13 @@ pub struct probert_hit {
     pub regs: *mut probert_regs,
     /// As given at attach.
     pub user_data: *mut c_void,
+    /// For a consumer with a return handler: 8 bytes private to this
+    /// invocation of this consumer, zero at the entry hit, the same bytes at
+    /// its return hit; NULL for consumers without `on_return`.
+    pub session: *mut u64,
+    /// 1 on a return hit (then `addr` is the function's entry and `regs` the
+    /// state just after it returned), 0 on an entry or instruction hit.
+    pub is_return: u32,
 }
 
 // `probert_hit` is the runtime's `Hit`, field for field.
@@ -60,6 +70,8 @@ const _: () = {
     assert!(offset_of!(probert_hit, addr) == offset_of!(Hit, addr));
     assert!(offset_of!(probert_hit, regs) == offset_of!(Hit, regs));
     assert!(offset_of!(probert_hit, user_data) == offset_of!(Hit, user_data));
+    assert!(offset_of!(probert_hit, session) == offset_of!(Hit, session));
+    assert!(offset_of!(probert_hit, is_return) == offset_of!(Hit, is_return));
 };
 
 /// Called on every hit, on whichever path serves the site. It may run in
@@ -92,18 +104,33 @@ pub struct probert_attach_req {
     pub user_data: *mut c_void,
 }
 
-/// Statistics of one consumer.
+/// Statistics of one consumer. (Programs built against the 0.1 header,
+/// whose struct ended after `missed`, keep getting exactly that: see
+/// `probert_consumer_get_stats`.)
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct probert_consumer_stats {
-    /// Handler calls.
+    /// Entry (or instruction) handler calls.
     pub hits: u64,
     /// Hits skipped because the thread was already in a handler.
     pub missed: u64,
+    /// Return handler calls.
+    pub returns: u64,
+    /// Invocations whose entry called this consumer and that left without
+    /// returning (longjmp, an exception, the thread's exit), counted as
+    /// they are found (a thread's exit by the next `probert_sync`).
+    pub abandoned: u64,
+}
+
+/// The statistics struct of the 0.1 ABI.
+#[repr(C)]
+struct StatsV1 {
+    hits: u64,
+    missed: u64,
 }
 
 /// The runtime's view of a C handler.
-fn runtime_handler(
+pub(crate) fn runtime_handler(
     h: unsafe extern "C" fn(*mut probert_hit) -> from_c::probert_action,
 ) -> core_rt::Handler {
     // SAFETY: the two function pointer types differ only in the pointee of
@@ -197,16 +224,16 @@ pub extern "C" fn probert_attach_ex(
             return PROBERT_ERR_INVALID_ARGUMENT;
         };
         let out = not_null!(out);
-        let mode = match read_opts(opts) {
-            Ok(m) => m,
+        let opts = match read_opts(opts) {
+            Ok(o) => o,
             Err(s) => return s,
         };
         not_in_handler!();
         // SAFETY: the C contract of this function (documented above) is the
         // runtime's: `addr` starts an instruction in code that stays mapped,
-        // and the handler is async-signal-safe.
+        // and the handlers are async-signal-safe.
         let id = try_rt!(unsafe {
-            core_rt::attach_ex(addr as usize, runtime_handler(handler), user_data, mode)
+            core_rt::attach_with(addr as usize, runtime_handler(handler), user_data, opts)
         });
         // SAFETY: checked not NULL; the C contract is a writable
         // `probert_consumer`. Written on success only.
@@ -237,6 +264,26 @@ pub extern "C" fn probert_attach_batch(
     out: *mut probert_consumer,
     err_index: *mut size_t,
 ) -> probert_status {
+    probert_attach_batch_ex(reqs, n, std::ptr::null(), out, err_index)
+}
+
+/// `probert_attach_batch` with the same options for every request (as
+/// `probert_attach_ex`'s; NULL: the defaults). All or nothing, as
+/// `probert_attach_batch`; an error in `opts` itself is reported with
+/// `*err_index = n`.
+///
+/// Errors: those of `probert_attach_ex`, for the request named by
+/// `*err_index`.
+/// Blocks: takes the writer lock and writes code (once for the batch); no
+/// grace period. From a handler: no. Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn probert_attach_batch_ex(
+    reqs: *const probert_attach_req,
+    n: size_t,
+    opts: *const probert_attach_opts,
+    out: *mut probert_consumer,
+    err_index: *mut size_t,
+) -> probert_status {
     ffi_panic_boundary! {
         let fail = |index: usize, status: probert_status| {
             if !err_index.is_null() {
@@ -251,6 +298,10 @@ pub extern "C" fn probert_attach_batch(
         if reqs.is_null() || out.is_null() || core_rt::in_handler() {
             return fail(n, PROBERT_ERR_INVALID_ARGUMENT);
         }
+        let opts = match read_opts(opts) {
+            Ok(o) => o,
+            Err(s) => return fail(n, s),
+        };
         // SAFETY: not NULL; the C contract is `n` requests at `reqs`.
         let Some(reqs) = (unsafe { slice(reqs, n) }) else {
             return fail(n, PROBERT_ERR_INVALID_ARGUMENT);
@@ -274,7 +325,7 @@ pub extern "C" fn probert_attach_batch(
                 },
             })
             .collect();
-        match core_rt::attach_batch(&rt) {
+        match core_rt::attach_batch_with(&rt, opts) {
             Ok(ids) if ids.len() == n => {
                 for (i, id) in ids.iter().enumerate() {
                     // SAFETY: not NULL; the C contract is room for `n`
@@ -381,9 +432,17 @@ pub extern "C" fn probert_sync() -> probert_status {
     }
 }
 
-/// Writes the statistics of consumer `c` to `*out`: handler calls so far, and
-/// hits skipped because the thread was already running a handler (missed).
-/// The counts are read without stopping the handlers.
+/// Writes the statistics of consumer `c` to `*out`: handler calls so far,
+/// hits skipped because the thread was already running a handler (missed),
+/// and for a consumer with a return handler its return calls and abandoned
+/// invocations. The counts are read without stopping the handlers.
+///
+/// The header makes `probert_consumer_get_stats(c, out)` a macro for
+/// `probert_consumer_get_stats_sized(c, out, sizeof(probert_consumer_stats))`, so a program
+/// fills the struct of the header it was built with. This function itself
+/// is what programs built against the 0.1 header call: it writes the 0.1
+/// struct (`hits` and `missed`, 16 bytes) — as does a call through its
+/// address.
 ///
 /// Errors: PROBERT_ERR_NOT_FOUND (unknown, stale, already detached, 0),
 /// PROBERT_ERR_INVALID_ARGUMENT (`out` NULL, called from a handler). On error
@@ -395,13 +454,49 @@ pub extern "C" fn probert_consumer_get_stats(
     c: probert_consumer,
     out: *mut probert_consumer_stats,
 ) -> probert_status {
+    probert_consumer_get_stats_sized(c, out, size_of::<StatsV1>())
+}
+
+/// Writes the first `size` bytes (at most `sizeof(probert_consumer_stats)`)
+/// of consumer `c`'s statistics (see `probert_consumer_get_stats`) to
+/// `*out`: a caller passes the size of the struct it knows.
+///
+/// Errors: those of `probert_consumer_get_stats`, and
+/// PROBERT_ERR_INVALID_ARGUMENT for a `size` of 0 or not a multiple of 8
+/// (a whole number of counters). A larger struct than this library's is
+/// accepted: only the counters it knows are written.
+/// Blocks: takes the writer lock; no grace period. From a handler: no.
+/// Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn probert_consumer_get_stats_sized(
+    c: probert_consumer,
+    out: *mut probert_consumer_stats,
+    size: size_t,
+) -> probert_status {
     ffi_panic_boundary! {
         let out = not_null!(out);
+        if size == 0 || size % 8 != 0 {
+            return PROBERT_ERR_INVALID_ARGUMENT;
+        }
         not_in_handler!();
         let s = try_rt!(core_rt::stats(ConsumerId(c)));
-        // SAFETY: checked not NULL; the C contract is a writable
-        // `probert_consumer_stats`. Written on success only.
-        unsafe { out.write(probert_consumer_stats { hits: s.hits, missed: s.missed }) };
+        let all = probert_consumer_stats {
+            hits: s.hits,
+            missed: s.missed,
+            returns: s.returns,
+            abandoned: s.abandoned,
+        };
+        let n = size.min(size_of::<probert_consumer_stats>());
+        // SAFETY: checked not NULL; the C contract is `size` writable bytes
+        // at `out`, and `n` is at most that and at most the struct's size.
+        // Written on success only.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (&all as *const probert_consumer_stats).cast::<u8>(),
+                out.cast::<u8>(),
+                n,
+            )
+        };
         PROBERT_OK
     }
 }

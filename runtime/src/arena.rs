@@ -77,4 +77,15 @@ impl<T: Zeroable> Arena<T> {
         // accessed through atomics, so shared references are sound.
         Some(unsafe { &*base.add(idx) })
     }
+
+    /// The index of `rec`, a record of this arena.
+    ///
+    /// # Signal safety
+    /// Arithmetic.
+    #[inline]
+    pub(crate) fn index_of(&self, rec: &T) -> u32 {
+        // Ordering: Acquire — as in `get`.
+        let base = self.base.load(Ordering::Acquire) as usize;
+        ((rec as *const T as usize - base) / std::mem::size_of::<T>()) as u32
+    }
 }

@@ -17,7 +17,8 @@ use crate::arch::Clobbers;
 use crate::error::{Error, Result};
 use crate::hit::Handler;
 use crate::probe::{
-    consumer_tag, Entry, CONSUMERS, STATE_ACTIVE, STATE_DETACHED, STATE_FREE, STATE_REMOVED,
+    consumer_tag, Entry, EntryKind, CONSUMERS, STATE_ACTIVE, STATE_DETACHED, STATE_FREE,
+    STATE_REMOVED,
 };
 use crate::site::Mode;
 
@@ -45,6 +46,12 @@ pub struct Stats {
     pub hits: u64,
     /// Hits skipped because the thread was already running a handler.
     pub missed: u64,
+    /// Return handler calls (consumers with a return handler).
+    pub returns: u64,
+    /// Invocations whose entry called the consumer and that left without
+    /// returning (`longjmp`, an exception, the thread's exit), or whose
+    /// return could not be followed.
+    pub abandoned: u64,
 }
 
 /// One attach request.
@@ -71,6 +78,10 @@ pub(crate) struct Attachment {
     pub owner: Option<Owner>,
     /// What the handler may change beyond the GPRs and flags.
     pub clobbers: Clobbers,
+    /// What kind of consumer (see `probe::EntryKind`).
+    pub kind: EntryKind,
+    /// The return handler of a consumer with one.
+    pub on_return: Option<Handler>,
 }
 
 #[derive(Default)]
@@ -110,13 +121,17 @@ impl Consumers {
         let rec = CONSUMERS
             .get(idx as usize)
             .ok_or(Error::Internal("consumer record out of range".into()))?;
-        let slot = &mut self.slots[idx as usize];
+        let slot = &self.slots[idx as usize];
         // Ordering: Relaxed — the record is published with the consumer list
         // (Release swap in `publish_list`); no flush for its previous
         // consumer can come (see `release`).
         rec.hits.store(0, Ordering::Relaxed);
         rec.missed.store(0, Ordering::Relaxed);
+        rec.returns.store(0, Ordering::Relaxed);
+        rec.abandoned.store(0, Ordering::Relaxed);
+        rec.gen.store(slot.gen, Ordering::Relaxed);
         rec.state.store(STATE_ACTIVE, Ordering::Relaxed);
+        let slot = &mut self.slots[idx as usize];
         slot.attachment = Some(attachment);
         Ok((ConsumerId::new(idx, slot.gen), idx))
     }
@@ -179,7 +194,25 @@ impl Consumers {
             record: CONSUMERS.get(idx as usize)?,
             tag: consumer_tag(idx, slot.gen),
             clobbers: a.clobbers,
+            kind: a.kind,
+            on_return: a.on_return,
         })
+    }
+
+    /// Widens the classes of attached slot `idx` (an exit consumer whose
+    /// return handlers grew); whether they changed.
+    pub(crate) fn widen_clobbers(&mut self, idx: u32, c: Clobbers) -> bool {
+        match self
+            .slots
+            .get_mut(idx as usize)
+            .and_then(|s| s.attachment.as_mut())
+        {
+            Some(a) if !c.within(a.clobbers) => {
+                a.clobbers = a.clobbers.union(c);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Attached slots whose handler returned `Remove`.
@@ -209,6 +242,8 @@ impl Consumers {
         Ok(Stats {
             hits: rec.hits.load(Ordering::Relaxed) + pending(tag),
             missed: rec.missed.load(Ordering::Relaxed),
+            returns: rec.returns.load(Ordering::Relaxed),
+            abandoned: rec.abandoned.load(Ordering::Relaxed),
         })
     }
 }

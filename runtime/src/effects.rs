@@ -537,6 +537,8 @@ mod tests {
             addr: 2,
             regs: &mut regs,
             user_data: std::ptr::null_mut(),
+            session: std::ptr::null_mut(),
+            is_return: 0,
         };
         // SAFETY: a valid `Hit`.
         assert_eq!(unsafe { float_hit(&mut hit) }, 0);

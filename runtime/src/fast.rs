@@ -142,7 +142,7 @@ pub(crate) fn inline_layout() -> InlineLayout {
     use std::mem::{offset_of, size_of};
     // The assembly reads `state` and the clobber classes as 32-bit words
     // (`AtomicU32`s and `Clobbers`), the rest as 64-bit ones.
-    const _: () = assert!(size_of::<Hit>() == 24);
+    const _: () = assert!(size_of::<Hit>() == 40);
     const _: () = assert!(size_of::<usize>() == 8);
     const _: () = assert!(size_of::<Clobbers>() == 4);
     let slots = grace::slot_layout();

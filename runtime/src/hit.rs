@@ -20,17 +20,22 @@ pub enum Action {
     /// finish, and its handle becomes stale. (Its resources are reclaimed by
     /// the next probert call made in normal context.)
     Remove = 1,
+    /// From an entry handler of a consumer with a return handler: do not
+    /// call the return handler for this invocation (anywhere else, the same
+    /// as [`Action::Continue`]).
+    NoReturn = 2,
 }
 
 impl Action {
-    /// Reads an action returned through the C ABI: anything but `1` is
+    /// Reads an action returned through the C ABI: `1` and `2` are
+    /// [`Action::Remove`] and [`Action::NoReturn`], anything else is
     /// [`Action::Continue`].
     #[inline]
     pub fn from_raw(raw: u32) -> Action {
-        if raw == Action::Remove as u32 {
-            Action::Remove
-        } else {
-            Action::Continue
+        match raw {
+            1 => Action::Remove,
+            2 => Action::NoReturn,
+            _ => Action::Continue,
         }
     }
 }
@@ -46,6 +51,13 @@ pub struct Hit {
     pub regs: *mut Regs,
     /// The `user_data` given at attach.
     pub user_data: *mut c_void,
+    /// For a consumer with a return handler: 8 bytes private to this
+    /// invocation of this consumer, zero at the entry hit, the same bytes at
+    /// its return hit. Null for other consumers.
+    pub session: *mut u64,
+    /// 1 on a return hit (then `addr` is the function's entry and the
+    /// registers are as just after the return), 0 otherwise.
+    pub is_return: u32,
 }
 
 impl Hit {
@@ -66,6 +78,22 @@ impl Hit {
     pub fn regs(&self) -> &Regs {
         // SAFETY: as in `regs_mut`.
         unsafe { &*self.regs }
+    }
+
+    /// The invocation's session word (consumers with a return handler):
+    /// zero at the entry hit, and what the entry handler left in it at the
+    /// return hit.
+    #[inline]
+    pub fn session(&mut self) -> Option<&mut u64> {
+        // SAFETY: the dispatcher sets `session` to null or to the word of
+        // this invocation's pending frame, live for the handler call.
+        unsafe { self.session.as_mut() }
+    }
+
+    /// Whether this is a return hit.
+    #[inline]
+    pub fn is_return(&self) -> bool {
+        self.is_return != 0
     }
 }
 

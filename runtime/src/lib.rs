@@ -183,6 +183,7 @@ mod map;
 mod patch;
 mod probe;
 mod region;
+mod shadow;
 mod sigctx;
 mod site;
 mod sync;
@@ -191,7 +192,10 @@ mod trap;
 mod writer;
 mod xol;
 
-pub use api::{attach, attach_ex, attach_fn, probe, Probe};
+pub use api::{
+    attach, attach_batch_with, attach_ex, attach_fn, attach_with, probe, probe_returns,
+    AttachOptions, Probe,
+};
 pub use arch::{Reg, Regs};
 pub use consumer::{AttachReq, ConsumerId, Stats};
 pub use error::{Error, Result};

@@ -24,6 +24,7 @@ use crate::arch::{Clobbers, Displaced, Regs};
 use crate::arena::{Arena, Zeroable};
 use crate::grace::Section;
 use crate::hit::{Action, Handler, Hit};
+use crate::shadow;
 use crate::sigctx::SignalContext;
 
 /// Most probes alive at once.
@@ -76,6 +77,14 @@ pub(crate) struct ConsumerRecord {
     pub hits: AtomicU64,
     /// Hits skipped because the thread was already in a handler.
     pub missed: AtomicU64,
+    /// The generation of the consumer the record belongs to (its handle's):
+    /// a return probe's pending invocation names it, and is not delivered
+    /// to a later consumer of the record.
+    pub gen: AtomicU32,
+    /// Return handler calls.
+    pub returns: AtomicU64,
+    /// Invocations that left without returning (see `crate::shadow`).
+    pub abandoned: AtomicU64,
 }
 
 // SAFETY: atomics only.
@@ -108,6 +117,27 @@ pub(crate) struct Entry {
     pub tag: u64,
     /// What its handler may change beyond the GPRs and flags.
     pub clobbers: Clobbers,
+    /// What kind of consumer it is.
+    pub kind: EntryKind,
+    /// A consumer with a return handler: that handler.
+    pub on_return: Option<Handler>,
+}
+
+/// What a consumer of the dispatcher's list does on a hit.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum EntryKind {
+    /// Calls its handler.
+    #[default]
+    Plain,
+    /// A consumer with a return handler, at its function's entry: calls its
+    /// entry handler and records the pending invocation (`crate::shadow`).
+    Returns,
+    /// probert's own consumer at a `ret` that ends functions with return
+    /// probes: ends the pending invocations it returns from, calling their
+    /// return handlers. `user_data` is the `ret`'s immediate (bytes popped
+    /// after the return address).
+    Exit,
 }
 
 /// The tag a thread's hit cache files a consumer under: never 0.
@@ -161,7 +191,7 @@ impl ConsumerList {
         let rest: Box<[Entry]> = it.collect();
         Box::into_raw(Box::new(ConsumerList {
             len: 1 + rest.len(),
-            inline: usize::from(rest.is_empty()),
+            inline: usize::from(rest.is_empty() && first.kind == EntryKind::Plain),
             first,
             rest,
         }))
@@ -247,6 +277,8 @@ pub(crate) fn dispatch(
         addr,
         regs,
         user_data: std::ptr::null_mut(),
+        session: std::ptr::null_mut(),
+        is_return: 0,
     };
     call(cx, section, &list.first, &mut hit, saved);
     for e in list.rest.iter() {
@@ -269,13 +301,153 @@ fn call(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit, save
     if e.record.state.load(Ordering::Relaxed) != STATE_ACTIVE {
         return;
     }
+    match e.kind {
+        EntryKind::Plain => {
+            hit.user_data = e.user_data as *mut _;
+            // SAFETY: the handler and user data were supplied together at
+            // attach, under the documented contract of `Handler`.
+            let raw = unsafe { (e.handler)(hit) };
+            section.count_hit(cx, e.tag, flush_hits);
+            if Action::from_raw(raw) == Action::Remove {
+                request_removal(e.record);
+            }
+        }
+        EntryKind::Returns => call_entry(cx, section, e, hit),
+        EntryKind::Exit => returns(cx, e, hit),
+    }
+}
+
+/// The entry hit of a consumer with a return handler: its entry handler,
+/// with the session word of the invocation it records.
+///
+/// # Signal safety
+/// As [`dispatch`]; see `crate::shadow`.
+#[cold]
+#[inline(never)]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
+fn call_entry(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit) {
+    let regs = hit.regs();
+    let sp = regs.sp();
+    // SAFETY: at a function's entry the stack pointer points at the return
+    // address its call pushed: the thread's own stack, mapped.
+    let ret = unsafe { std::ptr::read_volatile(sp as *const usize) };
+    let idx = CONSUMERS.index_of(e.record);
+    let frame = shadow::Frame {
+        sp,
+        ret,
+        func: hit.addr,
+        on_return: e.on_return.map_or(0, |h| h as usize),
+        user_data: e.user_data,
+        session: 0,
+        record: idx,
+        // Ordering: Relaxed — set before the consumer was published.
+        gen: e.record.gen.load(Ordering::Relaxed),
+    };
+    let mut spare = 0u64;
+    let mut stack = shadow::mine(cx, true);
+    let session = match stack.as_mut().and_then(|s| s.push(frame)) {
+        Some(w) => w as *mut u64,
+        None => {
+            if stack.is_none() {
+                // Ordering: Relaxed — a statistic.
+                e.record.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
+            &mut spare
+        }
+    };
+    let recorded = !std::ptr::eq(session, &spare);
     hit.user_data = e.user_data as *mut _;
-    // SAFETY: the handler and user data were supplied together at attach,
-    // under the documented contract of `Handler`.
+    hit.session = session;
+    // SAFETY: as for a plain consumer.
     let raw = unsafe { (e.handler)(hit) };
+    hit.session = std::ptr::null_mut();
     section.count_hit(cx, e.tag, flush_hits);
-    if Action::from_raw(raw) == Action::Remove {
+    let action = Action::from_raw(raw);
+    if action != Action::Continue && recorded {
+        if let Some(s) = stack.as_mut() {
+            s.pop_last();
+        }
+    }
+    if action == Action::Remove {
         request_removal(e.record);
+    }
+}
+
+/// The hit of a `ret` that ends invocations with return probes: their
+/// return handlers, innermost first, with the registers as just after the
+/// return (writes take effect: moving RIP or RSP makes the thread resume
+/// there instead of executing the `ret`).
+///
+/// # Signal safety
+/// As [`dispatch`]; see `crate::shadow`.
+#[cold]
+#[inline(never)]
+#[link_section = "probert_fast"] // see `crate::fast::code_range`
+fn returns(cx: SignalContext, e: &Entry, hit: &mut Hit) {
+    const MOST: usize = 16;
+    let (rip0, sp0) = (hit.regs().pc(), hit.regs().sp());
+    if rip0 != hit.addr {
+        // A consumer before this one redirected the thread: no return.
+        return;
+    }
+    let Some(mut stack) = shadow::mine(cx, false) else {
+        return;
+    };
+    // SAFETY: a `ret` is about to pop this word: the thread's own stack.
+    let ret = unsafe { std::ptr::read_volatile(sp0 as *const usize) };
+    let mut ended = [shadow::Frame::EMPTY; MOST];
+    let n = stack.pop_returning(sp0, ret, &mut ended);
+    if n == 0 {
+        return;
+    }
+    let after = (ret, sp0 + 8 + e.user_data);
+    {
+        let r = hit.regs_mut();
+        r.set_pc(after.0);
+        r.set(crate::arch::Reg::Rsp, after.1 as u64);
+    }
+    let addr = hit.addr;
+    for f in &mut ended[..n] {
+        let Some(rec) = CONSUMERS.get(f.record as usize) else {
+            continue;
+        };
+        // Ordering: Relaxed — a consumer detached (or reused) since the
+        // entry is not called: the grace period after its detach covers
+        // the calls that passed this check.
+        if rec.state.load(Ordering::Relaxed) != STATE_ACTIVE
+            || rec.gen.load(Ordering::Relaxed) != f.gen
+            || f.on_return == 0
+        {
+            continue;
+        }
+        // SAFETY: `on_return` is the consumer's return handler, stored from
+        // a `Handler` at its entry hit.
+        let handler: crate::hit::Handler = unsafe { std::mem::transmute(f.on_return) };
+        hit.addr = f.func;
+        hit.user_data = f.user_data as *mut _;
+        hit.session = &mut f.session;
+        hit.is_return = 1;
+        // SAFETY: as for a plain consumer.
+        let raw = unsafe { handler(hit) };
+        // Ordering: Relaxed — a statistic.
+        rec.returns.fetch_add(1, Ordering::Relaxed);
+        if Action::from_raw(raw) == Action::Remove {
+            request_removal(rec);
+        }
+        if (hit.regs().pc(), hit.regs().sp()) != after {
+            // Redirected: the thread no longer returns here.
+            break;
+        }
+    }
+    hit.addr = addr;
+    hit.session = std::ptr::null_mut();
+    hit.is_return = 0;
+    if (hit.regs().pc(), hit.regs().sp()) == after {
+        // Not redirected: the `ret` runs as displaced, with whatever else the
+        // handlers changed.
+        let r = hit.regs_mut();
+        r.set_pc(rip0);
+        r.set(crate::arch::Reg::Rsp, sp0 as u64);
     }
 }
 
@@ -335,6 +507,8 @@ mod tests {
             record: CONSUMERS.get(i as usize).unwrap(),
             tag: consumer_tag(i, 1),
             clobbers: Clobbers::NONE,
+            kind: EntryKind::Plain,
+            on_return: None,
         };
         assert!(ConsumerList::publishable(Vec::new()).is_null());
         let one = ConsumerList::publishable(vec![entry(0)]);

@@ -609,6 +609,90 @@ impl Sites {
         Some(why.text(flow))
     }
 
+    /// Whether `addr` is the first instruction of a function probert knows
+    /// (module code with a known extent, or a JIT function); `Err` with
+    /// the function's start when it lies inside one.
+    pub(crate) fn function_entry(&mut self, regions: &Regions, addr: usize) -> Result<()> {
+        let target = regions.resolve(addr)?.target;
+        match self.with_flow(regions, &target, addr, |f| f.start()) {
+            Some(start) if start == addr => Ok(()),
+            Some(start) => Err(Error::Misaligned { addr, func: start }),
+            None => Err(Error::unsupported(
+                addr,
+                "return probes need the function's extent, and none is known here",
+            )),
+        }
+    }
+
+    /// The `ret`s that end invocations of the function at `entry` — its
+    /// own, and those of the functions it leaves for by tail jumps,
+    /// transitively (`arch::function_exits`) — with each one's immediate.
+    pub(crate) fn exits(&mut self, regions: &Regions, entry: usize) -> Result<Vec<(usize, u16)>> {
+        const MOST_FUNCTIONS: usize = 512;
+        let mut todo = vec![entry];
+        let mut seen: Vec<usize> = Vec::new();
+        let mut rets: Vec<usize> = Vec::new();
+        while let Some(at) = todo.pop() {
+            let target = regions.resolve(at)?.target;
+            let found = self.with_flow(regions, &target, at, |f| (f.start(), f.end()));
+            let Some((start, end)) = found else {
+                return Err(Error::unsupported(
+                    entry,
+                    format!(
+                        "a return probe must follow the tail jump to {at:#x}, and no function \
+                         is known there"
+                    ),
+                ));
+            };
+            if seen.contains(&start) {
+                continue;
+            }
+            if seen.len() >= MOST_FUNCTIONS {
+                return Err(Error::unsupported(
+                    entry,
+                    "its tail jumps reach too many functions for a return probe",
+                ));
+            }
+            seen.push(start);
+            let code = self.original_code(start, end).ok_or(Error::Protect {
+                addr: start,
+                reason: "the code cannot be read".into(),
+            })?;
+            let exits = self
+                .with_flow(regions, &target, start, |f| arch::function_exits(&code, f))
+                .ok_or(Error::Internal("a function's flow vanished".into()))?
+                .map_err(|e| {
+                    Error::unsupported(
+                        entry,
+                        format!("a return probe cannot find every return of it: {e}"),
+                    )
+                })?;
+            rets.extend(exits.rets);
+            todo.extend(exits.leaves);
+            for slot in exits.slots {
+                let mut word = [0u8; 8];
+                if crate::sys::peek::read_memory(slot, &mut word).is_err() {
+                    return Err(Error::unsupported(
+                        entry,
+                        format!("its tail jump through {slot:#x} cannot be followed"),
+                    ));
+                }
+                todo.push(usize::from_le_bytes(word));
+            }
+        }
+        rets.sort_unstable();
+        rets.dedup();
+        rets.into_iter()
+            .map(|r| {
+                let b = self.original_code(r, r + MAX_INSN_LEN).unwrap_or_default();
+                match arch::analyze(&b, r).map(|d| d.displaced) {
+                    Ok(Displaced::Ret { pop }) => Ok((r, pop)),
+                    _ => Err(Error::Internal(format!("{r:#x} is not a near ret").into())),
+                }
+            })
+            .collect()
+    }
+
     /// The instruction starts of the function around `addr`, from its whole
     /// decode (up to where decoding stopped).
     pub(crate) fn instructions(&mut self, regions: &Regions, addr: usize) -> Result<Vec<usize>> {

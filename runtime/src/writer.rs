@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::grace;
 use crate::hit::Handler;
 use crate::map::RetiredTables;
-use crate::probe::{ConsumerList, Entry, ProbeRecord, CONSUMERS, PROBES, REAP_PENDING};
+use crate::probe::{ConsumerList, Entry, EntryKind, ProbeRecord, CONSUMERS, PROBES, REAP_PENDING};
 use crate::region::{RegionDesc, RegionId, Regions};
 use crate::site::{BuiltSite, Mode, Prepared, PreparedSite, Sites, TrapOnly};
 use crate::sys::{membarrier, threads};
@@ -89,6 +89,34 @@ struct WriterState {
     /// the next writer operation.
     want_fast: AddrSet<usize>,
     last_retry: Option<std::time::Instant>,
+    /// The exit consumers at `ret`s of functions with return probes, by
+    /// `ret` address.
+    exit_uses: AddrMap<usize, ExitUse>,
+    /// The `ret`s each consumer with a return handler ends at, by consumer.
+    return_exits: AddrMap<u32, Vec<usize>>,
+}
+
+/// probert's own consumer at one `ret`, shared by the return probes whose
+/// invocations may end there.
+struct ExitUse {
+    /// Its consumer slot.
+    idx: u32,
+    /// The consumers with return handlers that need it.
+    users: usize,
+}
+
+/// What one attach request asks for beyond address and handler.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Options {
+    pub mode: Mode,
+    /// A return handler: the address must be a function's entry.
+    pub on_return: Option<Handler>,
+}
+
+/// The handler field of exit consumers (never called: the dispatcher
+/// handles their kind itself).
+unsafe extern "C" fn exit_marker(_: *mut crate::hit::Hit) -> u32 {
+    0
 }
 
 /// How often control calls retry the sites that could not be made fast.
@@ -209,11 +237,13 @@ impl WriterState {
         let site = self.sites.get(addr).ok_or(Error::Internal(
             "publishing the list of a missing probe".into(),
         ))?;
-        let entries: Vec<Entry> = site
+        let mut entries: Vec<Entry> = site
             .consumers
             .iter()
             .filter_map(|&c| self.consumers.entry(c))
             .collect();
+        // An exit consumer after the others: they see the `ret` itself.
+        entries.sort_by_key(|e| e.kind == EntryKind::Exit);
         let classes = entries
             .iter()
             .fold(Clobbers::NONE, |acc, e| acc.union(e.clobbers));
@@ -248,7 +278,19 @@ impl WriterState {
     /// it. From the analysis of its code ([`crate::effects`]); everything
     /// when that cannot tell.
     fn classes_of(&mut self, handler: Handler) -> Clobbers {
-        let c = effects::handler_clobbers(handler as usize, &mut self.effects);
+        // probert's own Rust code on the fast path (the general dispatcher,
+        // `fast_after`) may use what the compiler may: SSE always (the
+        // trampoline saves it before calling Rust), and the AVX and AVX-512
+        // registers when the crate is built with those features enabled
+        // (`-C target-cpu=native`): then every consumer saves them.
+        const RUST: Clobbers = if cfg!(target_feature = "avx512f") {
+            Clobbers::VECTOR.union(Clobbers::OPMASK)
+        } else if cfg!(target_feature = "avx") {
+            Clobbers::VECTOR
+        } else {
+            Clobbers::NONE
+        };
+        let c = effects::handler_clobbers(handler as usize, &mut self.effects).union(RUST);
         // Whatever saves the upper vector state saves the whole registers.
         if Clobbers::VECTOR.within(c) {
             c.union(Clobbers::SSE)
@@ -257,13 +299,125 @@ impl WriterState {
         }
     }
 
-    /// Attaches every request or none.
+    /// Attaches every request or none; `opts` has one entry per request, or
+    /// one for all, or none (the defaults).
     fn attach_batch(
         &mut self,
         reqs: &[AttachReq],
-        modes: &[Mode],
+        opts: &[Options],
         owners: Vec<Option<Owner>>,
     ) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+        let opt = |i: usize| match opts {
+            [] => Options::default(),
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or_default(),
+        };
+        // Return probes: each function's `ret`s get probert's exit consumer
+        // (one per `ret`, shared), attached in the same batch.
+        let mut all: Vec<AttachReq> = reqs.to_vec();
+        let mut kinds: Vec<(Mode, EntryKind, Option<Handler>)> = (0..reqs.len())
+            .map(|i| {
+                let o = opt(i);
+                let kind = if o.on_return.is_some() {
+                    EntryKind::Returns
+                } else {
+                    EntryKind::Plain
+                };
+                (o.mode, kind, o.on_return)
+            })
+            .collect();
+        let mut exits_of: Vec<Vec<usize>> = vec![Vec::new(); reqs.len()];
+        // A new exit consumer's request → the first user request needing it.
+        let mut new_exits: AddrMap<usize, usize> = AddrMap::default();
+        let mut exit_classes: AddrMap<usize, Clobbers> = AddrMap::default();
+        for (i, r) in reqs.iter().enumerate() {
+            let Some(on_return) = opt(i).on_return else {
+                continue;
+            };
+            self.sites
+                .function_entry(&self.regions, r.addr)
+                .map_err(|e| (i, e))?;
+            let rets = self
+                .sites
+                .exits(&self.regions, r.addr)
+                .map_err(|e| (i, e))?;
+            let classes = self.classes_of(on_return);
+            for (ret, pop) in rets {
+                exits_of[i].push(ret);
+                let c = exit_classes.entry(ret).or_insert(Clobbers::NONE);
+                *c = c.union(classes);
+                if self.exit_uses.contains_key(&ret) || new_exits.contains_key(&ret) {
+                    continue;
+                }
+                new_exits.insert(ret, all.len());
+                all.push(AttachReq {
+                    addr: ret,
+                    handler: exit_marker,
+                    user_data: usize::from(pop) as *mut std::ffi::c_void,
+                });
+                kinds.push((Mode::Auto, EntryKind::Exit, None));
+            }
+        }
+        let mut owners = owners;
+        owners.resize_with(all.len(), || None);
+        let ids = self
+            .attach_inner(&all, &kinds, owners, &exit_classes)
+            .map_err(|(k, e)| {
+                if k < reqs.len() {
+                    return (k, e);
+                }
+                // An exit consumer: blame the first request that needed it.
+                let ret = all[k].addr;
+                let user = exits_of.iter().position(|x| x.contains(&ret)).unwrap_or(0);
+                let e = Error::unsupported(
+                    reqs[user].addr,
+                    format!("its return at {ret:#x} cannot be probed: {e}"),
+                );
+                (user, e)
+            })?;
+        // Bookkeeping: every exit consumer's users; wider classes republished.
+        for (&ret, &k) in &new_exits {
+            if let Ok(idx) = self.consumers.lookup(ids[k]) {
+                self.exit_uses.insert(ret, ExitUse { idx, users: 0 });
+            }
+        }
+        let mut widened = Vec::new();
+        for (i, exits) in exits_of.into_iter().enumerate() {
+            if exits.is_empty() && kinds[i].1 != EntryKind::Returns {
+                continue;
+            }
+            let Ok(idx) = self.consumers.lookup(ids[i]) else {
+                continue;
+            };
+            for &ret in &exits {
+                if let Some(u) = self.exit_uses.get_mut(&ret) {
+                    u.users += 1;
+                    let c = exit_classes.get(&ret).copied().unwrap_or(Clobbers::ALL);
+                    if self.consumers.widen_clobbers(u.idx, c) {
+                        widened.push(ret);
+                    }
+                }
+            }
+            self.return_exits.insert(idx, exits);
+        }
+        for ret in widened {
+            self.publish_list(ret).map_err(|e| (0, e))?;
+        }
+        Ok(ids[..reqs.len()].to_vec())
+    }
+
+    /// Attaches every request or none, each of the given mode and kind
+    /// (`exit_classes`: the classes of the return handlers each new exit
+    /// consumer serves).
+    fn attach_inner(
+        &mut self,
+        reqs: &[AttachReq],
+        kinds: &[(Mode, EntryKind, Option<Handler>)],
+        owners: Vec<Option<Owner>>,
+        exit_classes: &AddrMap<usize, Clobbers>,
+    ) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+        let modes: Vec<Mode> = kinds.iter().map(|k| k.0).collect();
+        let modes = &modes[..];
         if reqs.len() > self.consumers.room() {
             return Err((0, Error::NoMemory("too many consumers".into())));
         }
@@ -444,14 +598,17 @@ impl WriterState {
         let mut owners = owners.into_iter();
         let mut classes: AddrMap<usize, Clobbers> = AddrMap::default();
         for (i, r) in reqs.iter().enumerate() {
-            let mode = modes.get(i).copied().unwrap_or_default();
-            let clobbers = match classes.get(&(r.handler as usize)) {
-                Some(&c) => c,
-                None => {
-                    let c = self.classes_of(r.handler);
-                    classes.insert(r.handler as usize, c);
-                    c
-                }
+            let (mode, kind, on_return) = kinds.get(i).copied().unwrap_or_default();
+            let clobbers = match kind {
+                EntryKind::Exit => exit_classes.get(&r.addr).copied().unwrap_or(Clobbers::ALL),
+                _ => match classes.get(&(r.handler as usize)) {
+                    Some(&c) => c,
+                    None => {
+                        let c = self.classes_of(r.handler);
+                        classes.insert(r.handler as usize, c);
+                        c
+                    }
+                },
             };
             let attachment = Attachment {
                 addr: r.addr,
@@ -460,6 +617,8 @@ impl WriterState {
                 mode,
                 owner: owners.next().flatten(),
                 clobbers,
+                kind,
+                on_return,
             };
             let (id, idx) = self
                 .consumers
@@ -497,7 +656,15 @@ impl WriterState {
         }
         // The others that could not switch now try again later.
         self.want_fast.extend(stuck);
-        // 6. Their lists: handlers run from here.
+        // 6. Their lists: handlers run from here — the `ret`s of return
+        //    probes first, so no invocation begins that could end unseen.
+        let exits: AddrSet<usize> = reqs
+            .iter()
+            .zip(kinds)
+            .filter(|(_, k)| k.1 == EntryKind::Exit)
+            .map(|(r, _)| r.addr)
+            .collect();
+        addrs.sort_by_key(|a| !exits.contains(a));
         for &a in &addrs {
             self.publish_list(a).map_err(|e| (0, e))?;
         }
@@ -562,7 +729,19 @@ impl WriterState {
     /// none. Costs no grace period; the caller synchronises.
     fn detach_nosync(&mut self, idxs: &[u32]) -> Result<()> {
         let mut touched = Vec::new();
-        for &idx in idxs {
+        let mut queue: Vec<u32> = idxs.to_vec();
+        while let Some(idx) = queue.pop() {
+            // A consumer with a return handler: the exit consumers only it
+            // still needs go too.
+            for ret in self.return_exits.remove(&idx).unwrap_or_default() {
+                if let Some(u) = self.exit_uses.get_mut(&ret) {
+                    u.users = u.users.saturating_sub(1);
+                    if u.users == 0 {
+                        queue.push(u.idx);
+                        self.exit_uses.remove(&ret);
+                    }
+                }
+            }
             let Some((a, tag)) = self.consumers.detach(idx) else {
                 continue;
             };
@@ -595,8 +774,9 @@ impl WriterState {
         self.remove_probes(&empty)
     }
 
-    /// Tries again to switch the sites that could not be made fast, with
-    /// one short scan, at most every [`RETRY_EVERY`] unless `now`.
+    /// Tries again to switch the sites that could not be made fast: with
+    /// one short scan at most every [`RETRY_EVERY`], or (`now`) with the
+    /// usual patience.
     fn retry_fast(&mut self, now: bool) {
         if self.want_fast.is_empty()
             || (!now && self.last_retry.is_some_and(|t| t.elapsed() < RETRY_EVERY))
@@ -605,9 +785,13 @@ impl WriterState {
         }
         self.last_retry = Some(std::time::Instant::now());
         let sites: Vec<usize> = self.want_fast.drain().collect();
-        let stuck = self
-            .sites
-            .apply_modes_briefly(&sites, std::time::Duration::from_millis(2));
+        // `sync` may wait; other calls try once, briefly.
+        let stuck = if now {
+            self.sites.apply_modes(&sites).0
+        } else {
+            self.sites
+                .apply_modes_briefly(&sites, std::time::Duration::from_millis(2))
+        };
         self.want_fast.extend(stuck);
     }
 
@@ -734,9 +918,16 @@ pub(crate) fn attach_owned(
     };
     with_state(|st| {
         ensure_handler()?;
-        st.attach_batch(&[req], &[mode], vec![owner])
-            .map(|ids| ids[0])
-            .map_err(|(_, e)| e)
+        st.attach_batch(
+            &[req],
+            &[Options {
+                mode,
+                on_return: None,
+            }],
+            vec![owner],
+        )
+        .map(|ids| ids[0])
+        .map_err(|(_, e)| e)
     })
 }
 
@@ -779,6 +970,16 @@ pub fn declare_chained_sigtrap_handler() -> Result<()> {
 /// Attaches every request or none; on error, the index of the first request
 /// that failed.
 pub fn attach_batch(reqs: &[AttachReq]) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
+    attach_batch_with(reqs, &[], Vec::new())
+}
+
+/// [`attach_batch`] with options (one per request, or one for all) and
+/// owners (dropped after detach).
+pub(crate) fn attach_batch_with(
+    reqs: &[AttachReq],
+    opts: &[Options],
+    owners: Vec<Option<Owner>>,
+) -> std::result::Result<Vec<ConsumerId>, (usize, Error)> {
     refuse_in_handler().map_err(|e| (reqs.len(), e))?;
     let mut guard = lock();
     if guard.is_none() {
@@ -788,9 +989,15 @@ pub fn attach_batch(reqs: &[AttachReq]) -> std::result::Result<Vec<ConsumerId>, 
         .as_mut()
         .ok_or((0, Error::Internal("state vanished".into())))?;
     st.reap();
+    st.sites.forget_reads();
+    st.retry_fast(false);
     ensure_handler().map_err(|e| (0, e))?;
-    let owners = reqs.iter().map(|_| None).collect();
-    st.attach_batch(reqs, &[], owners)
+    if opts.iter().any(|o| o.on_return.is_some()) {
+        crate::shadow::init();
+    }
+    let r = st.attach_batch(reqs, opts, owners);
+    st.sites.forget_reads();
+    r
 }
 
 /// Detaches without waiting: the handler may still be running (or about to
@@ -854,6 +1061,7 @@ pub fn sync() -> Result<()> {
     }
     let (items, snap) = with_state(|st| {
         st.retry_fast(true);
+        crate::shadow::reclaim();
         Ok((std::mem::take(&mut st.deferred), st.pool.grace_snapshot()))
     })?;
     grace::synchronize();

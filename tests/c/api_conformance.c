@@ -49,7 +49,15 @@ probert_status probert_sync(void);
 probert_status probert_attach_ex(const void *addr, probert_handler handler, void *user_data,
                                  const probert_attach_opts *opts, probert_consumer *out);
 probert_status probert_probe_mode(const void *addr, probert_mode *out);
-probert_status probert_consumer_get_stats(probert_consumer c, probert_consumer_stats *out);
+/* The name in parentheses: the header also defines a function-like macro of
+   that name (it passes the struct's size; see probert.h), which a
+   redeclaration must not expand. */
+probert_status (probert_consumer_get_stats)(probert_consumer c, probert_consumer_stats *out);
+
+/* Additions of version 0.2. */
+probert_status probert_attach_batch_ex(const probert_attach_req *reqs, size_t n,
+                                       const probert_attach_opts *opts,
+                                       probert_consumer *out, size_t *err_index);
 
 /* The tags API.md names exist, as the types their typedefs name. */
 typedef enum probert_status probert_status;
@@ -100,6 +108,7 @@ VALUE(PROBERT_REG_RFLAGS, 17);
 
 VALUE(PROBERT_CONTINUE, 0);
 VALUE(PROBERT_REMOVE, 1);
+VALUE(PROBERT_NO_RETURN, 2);
 
 VALUE(PROBERT_MODE_AUTO, 0);
 VALUE(PROBERT_MODE_TRAP, 1);
@@ -134,11 +143,15 @@ struct api_hit {
   uintptr_t     addr;
   probert_regs *regs;
   void         *user_data;
+  uint64_t     *session;
+  uint32_t      is_return;
 };
 SAME_SIZE(probert_hit, struct api_hit);
 SAME_FIELD(probert_hit, struct api_hit, addr);
 SAME_FIELD(probert_hit, struct api_hit, regs);
 SAME_FIELD(probert_hit, struct api_hit, user_data);
+SAME_FIELD(probert_hit, struct api_hit, session);
+SAME_FIELD(probert_hit, struct api_hit, is_return);
 
 struct api_attach_req {
   const void *addr; probert_handler handler; void *user_data;
@@ -149,20 +162,26 @@ SAME_FIELD(probert_attach_req, struct api_attach_req, handler);
 SAME_FIELD(probert_attach_req, struct api_attach_req, user_data);
 
 struct api_attach_opts {
-  size_t       size;
-  probert_mode mode;
+  size_t          size;
+  probert_mode    mode;
+  probert_handler on_return;
 };
 SAME_SIZE(probert_attach_opts, struct api_attach_opts);
 SAME_FIELD(probert_attach_opts, struct api_attach_opts, size);
 SAME_FIELD(probert_attach_opts, struct api_attach_opts, mode);
+SAME_FIELD(probert_attach_opts, struct api_attach_opts, on_return);
 
 struct api_consumer_stats {
   uint64_t hits;
   uint64_t missed;
+  uint64_t returns;
+  uint64_t abandoned;
 };
 SAME_SIZE(probert_consumer_stats, struct api_consumer_stats);
 SAME_FIELD(probert_consumer_stats, struct api_consumer_stats, hits);
 SAME_FIELD(probert_consumer_stats, struct api_consumer_stats, missed);
+SAME_FIELD(probert_consumer_stats, struct api_consumer_stats, returns);
+SAME_FIELD(probert_consumer_stats, struct api_consumer_stats, abandoned);
 
 /* ---- and it links and runs ----------------------------------------------- */
 
@@ -177,7 +196,7 @@ int main(void) {
   probert_mode m;
   probert_consumer_stats st;
   probert_attach_req req = {NULL, handler, NULL};
-  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_AUTO};
+  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_AUTO, NULL};
   size_t idx = 0;
   int ok = 1;
   ok &= probert_status_str(PROBERT_OK) != NULL;
@@ -191,6 +210,9 @@ int main(void) {
   ok &= probert_attach(NULL, handler, NULL, &c) == PROBERT_ERR_INVALID_ARGUMENT;
   ok &= probert_attach_ex(NULL, handler, NULL, &opts, &c) == PROBERT_ERR_INVALID_ARGUMENT;
   ok &= probert_attach_batch(&req, 1, &c, &idx) == PROBERT_ERR_INVALID_ARGUMENT && idx == 0;
+  idx = 7;
+  ok &= probert_attach_batch_ex(&req, 1, &opts, &c, &idx) == PROBERT_ERR_INVALID_ARGUMENT &&
+        idx == 0;
   ok &= probert_detach(c) == PROBERT_ERR_NOT_FOUND;
   ok &= probert_detach_batch(&c, 1) == PROBERT_ERR_NOT_FOUND;
   ok &= probert_detach_nosync(c) == PROBERT_ERR_NOT_FOUND;

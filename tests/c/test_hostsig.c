@@ -38,7 +38,7 @@ static probert_action count_hit(probert_hit *hit) {
 static void one_hit(void) {
   static atomic_ulong hits;
   unsigned long before = atomic_load(&hits);
-  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_TRAP};
+  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_TRAP, NULL};
   probert_consumer c;
   CHECK_OK(probert_attach_ex(FN_ADDR(hs_inc), count_hit, &hits, &opts, &c));
   CHECK_EQ(call_inc(1), 2);
@@ -210,7 +210,7 @@ static void t_quiescent_points(void) {
   pthread_t w;
   CHECK(pthread_create(&w, NULL, qs_worker, NULL) == 0);
   static atomic_ulong hits;
-  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_TRAP};
+  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_TRAP, NULL};
   for (int i = 0; i < 1500; i++) {
     probert_consumer c;
     CHECK_OK(probert_attach_ex(FN_ADDR(hs_inc), count_hit, &hits, &opts, &c));

@@ -270,7 +270,7 @@ static void t_attach_count_detach(void) {
   }
   CHECK_EQ(sum, 5050);
   CHECK_EQ(atomic_load(&hits), 100);
-  probert_consumer_stats st = {0, 0};
+  probert_consumer_stats st = {0, 0, 0, 0};
   CHECK_OK(probert_consumer_get_stats(c, &st));
   CHECK_EQ(st.hits, 100);
   CHECK_EQ(st.missed, 0);
@@ -415,7 +415,7 @@ static void t_bad_input_matrix(void) {
   CHECK_EQ(c, SENTINEL);
 
   /* probert_attach_ex: bad options. */
-  probert_attach_opts o = {sizeof o, (probert_mode)3};
+  probert_attach_opts o = {sizeof o, (probert_mode)3, NULL};
   CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &o, &c), PROBERT_ERR_INVALID_ARGUMENT);
   o.mode = (probert_mode)-1;
   CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &o, &c), PROBERT_ERR_INVALID_ARGUMENT);
@@ -426,17 +426,43 @@ static void t_bad_input_matrix(void) {
   CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &o, &c), PROBERT_ERR_INVALID_ARGUMENT);
   o.size = sizeof o - 1;
   CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &o, &c), PROBERT_ERR_INVALID_ARGUMENT);
+  o.size = 12; /* cuts the 0.1 struct */
+  CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &o, &c), PROBERT_ERR_INVALID_ARGUMENT);
   o.size = 1u << 20;
   CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &o, &c), PROBERT_ERR_INVALID_ARGUMENT);
   struct {
     probert_attach_opts base;
     uint64_t future;
-  } grown = {{sizeof grown, PROBERT_MODE_TRAP}, 1};
+  } grown = {{sizeof grown, PROBERT_MODE_TRAP, NULL}, 1};
   CHECK_STATUS(probert_attach_ex(f, count_hit, &hits, &grown.base, &c), PROBERT_ERR_INVALID_ARGUMENT);
   CHECK_EQ(c, SENTINEL);
   /* A grown struct whose unknown tail is zero is fine. */
   grown.future = 0;
   CHECK_OK(probert_attach_ex(f, count_hit, &hits, &grown.base, &c));
+  CHECK_OK(probert_detach(c));
+  /* So is the 0.1 header's struct (size and mode): the fields past it are
+     read as zero, whatever follows in memory. */
+  struct {
+    size_t size;
+    probert_mode mode;
+    void (*garbage)(void);
+  } v01 = {16, PROBERT_MODE_TRAP, (void (*)(void))1};
+  CHECK_OK(probert_attach_ex(f, count_hit, &hits, (const probert_attach_opts *)(void *)&v01, &c));
+  probert_mode seen;
+  CHECK_OK(probert_probe_mode(f, &seen));
+  CHECK_EQ(seen, PROBERT_MODE_TRAP);
+  CHECK_OK(probert_detach(c));
+  /* A 0.1 program's 16-byte statistics: the classic entry point writes no
+     more than that. */
+  CHECK_OK(probert_attach(f, count_hit, &hits, &c));
+  struct {
+    uint64_t hits, missed;
+    uint64_t guard[2];
+  } old = {7, 7, {SENTINEL, SENTINEL}};
+  CHECK_OK((probert_consumer_get_stats)(c, (probert_consumer_stats *)(void *)&old));
+  CHECK_EQ(old.hits, 0);
+  CHECK_EQ(old.guard[0], SENTINEL);
+  CHECK_EQ(old.guard[1], SENTINEL);
   CHECK_OK(probert_detach(c));
 
   /* Addresses: in no region, inside an instruction, a foreign int3,
@@ -467,7 +493,7 @@ static void t_bad_input_matrix(void) {
   munmap(anon, PAGE);
 
   /* Handles: 0, invented, NULL out-parameters. */
-  probert_consumer_stats st = {SENTINEL, SENTINEL};
+  probert_consumer_stats st = {SENTINEL, SENTINEL, SENTINEL, SENTINEL};
   static const probert_consumer invented[] = {0, 1, 2, 0xffffffffULL, 0x100000001ULL,
                                               0xffffffffffffffffULL, SENTINEL};
   for (size_t i = 0; i < sizeof invented / sizeof invented[0]; i++) {
@@ -544,7 +570,7 @@ static void t_stale_handles(void) {
   CHECK_STATUS(probert_detach(c1), PROBERT_ERR_NOT_FOUND);
   CHECK_STATUS(probert_detach_nosync(c1), PROBERT_ERR_NOT_FOUND);
   CHECK_STATUS(probert_detach_batch(&c1, 1), PROBERT_ERR_NOT_FOUND);
-  probert_consumer_stats st = {SENTINEL, SENTINEL};
+  probert_consumer_stats st = {SENTINEL, SENTINEL, SENTINEL, SENTINEL};
   CHECK_STATUS(probert_consumer_get_stats(c1, &st), PROBERT_ERR_NOT_FOUND);
   CHECK_EQ(st.hits, SENTINEL);
   /* The slot is reused with a new generation: the old handle stays stale. */
@@ -1202,9 +1228,9 @@ static void t_write_callback_region(void) {
 static void t_modes(void) {
   static atomic_ulong hits;
   probert_consumer c1, c2, c3 = SENTINEL;
-  probert_attach_opts trap = {sizeof trap, PROBERT_MODE_TRAP};
-  probert_attach_opts fast = {sizeof fast, PROBERT_MODE_FAST};
-  probert_attach_opts autom = {sizeof autom, PROBERT_MODE_AUTO};
+  probert_attach_opts trap = {sizeof trap, PROBERT_MODE_TRAP, NULL};
+  probert_attach_opts fast = {sizeof fast, PROBERT_MODE_FAST, NULL};
+  probert_attach_opts autom = {sizeof autom, PROBERT_MODE_AUTO, NULL};
   CHECK_OK(probert_attach_ex(FN_ADDR(target_add), count_hit, &hits, &trap, &c1));
   CHECK_OK(probert_attach_ex(FN_ADDR(asm_inc), count_hit, &hits, &autom, &c2));
   probert_mode m = (probert_mode)77;

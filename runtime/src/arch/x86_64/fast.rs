@@ -102,8 +102,9 @@ use crate::sigctx::SignalContext;
 #[repr(C)]
 #[derive(Debug)]
 pub struct FastFrame {
-    /// The inline case's `Hit` (address, registers, user data).
-    pub hit: [u64; 3],
+    /// The inline case's `Hit` (address, registers, user data, session,
+    /// is_return).
+    pub hit: [u64; 5],
     /// `xgetbv(1)` when the upper vector, opmask or x87 state was saved.
     xinuse: u32,
     /// MXCSR, saved with [`Clobbers::SSE`].
@@ -578,6 +579,8 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov [r15 + HIT + 8], r15
         ; mov rax, [r14 + user_data]
         ; mov [r15 + HIT + 16], rax
+        ; mov QWORD [r15 + HIT + 24], 0
+        ; mov QWORD [r15 + HIT + 32], 0
         ; lea rdi, [r15 + HIT]
         ; call QWORD [r14 + handler]
         ; inc QWORD [rbx + 8]
@@ -599,6 +602,14 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov esi, r13d
         ; jmp ->restore
         ; after:
+        ; test r13d, Clobbers::SSE.0 as i32
+        ; jnz >after_sse
+        // The Rust side may use the SSE registers (the compiler's own use):
+        // saved now if the handler's classes did not ask for them (the
+        // handler left them as the probed code had them).
+        ; call ->save_sse
+        ; or r13d, Clobbers::SSE.0 as i32
+        ; after_sse:
         ; lea rdi, [r15 + FRAME_FROM_REGS]
         ; mov esi, eax
         ; mov rdx, [r14 + record]
@@ -613,6 +624,13 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; inc rcx
         ; mov [r12 + seq], rcx
         ; ->general:
+        ; test esi, Clobbers::SSE.0 as i32
+        ; jnz >general_sse
+        // The general dispatcher is Rust: the compiler may use the SSE
+        // registers there, whatever the consumers' classes.
+        ; call ->save_sse
+        ; or esi, Clobbers::SSE.0 as i32
+        ; general_sse:
         ; mov r12d, esi
         ; mov rdi, r13
         ; mov rsi, rbx
@@ -691,17 +709,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; no_errno:
         ; test esi, Clobbers::SSE.0 as i32
         ; jz >no_sse
-    );
-    for i in 0..16u8 {
-        dynasm!(a ; .arch x64 ; movdqu [r15 + XMM + 16 * i32::from(i)], Rx(i));
-    }
-    a.extend(enc(Instruction::with1(
-        Code::Stmxcsr_m32,
-        mem(Register::R15, MXCSR),
-    )
-    .map_err(iced)?)?);
-    dynasm!(a
-        ; .arch x64
+        ; call ->save_sse
         ; no_sse:
         ; test esi, slow
         ; jz ->state_saved
@@ -931,6 +939,18 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; fs mov [l.errno_offset], eax
         ; jmp ->state_restored
     );
+
+    // ---- xmm0–15 and MXCSR into the frame (a subroutine: three callers) --
+    dynasm!(a ; .arch x64 ; ->save_sse:);
+    for i in 0..16u8 {
+        dynasm!(a ; .arch x64 ; movdqu [r15 + XMM + 16 * i32::from(i)], Rx(i));
+    }
+    a.extend(enc(Instruction::with1(
+        Code::Stmxcsr_m32,
+        mem(Register::R15, MXCSR),
+    )
+    .map_err(iced)?)?);
+    dynasm!(a ; .arch x64 ; ret);
 
     let mut bytes = a
         .finalize()

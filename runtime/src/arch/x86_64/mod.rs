@@ -12,6 +12,7 @@
 //!   relocated copy of a run of instructions;
 //! - `emulate`: applying a displaced branch, `push` or `ret` to the registers;
 //! - `effects`: which classes of register state a handler's code may change;
+//! - `exits`: where a function returns (its `ret`s and the jumps it leaves by);
 //! - `fast`: the fast path's trampoline and per-site stubs (`dynasmrt`);
 //! - `regs`: the register frame handlers see;
 //! - `signal`: the kernel's `sigaction` and our signal return trampoline;
@@ -23,6 +24,7 @@ mod corpus;
 mod displace;
 mod effects;
 mod emulate;
+mod exits;
 mod fast;
 #[allow(dead_code)] // wired into sites next
 mod flow;
@@ -40,6 +42,7 @@ pub use context::{
 pub use displace::emit_site_stub;
 pub use effects::{function_effects, Callee, Clobbers, FunctionEffects, Unknowable};
 pub use emulate::emulate;
+pub use exits::function_exits;
 pub use fast::{
     emit_trampoline, far_exit, stub_entry, stub_resume, CpuState, FastFrame, InlineLayout,
     TRAMPOLINE_SIZE,
@@ -54,7 +57,7 @@ pub use patch::{
 pub use regs::{Reg, Regs};
 pub use relocate::{emit_out_of_line, resume_out_of_line};
 pub use signal::{restorer_address, KernelSigaction};
-pub use tp::{errno_get, errno_offset, errno_set, thread_pointer};
+pub use tp::{errno_get, errno_offset, errno_set, thread_id, thread_pointer, tid_offset};
 
 /// The trap instruction written over a probed instruction's first byte:
 /// `int3`.

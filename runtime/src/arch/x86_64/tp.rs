@@ -70,8 +70,98 @@ pub fn errno_set(off: i32, v: i32) {
     }
 }
 
+/// Where the C library keeps the kernel thread id of every thread relative
+/// to its thread pointer (glibc's `struct pthread` has it at a fixed offset
+/// of the thread control block), found by looking for the calling
+/// thread's id and confirming the same offset in a second thread; `None` if
+/// no single offset holds it in both (another C library, or threads cannot
+/// be created). Computed once, in normal context.
+pub fn tid_offset() -> Option<u32> {
+    static OFFSET: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        fn candidates() -> Vec<u32> {
+            // SAFETY: gettid has no preconditions.
+            let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+            // The TCB (glibc's `struct pthread`, about 2 KiB) may end where
+            // its mapping does: read it without faulting.
+            let mut tcb = [0u8; 0x1000];
+            let tp = thread_pointer();
+            let n = (1..=tcb.len() / 256)
+                .map(|k| k * 256)
+                .take_while(|&n| crate::sys::peek::read_memory(tp, &mut tcb[..n]).is_ok())
+                .last()
+                .unwrap_or(0);
+            (0..n as u32)
+                .step_by(4)
+                .filter(|&off| {
+                    let o = off as usize;
+                    u32::from_le_bytes([tcb[o], tcb[o + 1], tcb[o + 2], tcb[o + 3]]) == tid
+                })
+                .collect()
+        }
+        let here = candidates();
+        let there = std::thread::Builder::new()
+            .name("probert-tid".into())
+            .spawn(candidates)
+            .ok()?
+            .join()
+            .ok()?;
+        let both: Vec<u32> = here.into_iter().filter(|o| there.contains(o)).collect();
+        match both[..] {
+            [one] => Some(one),
+            _ => None,
+        }
+    })
+}
+
+/// The `u32` at `fs:off`.
+fn read_fs_u32(off: u32) -> u32 {
+    let v: u32;
+    // SAFETY: `off` is where `tid_offset` found the thread id in two
+    // threads' control blocks: inside every thread's, which is mapped while
+    // the thread runs.
+    unsafe {
+        core::arch::asm!("mov {v:e}, dword ptr fs:[{off}]", off = in(reg) off as usize,
+            v = out(reg) v, options(nostack, readonly, preserves_flags));
+    }
+    v
+}
+
+/// The calling thread's kernel thread id: read at `off` from the thread
+/// pointer (see [`tid_offset`]) when known, else asked of the kernel.
+///
+/// # Signal safety
+/// One load, or one raw system call.
+#[inline]
+pub fn thread_id(off: Option<u32>) -> u32 {
+    match off {
+        Some(off) => read_fs_u32(off),
+        // SAFETY: gettid has no arguments and no memory effects.
+        None => unsafe { crate::sys::raw::syscall0(libc::SYS_gettid) as u32 },
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_thread_id_is_found_beside_the_thread_pointer() {
+        let off = super::tid_offset();
+        // glibc keeps it there; the test machines run glibc.
+        assert!(off.is_some(), "no tid offset found");
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        assert_eq!(super::thread_id(off), tid);
+        let other = std::thread::spawn(move || {
+            // SAFETY: as above.
+            let t = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+            (super::thread_id(off), t)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(other.0, other.1);
+        assert_ne!(other.1, tid);
+    }
+
     #[test]
     fn differs_between_threads_and_is_stable() {
         let here = super::thread_pointer();

@@ -1,0 +1,185 @@
+//! Where a function returns: every way an invocation leaves it for its
+//! caller, found in the machine code as it is (return probes).
+//!
+//! A call of `f` ends when a `ret` pops the return address its caller
+//! pushed. That `ret` is one of `f`'s own, or — after a tail call, a jump
+//! out of `f` that leaves the caller's return address where it was — one of
+//! the function jumped to (and so on). So the exits of `f` are its `ret`s
+//! and the exits of every function its jumps leave for: [`function_exits`]
+//! reports the first and the targets of the second (direct jumps and
+//! conditional jumps whose target lies outside the function, and jumps
+//! through a code pointer in memory, `jmp [rip + slot]`, the form of a
+//! tail call through the GOT), and the caller follows them.
+//!
+//! An indirect jump that is a bounded jump table stays inside the function
+//! ([`super::FunctionFlow`] proved that); any other indirect jump (through
+//! a register, or memory the code computes) may go anywhere: the function's
+//! exits cannot all be known, and it is refused.
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+
+use super::flow::{FunctionFlow, Refusal};
+
+/// How an invocation of one function may leave it for its caller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exits {
+    /// Its `ret` instructions (near returns, with or without an immediate).
+    pub rets: Vec<usize>,
+    /// Where its jumps out of the function go (tail calls, or a jump into
+    /// another part of a split function): their exits are its exits too.
+    pub leaves: Vec<usize>,
+    /// Code-pointer slots of its indirect jumps through memory at a fixed
+    /// address (`jmp qword [rip + d]`): the function the slot names.
+    pub slots: Vec<usize>,
+}
+
+/// Why a function's exits cannot all be found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExitsUnknown {
+    /// The bytes at this address do not decode.
+    #[error("the bytes at {at:#x} do not decode")]
+    Undecodable {
+        /// The first undecodable byte.
+        at: usize,
+    },
+    /// An indirect jump that is not a bounded jump table nor a jump through
+    /// a fixed slot.
+    #[error("the indirect jump at {at:#x} may go anywhere")]
+    IndirectJump {
+        /// The jump.
+        at: usize,
+    },
+    /// A far return or an interrupt return.
+    #[error("the instruction at {at:#x} leaves the function in a way return probes do not follow")]
+    Unusual {
+        /// The instruction.
+        at: usize,
+    },
+}
+
+/// The exits of the function `flow` analysed, whose original bytes are
+/// `code` (from its start). Bounded jump tables are the ones `flow` did not
+/// leave unproven.
+pub fn function_exits(code: &[u8], flow: &FunctionFlow) -> Result<Exits, ExitsUnknown> {
+    let start = flow.start();
+    let end = flow.end();
+    let code = &code[..code.len().min(end - start)];
+    let unbounded = match flow.unproven() {
+        Some(Refusal::UnboundedJump { at, .. }) => Some(*at),
+        Some(Refusal::Undecodable { at }) => return Err(ExitsUnknown::Undecodable { at: *at }),
+        _ => None,
+    };
+    let mut exits = Exits::default();
+    let mut decoder = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let i = decoder.decode();
+        let at = i.ip() as usize;
+        if i.is_invalid() {
+            return Err(ExitsUnknown::Undecodable { at });
+        }
+        match i.flow_control() {
+            FlowControl::Return => match i.mnemonic() {
+                Mnemonic::Ret => exits.rets.push(at),
+                _ => return Err(ExitsUnknown::Unusual { at }),
+            },
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                if matches!(
+                    i.op0_kind(),
+                    OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+                ) {
+                    let t = i.near_branch_target() as usize;
+                    if !(start..end).contains(&t) {
+                        exits.leaves.push(t);
+                    }
+                } else {
+                    return Err(ExitsUnknown::Unusual { at });
+                }
+            }
+            FlowControl::IndirectBranch => {
+                let slot = i.op0_kind() == OpKind::Memory
+                    && i.memory_base() == Register::RIP
+                    && i.memory_index() == Register::None;
+                if slot {
+                    exits.slots.push(i.ip_rel_memory_address() as usize);
+                } else if unbounded.is_some() {
+                    // The flow could not bound some indirect jump of the
+                    // function (the first one it met is named).
+                    return Err(ExitsUnknown::IndirectJump {
+                        at: unbounded.unwrap_or(at),
+                    });
+                }
+            }
+            FlowControl::Interrupt if i.mnemonic() == Mnemonic::Iret => {
+                return Err(ExitsUnknown::Unusual { at });
+            }
+            _ => {}
+        }
+    }
+    if decoder.position() < code.len() {
+        return Err(ExitsUnknown::Undecodable {
+            at: start + decoder.position(),
+        });
+    }
+    exits.leaves.sort_unstable();
+    exits.leaves.dedup();
+    exits.slots.sort_unstable();
+    exits.slots.dedup();
+    Ok(exits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::flow::PointerJumps;
+    use super::*;
+
+    const A: usize = 0x40_0000;
+
+    fn flow(code: &[u8]) -> FunctionFlow {
+        FunctionFlow::analyze(code, A, &[], &|_, _| false, PointerJumps::Anywhere)
+    }
+
+    #[test]
+    fn rets_and_tail_jumps() {
+        // test rdi, rdi; jz +6 (inside); ret 8; jmp rel32 (outside);
+        // ret
+        let code = [
+            0x48, 0x85, 0xff, // test rdi, rdi
+            0x74, 0x03, // jz +3 -> A+8
+            0xc2, 0x08, 0x00, // ret 8
+            0xe9, 0x00, 0x10, 0x00, 0x00, // jmp A+13+0x1000
+            0xc3, // ret
+        ];
+        let e = function_exits(&code, &flow(&code)).unwrap();
+        assert_eq!(e.rets, vec![A + 5, A + 13]);
+        assert_eq!(e.leaves, vec![A + 13 + 0x1000]);
+        assert!(e.slots.is_empty());
+    }
+
+    #[test]
+    fn a_jump_through_a_fixed_slot_names_the_slot() {
+        // jmp qword [rip + 0x100]
+        let code = [0xff, 0x25, 0x00, 0x01, 0x00, 0x00];
+        let e = function_exits(&code, &flow(&code)).unwrap();
+        assert_eq!(e.slots, vec![A + 6 + 0x100]);
+        assert!(e.rets.is_empty());
+    }
+
+    #[test]
+    fn a_jump_through_a_register_is_refused() {
+        // mov rax, rdi; jmp rax
+        let code = [0x48, 0x89, 0xf8, 0xff, 0xe0];
+        assert_eq!(
+            function_exits(&code, &flow(&code)),
+            Err(ExitsUnknown::IndirectJump { at: A + 3 })
+        );
+    }
+
+    #[test]
+    fn undecodable_bytes_are_refused() {
+        let code = [0xc3, 0x06];
+        assert!(matches!(
+            function_exits(&code, &flow(&code)),
+            Err(ExitsUnknown::Undecodable { .. })
+        ));
+    }
+}
