@@ -66,10 +66,18 @@
 //! in place (the trap resumes in the stub, the jump enters the stub). So the
 //! only threads that can be inside are those that were there before the
 //! site was armed — running, preempted, stopped, or with a context saved in
-//! a signal frame while another handler runs — and a thread scan that sees
-//! every thread outside the run (at `Depth::FramesRequired`, which walks
-//! saved signal frames, and fails rather than guess) after the site was
-//! armed proves there are none, for good. The way back writes the trap
+//! a signal frame while another handler runs — and those an earlier plan of
+//! a site here still sends there: a trap handler that looked up an older
+//! record (it emulates the first instruction and resumes after it), and a
+//! thread still running a retired stub that continues inside the run (the
+//! stub of a demoted site, of a removed probe). The first kind is gone
+//! after a grace period that begins once the site is armed (a handler
+//! leaves its section only after writing where it resumes); then a thread
+//! scan that sees every thread outside the run and outside every retired
+//! stub (at `Depth::FramesRequired`, which walks saved signal frames, and
+//! fails rather than guess; a frame whose trap has not been looked up yet
+//! counts at its trap instruction too, where it resumes if the probe is
+//! gone) proves there are none, for good. The way back writes the trap
 //! over the head first; no thread is inside the run then either.
 
 use std::cell::RefCell;
@@ -79,6 +87,7 @@ use crate::addr_hash::AddrMap;
 
 use crate::arch::{self, Displaced, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
 use crate::error::{Error, Result};
+use crate::grace;
 use crate::layout::Layouts;
 use crate::patch::{self, Patch};
 use crate::region::{Regions, Target};
@@ -930,18 +939,25 @@ impl Sites {
     pub(crate) fn apply_modes_briefly(
         &mut self,
         probes: &[usize],
+        retired: &[(usize, usize)],
         timeout: std::time::Duration,
     ) -> Vec<usize> {
         let saved = std::mem::replace(&mut self.patience, (1, timeout));
-        let (stuck, _) = self.apply_modes(probes);
+        let (stuck, _) = self.apply_modes(probes, retired);
         self.patience = saved;
         stuck
     }
 
     /// Switches each site at `probes` to the mechanism its consumers want.
     /// Returns the sites that wanted to be fast and are not (their write or
-    /// the scan of their run failed), with the first error.
-    pub(crate) fn apply_modes(&mut self, probes: &[usize]) -> (Vec<usize>, Result<()>) {
+    /// the scan of their run failed), with the first error. `retired`: the
+    /// bytes of the stubs retired and not yet reusable, which a thread may
+    /// still be running (see "Why this is correct").
+    pub(crate) fn apply_modes(
+        &mut self,
+        probes: &[usize],
+        retired: &[(usize, usize)],
+    ) -> (Vec<usize>, Result<()>) {
         let fast_ok = self.fast_ok;
         let (mut to_fast, mut to_trap) = (Vec::new(), Vec::new());
         for a in probes {
@@ -955,7 +971,7 @@ impl Sites {
             }
         }
         let back = self.switch_to_trap(&to_trap);
-        let fast = self.switch_to_jump(&to_fast);
+        let fast = self.switch_to_jump(&to_fast, retired);
         let stuck = to_fast
             .iter()
             .copied()
@@ -1037,12 +1053,13 @@ impl Sites {
     /// Trap → fast, in the steps of [`arch::TO_JUMP`]; a site whose write
     /// fails at some step goes no further, and is switched back. Before the
     /// tail of a run of several instructions is written, a thread scan must
-    /// show no thread inside the run (module docs).
-    fn switch_to_jump(&mut self, probes: &[usize]) -> Result<()> {
+    /// show no thread inside the run nor in a `retired` stub, after a grace
+    /// period (module docs).
+    fn switch_to_jump(&mut self, probes: &[usize], retired: &[(usize, usize)]) -> Result<()> {
         if probes.is_empty() {
             return Ok(());
         }
-        let runs: Vec<(usize, usize)> = probes
+        let mut runs: Vec<(usize, usize)> = probes
             .iter()
             .filter_map(|a| self.by_probe.get(a))
             .filter_map(|s| match s.plan {
@@ -1056,6 +1073,10 @@ impl Sites {
             // The int3s armed before are visible everywhere first: then no
             // thread can enter a run any more.
             membarrier::sync_core();
+            // Trap handlers that chose an older plan of these sites are done
+            // with it; threads it sent into a stub are seen by the scan.
+            grace::synchronize();
+            runs.extend_from_slice(retired);
             let (tries, timeout) = self.patience;
             match xol::quiet_within(&runs, threads::Depth::FramesRequired, tries, timeout) {
                 Ok(true) => {}

@@ -639,7 +639,7 @@ impl WriterState {
         //    A FAST request whose site did not make it fails the batch;
         //    anything else stays on the trap path, which serves every
         //    consumer just the same.
-        let (stuck, switched) = self.sites.apply_modes(&addrs);
+        let (stuck, switched) = self.sites.apply_modes(&addrs, &self.pool.retired_ranges());
         if let Some(i) = reqs
             .iter()
             .enumerate()
@@ -721,7 +721,9 @@ impl WriterState {
             }
         }
         // The first instruction alone may be fast again.
-        let (_, switched) = self.sites.apply_modes(&[probe]);
+        let (_, switched) = self
+            .sites
+            .apply_modes(&[probe], &self.pool.retired_ranges());
         switched
     }
 
@@ -769,7 +771,7 @@ impl WriterState {
         // it stays on the trap path, which serves its consumers the same:
         // the detach itself is done, and must not report failure (its
         // caller would skip the grace period `detach` waits for).
-        let (stuck, _) = self.sites.apply_modes(&busy);
+        let (stuck, _) = self.sites.apply_modes(&busy, &self.pool.retired_ranges());
         self.want_fast.extend(stuck);
         self.remove_probes(&empty)
     }
@@ -786,11 +788,12 @@ impl WriterState {
         self.last_retry = Some(std::time::Instant::now());
         let sites: Vec<usize> = self.want_fast.drain().collect();
         // `sync` may wait; other calls try once, briefly.
+        let retired = self.pool.retired_ranges();
         let stuck = if now {
-            self.sites.apply_modes(&sites).0
+            self.sites.apply_modes(&sites, &retired).0
         } else {
             self.sites
-                .apply_modes_briefly(&sites, std::time::Duration::from_millis(2))
+                .apply_modes_briefly(&sites, &retired, std::time::Duration::from_millis(2))
         };
         self.want_fast.extend(stuck);
     }

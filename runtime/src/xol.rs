@@ -353,19 +353,24 @@ impl Pool {
         self.scans
     }
 
+    /// The stubs retired and not yet reusable, by their bytes: a thread may
+    /// still run one, towards the code it continues at.
+    pub(crate) fn retired_ranges(&self) -> Vec<(usize, usize)> {
+        self.awaiting_scan
+            .iter()
+            .copied()
+            .chain(self.awaiting_grace.iter().map(|r| r.stub))
+            .map(|s| (s.addr, s.addr + s.len()))
+            .collect()
+    }
+
     /// Scans threads: `true` if none was inside a retired stub or on its way
     /// into or out of one (a trampoline, or the `probert_fast` code: the fast
     /// dispatcher's prologue and epilogue, the SIGTRAP handler, the signal
     /// return trampoline). Fast stubs waiting for a grace period then count
     /// as scanned before it.
     pub(crate) fn scan(&mut self) -> Result<bool> {
-        let mut ranges: Vec<(usize, usize)> = self
-            .awaiting_scan
-            .iter()
-            .copied()
-            .chain(self.awaiting_grace.iter().map(|r| r.stub))
-            .map(|s| (s.addr, s.addr + s.len()))
-            .collect();
+        let mut ranges = self.retired_ranges();
         // Always also the code a thread runs outside any read-side section on
         // its way into or out of a stub. A thread there is asked again until
         // it leaves.

@@ -656,6 +656,63 @@ isolated!(a_fast_stub_is_not_reused_while_a_thread_blocks_in_it, {
     assert_eq!(probert::retired_stubs(), (0, 0), "reusable once it left");
 });
 
+isolated!(
+    a_thread_in_a_retired_stub_that_continues_inside_the_run_is_seen,
+    {
+        // A probe inside the run demotes the entry's site; the reader then runs
+        // the `xor` from the demoted site's stub and blocks in the stub of the
+        // probe at the `syscall`, which continues at the `nop`, inside the run.
+        // Both probes go; a new one at the entry must not write its jump over
+        // the run while the reader can still come back into it from that
+        // retired stub.
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let f = at!(s_read);
+        let before = bytes(f, 8);
+        let entry = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
+        assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));
+        let inner = unsafe { probert::attach(f + 2, count, counter(&HITS)) }.unwrap();
+        assert_eq!(probert::probe_mode(f), Ok(Mode::Trap), "demoted");
+        let (r, w) = pipe();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            let mut byte = 0u8;
+            let n = unsafe { s_read(r, &mut byte, 1) };
+            (n, byte)
+        });
+        let tid = rx.recv().unwrap();
+        wait_for("the reader to block in read", || {
+            blocked_in_read(tid).is_some()
+        });
+        let pc = blocked_in_read(tid).unwrap();
+        assert!(!(f..f + 8).contains(&pc), "blocked in a stub, at {pc:#x}");
+        assert_eq!(HITS.load(Ordering::SeqCst), 2);
+        probert::detach_batch(&[entry, inner]).unwrap();
+        assert_eq!(bytes(f, 8), before);
+        let id = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
+        assert_eq!(
+            probert::probe_mode(f),
+            Ok(Mode::Trap),
+            "the reader may come back inside the run"
+        );
+        assert_eq!(&bytes(f, 5)[1..], &before[1..5], "the run's tail is intact");
+        assert_eq!(unsafe { libc::write(w, b"x".as_ptr().cast(), 1) }, 1);
+        assert_eq!(reader.join().unwrap(), (1, b'x'), "the reader came back");
+        assert_eq!(HITS.load(Ordering::SeqCst), 2, "it entered before");
+        // Gone from the stub: the site may go fast now.
+        probert::sync().unwrap();
+        assert_eq!(probert::probe_mode(f), Ok(Mode::Fast), "retried");
+        let (r, w) = pipe();
+        assert_eq!(unsafe { libc::write(w, b"y".as_ptr().cast(), 1) }, 1);
+        let mut byte = 0u8;
+        assert_eq!(unsafe { s_read(r, &mut byte, 1) }, 1);
+        assert_eq!(byte, b'y');
+        assert_eq!(HITS.load(Ordering::SeqCst), 3);
+        probert::detach(id).unwrap();
+        assert_eq!(bytes(f, 8), before);
+    }
+);
+
 /// Threads hammering `s_run` until `stop`: each returns its calls.
 fn hammer(stop: &'static AtomicBool, threads: usize) -> Vec<std::thread::JoinHandle<u64>> {
     (0..threads)

@@ -139,7 +139,7 @@ pub fn in_restorer(
     pc: usize,
     sp: usize,
     current: usize,
-    inside: impl FnOnce(usize) -> Option<bool>,
+    mut inside: impl FnMut(usize) -> Option<bool>,
 ) -> Option<Option<bool>> {
     let known = restorers(cx, current);
     known
@@ -147,8 +147,24 @@ pub fn in_restorer(
         .any(|&r| r != 0 && (r..r + RESTORER_LEN).contains(&pc))
         .then(|| {
             let frame = sp.wrapping_sub(8);
-            read_word(cx, frame.wrapping_add(arch::SIGFRAME_PC)).and_then(inside)
+            read_word(cx, frame.wrapping_add(arch::SIGFRAME_PC))
+                .and_then(|pc| resumes_inside(pc, &mut inside))
         })
+}
+
+/// Whether a thread resuming the context saved with program counter `pc`
+/// may run inside: at `pc`, or at the trap instruction just before it. A
+/// `SIGTRAP` frame its handler has not looked up yet holds the address after
+/// the trap, and resumes at the trap itself if the probe there is gone by
+/// then (the original instruction runs in place).
+///
+/// # Signal safety
+/// Arithmetic, and `inside`.
+fn resumes_inside(pc: usize, inside: &mut impl FnMut(usize) -> Option<bool>) -> Option<bool> {
+    match inside(pc)? {
+        true => Some(true),
+        false => inside(pc.wrapping_sub(arch::TRAP_INSN.len())),
+    }
 }
 
 /// The walk of [`saved_contexts`] from `sp`, recognising frames by
@@ -203,7 +219,7 @@ fn walk(
             if saved_sp <= frame {
                 continue;
             }
-            match inside(pc) {
+            match resumes_inside(pc, &mut inside) {
                 Some(false) => {}
                 Some(true) => return Saved::Inside,
                 None => return Saved::Unknown,
@@ -236,11 +252,13 @@ mod tests {
 
     static OUTER_PC: AtomicUsize = AtomicUsize::new(0);
     static FOUND: AtomicUsize = AtomicUsize::new(0);
+    /// The inner handler looks for the saved pc minus this.
+    static BACK: AtomicUsize = AtomicUsize::new(0);
 
     extern "C" fn inner(_: i32, _: *mut libc::siginfo_t, uc: *mut std::ffi::c_void) {
         // SAFETY: the handler's entry.
         let cx = unsafe { SignalContext::new() };
-        let want = OUTER_PC.load(Ordering::SeqCst);
+        let want = OUTER_PC.load(Ordering::SeqCst) - BACK.load(Ordering::SeqCst);
         // SAFETY: `uc` is this handler's third argument.
         let r = unsafe { saved_contexts(cx, uc, |pc| Some(pc == want)) };
         FOUND.store(
@@ -270,6 +288,19 @@ mod tests {
         crate::sys::threads::in_own_process(
             "sys::sigframes::tests::a_context_saved_under_a_running_handler_is_found",
             found_body,
+        );
+    }
+
+    #[test]
+    fn a_context_counts_at_the_trap_instruction_before_its_pc() {
+        // A SIGTRAP frame not looked up yet resumes at its trap instruction
+        // if the probe there is gone.
+        crate::sys::threads::in_own_process(
+            "sys::sigframes::tests::a_context_counts_at_the_trap_instruction_before_its_pc",
+            || {
+                BACK.store(arch::TRAP_INSN.len(), Ordering::SeqCst);
+                found_body();
+            },
         );
     }
 

@@ -751,8 +751,10 @@ unsafe extern "C" fn on_scan_signal(_sig: c_int, info: *mut libc::siginfo_t, ctx
                     // the trap's frame, the first one up, will be looked up
                     // after this scan began, and resumes where the probe
                     // that is indexed now says (a fast-capable site's stub),
-                    // never at the byte after its trap instruction. Its pc
-                    // says nothing about where the thread will run.
+                    // never at the byte after its trap instruction — but at
+                    // the trap itself if that probe is gone. So its saved
+                    // pc is skipped, and the walk's second question, the
+                    // trap's own address, decides (`sigframes`).
                     let mut fresh_trap = pc == Some(crate::trap::handler_entry());
                     let within = |p| {
                         if std::mem::take(&mut fresh_trap) {
