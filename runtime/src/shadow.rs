@@ -286,9 +286,14 @@ impl Mine {
     /// the stack is full (the invocation is counted abandoned).
     pub(crate) fn push(&mut self, f: Frame) -> Option<&mut u64> {
         while let Some(t) = self.top() {
-            // A pending frame at or below a new entry's return address is an
-            // invocation that is over.
-            if t.sp <= f.sp && f.sp - t.sp < SAME_STACK {
+            // A pending frame below a new entry's return address is an
+            // invocation that is over. One at the same address with the
+            // same return address, of another function, is a tail call in
+            // progress: it ends with the new one's `ret` (`pop_returning`).
+            // Of the same function, it is taken for an invocation left by
+            // `longjmp` and entered again from the same call.
+            let tail_call = t.sp == f.sp && t.ret == f.ret && t.func != f.func;
+            if t.sp <= f.sp && f.sp - t.sp < SAME_STACK && !tail_call {
                 abandon(t);
                 self.set_len(self.len() - 1);
             } else {

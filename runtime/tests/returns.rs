@@ -1,18 +1,254 @@
-//! Return probes: entry and return hits paired per invocation.
+//! Return probes: entry and return hits paired per invocation — the
+//! contract of API.md, "Additions of version 0.2", on code of exact shape
+//! (assembly below), on JIT code and on real libraries nobody here wrote.
+//! Abandonment by `longjmp`, C++ exceptions and thread exit, and the
+//! unwinder checks, are in the C tests (`tests/c/test_returns.c`,
+//! `tests/c/test_returns_cxx.cpp`).
 #![allow(unsafe_code)]
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::arch::global_asm;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-use probert::{Action, Reg};
+use probert::{Action, AttachOptions, Error, Hit, Mode, Reg, RegionDesc};
 
 #[inline(never)]
 #[no_mangle]
 extern "C" fn r_square(x: u64) -> u64 {
     std::hint::black_box(x) * x
 }
+
+global_asm!(
+    r#"
+    .text
+    .macro FUNC name
+    .p2align 4
+    .globl \name
+    .type \name,@function
+\name:
+    .endm
+    .macro END name
+    .size \name, .-\name
+    .endm
+
+    FUNC rt_leaf             // rdi + 100
+    lea rax, [rdi + 100]
+    ret
+    END rt_leaf
+
+    FUNC rt_tail             // rt_leaf(rdi + 1), a tail call → rdi + 101
+    lea rdi, [rdi + 1]
+    jmp rt_leaf
+    END rt_tail
+
+    FUNC rt_rec              // n == 0 ? 0 : rt_rec(n - 1) + 1 → n; two rets
+    push rbx
+    mov rbx, rdi
+    test rdi, rdi
+    jz 1f
+    lea rdi, [rdi - 1]
+    call rt_rec
+    add rax, 1
+    pop rbx
+    ret
+1:  xor eax, eax
+    pop rbx
+    ret
+    END rt_rec
+
+    FUNC rt_outer            // rt_leaf(x) + rt_tail(x) → 2x + 201
+    push rbx
+    push r12
+    sub rsp, 8
+    mov rbx, rdi
+    call rt_leaf
+    mov r12, rax
+    mov rdi, rbx
+    call rt_tail
+    add rax, r12
+    add rsp, 8
+    pop r12
+    pop rbx
+    ret
+    END rt_outer
+
+    FUNC rt_selftail         // n == 0 ? 42 : rt_selftail(n - 1), a tail call to its own entry
+    test rdi, rdi
+    jz 1f
+    lea rdi, [rdi - 1]
+    jmp rt_selftail
+1:  mov eax, 42
+    ret
+    END rt_selftail
+
+    FUNC rt_call             // rt_call(f, x) = f(x) + 1
+    sub rsp, 8
+    mov rax, rdi
+    mov rdi, rsi
+    call rax
+    add rsp, 8
+    add rax, 1
+    ret
+    END rt_call
+
+    FUNC rt_nest             // rt_nest(n, cb) = n == 0 ? cb(0) : rt_nest(n - 1, cb) + 1
+    push rbx
+    test rdi, rdi
+    jz 1f
+    lea rdi, [rdi - 1]
+    call rt_nest
+    add rax, 1
+    pop rbx
+    ret
+1:  call rsi
+    pop rbx
+    ret
+    END rt_nest
+"#
+);
+
+extern "C" {
+    fn rt_leaf(x: u64) -> u64;
+    fn rt_tail(x: u64) -> u64;
+    fn rt_rec(n: u64) -> u64;
+    fn rt_outer(x: u64) -> u64;
+    fn rt_selftail(n: u64) -> u64;
+    fn rt_call(f: extern "C" fn(u64) -> u64, x: u64) -> u64;
+    fn rt_nest(n: u64, cb: extern "C" fn(u64) -> u64) -> u64;
+}
+
+fn addr(f: unsafe extern "C" fn(u64) -> u64) -> usize {
+    f as usize
+}
+
+/// What a pair of handlers checks and counts for one probed function: the
+/// entry stores the first argument in the session, the return checks the
+/// value returned against `expect(argument)`.
+struct Spec {
+    expect: fn(u64) -> u64,
+    entries: AtomicU64,
+    returns: AtomicU64,
+    /// Return hits whose value, session, RIP or RSP was wrong.
+    bad: AtomicU64,
+    /// Set by the test once `detach`/`sync` returned.
+    detached: AtomicBool,
+    /// Handler calls that started after `detached` was set.
+    late: AtomicU64,
+    /// If not zero: the return handler writes this into RAX.
+    rewrite: AtomicU64,
+}
+
+impl Spec {
+    const fn new(expect: fn(u64) -> u64) -> Spec {
+        Spec {
+            expect,
+            entries: AtomicU64::new(0),
+            returns: AtomicU64::new(0),
+            bad: AtomicU64::new(0),
+            detached: AtomicBool::new(false),
+            late: AtomicU64::new(0),
+            rewrite: AtomicU64::new(0),
+        }
+    }
+
+    fn reset(&self) {
+        for c in [&self.entries, &self.returns, &self.bad, &self.late] {
+            c.store(0, Ordering::SeqCst);
+        }
+        self.detached.store(false, Ordering::SeqCst);
+        self.rewrite.store(0, Ordering::SeqCst);
+    }
+
+    fn counts(&self) -> (u64, u64, u64, u64) {
+        (
+            self.entries.load(Ordering::SeqCst),
+            self.returns.load(Ordering::SeqCst),
+            self.bad.load(Ordering::SeqCst),
+            self.late.load(Ordering::SeqCst),
+        )
+    }
+
+    fn ud(&'static self) -> *mut std::ffi::c_void {
+        self as *const Spec as *mut std::ffi::c_void
+    }
+
+    /// Attaches the pair to `f` with `mode`.
+    fn attach(&'static self, f: usize, mode: Mode) -> probert::ConsumerId {
+        unsafe {
+            probert::attach_with(
+                f,
+                spec_entry,
+                self.ud(),
+                AttachOptions {
+                    mode,
+                    on_return: Some(spec_return),
+                },
+            )
+        }
+        .unwrap_or_else(|e| panic!("attach {f:#x} ({mode:?}): {e}"))
+    }
+}
+
+unsafe extern "C" fn spec_entry(hit: *mut Hit) -> u32 {
+    let hit = unsafe { &mut *hit };
+    let spec = unsafe { &*(hit.user_data as *const Spec) };
+    if spec.detached.load(Ordering::SeqCst) {
+        spec.late.fetch_add(1, Ordering::SeqCst);
+    }
+    spec.entries.fetch_add(1, Ordering::SeqCst);
+    let arg = hit.regs().arg(0).unwrap();
+    match hit.session() {
+        Some(s) if *s == 0 => *s = arg,
+        _ => {
+            spec.bad.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    Action::Continue as u32
+}
+
+unsafe extern "C" fn spec_return(hit: *mut Hit) -> u32 {
+    let hit = unsafe { &mut *hit };
+    let spec = unsafe { &*(hit.user_data as *const Spec) };
+    if spec.detached.load(Ordering::SeqCst) {
+        spec.late.fetch_add(1, Ordering::SeqCst);
+    }
+    spec.returns.fetch_add(1, Ordering::SeqCst);
+    let arg = hit.session().map_or(u64::MAX, |s| *s);
+    let regs = hit.regs();
+    // Just after the `ret`: the word below RSP is the return address, the
+    // one RIP holds now.
+    let popped = unsafe { std::ptr::read_volatile((regs.sp() - 8) as *const usize) };
+    if !hit.is_return() || regs.get(Reg::Rax) != (spec.expect)(arg) || popped != regs.pc() {
+        spec.bad.fetch_add(1, Ordering::SeqCst);
+    }
+    let w = spec.rewrite.load(Ordering::SeqCst);
+    if w != 0 {
+        hit.regs_mut().set(Reg::Rax, w);
+    }
+    Action::Continue as u32
+}
+
+fn plus100(x: u64) -> u64 {
+    x + 100
+}
+fn plus101(x: u64) -> u64 {
+    x + 101
+}
+fn ident(x: u64) -> u64 {
+    x
+}
+fn outer(x: u64) -> u64 {
+    2 * x + 201
+}
+
+static LEAF: Spec = Spec::new(plus100);
+static TAIL: Spec = Spec::new(plus101);
+static REC: Spec = Spec::new(ident);
+static OUTER: Spec = Spec::new(outer);
+
+const MODES: [Mode; 2] = [Mode::Trap, Mode::Auto];
 
 isolated!(entry_and_return_pair_with_the_value_returned, {
     static ENTRIES: AtomicU64 = AtomicU64::new(0);
@@ -47,4 +283,966 @@ isolated!(entry_and_return_pair_with_the_value_returned, {
     probe.detach().unwrap();
     assert_eq!(r_square(3), 9);
     assert_eq!(RETURNS.load(Ordering::SeqCst), 100);
+});
+
+isolated!(regs_after_return_and_a_rewritten_return_value, {
+    for mode in MODES {
+        LEAF.reset();
+        let id = LEAF.attach(addr(rt_leaf), mode);
+        assert_eq!(unsafe { rt_leaf(1) }, 101);
+        // The return handler changes what the callers get, direct or
+        // through a tail call.
+        LEAF.rewrite.store(7777, Ordering::SeqCst);
+        assert_eq!(unsafe { rt_leaf(1) }, 7777, "{mode:?}");
+        assert_eq!(unsafe { rt_tail(1) }, 7777, "{mode:?}");
+        assert_eq!(unsafe { rt_outer(1) }, 2 * 7777, "{mode:?}");
+        assert_eq!(LEAF.counts(), (5, 5, 0, 0), "{mode:?}");
+        let s = probert::stats(id).unwrap();
+        assert_eq!((s.hits, s.returns, s.abandoned), (5, 5, 0));
+        probert::detach(id).unwrap();
+        LEAF.detached.store(true, Ordering::SeqCst);
+        assert_eq!(unsafe { rt_outer(1) }, 203);
+        assert_eq!(LEAF.counts(), (5, 5, 0, 0));
+    }
+});
+
+isolated!(a_tail_call_returns_when_its_callee_returns, {
+    for mode in MODES {
+        TAIL.reset();
+        LEAF.reset();
+        // The tail-calling function alone.
+        let t = TAIL.attach(addr(rt_tail), mode);
+        for x in 0..50 {
+            assert_eq!(unsafe { rt_tail(x) }, x + 101);
+        }
+        assert_eq!(TAIL.counts(), (50, 50, 0, 0), "{mode:?}");
+        // Both: one `ret` ends two invocations, innermost first, each
+        // with the value the caller receives.
+        let l = LEAF.attach(addr(rt_leaf), mode);
+        for x in 0..50 {
+            assert_eq!(unsafe { rt_tail(x) }, x + 101);
+            assert_eq!(unsafe { rt_outer(x) }, 2 * x + 201);
+        }
+        assert_eq!(TAIL.counts(), (150, 150, 0, 0), "{mode:?}");
+        assert_eq!(LEAF.counts(), (150, 150, 0, 0), "{mode:?}");
+        // A rewrite by the inner return handler is what the outer one sees.
+        LEAF.rewrite.store(5, Ordering::SeqCst);
+        let before = TAIL.counts();
+        assert_eq!(unsafe { rt_tail(10) }, 5);
+        assert_eq!(TAIL.counts().2, before.2 + 1, "the tail's handler saw 5");
+        probert::detach_batch(&[t, l]).unwrap();
+        assert_eq!(probert::stats(t), Err(Error::NotFound));
+        assert_eq!(unsafe { rt_tail(1) }, 102);
+        assert_eq!(TAIL.counts().0, 151);
+    }
+});
+
+// BUG (shadow.rs, `Mine::push`): a function that tail-jumps to its own
+// entry leaves a frame at the same stack pointer and return address as the
+// new invocation, which `push` cannot tell from an invocation left by
+// `longjmp` and entered again from the same call site; it counts the
+// earlier ones abandoned. Real code does this (libsqlite3's
+// sqlite3WhereSplit). Fix: mark, at attach, the functions whose exits
+// include a jump to their own entry, and keep same-sp same-ret frames of
+// those.
+isolated!(
+    #[ignore = "BUG: a tail call to the function's own entry counts as abandoned (shadow.rs push)"]
+    a_tail_call_to_its_own_entry_returns_once_per_invocation,
+    {
+        static SELF: Spec = Spec::new(|_| 42);
+        let id = SELF.attach(addr(rt_selftail), Mode::Auto);
+        assert_eq!(unsafe { rt_selftail(5) }, 42);
+        let s = probert::stats(id).unwrap();
+        assert_eq!((s.hits, s.returns, s.abandoned), (6, 6, 0), "{s:?}");
+        assert_eq!(SELF.counts(), (6, 6, 0, 0));
+        probert::detach(id).unwrap();
+    }
+);
+
+isolated!(recursion_ten_thousand_deep_pairs_every_invocation, {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static ORDER_BAD: AtomicU64 = AtomicU64::new(0);
+    for mode in MODES {
+        NEXT.store(0, Ordering::SeqCst);
+        // Return hits come innermost first: n = 0, 1, 2, …
+        let p = unsafe {
+            probert::probe_returns(
+                addr(rt_rec),
+                |hit, n: &mut u64| {
+                    *n = hit.regs().arg(0).unwrap();
+                    Action::Continue
+                },
+                |hit, n: &mut u64| {
+                    let want = NEXT.fetch_add(1, Ordering::SeqCst);
+                    if *n != want || hit.regs().get(Reg::Rax) != want {
+                        ORDER_BAD.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Action::Continue
+                },
+            )
+        }
+        .unwrap();
+        assert_eq!(unsafe { rt_rec(10_000) }, 10_000);
+        assert_eq!(NEXT.load(Ordering::SeqCst), 10_001);
+        assert_eq!(ORDER_BAD.load(Ordering::SeqCst), 0);
+        let s = p.stats().unwrap();
+        assert_eq!((s.hits, s.returns, s.abandoned), (10_001, 10_001, 0));
+        p.detach().unwrap();
+        // The same with the checking pair, in either mode.
+        REC.reset();
+        let id = REC.attach(addr(rt_rec), mode);
+        assert_eq!(unsafe { rt_rec(10_000) }, 10_000);
+        assert_eq!(REC.counts(), (10_001, 10_001, 0, 0), "{mode:?}");
+        probert::detach(id).unwrap();
+    }
+});
+
+isolated!(deeper_than_the_shadow_stack_counts_the_rest_abandoned, {
+    REC.reset();
+    let id = REC.attach(addr(rt_rec), Mode::Auto);
+    // 300,000 frames of 16 bytes: a thread with a big stack.
+    let depth = 300_000u64;
+    let r = std::thread::Builder::new()
+        .stack_size(64 << 20)
+        .spawn(move || unsafe { rt_rec(depth) })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(r, depth);
+    probert::sync().unwrap();
+    let s = probert::stats(id).unwrap();
+    assert_eq!(s.hits, depth + 1);
+    assert_eq!(s.hits, s.returns + s.abandoned, "{s:?}");
+    assert!(s.returns >= 100_000, "{s:?}");
+    assert!(s.abandoned > 0, "{s:?}");
+    let (e, r, bad, _) = REC.counts();
+    assert_eq!((e, r, bad), (s.hits, s.returns, 0));
+    probert::detach(id).unwrap();
+});
+
+isolated!(nested_probed_functions_on_four_threads_pair_exactly, {
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 20_000;
+    for mode in MODES {
+        for s in [&LEAF, &TAIL, &OUTER, &REC] {
+            s.reset();
+        }
+        let ids = [
+            LEAF.attach(addr(rt_leaf), mode),
+            TAIL.attach(addr(rt_tail), mode),
+            OUTER.attach(addr(rt_outer), mode),
+            REC.attach(addr(rt_rec), mode),
+        ];
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..CALLS {
+                        let x = t * 1_000_000 + i;
+                        assert_eq!(unsafe { rt_outer(x) }, 2 * x + 201);
+                        assert_eq!(unsafe { rt_rec(i % 8) }, i % 8);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = THREADS * CALLS;
+        let rec_calls: u64 = THREADS * (0..CALLS).map(|i| i % 8 + 1).sum::<u64>();
+        assert_eq!(OUTER.counts(), (n, n, 0, 0), "{mode:?}");
+        assert_eq!(TAIL.counts(), (n, n, 0, 0), "{mode:?}");
+        assert_eq!(LEAF.counts(), (2 * n, 2 * n, 0, 0), "{mode:?}");
+        assert_eq!(REC.counts(), (rec_calls, rec_calls, 0, 0), "{mode:?}");
+        for id in ids {
+            let s = probert::stats(id).unwrap();
+            assert_eq!(s.hits, s.returns, "{mode:?} {s:?}");
+            assert_eq!((s.missed, s.abandoned), (0, 0), "{mode:?} {s:?}");
+        }
+        probert::detach_batch(&ids).unwrap();
+    }
+});
+
+isolated!(no_return_and_remove_from_either_handler, {
+    static E: AtomicU64 = AtomicU64::new(0);
+    static R: AtomicU64 = AtomicU64::new(0);
+    static ODD_RETURNS: AtomicU64 = AtomicU64::new(0);
+    // NO_RETURN for odd arguments.
+    let p = unsafe {
+        probert::probe_returns(
+            addr(rt_leaf),
+            |hit, _: &mut u64| {
+                E.fetch_add(1, Ordering::SeqCst);
+                if hit.regs().arg(0).unwrap() % 2 == 1 {
+                    Action::NoReturn
+                } else {
+                    Action::Continue
+                }
+            },
+            |hit, _: &mut u64| {
+                R.fetch_add(1, Ordering::SeqCst);
+                if hit.regs().get(Reg::Rax) % 2 == 1 {
+                    ODD_RETURNS.fetch_add(1, Ordering::SeqCst);
+                }
+                Action::Continue
+            },
+        )
+    }
+    .unwrap();
+    for x in 0..100 {
+        assert_eq!(unsafe { rt_leaf(x) }, x + 100);
+    }
+    assert_eq!(E.load(Ordering::SeqCst), 100);
+    assert_eq!(R.load(Ordering::SeqCst), 50);
+    assert_eq!(ODD_RETURNS.load(Ordering::SeqCst), 0);
+    let s = p.stats().unwrap();
+    assert_eq!((s.hits, s.returns, s.abandoned), (100, 50, 0));
+    p.detach().unwrap();
+
+    // Remove from the entry handler at the 5th call: that invocation gets
+    // no return, and nothing more is called.
+    E.store(0, Ordering::SeqCst);
+    R.store(0, Ordering::SeqCst);
+    let p = unsafe {
+        probert::probe_returns(
+            addr(rt_leaf),
+            |_, _: &mut u64| {
+                if E.fetch_add(1, Ordering::SeqCst) == 4 {
+                    Action::Remove
+                } else {
+                    Action::Continue
+                }
+            },
+            |_, _: &mut u64| {
+                R.fetch_add(1, Ordering::SeqCst);
+                Action::Continue
+            },
+        )
+    }
+    .unwrap();
+    for x in 0..20 {
+        assert_eq!(unsafe { rt_leaf(x) }, x + 100);
+    }
+    assert_eq!((E.load(Ordering::SeqCst), R.load(Ordering::SeqCst)), (5, 4));
+    assert_eq!(p.stats(), Err(Error::NotFound));
+    drop(p);
+
+    // Remove from the return handler, at the innermost return of a
+    // recursion: the outer invocations, still running, get no return.
+    E.store(0, Ordering::SeqCst);
+    R.store(0, Ordering::SeqCst);
+    let p = unsafe {
+        probert::probe_returns(
+            addr(rt_rec),
+            |_, _: &mut u64| {
+                E.fetch_add(1, Ordering::SeqCst);
+                Action::Continue
+            },
+            |_, _: &mut u64| {
+                R.fetch_add(1, Ordering::SeqCst);
+                Action::Remove
+            },
+        )
+    }
+    .unwrap();
+    assert_eq!(unsafe { rt_rec(10) }, 10);
+    assert_eq!(unsafe { rt_rec(10) }, 10);
+    assert_eq!(
+        (E.load(Ordering::SeqCst), R.load(Ordering::SeqCst)),
+        (11, 1)
+    );
+    probert::sync().unwrap();
+    assert_eq!(p.stats(), Err(Error::NotFound));
+    assert_eq!(unsafe { rt_rec(3) }, 3);
+    assert_eq!(
+        (E.load(Ordering::SeqCst), R.load(Ordering::SeqCst)),
+        (11, 1)
+    );
+});
+
+/// A thread's alternate signal stack placed just *above* its own stack (the
+/// case where "deeper" and "shallower" by address mean nothing).
+fn alt_stack_above_this_thread() -> (usize, usize) {
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
+        let (mut lo, mut len) = (std::ptr::null_mut(), 0usize);
+        assert_eq!(libc::pthread_attr_getstack(&attr, &mut lo, &mut len), 0);
+        libc::pthread_attr_destroy(&mut attr);
+        let top = lo as usize + len;
+        let size = 256 << 10;
+        let want = top + (1 << 20);
+        let p = libc::mmap(
+            want as *mut _,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED);
+        (p as usize, size)
+    }
+}
+
+static IN_SIGNAL: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    // The probed functions again, while the interrupted code has return
+    // probes pending.
+    let ok = unsafe { rt_leaf(5) } == 105
+        && unsafe { rt_outer(1) } == 203
+        && unsafe { rt_call(plus1, 7) } == 9;
+    IN_SIGNAL.fetch_add(if ok { 1 } else { 1000 }, Ordering::SeqCst);
+}
+
+extern "C" fn plus1(x: u64) -> u64 {
+    x + 1
+}
+
+extern "C" fn raise_usr1(x: u64) -> u64 {
+    unsafe { libc::raise(libc::SIGUSR1) };
+    x * 10
+}
+
+static CALL: Spec = Spec::new(|x| x * 10 + 1);
+static CALL_ANY: AtomicU64 = AtomicU64::new(0);
+
+unsafe extern "C" fn call_entry(hit: *mut Hit) -> u32 {
+    let hit = unsafe { &mut *hit };
+    CALL.entries.fetch_add(1, Ordering::SeqCst);
+    let x = hit.regs().arg(1).unwrap();
+    if let Some(s) = hit.session() {
+        *s = x;
+    }
+    Action::Continue as u32
+}
+
+unsafe extern "C" fn call_return(hit: *mut Hit) -> u32 {
+    let hit = unsafe { &mut *hit };
+    CALL.returns.fetch_add(1, Ordering::SeqCst);
+    let x = hit.session().map_or(0, |s| *s);
+    // The outer call (x = 3) returns 31, the one in the handler 9.
+    let rax = hit.regs().get(Reg::Rax);
+    if rax != x * 10 + 1 && !(x == 7 && rax == 9) {
+        CALL.bad.fetch_add(1, Ordering::SeqCst);
+    }
+    CALL_ANY.fetch_add(1, Ordering::SeqCst);
+    Action::Continue as u32
+}
+
+isolated!(
+    a_signal_handler_calls_the_probed_functions_while_returns_are_pending,
+    {
+        let call = unsafe {
+            probert::attach_with(
+                rt_call as *const () as usize,
+                call_entry,
+                std::ptr::null_mut(),
+                AttachOptions {
+                    mode: Mode::Auto,
+                    on_return: Some(call_return),
+                },
+            )
+        }
+        .unwrap();
+        let ids = [
+            LEAF.attach(addr(rt_leaf), Mode::Auto),
+            OUTER.attach(addr(rt_outer), Mode::Trap),
+        ];
+        // On the thread's stack, then on an alternate stack below the thread's
+        // stack and one above it.
+        for variant in 0..3 {
+            let r = std::thread::spawn(move || unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_usr1 as *const () as usize;
+                sa.sa_flags = if variant == 0 { 0 } else { libc::SA_ONSTACK };
+                assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+                if variant > 0 {
+                    let (sp, size) = if variant == 1 {
+                        let size = 256 << 10;
+                        let p = libc::mmap(
+                            std::ptr::null_mut(),
+                            size,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                            -1,
+                            0,
+                        );
+                        assert_ne!(p, libc::MAP_FAILED);
+                        (p as usize, size)
+                    } else {
+                        alt_stack_above_this_thread()
+                    };
+                    let ss = libc::stack_t {
+                        ss_sp: sp as *mut _,
+                        ss_flags: 0,
+                        ss_size: size,
+                    };
+                    assert_eq!(libc::sigaltstack(&ss, std::ptr::null_mut()), 0);
+                }
+                rt_call(raise_usr1, 3)
+            })
+            .join()
+            .unwrap();
+            assert_eq!(r, 31, "variant {variant}");
+            assert_eq!(IN_SIGNAL.load(Ordering::SeqCst), variant + 1);
+            // Every invocation paired: the outer rt_call (pending while the
+            // handler ran) included.
+            let n = variant + 1;
+            assert_eq!(
+                (
+                    CALL.entries.load(Ordering::SeqCst),
+                    CALL.returns.load(Ordering::SeqCst),
+                    CALL.bad.load(Ordering::SeqCst)
+                ),
+                (2 * n, 2 * n, 0),
+                "variant {variant}"
+            );
+            assert_eq!(LEAF.counts(), (3 * n, 3 * n, 0, 0), "variant {variant}");
+            assert_eq!(OUTER.counts(), (n, n, 0, 0), "variant {variant}");
+            let s = probert::stats(call).unwrap();
+            assert_eq!((s.returns, s.abandoned), (2 * n, 0), "variant {variant}");
+        }
+        probert::detach_batch(&[call, ids[0], ids[1]]).unwrap();
+    }
+);
+
+isolated!(fork_with_returns_pending_in_the_parent, {
+    static FORKED: AtomicU64 = AtomicU64::new(0);
+    extern "C" fn fork_in_the_middle(x: u64) -> u64 {
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            FORKED.store(1, Ordering::SeqCst);
+            return x * 10;
+        }
+        common::expect_child_success(pid);
+        x * 10
+    }
+    CALL.reset();
+    let id = unsafe {
+        probert::attach_with(
+            rt_call as *const () as usize,
+            call_entry,
+            std::ptr::null_mut(),
+            AttachOptions {
+                mode: Mode::Auto,
+                on_return: Some(call_return),
+            },
+        )
+    }
+    .unwrap();
+    let r = unsafe { rt_call(fork_in_the_middle, 4) };
+    assert_eq!(r, 41);
+    if FORKED.load(Ordering::SeqCst) == 1 {
+        // The child: the pending invocation either returned (with the right
+        // value) or is counted abandoned — never both, never lost, and the
+        // child goes on calling the function normally.
+        probert::sync().unwrap();
+        let s = probert::stats(id).unwrap();
+        let ok =
+            s.hits == 1 && s.returns + s.abandoned == 1 && CALL.bad.load(Ordering::SeqCst) == 0;
+        let again = unsafe { rt_call(plus1, 1) } == 3;
+        let s2 = probert::stats(id).unwrap();
+        let ok2 = s2.hits == 2 && s2.returns == s.returns + 1;
+        unsafe { libc::_exit(if ok && again && ok2 { 0 } else { 1 }) };
+    }
+    let s = probert::stats(id).unwrap();
+    assert_eq!((s.hits, s.returns, s.abandoned), (1, 1, 0));
+    assert_eq!(CALL.bad.load(Ordering::SeqCst), 0);
+    probert::detach(id).unwrap();
+});
+
+/// Threads parked inside `rt_nest`'s innermost callback, `DEPTH + 1`
+/// invocations pending each.
+const PARK_THREADS: usize = 8;
+const PARK_DEPTH: u64 = 124;
+static PARKED: AtomicUsize = AtomicUsize::new(0);
+static RELEASE: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn park(_: u64) -> u64 {
+    PARKED.fetch_add(1, Ordering::SeqCst);
+    while !RELEASE.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    1000
+}
+
+fn nest_spec_expect(n: u64) -> u64 {
+    n + 1000
+}
+static NEST: Spec = Spec::new(nest_spec_expect);
+static NEST2: Spec = Spec::new(nest_spec_expect);
+
+isolated!(
+    detach_while_a_thousand_invocations_are_pending_on_other_threads,
+    {
+        for (round, mode) in MODES.into_iter().enumerate() {
+            NEST.reset();
+            NEST2.reset();
+            PARKED.store(0, Ordering::SeqCst);
+            RELEASE.store(false, Ordering::SeqCst);
+            let id = NEST.attach(rt_nest as *const () as usize, mode);
+            let threads: Vec<_> = (0..PARK_THREADS)
+                .map(|_| std::thread::spawn(|| unsafe { rt_nest(PARK_DEPTH, park) }))
+                .collect();
+            while PARKED.load(Ordering::SeqCst) < PARK_THREADS {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let pending = PARK_THREADS as u64 * (PARK_DEPTH + 1);
+            assert!(pending >= 1000);
+            assert_eq!(NEST.counts(), (pending, 0, 0, 0));
+            if round == 0 {
+                probert::detach(id).unwrap();
+            } else {
+                probert::detach_nosync(id).unwrap();
+                probert::sync().unwrap();
+            }
+            NEST.detached.store(true, Ordering::SeqCst);
+            // A new consumer on the same function (and perhaps the same
+            // record): the old invocations' returns are not its returns.
+            let id2 = NEST2.attach(rt_nest as *const () as usize, mode);
+            RELEASE.store(true, Ordering::SeqCst);
+            for t in threads {
+                assert_eq!(t.join().unwrap(), PARK_DEPTH + 1000);
+            }
+            assert_eq!(NEST.counts(), (pending, 0, 0, 0), "{mode:?}");
+            assert_eq!(NEST2.counts(), (0, 0, 0, 0), "{mode:?}");
+            // It works for new invocations, and drops the old frames.
+            assert_eq!(unsafe { rt_nest(3, nest_cb) }, 1003);
+            assert_eq!(NEST2.counts(), (4, 4, 0, 0), "{mode:?}");
+            probert::detach(id2).unwrap();
+        }
+    }
+);
+
+extern "C" fn nest_cb(_: u64) -> u64 {
+    1000
+}
+
+isolated!(
+    no_handler_call_after_detach_with_threads_calling_all_along,
+    {
+        static STOP: AtomicBool = AtomicBool::new(false);
+        for mode in MODES {
+            for s in [&LEAF, &OUTER] {
+                s.reset();
+            }
+            STOP.store(false, Ordering::SeqCst);
+            let ids = [
+                LEAF.attach(addr(rt_leaf), mode),
+                OUTER.attach(addr(rt_outer), mode),
+            ];
+            let threads: Vec<_> = (0..3)
+                .map(|_| {
+                    std::thread::spawn(|| {
+                        let mut n = 0u64;
+                        while !STOP.load(Ordering::Relaxed) {
+                            assert_eq!(unsafe { rt_outer(n) }, 2 * n + 201);
+                            n += 1;
+                        }
+                    })
+                })
+                .collect();
+            while OUTER.returns.load(Ordering::SeqCst) < 2000 {
+                std::thread::yield_now();
+            }
+            probert::detach(ids[0]).unwrap();
+            LEAF.detached.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            probert::detach(ids[1]).unwrap();
+            OUTER.detached.store(true, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            STOP.store(true, Ordering::SeqCst);
+            for t in threads {
+                t.join().unwrap();
+            }
+            for s in [&LEAF, &OUTER] {
+                let (e, r, bad, late) = s.counts();
+                assert_eq!((bad, late), (0, 0), "{mode:?}");
+                // Invocations running at detach may end without a return hit;
+                // a return hit never comes without its entry.
+                assert!(r <= e && e - r <= 3, "{mode:?}: {e} entries, {r} returns");
+            }
+        }
+    }
+);
+
+/// `lea rax, [rdi + 1]; ret` at +0 and, at +16, `sub rsp, 8; call +0;
+/// add rsp, 8; add rax, rax; ret`: g(x) = 2 (x + 1).
+fn jit_code() -> Vec<u8> {
+    let mut c = vec![0xCCu8; 64];
+    c[..5].copy_from_slice(&[0x48, 0x8D, 0x47, 0x01, 0xC3]);
+    let g = [
+        0x48, 0x83, 0xEC, 0x08, // sub rsp, 8
+        0xE8, 0, 0, 0, 0, // call f (patched below)
+        0x48, 0x83, 0xC4, 0x08, // add rsp, 8
+        0x48, 0x01, 0xC0, // add rax, rax
+        0xC3, // ret
+    ];
+    c[16..16 + g.len()].copy_from_slice(&g);
+    let rel = 0i32 - (16 + 9);
+    c[21..25].copy_from_slice(&rel.to_le_bytes());
+    c
+}
+
+isolated!(
+    return_probes_on_jit_functions_once_their_bounds_are_known,
+    {
+        let code = jit_code();
+        let mut page = region::alloc(4096, region::Protection::READ_WRITE).unwrap();
+        let p = page.as_mut_ptr::<u8>();
+        unsafe {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), p, code.len());
+            region::protect(p, 4096, region::Protection::READ_EXECUTE).unwrap();
+        }
+        std::mem::forget(page);
+        let (f, g) = (p as usize, p as usize + 16);
+        let call = |a: usize, x: u64| {
+            let h: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(a) };
+            h(x)
+        };
+        assert_eq!(call(g, 20), 42);
+        let region = probert::region_add(RegionDesc {
+            start: f,
+            len: 4096,
+            name: "jit-returns".into(),
+            write: None,
+        })
+        .unwrap();
+        probert::region_functions(region, &[(f, 5), (g, 17)]).unwrap();
+        static JF: Spec = Spec::new(|x| x + 1);
+        static JG: Spec = Spec::new(|x| 2 * (x + 1));
+        for mode in MODES {
+            JF.reset();
+            JG.reset();
+            let ids = [JF.attach(f, mode), JG.attach(g, mode)];
+            for x in 0..100 {
+                assert_eq!(call(g, x), 2 * (x + 1));
+                assert_eq!(call(f, x), x + 1);
+            }
+            assert_eq!(JF.counts(), (200, 200, 0, 0), "{mode:?}");
+            assert_eq!(JG.counts(), (100, 100, 0, 0), "{mode:?}");
+            JF.rewrite.store(10, Ordering::SeqCst);
+            assert_eq!(call(g, 1), 20, "{mode:?}");
+            probert::detach_batch(&ids).unwrap();
+        }
+        // Not a function entry: refused.
+        let err = unsafe {
+            probert::attach_with(
+                g + 4,
+                spec_entry,
+                JG.ud(),
+                AttachOptions {
+                    mode: Mode::Auto,
+                    on_return: Some(spec_return),
+                },
+            )
+        }
+        .unwrap_err();
+        assert!(matches!(err, Error::Misaligned { .. }), "{err:?}");
+        probert::region_remove(region).unwrap();
+        assert_eq!(call(g, 20), 42);
+        assert_eq!(&common::bytes(f, code.len())[..], &code[..]);
+    }
+);
+
+// ---- real code: every function of a dlopen'ed system library ----------
+
+/// Per-library counters shared by every function's consumer.
+struct Totals {
+    entries: AtomicU64,
+    returns: AtomicU64,
+}
+
+static TOTALS: Totals = Totals {
+    entries: AtomicU64::new(0),
+    returns: AtomicU64::new(0),
+};
+
+unsafe extern "C" fn total_entry(_: *mut Hit) -> u32 {
+    TOTALS.entries.fetch_add(1, Ordering::Relaxed);
+    Action::Continue as u32
+}
+
+unsafe extern "C" fn total_return(hit: *mut Hit) -> u32 {
+    let hit = unsafe { &mut *hit };
+    if !hit.is_return() || hit.session.is_null() {
+        TOTALS.returns.fetch_add(1 << 40, Ordering::Relaxed);
+    }
+    TOTALS.returns.fetch_add(1, Ordering::Relaxed);
+    Action::Continue as u32
+}
+
+/// Attaches entry + return to every function of `module` that takes a
+/// return probe; returns the handles and how many were refused (and why).
+fn probe_every_function(module: &str, mode: Mode) -> (Vec<(probert::ConsumerId, usize)>, usize) {
+    let funcs = probert::functions(module).unwrap();
+    assert!(!funcs.is_empty(), "{module}: no functions");
+    let mut ids = Vec::new();
+    let mut refused = std::collections::BTreeMap::<String, usize>::new();
+    for f in &funcs {
+        match unsafe {
+            probert::attach_with(
+                f.start,
+                total_entry,
+                std::ptr::null_mut(),
+                AttachOptions {
+                    mode,
+                    on_return: Some(total_return),
+                },
+            )
+        } {
+            Ok(id) => ids.push((id, f.start)),
+            Err(e) => {
+                let why = format!("{e}");
+                let key = why.split(':').next().unwrap_or("").to_owned();
+                *refused.entry(key).or_default() += 1;
+            }
+        }
+    }
+    let n_refused: usize = refused.values().sum();
+    eprintln!(
+        "{module} ({mode:?}): {} of {} functions probed; refused: {refused:?}",
+        ids.len(),
+        funcs.len()
+    );
+    (ids, n_refused)
+}
+
+fn dlopen(name: &str) -> Option<*mut std::ffi::c_void> {
+    let c = std::ffi::CString::new(name).unwrap();
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    (!h.is_null()).then_some(h)
+}
+
+fn dlsym<T: Copy>(h: *mut std::ffi::c_void, name: &str) -> T {
+    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<usize>());
+    let c = std::ffi::CString::new(name).unwrap();
+    let p = unsafe { libc::dlsym(h, c.as_ptr()) };
+    assert!(!p.is_null(), "no {name}");
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
+/// Checks the totals after a workload: every entry returned or was
+/// abandoned, nothing else.
+fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
+    probert::sync().unwrap();
+    let (mut hits, mut returns, mut abandoned) = (0, 0, 0);
+    for &(id, start) in ids {
+        let s = probert::stats(id).unwrap();
+        assert!(s.returns + s.abandoned <= s.hits, "{what}: {s:?}");
+        // Known limitation: a function that tail-jumps to its own entry
+        // (sqlite3WhereSplit does) looks like one left by `longjmp` and
+        // entered again from the same call; the earlier invocations of
+        // such a chain count as abandoned.
+        assert!(
+            s.abandoned == 0 || jumps_to_its_own_entry(start),
+            "{what}: {s:?} abandoned in the function at {start:#x}"
+        );
+        hits += s.hits;
+        returns += s.returns;
+        abandoned += s.abandoned;
+    }
+    let e = TOTALS.entries.load(Ordering::SeqCst);
+    let r = TOTALS.returns.load(Ordering::SeqCst);
+    eprintln!("{what}: {hits} entries, {returns} returns, {abandoned} abandoned");
+    assert!(hits > 1000, "{what}: the workload ran probed code ({hits})");
+    assert_eq!(
+        (e, r),
+        (hits, returns),
+        "{what}: handler calls and stats agree"
+    );
+    assert_eq!(hits, returns + abandoned, "{what}");
+}
+
+/// Whether the function at `start` has a `jmp` to `start` (a tail call to
+/// itself).
+fn jumps_to_its_own_entry(start: usize) -> bool {
+    probert::instructions(start).unwrap().into_iter().any(|at| {
+        let b = common::bytes(at, 5);
+        (b[0] == 0xE9
+            && (at + 5).wrapping_add(i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize)
+                == start)
+            || (b[0] == 0xEB && (at + 2).wrapping_add(b[1] as i8 as usize) == start)
+    })
+}
+
+fn detach_all(ids: &[(probert::ConsumerId, usize)]) {
+    let ids: Vec<_> = ids.iter().map(|p| p.0).collect();
+    probert::detach_batch(&ids).unwrap();
+}
+
+type Compress2 =
+    unsafe extern "C" fn(*mut u8, *mut libc::c_ulong, *const u8, libc::c_ulong, i32) -> i32;
+type Uncompress =
+    unsafe extern "C" fn(*mut u8, *mut libc::c_ulong, *const u8, libc::c_ulong) -> i32;
+type Crc32 = unsafe extern "C" fn(libc::c_ulong, *const u8, u32) -> libc::c_ulong;
+
+fn zlib_workload(h: *mut std::ffi::c_void) -> (Vec<u8>, u64) {
+    let compress2: Compress2 = dlsym(h, "compress2");
+    let uncompress: Uncompress = dlsym(h, "uncompress");
+    let crc32: Crc32 = dlsym(h, "crc32");
+    let adler32: Crc32 = dlsym(h, "adler32");
+    let mut input = Vec::new();
+    let mut x = 12345u32;
+    for i in 0..20_000u32 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        input.extend_from_slice(format!("line {i} value {} ", x >> 20).as_bytes());
+    }
+    let mut out = Vec::new();
+    let mut sum = 0u64;
+    for level in [1, 6, 9] {
+        let mut z = vec![0u8; input.len() + 1024];
+        let mut zlen = z.len() as libc::c_ulong;
+        assert_eq!(
+            unsafe {
+                compress2(
+                    z.as_mut_ptr(),
+                    &mut zlen,
+                    input.as_ptr(),
+                    input.len() as _,
+                    level,
+                )
+            },
+            0
+        );
+        z.truncate(zlen as usize);
+        let mut back = vec![0u8; input.len()];
+        let mut blen = back.len() as libc::c_ulong;
+        assert_eq!(
+            unsafe { uncompress(back.as_mut_ptr(), &mut blen, z.as_ptr(), zlen) },
+            0
+        );
+        assert_eq!(back, input);
+        out.extend_from_slice(&z);
+        sum += unsafe { crc32(0, z.as_ptr(), z.len() as u32) } as u64;
+        sum += unsafe { adler32(1, input.as_ptr(), input.len() as u32) } as u64;
+    }
+    (out, sum)
+}
+
+isolated!(every_function_of_libz_in_a_real_workload, {
+    let Some(h) = dlopen("libz.so.1") else {
+        eprintln!("no libz.so.1: skipped");
+        return;
+    };
+    let want = zlib_workload(h);
+    for mode in MODES {
+        TOTALS.entries.store(0, Ordering::SeqCst);
+        TOTALS.returns.store(0, Ordering::SeqCst);
+        let (ids, _) = probe_every_function("libz.so.1", mode);
+        assert!(
+            ids.len() >= 50,
+            "{mode:?}: only {} functions probed",
+            ids.len()
+        );
+        // Two threads at once, and the results byte for byte.
+        let t = std::thread::spawn(move || zlib_workload(dlopen("libz.so.1").unwrap()));
+        assert_eq!(zlib_workload(h), want, "{mode:?}");
+        assert_eq!(t.join().unwrap(), want, "{mode:?}");
+        check_totals(&ids, &format!("libz {mode:?}"));
+        detach_all(&ids);
+        assert_eq!(zlib_workload(h), want);
+    }
+});
+
+type Open = unsafe extern "C" fn(*const libc::c_char, *mut *mut libc::c_void) -> i32;
+type Exec = unsafe extern "C" fn(
+    *mut libc::c_void,
+    *const libc::c_char,
+    Option<
+        unsafe extern "C" fn(
+            *mut libc::c_void,
+            i32,
+            *mut *mut libc::c_char,
+            *mut *mut libc::c_char,
+        ) -> i32,
+    >,
+    *mut libc::c_void,
+    *mut *mut libc::c_char,
+) -> i32;
+type Close = unsafe extern "C" fn(*mut libc::c_void) -> i32;
+
+unsafe extern "C" fn collect_row(
+    out: *mut libc::c_void,
+    n: i32,
+    vals: *mut *mut libc::c_char,
+    _: *mut *mut libc::c_char,
+) -> i32 {
+    let out = unsafe { &mut *(out as *mut String) };
+    for i in 0..n as usize {
+        let v = unsafe { *vals.add(i) };
+        if v.is_null() {
+            out.push_str("NULL");
+        } else {
+            out.push_str(&unsafe { std::ffi::CStr::from_ptr(v) }.to_string_lossy());
+        }
+        out.push('|');
+    }
+    out.push('\n');
+    0
+}
+
+fn sqlite_workload(h: *mut std::ffi::c_void) -> String {
+    let open: Open = dlsym(h, "sqlite3_open");
+    let exec: Exec = dlsym(h, "sqlite3_exec");
+    let close: Close = dlsym(h, "sqlite3_close");
+    let mut db = std::ptr::null_mut();
+    let name = std::ffi::CString::new(":memory:").unwrap();
+    assert_eq!(unsafe { open(name.as_ptr(), &mut db) }, 0);
+    let mut out = String::new();
+    let sql = "CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT, c REAL);
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+        INSERT INTO t SELECT i, printf('row %d', i * 7 % 1000), i * 0.5 FROM n;
+        CREATE INDEX tb ON t(b);
+        SELECT count(*), sum(a), total(c) FROM t;
+        SELECT b, count(*) FROM t GROUP BY b ORDER BY count(*) DESC, b LIMIT 5;
+        SELECT a FROM t WHERE b = 'row 7' ORDER BY a;
+        UPDATE t SET c = c * 2 WHERE a % 3 = 0;
+        SELECT total(c) FROM t;
+        SELECT no_such_function(1);";
+    let sql = std::ffi::CString::new(sql).unwrap();
+    let mut err = std::ptr::null_mut();
+    let rc = unsafe {
+        exec(
+            db,
+            sql.as_ptr(),
+            Some(collect_row),
+            &mut out as *mut String as *mut _,
+            &mut err,
+        )
+    };
+    // The last statement fails, on purpose: error paths run too.
+    out.push_str(&format!("rc {rc}"));
+    assert_ne!(rc, 0);
+    let free: unsafe extern "C" fn(*mut libc::c_void) = dlsym(h, "sqlite3_free");
+    unsafe { free(err.cast()) };
+    assert_eq!(unsafe { close(db) }, 0);
+    out
+}
+
+isolated!(every_function_of_libsqlite3_in_a_real_workload, {
+    let Some(h) = dlopen("libsqlite3.so.0") else {
+        eprintln!("no libsqlite3.so.0: skipped");
+        return;
+    };
+    let want = sqlite_workload(h);
+    assert!(want.contains("3000|4501500|"), "{want}");
+    for mode in MODES {
+        TOTALS.entries.store(0, Ordering::SeqCst);
+        TOTALS.returns.store(0, Ordering::SeqCst);
+        let (ids, _) = probe_every_function("libsqlite3.so.0", mode);
+        assert!(
+            ids.len() >= 500,
+            "{mode:?}: only {} functions probed",
+            ids.len()
+        );
+        let t = std::thread::spawn(move || sqlite_workload(dlopen("libsqlite3.so.0").unwrap()));
+        assert_eq!(sqlite_workload(h), want, "{mode:?}");
+        assert_eq!(t.join().unwrap(), want, "{mode:?}");
+        check_totals(&ids, &format!("libsqlite3 {mode:?}"));
+        detach_all(&ids);
+        assert_eq!(sqlite_workload(h), want);
+    }
 });

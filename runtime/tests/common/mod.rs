@@ -19,7 +19,13 @@ pub fn run_isolated(name: &str, body: impl FnOnce()) {
     }
     let exe = std::env::current_exe().expect("current_exe");
     let out = Command::new(exe)
-        .args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .args([
+            name,
+            "--exact",
+            "--include-ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
         .env(CHILD_ENV, name)
         .output()
         .expect("spawn the test child");
