@@ -49,7 +49,7 @@ extern "C" {
 /* The context of one tool in one process; opaque. */
 typedef struct probert_tool_ctx probert_tool_ctx;
 
-/* One address a -p spec matched. */
+/* One address a -p spec matched. Its strings live as long as the process. */
 typedef struct probert_tool_match {
   uint32_t    id;          /* dense from 0 in this process, for the tool's tables */
   uint32_t    spec_index;  /* which -p spec (0-based) */

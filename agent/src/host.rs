@@ -166,7 +166,9 @@ unsafe fn read_opts(opts: *const AttachOpts) -> Option<AttachOptions> {
         return None;
     }
     // SAFETY: `n` bytes are readable (the caller's size) and fit `o`.
-    unsafe { std::ptr::copy_nonoverlapping(opts.cast::<u8>(), (&raw mut o).cast::<u8>(), n) };
+    unsafe {
+        std::ptr::copy_nonoverlapping(opts.cast::<u8>(), std::ptr::addr_of_mut!(o).cast::<u8>(), n)
+    };
     Some(AttachOptions {
         mode: Mode::from_raw(o.mode)?,
         on_return: o.on_return,

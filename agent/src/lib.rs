@@ -160,6 +160,7 @@ struct Agent {
     seen: HashSet<usize>,
     next_id: u32,
     strings: Vec<CString>,
+    kept: Vec<resolve::Match>,
     unmatched: Vec<bool>,
 }
 
@@ -206,6 +207,7 @@ fn load_tool(spec: &str) -> Result<(&'static Tool, String), String> {
         let e = if e.is_null() {
             "dlopen failed".into()
         } else {
+            // SAFETY: not NULL: dlerror's NUL-terminated message.
             unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
         };
         return Err(format!("tool {name}: {e}"));
@@ -237,6 +239,7 @@ fn tool_name(t: &Tool) -> String {
     if t.name.is_null() {
         "?".into()
     } else {
+        // SAFETY: not NULL: the tool's static name.
         unsafe { CStr::from_ptr(t.name) }
             .to_string_lossy()
             .into_owned()
@@ -284,7 +287,10 @@ fn attach_new(agent: &mut Agent, cfg: &Config, modules: Vec<Module>) -> Vec<reso
             unsafe { a(t.state, tm.as_ptr(), tm.len()) };
         }
     }
-    ms
+    // The strings the matches point at live as long as the process.
+    let ret = ms.clone();
+    agent.kept.extend(ms);
+    ret
 }
 
 fn init_agent() {
@@ -358,6 +364,7 @@ fn init_agent() {
         seen: HashSet::new(),
         next_id: 0,
         strings: Vec::new(),
+        kept: Vec::new(),
         unmatched: vec![true; cfg.specs.len()],
     };
     if !cfg.list {
@@ -422,10 +429,9 @@ fn init_agent() {
         if matched {
             continue;
         }
-        let module_loaded = spec
-            .module
-            .as_ref()
-            .is_none_or(|mg| modules.iter().any(|m| resolve::module_matches(mg, m)));
+        let module_loaded = spec.module.as_ref().map_or(true, |mg| {
+            modules.iter().any(|m| resolve::module_matches(mg, m))
+        });
         if module_loaded || cfg.list {
             let close = resolve::closest(spec, &modules);
             let what = match &spec.module {

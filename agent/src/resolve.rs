@@ -163,7 +163,7 @@ pub fn loaded_modules() -> Vec<Module> {
     }
     let mut raw: Vec<(String, usize)> = Vec::new();
     // SAFETY: the callback matches dl_iterate_phdr's contract.
-    unsafe { libc::dl_iterate_phdr(Some(cb), (&raw mut raw).cast()) };
+    unsafe { libc::dl_iterate_phdr(Some(cb), std::ptr::addr_of_mut!(raw).cast()) };
     let me = agent_path();
     let exe = std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())

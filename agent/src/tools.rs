@@ -31,6 +31,7 @@ struct Probe {
 }
 
 #[derive(Debug)]
+#[allow(clippy::vec_box)] // handlers hold pointers to the probes: they must not move
 struct State {
     host: *const ToolHost,
     ctx: *mut ToolCtx,

@@ -264,19 +264,14 @@ fn run(o: Opts) -> Result<u8, String> {
     let mut json_reports: Vec<String> = Vec::new();
     let mut reports = 0usize;
     loop {
-        loop {
-            match listener.accept() {
-                Ok((s, _)) => {
-                    let _ = s.set_nonblocking(true);
-                    conns.push(Conn {
-                        stream: s,
-                        buf: Vec::new(),
-                        pid: "?".into(),
-                        program: String::new(),
-                    });
-                }
-                Err(_) => break,
-            }
+        while let Ok((s, _)) = listener.accept() {
+            let _ = s.set_nonblocking(true);
+            conns.push(Conn {
+                stream: s,
+                buf: Vec::new(),
+                pid: "?".into(),
+                program: String::new(),
+            });
         }
         let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
