@@ -677,6 +677,21 @@ enum probert_status probert_sigtrap_chained(void);
 enum probert_status probert_probe_mode(const void *addr, enum probert_mode *out);
 
 /**
+ * The address of function `symbol` in a loaded module, in `*out`.
+ *
+ * `module` is a path or a file name, with or without its version suffix
+ * (`"libc.so.6"`, `"libc.so"`, `"libc"`); NULL or `""` searches the main
+ * program first, then every module in load order. `.dynsym` is searched
+ * before `.symtab`; an IFUNC resolves as `dlsym` resolves it.
+ *
+ * Errors: `PROBERT_ERR_INVALID_ARGUMENT` (`symbol` or `out` NULL, `symbol`
+ * empty or not UTF-8), `PROBERT_ERR_NOT_FOUND` (no such module or symbol).
+ * Blocks: reads the module's file. From a handler: no.
+ * Thread safety: any thread.
+ */
+enum probert_status probert_symbol_addr(const char *module, const char *symbol, const void **out);
+
+/**
  * Registers `[start, start + len)` as a JIT region, so that probes can be
  * attached inside it, and writes its handle to `*out`.
  *
@@ -770,7 +785,7 @@ const char *probert_status_str(enum probert_status s);
 
 /**
  * Returns the version of libprobert as static, NUL-terminated text, e.g.
- * "0.1.0". Never returns NULL.
+ * "0.2.0". Never returns NULL.
  *
  * Errors: none. Blocks: no. From a handler: yes (async-signal-safe).
  * Thread safety: any thread.

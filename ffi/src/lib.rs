@@ -35,7 +35,8 @@
 //!
 //! One module per C object: [`status`] (status codes, version, init),
 //! [`regions`], [`regs`], [`consumers`] (handlers, hits, attach, detach,
-//! sync, statistics), [`mode`] (the mechanism serving a site), [`host`] (the
+//! sync, statistics), [`mode`] (the mechanism serving a site), [`names`]
+//! (finding code by name), [`host`] (the
 //! host's signals and threads: the scan signal, quiescent points, a chaining
 //! SIGTRAP handler).
 #![deny(unsafe_code)]
@@ -56,6 +57,7 @@ pub mod consumers;
 pub mod from_c;
 pub mod host;
 pub mod mode;
+pub mod names;
 pub mod regions;
 pub mod regs;
 pub mod status;

@@ -141,7 +141,7 @@ pub extern "C" fn probert_status_str(s: from_c::probert_status) -> *const c_char
 }
 
 /// Returns the version of libprobert as static, NUL-terminated text, e.g.
-/// "0.1.0". Never returns NULL.
+/// "0.2.0". Never returns NULL.
 ///
 /// Errors: none. Blocks: no. From a handler: yes (async-signal-safe).
 /// Thread safety: any thread.

@@ -58,6 +58,8 @@ probert_status (probert_consumer_get_stats)(probert_consumer c, probert_consumer
 probert_status probert_attach_batch_ex(const probert_attach_req *reqs, size_t n,
                                        const probert_attach_opts *opts,
                                        probert_consumer *out, size_t *err_index);
+probert_status probert_symbol_addr(const char *module, const char *symbol,
+                                   const void **out);
 
 /* The tags API.md names exist, as the types their typedefs name. */
 typedef enum probert_status probert_status;
@@ -198,6 +200,7 @@ int main(void) {
   probert_attach_req req = {NULL, handler, NULL};
   probert_attach_opts opts = {sizeof opts, PROBERT_MODE_AUTO, NULL};
   size_t idx = 0;
+  const void *cp = NULL;
   int ok = 1;
   ok &= probert_status_str(PROBERT_OK) != NULL;
   ok &= probert_version() != NULL;
@@ -219,5 +222,7 @@ int main(void) {
   ok &= probert_sync() == PROBERT_OK;
   ok &= probert_probe_mode(&ok, &m) == PROBERT_ERR_NOT_FOUND;
   ok &= probert_consumer_get_stats(c, &st) == PROBERT_ERR_NOT_FOUND;
+  ok &= probert_symbol_addr(NULL, NULL, &cp) == PROBERT_ERR_INVALID_ARGUMENT;
+  ok &= probert_symbol_addr("libc.so.6", "no_such_function_here", &cp) == PROBERT_ERR_NOT_FOUND;
   return ok ? 0 : 1;
 }

@@ -11,6 +11,7 @@
  */
 #define _GNU_SOURCE /* memfd_create, MAP_ANONYMOUS, MAP_NORESERVE */
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -1381,6 +1382,25 @@ static void t_threads_attach_detach(void) {
   CHECK(memcmp(now, inc0, 16) == 0);
 }
 
+/* probert_symbol_addr: a libc function by module name (with and without its
+   version suffix) and in every module, as dlsym resolves it; a symbol or a
+   module that does not exist is NOT_FOUND; NULL is INVALID_ARGUMENT. */
+static void t_symbol_addr(void) {
+  const void *a = NULL, *b = NULL, *c = NULL;
+  void *want = dlsym(RTLD_DEFAULT, "fopen");
+  CHECK(want != NULL);
+  CHECK(probert_symbol_addr("libc.so.6", "fopen", &a) == PROBERT_OK);
+  CHECK(probert_symbol_addr("libc", "fopen", &b) == PROBERT_OK);
+  CHECK(probert_symbol_addr(NULL, "fopen", &c) == PROBERT_OK);
+  CHECK(a == want && b == want && c == want);
+  CHECK(probert_symbol_addr("", "t_symbol_addr_nonexistent", &a) == PROBERT_ERR_NOT_FOUND);
+  CHECK(probert_symbol_addr("libnonexistent.so.9", "fopen", &a) == PROBERT_ERR_NOT_FOUND);
+  CHECK(a == want); /* out is written only on success */
+  CHECK(probert_symbol_addr(NULL, NULL, &a) == PROBERT_ERR_INVALID_ARGUMENT);
+  CHECK(probert_symbol_addr(NULL, "fopen", NULL) == PROBERT_ERR_INVALID_ARGUMENT);
+  CHECK(strcmp(probert_version(), "0.2.0") >= 0);
+}
+
 /* ---- the runner ---------------------------------------------------------- */
 
 #define T(name) {#name, t_##name}
@@ -1407,6 +1427,7 @@ static const struct test_case TESTS[] = {
     T(no_memory),
     T(internal_status),
     T(threads_attach_detach),
+    T(symbol_addr),
 };
 
 int main(int argc, char **argv) {

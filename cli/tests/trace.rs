@@ -1,0 +1,294 @@
+//! `probert trace` and `probert list` on real programs: Debian's `ls`,
+//! `sqlite3`, `gzip`, `python3`, and a C workload whose counts are known.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn probert() -> Command {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_probert"));
+    let agent = bin.with_file_name("libprobert_agent.so");
+    assert!(
+        agent.is_file(),
+        "{} is missing: build it first (cargo build -p probert-agent, same profile)",
+        agent.display()
+    );
+    let mut c = Command::new(bin);
+    c.env("PROBERT_AGENT", agent);
+    c
+}
+
+fn tmp() -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("probert-cli");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cc(src: &str, out: &str, args: &[&str]) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tmp().join(out);
+    let st = Command::new("cc")
+        .args(["-O1", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join(src))
+        .args(args)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cc {src}");
+    out
+}
+
+fn workload() -> PathBuf {
+    static W: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    W.get_or_init(|| cc("cli/tests/c/workload.c", "workload", &["-ldl"]))
+        .clone()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The hits column of `func`'s row in the count table.
+fn hits(report: &str, func: &str) -> Vec<u64> {
+    report
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 2 && w[1] == func)
+                .then(|| w[0].parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+fn trace(args: &[&str], prog: &[&str]) -> (Output, Output) {
+    let plain = Command::new(prog[0]).args(&prog[1..]).output().unwrap();
+    let traced = probert()
+        .arg("trace")
+        .args(args)
+        .arg("--")
+        .args(prog)
+        .output()
+        .unwrap();
+    (plain, traced)
+}
+
+#[test]
+fn ls_output_and_status_unchanged() {
+    let (plain, traced) = trace(
+        &["-p", "libc.so.6:opendir", "-p", "readdir"],
+        &["ls", "-la", "/usr/bin"],
+    );
+    assert_eq!(plain.stdout, traced.stdout);
+    assert_eq!(plain.status.code(), traced.status.code());
+    let r = text(&traced.stderr);
+    assert_eq!(hits(&r, "opendir"), vec![1], "{r}");
+    assert!(hits(&r, "readdir")[0] > 10, "{r}");
+    // A failing ls keeps its status (2) and its own error message.
+    let (plain, traced) = trace(&["-p", "opendir"], &["ls", "/nonexistent-dir"]);
+    assert_eq!(plain.status.code(), Some(2));
+    assert_eq!(traced.status.code(), Some(2));
+    assert!(text(&traced.stderr).contains(&text(&plain.stderr)));
+}
+
+#[test]
+fn exact_counts_dlopen_latency_and_exit_status() {
+    let w = workload();
+    let w = w.to_str().unwrap();
+    let (plain, traced) = trace(
+        &["-p", "work", "-p", "libz.so*:crc32", "--latency"],
+        &[w, "1000", "37"],
+    );
+    assert_eq!(plain.stdout, traced.stdout);
+    assert_eq!(traced.status.code(), Some(1000 % 7));
+    let r = text(&traced.stderr);
+    assert_eq!(hits(&r, "work"), vec![1000], "{r}");
+    // libz is loaded by dlopen after main started.
+    assert_eq!(hits(&r, "crc32"), vec![37], "{r}");
+    let lat = r.split("[latency]").nth(1).expect("latency table");
+    let row: Vec<&str> = lat
+        .lines()
+        .find(|l| l.contains("work ("))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let n: Vec<u64> = row[..5].iter().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(n[0], 1000, "{lat}");
+    assert!(n[1] <= n[2] && n[2] <= n[3] && n[3] <= n[4], "{lat}");
+}
+
+#[test]
+fn follow_fork_and_exec() {
+    let w = workload();
+    let w = w.to_str().unwrap();
+    // Without -f only the parent is traced.
+    let (_, t) = trace(&["-p", "work"], &[w, "10", "0", "5"]);
+    assert_eq!(hits(&text(&t.stderr), "work"), vec![10]);
+    // With -f the child of fork reports its own 5 calls.
+    let (plain, t) = trace(&["-f", "-p", "work"], &[w, "10", "0", "5"]);
+    assert_eq!(plain.stdout, t.stdout);
+    let mut h = hits(&text(&t.stderr), "work");
+    h.sort();
+    assert_eq!(h, vec![5, 10], "{}", text(&t.stderr));
+    // And across exec: sh runs the workload.
+    let script = format!("{w} 4; {w} 6");
+    let (_, t) = trace(&["-f", "-p", "workload:work"], &["sh", "-c", &script]);
+    let mut h = hits(&text(&t.stderr), "work");
+    h.sort();
+    assert_eq!(h, vec![4, 6], "{}", text(&t.stderr));
+}
+
+#[test]
+fn plugin_in_c_and_json() {
+    let so = cc("examples/tools/calls.c", "calls.so", &["-shared", "-fPIC"]);
+    let w = workload();
+    let out = probert()
+        .args(["trace", "--json", "-p", "work", "--tool"])
+        .arg(&so)
+        .arg("--")
+        .args([w.to_str().unwrap(), "21"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let r = text(&out.stderr);
+    assert!(r.starts_with("{\"reports\":[{"), "{r}");
+    assert!(
+        r.contains("\"count\":[{\"function\":\"work\",\"module\":\"workload\",\"hits\":21}]"),
+        "{r}"
+    );
+    assert!(
+        r.contains("\"calls\":{\"sites\":1,\"calls\":21,\"busiest\":\"work\",\"final\":1}"),
+        "{r}"
+    );
+}
+
+#[test]
+fn sqlite3_and_gzip_and_python() {
+    if Path::new("/usr/bin/sqlite3").exists() {
+        let sql = "create table t(x); insert into t values(1),(2),(3); select sum(x) from t;";
+        let (plain, t) = trace(
+            &["-p", "libsqlite3.so*:sqlite3_prepare_v2", "--args"],
+            &["sqlite3", ":memory:", sql],
+        );
+        assert_eq!(plain.stdout, t.stdout);
+        assert_eq!(text(&t.stdout), "6\n");
+        assert!(text(&t.stderr).contains("[args]"), "{}", text(&t.stderr));
+    }
+    let (plain, t) = trace(
+        &["-p", "libc.so.6:malloc", "--latency"],
+        &["gzip", "-c", "/etc/os-release"],
+    );
+    assert_eq!(plain.stdout, t.stdout);
+    assert_eq!(t.status.code(), Some(0));
+    let (plain, t) = trace(
+        &["-p", "libc.so.6:getenv"],
+        &["python3", "-c", "print(6*7)"],
+    );
+    assert_eq!(plain.stdout, t.stdout);
+    assert_eq!(text(&t.stdout), "42\n");
+}
+
+#[test]
+fn drcov_file() {
+    let w = workload();
+    let file = tmp().join("cov.drcov");
+    let _ = std::fs::remove_file(&file);
+    let t = probert()
+        .args([
+            "trace",
+            "-p",
+            "workload:work",
+            "-p",
+            "workload:main",
+            "--tool",
+        ])
+        .arg(format!("drcov={}", file.display()))
+        .arg("--")
+        .args([w.to_str().unwrap(), "3"])
+        .output()
+        .unwrap();
+    assert_eq!(t.status.code(), Some(3));
+    let data = std::fs::read(&file).expect("drcov file");
+    let head = String::from_utf8_lossy(&data).into_owned();
+    assert!(head.starts_with("DRCOV VERSION: 2\n"), "{head}");
+    let n: usize = head
+        .split("BB Table: ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let table = data.len() - (data.windows(5).position(|x| x == b" bbs\n").unwrap() + 5);
+    assert!(n >= 2, "{head}");
+    assert_eq!(table, n * 8);
+}
+
+#[test]
+fn errors_a_person_can_act_on() {
+    let t = probert()
+        .args(["trace", "-p", "mallok", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(t.status.code(), Some(2));
+    let e = text(&t.stderr);
+    assert!(e.contains("closest: malloc (libc.so.6)"), "{e}");
+    let t = probert()
+        .args(["trace", "-p", "x", "--", "no-such-program-here"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&t.stderr),
+        "probert: no-such-program-here: command not found\n"
+    );
+    let t = probert().args(["trace", "--bogus"]).output().unwrap();
+    assert_eq!(t.status.code(), Some(2));
+    assert!(text(&t.stderr).contains("usage: probert trace"));
+    let st = tmp().join("static");
+    std::fs::write(tmp().join("s.c"), "int main(void){return 0;}\n").unwrap();
+    if Command::new("cc")
+        .arg("-static")
+        .arg(tmp().join("s.c"))
+        .arg("-o")
+        .arg(&st)
+        .status()
+        .unwrap()
+        .success()
+    {
+        let t = probert()
+            .args(["trace", "-p", "x", "--"])
+            .arg(&st)
+            .output()
+            .unwrap();
+        assert!(
+            text(&t.stderr).contains("is statically linked"),
+            "{}",
+            text(&t.stderr)
+        );
+    }
+    let t = probert()
+        .args(["trace", "-p", "x", "--", "/usr/bin/passwd"])
+        .output()
+        .unwrap();
+    if Path::new("/usr/bin/passwd").exists() {
+        assert!(text(&t.stderr).contains("setuid"), "{}", text(&t.stderr));
+    }
+}
+
+#[test]
+fn list_shows_matches_without_running() {
+    let w = workload();
+    let t = probert()
+        .args(["list", "work", "libc.so.6:fopen"])
+        .arg("--")
+        .arg(&w)
+        .output()
+        .unwrap();
+    assert_eq!(t.status.code(), Some(0));
+    let o = text(&t.stdout);
+    assert!(o.contains("  work  workload  [work]"), "{o}");
+    assert!(o.contains("  fopen  libc.so.6  [libc.so.6:fopen]"), "{o}");
+    assert!(o.ends_with("2 match(es)\n"), "{o}");
+    assert!(!o.contains("sum "), "the program ran: {o}");
+}
