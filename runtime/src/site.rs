@@ -500,6 +500,9 @@ pub(crate) struct Sites {
     fast_ok: bool,
     /// Sites retired since the writer last took them ([`Sites::retire_lost`]).
     lost_pending: Vec<usize>,
+    /// Bytes that [`Sites::original_code`] reports instead of the code's
+    /// (the host's new bytes under a trap kept while a probe is re-derived).
+    overlay: Vec<(usize, u8)>,
     /// How long a switch to the jump waits for threads to leave a run:
     /// scans, and the timeout of each.
     patience: (usize, std::time::Duration),
@@ -584,6 +587,11 @@ impl Sites {
                 {
                     *b = orig;
                 }
+            }
+        }
+        for &(at, v) in &self.overlay {
+            if let Some(b) = at.checked_sub(start).and_then(|k| bytes.get_mut(k)) {
+                *b = v;
             }
         }
         Some(bytes)
@@ -894,6 +902,72 @@ impl Sites {
             ),
         };
         Err((failed, e))
+    }
+
+    /// The probes whose displaced bytes overlap `[start, end)`.
+    pub(crate) fn affected(&self, start: usize, end: usize) -> Vec<usize> {
+        let from = start.saturating_sub(MAX_INSN_LEN + PATCH_AFTER_PROBE);
+        self.by_probe
+            .range(from..end)
+            .filter(|(_, s)| {
+                let len = usize::from(s.orig_len).max(1);
+                s.lost.is_none() && s.patch < end && start < s.patch + len
+            })
+            .map(|(&a, _)| a)
+            .collect()
+    }
+
+    /// Switches fast sites back to their trap ([`arch::TO_TRAP`]).
+    pub(crate) fn to_trap(&mut self, probes: &[usize]) -> Result<()> {
+        self.switch_to_trap(probes)
+    }
+
+    /// The patch address and original head byte of a site.
+    pub(crate) fn head_of(&self, probe: usize) -> Option<(usize, u8)> {
+        self.by_probe.get(&probe).map(|s| (s.patch, s.orig[0]))
+    }
+
+    /// Takes a site out, to re-derive it ([`Sites::insert_rederived`]) or put
+    /// it back ([`Sites::put_back`]).
+    pub(crate) fn take(&mut self, probe: usize) -> Option<Site> {
+        self.by_probe.remove(&probe)
+    }
+
+    /// Puts back a site [`Sites::take`] took.
+    pub(crate) fn put_back(&mut self, site: Site, probe: usize) {
+        self.by_probe.insert(probe, site);
+    }
+
+    /// Sets the bytes [`Sites::original_code`] reports at some addresses
+    /// (empty: none).
+    pub(crate) fn set_overlay(&mut self, overlay: Vec<(usize, u8)>) {
+        self.overlay = overlay;
+        self.forget_reads();
+    }
+
+    /// Records a re-derived site under record `rec`, with `old`'s consumers;
+    /// `old`'s stubs are retired into `pool`. Returns `old`'s record.
+    pub(crate) fn insert_rederived(
+        &mut self,
+        b: BuiltSite,
+        rec: u32,
+        old: Site,
+        pool: &mut Pool,
+    ) -> u32 {
+        let probe = b.prepared.probe;
+        self.insert_armed(b, rec);
+        if let Some(s) = self.by_probe.get_mut(&probe) {
+            s.consumers = old.consumers;
+            s.pins = old.pins;
+            s.fast_pins = old.fast_pins;
+        }
+        old.plan.retire(pool);
+        old.rec
+    }
+
+    /// Marks the site at `probe` retired: its code is no longer probert's.
+    pub(crate) fn retire(&mut self, probe: usize) {
+        self.lose(probe, Skipped::NotOurs);
     }
 
     /// Records an armed site (its trap is in the code) under probe record

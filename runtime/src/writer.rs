@@ -550,24 +550,8 @@ impl WriterState {
         //    lists: a thread that traps now only runs the displaced
         //    instructions).
         for (b, &rec_idx) in built.iter().zip(&recs) {
-            let rec = PROBES
-                .get(rec_idx as usize)
-                .ok_or((0, Error::Internal("probe record out of range".into())))?;
+            fill_record(b, rec_idx).map_err(|e| (0, e))?;
             let p = &b.prepared;
-            let words = b.displaced().encode();
-            // Ordering (all): Relaxed — published by the index insert's
-            // latch bump (Release); a fast stub naming this record checks
-            // `addr`, which is set last (`fast_dispatch`).
-            rec.report.store(p.probe, Ordering::Relaxed);
-            rec.len.store(p.len as usize, Ordering::Relaxed);
-            for (w, v) in rec.displaced.iter().zip(words) {
-                w.store(v, Ordering::Relaxed);
-            }
-            rec.stub.store(b.resume_stub(), Ordering::Relaxed);
-            rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
-            rec.clobbers.store(0, Ordering::Relaxed);
-            // Ordering: Release — the fields above before the address.
-            rec.addr.store(p.patch, Ordering::Release);
             if self.tombstones.remove(&p.patch).is_some() {
                 INDEX.replace(p.patch, rec_idx as usize);
             } else if let Some(t) = INDEX.insert(p.patch, rec_idx as usize) {
@@ -977,6 +961,202 @@ impl WriterState {
             }
         }
         owners
+    }
+}
+
+/// Fills probe record `rec_idx` for the built site `b`, before it is
+/// indexed.
+fn fill_record(b: &BuiltSite, rec_idx: u32) -> Result<()> {
+    let rec = PROBES
+        .get(rec_idx as usize)
+        .ok_or(Error::Internal("probe record out of range".into()))?;
+    let p = &b.prepared;
+    let words = b.displaced().encode();
+    // Ordering (all): Relaxed — published by the index insert's (or
+    // replace's) latch bump (Release); a fast stub naming this record checks
+    // `addr`, which is set last (`fast_dispatch`).
+    rec.report.store(p.probe, Ordering::Relaxed);
+    rec.len.store(p.len as usize, Ordering::Relaxed);
+    for (w, v) in rec.displaced.iter().zip(words) {
+        w.store(v, Ordering::Relaxed);
+    }
+    rec.stub.store(b.resume_stub(), Ordering::Relaxed);
+    rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
+    rec.clobbers.store(0, Ordering::Relaxed);
+    // Ordering: Release — the fields above before the address.
+    rec.addr.store(p.patch, Ordering::Release);
+    Ok(())
+}
+
+/// What [`code_write`] did with a probe whose instruction the write changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewritten {
+    /// The probe now serves the new instruction: its consumers are called
+    /// as before.
+    Rederived {
+        /// The probe address.
+        probe: usize,
+    },
+    /// The new code cannot be probed there (not an instruction boundary
+    /// any more, an instruction probert cannot displace, an `int3` of the
+    /// host's): the new bytes are in place and the probe is retired
+    /// ([`Error::CodeChanged`]); its consumers stay attached until detached.
+    Retired {
+        /// The probe address.
+        probe: usize,
+    },
+}
+
+/// Writes `bytes` at `addr`, inside a registered JIT region, keeping the
+/// probes there coherent: the host's way to patch code under probes (inline
+/// caches, trace linking, deoptimisation and OSR patches).
+///
+/// Each probe whose displaced instruction the write changes keeps its trap
+/// throughout: the rest of the new bytes are written behind it, cores are
+/// serialised, and the probe is re-derived from the new code — a thread
+/// that reaches it runs either the old instruction (until the call has
+/// switched it) or the new one, never a mix — or retired if the new code
+/// cannot be probed there. The returned list says which, probe by probe.
+/// Bytes that no probe covers are written as the host's own write would
+/// write them: the host keeps the rules it follows without probert (a
+/// range no thread executes, or one instruction replaced by an aligned
+/// atomic-sized write).
+///
+/// Code the host writes *behind* probert's back (not through this call) is
+/// found at the next write probert makes there: nothing is written over
+/// it, and the probe is retired ([`Error::CodeChanged`]).
+///
+/// Errors: [`Error::NoRegion`] outside JIT regions, [`Error::InvalidArgument`]
+/// for an empty write or one that leaves its region, [`Error::Protect`] if
+/// the write (or the switch of a fast probe back to its trap) fails — then
+/// the probes are as they were.
+pub fn code_write(addr: usize, bytes: &[u8]) -> Result<Vec<Rewritten>> {
+    with_state(|st| st.code_write(addr, bytes))
+}
+
+impl WriterState {
+    fn code_write(&mut self, addr: usize, bytes: &[u8]) -> Result<Vec<Rewritten>> {
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument("an empty code write".into()));
+        }
+        let end = addr.checked_add(bytes.len()).ok_or(Error::InvalidArgument(
+            "a code write past the address space".into(),
+        ))?;
+        let target = self.regions.resolve(addr)?.target;
+        let Some(region) = target.region else {
+            return Err(Error::NoRegion { addr });
+        };
+        if end > target.end {
+            return Err(Error::InvalidArgument(
+                "a code write must stay inside its region".into(),
+            ));
+        }
+        let affected = self.sites.affected(addr, end);
+        // Only the trap stays ours while the instruction changes.
+        self.sites.to_trap(&affected)?;
+        let mut out = bytes.to_vec();
+        let mut heads = Vec::with_capacity(affected.len());
+        for &probe in &affected {
+            let Some((patch, orig)) = self.sites.head_of(probe) else {
+                continue;
+            };
+            let new = match patch.checked_sub(addr).filter(|&k| k < bytes.len()) {
+                Some(k) => {
+                    out[k] = crate::arch::TRAP_INSN[0];
+                    bytes[k]
+                }
+                None => orig,
+            };
+            heads.push((probe, patch, new));
+        }
+        target.write(addr, &out)?;
+        membarrier::sync_core();
+        self.sites.forget_region(region);
+        let mut report = Vec::with_capacity(heads.len());
+        let mut rederived = Vec::new();
+        for (probe, patch, new) in heads {
+            if self.rederive(probe, patch, new).is_ok() {
+                rederived.push(probe);
+                report.push(Rewritten::Rederived { probe });
+            } else {
+                report.push(Rewritten::Retired { probe });
+            }
+        }
+        self.sites.set_overlay(Vec::new());
+        let (stuck, _) = self.sites.apply_modes(&rederived);
+        self.want_fast.extend(stuck);
+        Ok(report)
+    }
+
+    /// Re-derives the probe at `probe` (its trap at `patch`, the host's new
+    /// head byte `new` under it) from the new code: a new record, indexed in
+    /// the old one's place, with the same consumers. If the new code cannot
+    /// be probed, writes `new` over the trap and retires the probe.
+    fn rederive(&mut self, probe: usize, patch: usize, new: u8) -> Result<()> {
+        let Some(old) = self.sites.take(probe) else {
+            return Err(Error::NotFound);
+        };
+        self.sites.set_overlay(vec![(patch, new)]);
+        let built = match self.sites.prepare(&self.regions, &self.pool, probe) {
+            Ok(Prepared::Site(p)) if p.patch == patch => match self.alloc_probe_record() {
+                Ok(rec) => {
+                    let record = PROBES
+                        .get(rec as usize)
+                        .map_or(0, |r| r as *const ProbeRecord as usize);
+                    match self.sites.build(&mut self.pool, p, record) {
+                        Ok(b) if self.pool.flush().is_ok() => Some((b, rec)),
+                        Ok(b) => {
+                            b.unbuild(&mut self.pool);
+                            self.free_probes.push(rec);
+                            None
+                        }
+                        Err(_) => {
+                            self.free_probes.push(rec);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let Some((b, rec)) = built else {
+            // Cannot be probed: the host's byte goes over the trap.
+            self.sites.put_back(old, probe);
+            if let Some(site) = self.sites.get(probe) {
+                let mut p = [crate::patch::Patch::new(
+                    &site.target,
+                    patch,
+                    &[new],
+                    crate::arch::TRAP_INSN,
+                    probe,
+                )];
+                let _ = crate::patch::write_all(&mut p);
+            }
+            self.sites.retire(probe);
+            return Err(Error::CodeChanged { addr: probe });
+        };
+        fill_record(&b, rec)?;
+        // Its list first: no thread may find the new record without it.
+        let old_rec = self.sites.insert_rederived(b, rec, old, &mut self.pool);
+        self.publish_list(probe)?;
+        // Ordering: the latch's (Release) — traps from here find the new
+        // record, filled and with its list — pairs with `lookup_speculative`.
+        INDEX.replace(patch, rec as usize);
+        if let Some(r) = PROBES.get(old_rec as usize) {
+            // The old list stays published: a thread still on its way
+            // through the old record (it trapped, or entered the old stub,
+            // before the index changed) calls the same consumers. It goes
+            // with the record, a grace period from now.
+            // Ordering: Acquire — the writer's own earlier store; pairs
+            // with the Release in `publish_list`.
+            let l = r.consumers.load(Ordering::Acquire);
+            if !l.is_null() {
+                self.deferred.push(Deferred::List(l));
+            }
+        }
+        self.deferred.push(Deferred::ProbeRecord(old_rec));
+        Ok(())
     }
 }
 

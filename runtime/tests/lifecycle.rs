@@ -403,3 +403,87 @@ isolated!(dlclose_retires_probes_and_reload_gets_no_stale_bytes, {
     stubs_recycled();
     assert_eq!(unsafe { libc::dlclose(h) }, 0);
 });
+
+isolated!(code_write_under_probes_while_threads_run_it, {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    static STOP: AtomicBool = AtomicBool::new(false);
+    let page = jit_page();
+    let region = probert::region_add(desc(page, PAGE)).unwrap();
+    let id = unsafe { probert::attach(page, count, counter(&HITS)) }.unwrap();
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut bad = 0u64;
+                let mut x = 0u32;
+                while !STOP.load(Ordering::SeqCst) {
+                    let r = call(page, x);
+                    CALLS.fetch_add(1, Ordering::SeqCst);
+                    // The immediate is 1 or 2: never anything else.
+                    if r != x + 1 && r != x + 2 {
+                        bad += 1;
+                    }
+                    x = x.wrapping_add(1) % 1_000_000;
+                }
+                bad
+            })
+        })
+        .collect();
+    for round in 0..20u32 {
+        // The threads run the code between rewrites.
+        let seen = CALLS.load(Ordering::SeqCst);
+        while CALLS.load(Ordering::SeqCst) < seen + 200 {
+            std::thread::yield_now();
+        }
+        let imm = 1 + (round % 2 == 0) as u8;
+        // mov eax, imm: the probed instruction's immediate.
+        let got = probert::code_write(page + 1, &[imm, 0, 0, 0]).unwrap();
+        assert_eq!(got, [probert::Rewritten::Rederived { probe: page }]);
+        // From here every call sees the new code, and is still counted.
+        assert_eq!(call(page, 10), 10 + u32::from(imm), "round {round}");
+    }
+    STOP.store(true, Ordering::SeqCst);
+    let bad: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(bad, 0, "a thread saw a torn instruction");
+    let calls = CALLS.load(Ordering::SeqCst) + 20;
+    probert::sync().unwrap();
+    assert_eq!(HITS.load(Ordering::SeqCst), calls, "every call counted");
+    assert_eq!(probert::stats(id).unwrap().hits, calls);
+    probert::detach(id).unwrap();
+    // Detach restores the host's latest code, not the code first probed.
+    assert_eq!(
+        bytes(page, CODE.len()),
+        [0xB8, 1, 0, 0, 0, 0x01, 0xF8, 0xC3]
+    );
+    probert::region_remove(region).unwrap();
+});
+
+isolated!(code_write_that_unprobeable_code_retires_the_probe, {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let page = jit_page();
+    let region = probert::region_add(desc(page, PAGE)).unwrap();
+    // A probe at the `add`.
+    let id = unsafe { probert::attach(page + 5, count, counter(&HITS)) }.unwrap();
+    assert_eq!(call(page, 1), 2);
+    // mov rax, 1 (10 bytes): +5 is now inside an instruction.
+    let new = [0x48, 0xB8, 1, 0, 0, 0, 0, 0, 0, 0, 0x01, 0xF8, 0xC3];
+    let got = probert::code_write(page, &new).unwrap();
+    assert_eq!(got, [probert::Rewritten::Retired { probe: page + 5 }]);
+    assert_eq!(bytes(page, new.len()), new, "the host's bytes, no trap");
+    assert_eq!(call(page, 1), 2);
+    assert_eq!(HITS.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        probert::probe_mode(page + 5),
+        Err(Error::CodeChanged { addr: page + 5 })
+    );
+    assert_eq!(probert::stats(id).unwrap().hits, 1);
+    probert::detach(id).unwrap();
+    assert_eq!(bytes(page, new.len()), new);
+    // Outside JIT regions: refused.
+    let f = probert::symbol_addr(Some("libc.so.6"), "abs").unwrap();
+    assert_eq!(
+        probert::code_write(f, &[0x90]),
+        Err(Error::NoRegion { addr: f })
+    );
+    probert::region_remove(region).unwrap();
+});
