@@ -488,6 +488,9 @@ impl PageReads {
     }
 }
 
+/// Sites [`Sites::disarm`] kept because their write failed, with the error.
+pub(crate) type Kept = Vec<(usize, Error)>;
+
 /// Every patched site, by probed address. Writer only.
 #[derive(Default)]
 pub(crate) struct Sites {
@@ -918,7 +921,7 @@ impl Sites {
     }
 
     /// Switches fast sites back to their trap ([`arch::TO_TRAP`]).
-    pub(crate) fn to_trap(&mut self, probes: &[usize]) -> Result<()> {
+    pub(crate) fn switch_back(&mut self, probes: &[usize]) -> Result<()> {
         self.switch_to_trap(probes)
     }
 
@@ -1009,7 +1012,7 @@ impl Sites {
         &mut self,
         pool: &mut Pool,
         probes: &[usize],
-    ) -> (Vec<(u32, usize)>, Vec<(usize, Error)>) {
+    ) -> (Vec<(u32, usize)>, Kept) {
         let fast: Vec<usize> = probes
             .iter()
             .copied()

@@ -1053,7 +1053,7 @@ impl WriterState {
         }
         let affected = self.sites.affected(addr, end);
         // Only the trap stays ours while the instruction changes.
-        self.sites.to_trap(&affected)?;
+        self.sites.switch_back(&affected)?;
         let mut out = bytes.to_vec();
         let mut heads = Vec::with_capacity(affected.len());
         for &probe in &affected {

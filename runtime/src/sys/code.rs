@@ -575,8 +575,8 @@ mod tests {
         let p = page_with(0x90, libc::PROT_READ | libc::PROT_EXEC);
         write_code(p + 1, &[0xcc]).expect("write");
         assert!(read_code_checked(p, p + 2).is_some());
-        // SAFETY: our own page.
         assert_eq!(
+            // SAFETY: reprotects our own test page only.
             unsafe { libc::mprotect(p as *mut _, page_size(), libc::PROT_NONE) },
             0
         );
