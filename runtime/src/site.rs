@@ -89,8 +89,9 @@ use crate::arch::{self, Displaced, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
 use crate::error::{Error, Result};
 use crate::grace;
 use crate::layout::Layouts;
-use crate::patch::{self, Patch};
+use crate::patch::{self, Patch, Skipped};
 use crate::region::{Regions, Target};
+use crate::sys::code::CodeRead;
 use crate::sys::{code, maps, membarrier, threads};
 use crate::xol::{self, Pool, Stub};
 use std::sync::Arc;
@@ -223,14 +224,36 @@ pub(crate) struct Site {
     jump: JumpState,
     /// Why the site cannot be fast, if it cannot.
     trap_only: Option<TrapOnly>,
+    /// Set when the code no longer holds what probert wrote (the host
+    /// rewrote, freed or unloaded it): the site is *retired* — nothing is
+    /// written there again, its stubs are retired, and it stays only so
+    /// that its consumers' handles work until they are detached.
+    lost: Option<Skipped>,
 }
 
 impl Site {
     fn wants_fast(&self, fast_ok: bool) -> bool {
         fast_ok
+            && self.lost.is_none()
             && matches!(self.plan, Plan::Fast { .. })
             && self.pins == 0
             && !self.consumers.is_empty()
+    }
+
+    /// Whether the site is retired, and why (see [`Site::lost`]'s field).
+    pub(crate) fn lost(&self) -> Option<Skipped> {
+        self.lost
+    }
+
+    /// The bytes probert's code holds at the patch address now: the head
+    /// of the jump, or the trap.
+    fn head_now(&self) -> Option<u8> {
+        match (&self.plan, self.jump.head) {
+            (Plan::Fast { stub, .. }, true) => {
+                arch::jump_to(self.patch, arch::stub_entry(stub.addr)).map(|j| j[0])
+            }
+            _ => TRAP_INSN.first().copied(),
+        }
     }
 
     /// The mechanism serving the site now.
@@ -474,6 +497,9 @@ impl PageReads {
     }
 }
 
+/// Sites [`Sites::disarm`] kept because their write failed, with the error.
+pub(crate) type Kept = Vec<(usize, Error)>;
+
 /// Every patched site, by probed address. Writer only.
 #[derive(Default)]
 pub(crate) struct Sites {
@@ -484,6 +510,11 @@ pub(crate) struct Sites {
     layouts: Layouts,
     /// Whether cores can be serialised after code changes (fast sites).
     fast_ok: bool,
+    /// Sites retired since the writer last took them ([`Sites::retire_lost`]).
+    lost_pending: Vec<usize>,
+    /// Bytes that [`Sites::original_code`] reports instead of the code's
+    /// (the host's new bytes under a trap kept while a probe is re-derived).
+    overlay: Vec<(usize, u8)>,
     /// How long a switch to the jump waits for threads to leave a run:
     /// scans, and the timeout of each.
     patience: (usize, std::time::Duration),
@@ -568,6 +599,11 @@ impl Sites {
                 {
                     *b = orig;
                 }
+            }
+        }
+        for &(at, v) in &self.overlay {
+            if let Some(b) = at.checked_sub(start).and_then(|k| bytes.get_mut(k)) {
+                *b = v;
             }
         }
         Some(bytes)
@@ -848,18 +884,102 @@ impl Sites {
     pub(crate) fn arm(&mut self, built: &[BuiltSite]) -> std::result::Result<(), (usize, Error)> {
         let mut patches: Vec<Patch> = built
             .iter()
-            .map(|b| Patch::new(&b.prepared.target, b.prepared.patch, TRAP_INSN))
+            .map(|b| {
+                let p = &b.prepared;
+                let head = &p.code[arch::HEAD.start..arch::HEAD.end.min(p.code.len())];
+                Patch::new(&p.target, p.patch, TRAP_INSN, head, p.patch).placing()
+            })
             .collect();
-        let mut written = Vec::new();
-        if let Err(e) = patch::write_all(&mut patches, &mut written) {
-            let _ = patch::write_all(&mut written, &mut Vec::new());
-            let failed = patches
-                .get(written.len())
-                .map(|p| p.addr)
-                .unwrap_or_default();
-            return Err((failed, e));
+        let written = patch::write_all(&mut patches);
+        if written.complete() {
+            return Ok(());
         }
-        Ok(())
+        // All or nothing: the traps written go again.
+        let _ = patch::write_all(&mut written.done.clone());
+        let (failed, e) = match (written.failed.first(), written.skipped.first()) {
+            (Some((at, e)), _) => (*at, e.clone()),
+            (None, Some(&(at, why))) => (
+                at,
+                Error::Protect {
+                    addr: at,
+                    reason: match why {
+                        Skipped::Gone => "the code is no longer mapped".into(),
+                        Skipped::NotOurs => "the code changed while the probe was attached".into(),
+                    },
+                },
+            ),
+            (None, None) => (
+                0,
+                Error::Internal("an incomplete write without a cause".into()),
+            ),
+        };
+        Err((failed, e))
+    }
+
+    /// The probes whose displaced bytes overlap `[start, end)`.
+    pub(crate) fn affected(&self, start: usize, end: usize) -> Vec<usize> {
+        let from = start.saturating_sub(MAX_INSN_LEN + PATCH_AFTER_PROBE);
+        self.by_probe
+            .range(from..end)
+            .filter(|(_, s)| {
+                let len = usize::from(s.orig_len).max(1);
+                s.lost.is_none() && s.patch < end && start < s.patch + len
+            })
+            .map(|(&a, _)| a)
+            .collect()
+    }
+
+    /// Switches fast sites back to their trap ([`arch::TO_TRAP`]).
+    pub(crate) fn switch_back(&mut self, probes: &[usize]) -> Result<()> {
+        self.switch_to_trap(probes)
+    }
+
+    /// The patch address and original head byte of a site.
+    pub(crate) fn head_of(&self, probe: usize) -> Option<(usize, u8)> {
+        self.by_probe.get(&probe).map(|s| (s.patch, s.orig[0]))
+    }
+
+    /// Takes a site out, to re-derive it ([`Sites::insert_rederived`]) or put
+    /// it back ([`Sites::put_back`]).
+    pub(crate) fn take(&mut self, probe: usize) -> Option<Site> {
+        self.by_probe.remove(&probe)
+    }
+
+    /// Puts back a site [`Sites::take`] took.
+    pub(crate) fn put_back(&mut self, site: Site, probe: usize) {
+        self.by_probe.insert(probe, site);
+    }
+
+    /// Sets the bytes [`Sites::original_code`] reports at some addresses
+    /// (empty: none).
+    pub(crate) fn set_overlay(&mut self, overlay: Vec<(usize, u8)>) {
+        self.overlay = overlay;
+        self.forget_reads();
+    }
+
+    /// Records a re-derived site under record `rec`, with `old`'s consumers;
+    /// `old`'s stubs are retired into `pool`. Returns `old`'s record.
+    pub(crate) fn insert_rederived(
+        &mut self,
+        b: BuiltSite,
+        rec: u32,
+        old: Site,
+        pool: &mut Pool,
+    ) -> u32 {
+        let probe = b.prepared.probe;
+        self.insert_armed(b, rec);
+        if let Some(s) = self.by_probe.get_mut(&probe) {
+            s.consumers = old.consumers;
+            s.pins = old.pins;
+            s.fast_pins = old.fast_pins;
+        }
+        old.plan.retire(pool);
+        old.rec
+    }
+
+    /// Marks the site at `probe` retired: its code is no longer probert's.
+    pub(crate) fn retire(&mut self, probe: usize) {
+        self.lose(probe, Skipped::NotOurs);
     }
 
     /// Records an armed site (its trap is in the code) under probe record
@@ -883,54 +1003,143 @@ impl Sites {
                 fast_pins: 0,
                 jump: JumpState::default(),
                 trap_only: p.trap_only.map(|(k, _)| k),
+                lost: None,
             },
         );
     }
 
     /// Trap → plain for sites whose consumers are gone (after switching fast
     /// ones back): the original bytes back where the code still holds our
-    /// trap. The caller tombstones their index entries (see
-    /// `trap::TOMBSTONE`). The sites are forgotten; their stubs are retired
-    /// into `pool`. Returns the removed sites' records and patch addresses,
-    /// and the first write error.
+    /// trap (see [`crate::patch`]). Sites whose code the host changed or
+    /// freed are not written and go just the same; a site whose write
+    /// *failed* (a callback, the kernel) stays, armed as it was or on its
+    /// trap, and is returned with the error. The caller tombstones the
+    /// removed sites' index entries (see `trap::TOMBSTONE`). The removed
+    /// sites are forgotten; their stubs are retired into `pool`. Returns the
+    /// removed sites' records and patch addresses, and the sites kept.
     pub(crate) fn disarm(
         &mut self,
         pool: &mut Pool,
         probes: &[usize],
-    ) -> (Vec<(u32, usize)>, Result<()>) {
+    ) -> (Vec<(u32, usize)>, Kept) {
         let fast: Vec<usize> = probes
             .iter()
             .copied()
             .filter(|a| {
                 self.by_probe
                     .get(a)
-                    .is_some_and(|s| s.jump.head || s.jump.tail)
+                    .is_some_and(|s| s.lost.is_none() && (s.jump.head || s.jump.tail))
             })
             .collect();
         let switched = self.switch_to_trap(&fast);
+        let mut kept: Vec<(usize, Error)> = Vec::new();
         let mut patches = Vec::with_capacity(probes.len());
-        // The code as it is now, a page at a time.
-        let mut now = PageReads::default();
-        for a in probes {
-            let Some(s) = self.by_probe.get(a) else {
+        for &a in probes {
+            let Some(s) = self.by_probe.get(&a) else {
                 continue;
             };
-            // Restore only what is still our trap: if the module was unloaded
-            // and something else mapped there, leave it alone.
-            if now.read(s.patch, s.patch + TRAP_INSN.len()).as_deref() == Some(TRAP_INSN) {
-                patches.push(Patch::new(&s.target, s.patch, &s.orig[arch::HEAD]));
+            if s.lost.is_some() {
+                continue;
+            }
+            if s.jump.head || s.jump.tail {
+                // Its switch back failed: it stays as it is.
+                let e = switched.clone().err().unwrap_or(Error::Protect {
+                    addr: s.patch,
+                    reason: "the jump could not be switched back".into(),
+                });
+                kept.push((a, e));
+                continue;
+            }
+            patches.push(Patch::new(
+                &s.target,
+                s.patch,
+                &s.orig[arch::HEAD],
+                TRAP_INSN,
+                a,
+            ));
+        }
+        let written = patch::write_all(&mut patches);
+        for (a, why) in &written.skipped {
+            if let Some(s) = self.by_probe.get_mut(a) {
+                s.lost = Some(*why);
             }
         }
-        let result = patch::write_all(&mut patches, &mut Vec::new()).and(switched);
+        kept.extend(written.failed);
         let mut removed = Vec::with_capacity(probes.len());
         for a in probes {
+            if kept.iter().any(|(k, _)| k == a) {
+                continue;
+            }
             let Some(s) = self.by_probe.remove(a) else {
                 continue;
             };
             s.plan.retire(pool);
             removed.push((s.rec, s.patch));
         }
-        (removed, result)
+        self.lost_pending.retain(|a| !probes.contains(a));
+        (removed, kept)
+    }
+
+    /// Takes the sites found retired since the last call (their code changed
+    /// or is gone), retiring their stubs into `pool`: returns their patch
+    /// addresses, whose index entries the caller tombstones.
+    pub(crate) fn retire_lost(&mut self, pool: &mut Pool) -> Vec<usize> {
+        let mut out = Vec::new();
+        for a in std::mem::take(&mut self.lost_pending) {
+            let Some(s) = self.by_probe.get_mut(&a) else {
+                continue;
+            };
+            let plan = std::mem::replace(&mut s.plan, Plan::Trap { ool: None });
+            plan.retire(pool);
+            s.jump = JumpState::default();
+            out.push(s.patch);
+        }
+        out
+    }
+
+    /// Marks the site at `probe` retired (its code is `why`).
+    fn lose(&mut self, probe: usize, why: Skipped) {
+        if let Some(s) = self.by_probe.get_mut(&probe) {
+            if s.lost.is_none() {
+                s.lost = Some(why);
+                self.lost_pending.push(probe);
+            }
+        }
+    }
+
+    /// Checks that the code of every site in module code (or, with `all`,
+    /// every site) still holds what probert wrote there, and retires those
+    /// where it does not: a module unloaded (the memory is gone) or unloaded
+    /// and another loaded at the same address (the code is not ours). Reads
+    /// only, never faulting.
+    pub(crate) fn verify(&mut self, all: bool) {
+        let mut lost = Vec::new();
+        for (&a, s) in &self.by_probe {
+            if s.lost.is_some() || (!all && s.target.region.is_some()) {
+                continue;
+            }
+            let Some(head) = s.head_now() else {
+                continue;
+            };
+            match code::read_code_any(s.patch, s.patch + 1) {
+                CodeRead::Bytes { bytes, .. } if bytes == [head] => {}
+                CodeRead::Bytes { .. } => lost.push((a, Skipped::NotOurs)),
+                CodeRead::Unmapped => lost.push((a, Skipped::Gone)),
+                CodeRead::Unknown => {}
+            }
+        }
+        for (a, why) in lost {
+            self.lose(a, why);
+        }
+    }
+
+    /// Retires, without reading or writing anything, every site in
+    /// `[start, end)`: the host says that memory is gone.
+    pub(crate) fn forget_range(&mut self, start: usize, end: usize) {
+        let gone: Vec<usize> = self.range(start, end).map(|(a, _)| a).collect();
+        for a in gone {
+            self.lose(a, Skipped::Gone);
+        }
     }
 
     /// [`Sites::apply_modes`], waiting at most one scan of `timeout` for
@@ -1159,32 +1368,28 @@ impl Sites {
     /// longer the jump's).
     fn part_patch(&self, probe: usize, part: JumpPart, to_jump: bool) -> Option<Patch> {
         let s = self.by_probe.get(&probe)?;
+        if s.lost.is_some() {
+            return None;
+        }
         let Plan::Fast { stub, .. } = s.plan else {
             return None;
         };
         let range = part.range();
         let f = s.jump;
-        let jump = || arch::jump_to(s.patch, arch::stub_entry(stub.addr));
-        let j;
-        let bytes: &[u8] = match (to_jump, part) {
-            (true, JumpPart::Head) if !f.head => {
-                j = jump()?;
-                &j[range.clone()]
-            }
-            (true, JumpPart::Tail) if !f.tail => {
-                j = jump()?;
-                &j[range.clone()]
-            }
-            (false, JumpPart::Head) if f.head => TRAP_INSN,
-            (false, JumpPart::Tail) if f.tail && !f.head => &s.orig[range.clone()],
+        let j = arch::jump_to(s.patch, arch::stub_entry(stub.addr))?;
+        let jump = &j[range.clone()];
+        let orig = &s.orig[range.clone()];
+        let at = s.patch + range.start;
+        // What the code holds now, and what goes there.
+        let (bytes, expect, places): (&[u8], &[u8], bool) = match (to_jump, part) {
+            (true, JumpPart::Head) if !f.head => (jump, TRAP_INSN, false),
+            (true, JumpPart::Tail) if !f.tail => (jump, orig, true),
+            (false, JumpPart::Head) if f.head => (TRAP_INSN, jump, false),
+            (false, JumpPart::Tail) if f.tail && !f.head => (orig, jump, false),
             _ => return None,
         };
-        Some(Patch::tagged(
-            &s.target,
-            s.patch + range.start,
-            bytes,
-            probe,
-        ))
+        let p = Patch::new(&s.target, at, bytes, expect, probe);
+        Some(if places { p.placing() } else { p })
     }
 
     /// Writes one part of sites and records, for each site written, whether
@@ -1196,8 +1401,12 @@ impl Sites {
         part: JumpPart,
         jump: bool,
     ) -> (Result<()>, usize) {
-        let mut done = Vec::with_capacity(patches.len());
-        let result = patch::write_all(&mut patches, &mut done);
+        let written = patch::write_all(&mut patches);
+        for &(a, why) in &written.skipped {
+            self.lose(a, why);
+        }
+        let result = written.result();
+        let done = written.done;
         for d in &done {
             if let Some(s) = self.by_probe.get_mut(&d.tag) {
                 match part {
