@@ -1086,7 +1086,7 @@ impl WriterState {
             }
         }
         self.sites.set_overlay(Vec::new());
-        let (stuck, _) = self.sites.apply_modes(&rederived);
+        let (stuck, _) = self.sites.apply_modes(&rederived, &self.pool.retired_ranges());
         self.want_fast.extend(stuck);
         Ok(report)
     }
