@@ -251,6 +251,10 @@ fn deliver_fault(_cx: SignalContext, f: EmuFault, uc: *mut c_void) {
 /// The handler of the signals a displaced instruction can raise
 /// ([`sig::FAULT_SIGNALS`]).
 ///
+/// - A `SIGSEGV` the kernel forced because it could not push the frame of a
+///   trap at one of our sites (an exhausted stack: a `push` or `call` on a
+///   guard page, served on the host's alternate stack): handled as that
+///   trap, so the displaced instruction's own fault is what the host sees.
 /// - A fault taken by the emulator's own load or store (in the `SIGTRAP`
 ///   handler, emulating a `push`, `call`, `ret` or `jmp [mem]`): that
 ///   access returns the fault, and the trap path delivers it
@@ -280,6 +284,21 @@ extern "C" fn on_fault(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
             let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
             let f = EmuFault { signo, code, addr };
             if code > 0 && arch::recover_emulator_fault(cx, &mut ctx, f) {
+                return;
+            }
+            if signo == libc::SIGSEGV
+                && code == arch::TRAP_SI_CODE
+                && addr == 0
+                && INDEX.read_speculative(cx, ctx.trap_address(), |found| found.is_some())
+            {
+                // The kernel could not push the frame of a trap at one of
+                // our sites (the stack is exhausted: a `push` or `call` on a
+                // guard page) and forced this instead, on the alternate
+                // stack: serve the trap here (an emulated access then faults
+                // and is delivered as the instruction's own).
+                sig::unblock(libc::SIGSEGV);
+                drop(ctx);
+                on_sigtrap(libc::SIGTRAP, info, uc);
                 return;
             }
         }

@@ -494,12 +494,13 @@ fn fault_index(sig: libc::c_int) -> Option<usize> {
 /// remembering each previous disposition for [`chain_fault`].
 ///
 /// Our handler inherits from the disposition it replaces what changes where
-/// and how the host's handler runs: `SA_ONSTACK` (a stack overflow is
-/// reported on the alternate stack), `SA_NODEFER`, and its `sa_mask` —
-/// without `SIGTRAP`, so that a host handler may call probed code. Over
-/// `SIG_DFL` or `SIG_IGN` it runs with `SA_ONSTACK | SA_NODEFER`. Always
-/// `SA_SIGINFO`: it reads the context and passes `siginfo` on. Normal
-/// context.
+/// the host's handler runs: `SA_ONSTACK` (a stack overflow is reported on
+/// the alternate stack; set over `SIG_DFL` or `SIG_IGN` too) and its
+/// `sa_mask` — without `SIGTRAP`, so that a host handler may call probed
+/// code. Always `SA_SIGINFO` (it reads the context and passes `siginfo`
+/// on) and `SA_NODEFER` (the emulator's access may fault inside it;
+/// [`chain_fault`] blocks the signal before calling a handler that did not
+/// ask for `SA_NODEFER`). Normal context.
 pub fn install_faults(handler: SigInfoHandler) -> Result<()> {
     // Ordering: Acquire — pairs with the Release below; serialised by the
     // caller's writer lock.
@@ -536,12 +537,12 @@ fn set_fault(sig: libc::c_int, handler: usize, prev: &Prev) -> Result<(), i32> {
     let mask = prev.mask.load(Ordering::Acquire);
     let trap_bit = 1u64 << (libc::SIGTRAP - 1);
     let inherited = if h == libc::SIG_DFL || h == libc::SIG_IGN {
-        libc::SA_ONSTACK | libc::SA_NODEFER
+        libc::SA_ONSTACK
     } else {
-        flags & (libc::SA_ONSTACK | libc::SA_NODEFER)
+        flags & libc::SA_ONSTACK
     };
-    let act =
-        KernelSigaction::new(handler, libc::SA_SIGINFO | inherited).with_mask(mask & !trap_bit);
+    let act = KernelSigaction::new(handler, libc::SA_SIGINFO | libc::SA_NODEFER | inherited)
+        .with_mask(mask & !trap_bit);
     // SAFETY: a valid kernel sigaction for `sig` and its sigset size.
     let rc = unsafe {
         raw::syscall4(
@@ -565,6 +566,44 @@ fn set_fault(sig: libc::c_int, handler: usize, prev: &Prev) -> Result<(), i32> {
 /// As [`chain`].
 pub fn chain_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
     if let Some(i) = fault_index(sig) {
+        // Ordering: Acquire — pairs with the Release in `Prev::store`.
+        let flags = PREV_FAULT[i].flags.load(Ordering::Acquire);
+        if flags & libc::SA_NODEFER == 0 {
+            // Ours runs with SA_NODEFER (an emulated access must be able to
+            // fault inside it); the host's handler runs as the kernel would
+            // have run it, with `sig` blocked (restored on sigreturn).
+            block(sig);
+        }
         chain_to(&PREV_FAULT[i], sig, info, uc, false);
+    }
+}
+
+/// Blocks `sig` in the calling thread.
+///
+/// # Signal safety
+/// One raw system call.
+pub fn block(sig: libc::c_int) {
+    sigmask(libc::SIG_BLOCK, sig);
+}
+
+/// Unblocks `sig` in the calling thread.
+///
+/// # Signal safety
+/// One raw system call.
+pub fn unblock(sig: libc::c_int) {
+    sigmask(libc::SIG_UNBLOCK, sig);
+}
+
+fn sigmask(how: libc::c_int, sig: libc::c_int) {
+    let bit: u64 = 1 << (sig - 1);
+    // SAFETY: a valid signal set on our stack; no old set.
+    unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigprocmask,
+            i64::from(how),
+            &bit as *const u64 as i64,
+            0,
+            KernelSigaction::SIGSET_SIZE,
+        );
     }
 }
