@@ -78,6 +78,9 @@ pub(crate) fn install() -> crate::Result<()> {
     // Ordering: Relaxed — the handler is installed by a system call after
     // this store (which orders it) — pairs with the load in `on_sigtrap`.
     ERRNO_OFFSET.store(arch::errno_offset(), std::sync::atomic::Ordering::Relaxed);
+    // The C library's `sigaction`, resolved in normal context for the
+    // interposer (see `sys::masks`).
+    crate::sys::masks::resolve();
     sig::install_faults(on_fault)?;
     sig::install_trap(on_sigtrap)
 }
