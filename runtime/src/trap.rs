@@ -300,7 +300,7 @@ extern "C" fn on_fault(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
                 // stack: serve the trap here (an emulated access then faults
                 // and is delivered as the instruction's own).
                 sig::unblock(libc::SIGSEGV);
-                drop(ctx);
+                // `ctx` is not used again: the trap path takes `uc`.
                 on_sigtrap(libc::SIGTRAP, info, uc);
                 return;
             }
