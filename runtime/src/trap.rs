@@ -24,6 +24,18 @@
 //! scans recognise the frame while the thread runs the host's handler
 //! (`sys::signal`, "Hosts that install a SIGTRAP handler after probert").
 //!
+//! # Faults in displaced instructions
+//!
+//! The same module holds the handler of `SIGSEGV`, `SIGBUS`, `SIGFPE` and
+//! `SIGILL` ([`on_fault`], installed with the `SIGTRAP` handler and chaining
+//! to the dispositions it replaced): a fault in a stub's copy of a displaced
+//! instruction is rewound to the original instruction before the host's
+//! handler sees it ([`crate::xol::fault_origin`]); a fault in an emulated
+//! access is delivered as the instruction's own ([`deliver_fault`]). A
+//! host that installs its own fault handler *after* probert's
+//! initialisation replaces ours: faults in stubs then reach it with the
+//! stub's address (not re-stacked yet).
+//!
 //! The section is left last, after the registers are written back: a grace
 //! period therefore also covers a thread that has decided to resume in a stub
 //! but not yet returned to it (the thread scan covers it from there on).

@@ -130,3 +130,33 @@ isolated!(a_handler_with_a_full_sa_mask_runs_probed_code, {
     assert_eq!(HITS.load(Ordering::SeqCst), 1);
     probert::detach(id).unwrap();
 });
+
+/// Not a test: the cost of the interposed `pthread_sigmask` against the C
+/// library's (`cargo test --release --test masks -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_pthread_sigmask() {
+    type F = unsafe extern "C" fn(i32, *const libc::sigset_t, *mut libc::sigset_t) -> i32;
+    let libc_fn: F = unsafe {
+        std::mem::transmute::<*mut libc::c_void, F>(libc::dlsym(
+            libc::RTLD_NEXT,
+            c"pthread_sigmask".as_ptr(),
+        ))
+    };
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::sigaddset(&mut set, libc::SIGUSR2) };
+    let n = 200_000;
+    for (name, f) in [("probert", libc::pthread_sigmask as F), ("libc", libc_fn)] {
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            unsafe {
+                f(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+                f(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            }
+        }
+        println!(
+            "{name}: {:.1} ns per call",
+            t.elapsed().as_nanos() as f64 / (2 * n) as f64
+        );
+    }
+}
