@@ -133,8 +133,30 @@ enum Plan {
     /// reads a torn record.
     Demoted { stub: Stub },
     /// Fast-capable: the run `[patch, end)` relocated in `stub`; `run` when
-    /// it holds more than one instruction.
-    Fast { stub: Stub, end: usize, run: bool },
+    /// it holds more than one instruction. `exit`: a function's exit run,
+    /// ending with the `ret` the site probes — its stub
+    /// ([`arch::emit_exit_stub`]) runs the instructions before the `ret`,
+    /// then calls the consumers, then returns; the trap path resumes there
+    /// without calling them ([`Displaced::Deferred`]).
+    Fast {
+        stub: Stub,
+        end: usize,
+        run: bool,
+        exit: bool,
+    },
+}
+
+impl Plan {
+    /// Where the site's jump goes.
+    fn jump_target(self) -> Option<usize> {
+        match self {
+            Plan::Fast {
+                stub, exit: true, ..
+            } => Some(stub.addr),
+            Plan::Fast { stub, .. } => Some(arch::stub_entry(stub.addr)),
+            _ => None,
+        }
+    }
 }
 
 /// Which parts of the jump are in the code now (fast-capable sites).
@@ -336,6 +358,12 @@ pub(crate) struct PreparedSite {
     run: Option<usize>,
     /// Why it is trap only, if it is (the flow's refusal with it).
     trap_only: Option<(TrapOnly, Option<arch::Refusal>)>,
+    /// A function's exit run: the length of the `ret` it ends with (the
+    /// site probes that `ret`; `patch` starts the run).
+    exit: Option<usize>,
+    /// For an exit run: the plain site at the `ret`, should its stub not be
+    /// built.
+    fallback: Option<Box<PreparedSite>>,
 }
 
 impl PreparedSite {
@@ -351,8 +379,25 @@ impl PreparedSite {
         self.run.map(|end| (self.patch, end))
     }
 
-    /// Makes it trap-only, saying why.
+    /// Whether it is a function's exit run ([`Sites::prepare_exit`]).
+    pub(crate) fn is_exit(&self) -> bool {
+        self.exit.is_some()
+    }
+
+    /// The bytes it displaces or traps at: its run, or its first
+    /// instruction.
+    pub(crate) fn span(&self) -> (usize, usize) {
+        self.run()
+            .unwrap_or((self.patch, self.patch + usize::from(self.len)))
+    }
+
+    /// Makes it trap-only, saying why. An exit run becomes its fallback,
+    /// the plain site at the `ret` (itself fast-capable only as a run of
+    /// its own, which a `ret` never is).
     pub(crate) fn refuse_fast(&mut self, why: TrapOnly) {
+        if let Some(plain) = self.fallback.take() {
+            *self = *plain;
+        }
         self.run = None;
         self.trap_only.get_or_insert((why, None));
     }
@@ -406,6 +451,9 @@ impl BuiltSite {
     pub(crate) fn resume_stub(&self) -> usize {
         match self.plan {
             Plan::Trap { ool } => ool.map_or(0, |s| s.addr),
+            Plan::Fast {
+                stub, exit: true, ..
+            } => stub.addr,
             Plan::Fast { stub, .. } | Plan::Demoted { stub } => arch::stub_resume(stub.addr),
         }
     }
@@ -415,6 +463,7 @@ impl BuiltSite {
     pub(crate) fn displaced(&self) -> Displaced {
         match self.plan {
             Plan::Trap { .. } => self.prepared.displaced,
+            Plan::Fast { exit: true, .. } => Displaced::Deferred,
             Plan::Fast { .. } | Plan::Demoted { .. } => Displaced::OutOfLine,
         }
     }
@@ -527,6 +576,10 @@ const PATIENCE: (usize, std::time::Duration) = (3, std::time::Duration::from_mil
 /// Farthest a site's patch address lies after its probe address (after an
 /// `endbr64`).
 const PATCH_AFTER_PROBE: usize = 4;
+/// Farthest a site's patch address lies before its probe address: an exit
+/// run, which ends with the `ret` it probes, holds at most this many bytes
+/// (its original bytes are kept in [`Site::orig`]).
+pub(crate) const PATCH_BEFORE_PROBE: usize = MAX_INSN_LEN;
 
 impl Sites {
     /// No sites; fast sites only if `fast_ok` (cores can be serialised).
@@ -573,11 +626,16 @@ impl Sites {
     /// address (such an address cannot take a trap while that site exists).
     pub(crate) fn run_holding(&self, addr: usize) -> Option<(usize, &Site)> {
         // Runs are at most a few instructions: look back a little.
+        // An exit run lies before its probe, and holds its own start too
+        // (the probe is at its end).
         let from = addr.saturating_sub(4 * MAX_INSN_LEN);
         self.by_probe
-            .range(from..=addr)
+            .range(from..=addr.saturating_add(PATCH_BEFORE_PROBE))
             .rev()
-            .find(|(_, s)| s.run().is_some_and(|(j, e)| j < addr && addr < e))
+            .find(|(&a, s)| {
+                s.run()
+                    .is_some_and(|(j, e)| (j < addr || (j == addr && a != addr)) && addr < e)
+            })
             .map(|(&a, s)| (a, s))
     }
 
@@ -587,7 +645,8 @@ impl Sites {
     pub(crate) fn original_code(&self, start: usize, end: usize) -> Option<Vec<u8>> {
         let mut bytes = self.reads.borrow_mut().read(start, end)?;
         let from = start.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE);
-        for s in self.by_probe.range(from..end).map(|(_, s)| s) {
+        let to = end.saturating_add(PATCH_BEFORE_PROBE);
+        for s in self.by_probe.range(from..to).map(|(_, s)| s) {
             // Every byte probert may have changed there, whatever the
             // site's state now (a page read earlier in this operation may
             // hold an older state).
@@ -840,6 +899,84 @@ impl Sites {
             target,
             run: if self.fast_ok { run } else { None },
             trap_only,
+            exit: None,
+            fallback: None,
+        }))
+    }
+
+    /// Prepares the site of the exit consumers at `ret`, a function's `ret`:
+    /// where the function's flow allows, an *exit run* — the fewest whole
+    /// instructions before the `ret`, with it, covering the jump — whose
+    /// stub runs them, calls the consumers at the `ret` and returns; else
+    /// the plain site at `ret` ([`Sites::prepare`]), which is also the
+    /// fallback should the stub not be built. `others`: the other addresses
+    /// of the batch, sorted; an exit run holds none of them, nor any byte
+    /// of another site.
+    pub(crate) fn prepare_exit(
+        &mut self,
+        regions: &Regions,
+        pool: &Pool,
+        ret: usize,
+        others: &[usize],
+    ) -> Result<Prepared> {
+        let Prepared::Site(plain) = self.prepare(regions, pool, ret)? else {
+            return self.prepare(regions, pool, ret);
+        };
+        let ret_len = usize::from(plain.len);
+        let end = ret + ret_len;
+        if !self.fast_ok || !matches!(plain.displaced, Displaced::Ret { .. }) {
+            return Ok(Prepared::Site(plain));
+        }
+        let lowest = end.saturating_sub(PATCH_BEFORE_PROBE);
+        let run = self.with_flow(regions, &plain.target, ret, |f| {
+            // The shortest run: from the last instruction start that leaves
+            // room for the jump; never the function's entry, where its entry
+            // probe goes (a probe inside an exit run is refused: see
+            // `demote`).
+            let x = (lowest.max(f.start() + 1)..=end.checked_sub(arch::JUMP_LEN)?)
+                .rev()
+                .find(|&x| f.is_boundary(x))?;
+            let site = f.run_through(x, end).ok()?;
+            let starts: Vec<usize> = (x..end).filter(|&a| f.is_boundary(a)).collect();
+            Some((site.jump, starts))
+        });
+        let Some(Some((x, starts))) = run else {
+            return Ok(Prepared::Site(plain));
+        };
+        let batch_inside = others[others.partition_point(|&a| a < x)..]
+            .iter()
+            .take_while(|&&a| a < end)
+            .any(|&a| a != ret);
+        let site_inside = self
+            .by_probe
+            .range(x.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE)..end + PATCH_BEFORE_PROBE)
+            .any(|(_, s)| {
+                let (a, b) = s
+                    .run()
+                    .unwrap_or((s.patch, s.patch + usize::from(s.orig_len)));
+                a < end && x < b.max(s.patch + 1)
+            });
+        // A foreign trap in the run would trap in the stub instead.
+        let code = self.original_code(x, end).filter(|c| {
+            !starts
+                .iter()
+                .any(|&a| c.get(a - x..).is_some_and(|b| b.starts_with(TRAP_INSN)))
+        });
+        let Some(code) = code.filter(|_| !batch_inside && !site_inside) else {
+            return Ok(Prepared::Site(plain));
+        };
+        let first = arch::analyze(&code, x)?;
+        Ok(Prepared::Site(PreparedSite {
+            probe: ret,
+            patch: x,
+            code,
+            len: first.len,
+            displaced: first.displaced,
+            target: plain.target.clone(),
+            run: Some(end),
+            trap_only: None,
+            exit: Some(ret_len),
+            fallback: Some(Box::new(plain)),
         }))
     }
 
@@ -852,13 +989,38 @@ impl Sites {
         mut p: PreparedSite,
         record: usize,
     ) -> Result<BuiltSite> {
+        if let (Some(end), Some(ret_len)) = (p.run, p.exit) {
+            match pool.create_exit(&p.code, p.patch, ret_len, record) {
+                Ok(stub) => {
+                    return Ok(BuiltSite {
+                        prepared: p,
+                        plan: Plan::Fast {
+                            stub,
+                            end,
+                            run: true,
+                            exit: true,
+                        },
+                    });
+                }
+                // The plain site at the `ret` instead.
+                Err(_) => match p.fallback.take() {
+                    Some(plain) => return self.build(pool, *plain, record),
+                    None => return Err(Error::Internal("an exit site without a fallback".into())),
+                },
+            }
+        }
         if let Some(end) = p.run {
             match pool.create_site(&p.code, p.patch, record) {
                 Ok(stub) => {
                     let run = end - p.patch > usize::from(p.len);
                     return Ok(BuiltSite {
                         prepared: p,
-                        plan: Plan::Fast { stub, end, run },
+                        plan: Plan::Fast {
+                            stub,
+                            end,
+                            run,
+                            exit: false,
+                        },
                     });
                 }
                 Err(_) => p.refuse_fast(TrapOnly::Stub),
@@ -1212,8 +1374,22 @@ impl Sites {
         let Some(s) = self.by_probe.get(&probe) else {
             return Err(Error::Internal("demoting a missing site".into()));
         };
-        if !matches!(s.plan, Plan::Fast { run: true, .. }) {
-            return Err(Error::Internal("demoting a site without a run".into()));
+        match s.plan {
+            Plan::Fast {
+                run: true,
+                exit: false,
+                ..
+            } => {}
+            Plan::Fast { exit: true, .. } => {
+                return Err(Error::unsupported(
+                    probe,
+                    format!(
+                        "a return probe's exit at {probe:#x} displaces the instructions before \
+                         it; detach the return probe first"
+                    ),
+                ))
+            }
+            _ => return Err(Error::Internal("demoting a site without a run".into())),
         }
         let first = usize::from(arch::analyze(&s.orig, s.patch)?.len);
         if s.fast_pins > 0 && first < arch::JUMP_LEN {
@@ -1248,6 +1424,7 @@ impl Sites {
                     stub,
                     end: s.patch + first,
                     run: false,
+                    exit: false,
                 }
             } else {
                 Plan::Demoted { stub }
@@ -1371,12 +1548,10 @@ impl Sites {
         if s.lost.is_some() {
             return None;
         }
-        let Plan::Fast { stub, .. } = s.plan else {
-            return None;
-        };
+        let target = s.plan.jump_target()?;
         let range = part.range();
         let f = s.jump;
-        let j = arch::jump_to(s.patch, arch::stub_entry(stub.addr))?;
+        let j = arch::jump_to(s.patch, target)?;
         let jump = &j[range.clone()];
         let orig = &s.orig[range.clone()];
         let at = s.patch + range.start;

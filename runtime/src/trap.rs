@@ -134,6 +134,12 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
     let errno = arch::errno_get(errno_off);
     let section = grace::enter(cx);
     match lookup(cx, addr) {
+        Lookup::Probe(view) if view.displaced == Displaced::Deferred => {
+            // An exit run: its stub calls the consumers, at the `ret`.
+            ctx.set_pc(view.stub);
+            arch::errno_set(errno_off, errno);
+            section.exit(cx);
+        }
         Lookup::Probe(view) => {
             let mut regs = ctx.regs();
             // Until the handlers are done, the saved context says the trap

@@ -429,6 +429,11 @@ impl WriterState {
         let mut prepared: Vec<PreparedSite> = Vec::new();
         // Address → index in `prepared`, so a large batch stays linear.
         let mut prepared_at: AddrMap<usize, usize> = AddrMap::default();
+        // A return probe's exits, where not asked to be traps, get exit runs
+        // where they can: their hits then take no signal.
+        let mut all: Vec<usize> = reqs.iter().map(|r| r.addr).collect();
+        all.sort_unstable();
+        all.dedup();
         for (i, r) in reqs.iter().enumerate() {
             if r.addr == 0 {
                 return Err((i, Error::InvalidArgument("null address".into())));
@@ -439,10 +444,21 @@ impl WriterState {
                 return Err((i, Error::CodeChanged { addr: r.addr }));
             }
             if !self.sites.contains(r.addr) && !prepared_at.contains_key(&r.addr) {
-                let mut p = self.sites.prepare(&self.regions, &self.pool, r.addr);
+                let exit_run = kinds
+                    .get(i)
+                    .is_some_and(|k| k.1 == EntryKind::Exit && k.0 != Mode::Trap);
+                let prepare = |this: &mut Self| {
+                    if exit_run {
+                        this.sites
+                            .prepare_exit(&this.regions, &this.pool, r.addr, &all)
+                    } else {
+                        this.sites.prepare(&this.regions, &this.pool, r.addr)
+                    }
+                };
+                let mut p = prepare(self);
                 if let Ok(Prepared::InsideRun(holder)) = p {
                     self.demote(holder, r.addr).map_err(|e| (i, e))?;
-                    p = self.sites.prepare(&self.regions, &self.pool, r.addr);
+                    p = prepare(self);
                 }
                 let p = match p.map_err(|e| (i, e))? {
                     Prepared::Site(p) => p,
@@ -457,16 +473,42 @@ impl WriterState {
         // A run a jump would displace must hold no other probe of the batch
         // (nor the patch address of an existing one): those sites are trap
         // only.
+        // An exit run that meets another site of the batch becomes the
+        // plain site at its `ret` (the other keeps its run).
+        let mut spans: Vec<(usize, usize, usize)> = prepared
+            .iter()
+            .map(|p| {
+                let (a, b) = p.span();
+                (a, b, p.probe)
+            })
+            .collect();
+        spans.sort_unstable();
+        for p in prepared.iter_mut().filter(|p| p.is_exit()) {
+            let (j, e) = p.span();
+            let from = spans.partition_point(|s| s.0 + 4 * crate::site::PATCH_BEFORE_PROBE < j);
+            if let Some(&(_, _, other)) = spans[from..]
+                .iter()
+                .take_while(|s| s.0 < e)
+                .find(|s| s.2 != p.probe && s.0 < e && j < s.1)
+            {
+                p.refuse_fast(TrapOnly::ProbeInside(other));
+            }
+        }
         let probes: Vec<usize> = prepared.iter().map(|p| p.probe).collect();
         let mut sorted = probes.clone();
         sorted.sort_unstable();
         for p in &mut prepared {
             if let Some((j, e)) = p.run() {
+                // (An exit run holds its own probe, at its end.)
                 let a = sorted.partition_point(|&x| x <= j);
-                let inside = sorted.get(a).filter(|&&x| x < e).copied();
+                let inside = sorted[a..]
+                    .iter()
+                    .take_while(|&&x| x < e)
+                    .find(|&&x| x != p.probe)
+                    .copied();
                 let existing = self
                     .sites
-                    .range(j.saturating_sub(4) + 1, e)
+                    .range(j.saturating_sub(4) + 1, e + crate::site::PATCH_BEFORE_PROBE)
                     .find(|(a, s)| *a != p.probe && s.patch > j && s.patch < e);
                 if let Some(x) = inside.or(existing.map(|(a, _)| a)) {
                     p.refuse_fast(TrapOnly::ProbeInside(x));
@@ -1086,7 +1128,9 @@ impl WriterState {
             }
         }
         self.sites.set_overlay(Vec::new());
-        let (stuck, _) = self.sites.apply_modes(&rederived, &self.pool.retired_ranges());
+        let (stuck, _) = self
+            .sites
+            .apply_modes(&rederived, &self.pool.retired_ranges());
         self.want_fast.extend(stuck);
         Ok(report)
     }

@@ -262,6 +262,39 @@ impl Pool {
         Err(last.unwrap_or_else(|| Error::Internal("no stub size".into())))
     }
 
+    /// A new exit stub ([`arch::emit_exit_stub`]) for the exit run `code` at
+    /// `jump`, ending with a `ret` of `ret_len` bytes, naming probe record
+    /// `record`: the site's jump and the trap path both enter at its start.
+    pub(crate) fn create_exit(
+        &mut self,
+        code: &[u8],
+        jump: usize,
+        ret_len: usize,
+        record: usize,
+    ) -> Result<Stub> {
+        let mut last = None;
+        for class in 0..SIZES.len() as u8 {
+            let (stub, trampoline) = self.alloc(jump, class)?;
+            let bytes = arch::emit_exit_stub(
+                code,
+                jump,
+                ret_len,
+                stub.addr,
+                stub.len(),
+                trampoline,
+                record,
+            );
+            match bytes {
+                Ok(b) => return self.fill(stub, Ok(b)),
+                Err(e) => {
+                    self.free_unpublished(stub);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Internal("no stub size".into())))
+    }
+
     /// Stages a new stub's bytes: they reach the slot at the next
     /// [`Pool::flush`], which must come before the stub is published.
     fn fill(&mut self, stub: Stub, bytes: Result<Vec<u8>>) -> Result<Stub> {

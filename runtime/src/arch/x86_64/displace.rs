@@ -28,7 +28,7 @@
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Register};
 
 use super::fast::stub_prologue;
-use super::fast::STUB_PROLOGUE;
+use super::fast::{STUB_DATA, STUB_PROLOGUE};
 use super::faultmap::{with_fault_map, FaultPoint};
 use super::insn::{decode_and_classify, LoopKind, Target};
 use super::relocate::relocate_insn;
@@ -56,6 +56,81 @@ pub fn emit_displaced_mapped(
     let end = addr
         .checked_add(code.len())
         .ok_or_else(|| Error::unsupported(addr, "the run wraps around"))?;
+    let (mut out, left) = relocate_run(code, addr, at, end)?;
+    if !left {
+        out.jmp(end)?;
+    }
+    fits(&out.bytes, addr, max_len)?;
+    Ok((out.bytes, out.points))
+}
+
+/// Whether `bytes` fit in `max_len`.
+fn fits(bytes: &[u8], addr: usize, max_len: usize) -> Result<()> {
+    if bytes.len() > max_len {
+        return Err(Error::unsupported(
+            addr,
+            format!(
+                "the displaced instructions need {} bytes, more than the {max_len} left in the stub",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The exit stub of a function's exit run (`code`: the original bytes of
+/// whole instructions mapped at `jump`, ending with a `ret` of `ret_len`
+/// bytes), in the slot at `slot` (`slot_len` bytes), for probe record
+/// `record`:
+///
+/// ```text
+/// slot:       <the instructions before the ret, relocated>
+///             jmp  +16
+///             .quad record, jump          ; the data words
+///             lea  rsp, [rsp - 128]
+///             call trampoline             ; the hit, at the ret
+/// ret_point:  ret [imm16]
+/// ```
+///
+/// The site's jump enters at `slot`, and so does the trap path (which
+/// dispatches nothing itself): the hit happens at the `ret`, with the
+/// registers the epilogue left.
+pub fn emit_exit_stub(
+    code: &[u8],
+    jump: usize,
+    ret_len: usize,
+    slot: usize,
+    slot_len: usize,
+    trampoline: usize,
+    record: usize,
+) -> Result<Vec<u8>> {
+    let body = code
+        .len()
+        .checked_sub(ret_len)
+        .ok_or_else(|| Error::unsupported(jump, "an exit run holds its ret"))?;
+    let ret_at = jump + body;
+    let (mut out, left) = relocate_run(&code[..body], jump, slot, ret_at)?;
+    if left {
+        return Err(Error::unsupported(
+            jump,
+            "an exit run leaves before its ret",
+        ));
+    }
+    out.bytes.extend_from_slice(&[0xEB, STUB_DATA as u8]);
+    let data_at = out.pc();
+    let prologue = stub_prologue(data_at, trampoline, record, jump)?;
+    out.bytes.extend_from_slice(&prologue);
+    out.orig_off = body as u8;
+    out.point(0);
+    out.bytes.extend_from_slice(&code[body..]);
+    with_fault_map(out.bytes, &out.points, jump, slot_len)
+}
+
+/// Relocates the whole instructions `code` (mapped at `addr`) to run at
+/// `at`; `end` is where the run ends in the original (a call's return
+/// address). Returns the bytes and whether they left (a jump or `ret`
+/// ended them).
+fn relocate_run(code: &[u8], addr: usize, at: usize, end: usize) -> Result<(Out, bool)> {
     let mut out = Out {
         at,
         addr,
@@ -73,7 +148,7 @@ pub fn emit_displaced_mapped(
         out.orig_off = (here - addr) as u8;
         match displaced {
             Displaced::Skip => {}
-            Displaced::Push(_) | Displaced::OutOfLine => {
+            Displaced::Push(_) | Displaced::OutOfLine | Displaced::Deferred => {
                 out.point(0);
                 let b = relocate_insn(&instr, bytes, here, out.pc())?;
                 out.bytes.extend_from_slice(&b);
@@ -120,19 +195,7 @@ pub fn emit_displaced_mapped(
             }
         }
     }
-    if !left {
-        out.jmp(end)?;
-    }
-    if out.bytes.len() > max_len {
-        return Err(Error::unsupported(
-            addr,
-            format!(
-                "the displaced instructions need {} bytes, more than the {max_len} left in the stub",
-                out.bytes.len()
-            ),
-        ));
-    }
-    Ok((out.bytes, out.points))
+    Ok((out, left))
 }
 
 /// The whole per-site stub in the slot at `slot` (`slot_len` bytes) for the

@@ -125,7 +125,7 @@ fn emulate_inner(d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> Result<b
             regs.rip = unsafe { load_u64(sp) }?;
             regs.set(Reg::Rsp, sp.wrapping_add(8).wrapping_add(u64::from(pop)));
         }
-        Displaced::OutOfLine => return Ok(false),
+        Displaced::OutOfLine | Displaced::Deferred => return Ok(false),
     }
     Ok(true)
 }

@@ -40,7 +40,7 @@ mod tp;
 pub use context::{
     handler_restorer, interrupted_pc, interrupted_sp, TrapContext, SIGFRAME_PC, SIGFRAME_SP,
 };
-pub use displace::emit_site_stub;
+pub use displace::{emit_exit_stub, emit_site_stub};
 pub use effects::{function_effects, Callee, Clobbers, FunctionEffects, Unknowable};
 pub use emulate::{emulate, recover_emulator_fault, EmuFault, Emulated};
 pub use exits::function_exits;
