@@ -19,6 +19,7 @@
 mod events;
 mod host;
 mod resolve;
+mod shared;
 mod tools;
 
 use std::collections::HashSet;
@@ -146,11 +147,19 @@ struct Config {
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
+static FOLLOW: AtomicBool = AtomicBool::new(false);
+
+/// The command's socket, once the environment no longer says it.
+fn config_sock() -> Option<String> {
+    CONFIG.try_lock().ok()?.as_ref().map(|c| c.sock.clone())
+}
 
 struct LoadedTool {
     tool: &'static Tool,
     state: *mut c_void,
     ctx: *mut ToolCtx,
+    /// Failed attaches the tool counted but did not explain (`not_attached`).
+    unexplained: usize,
 }
 
 struct Agent {
@@ -281,10 +290,22 @@ fn attach_new(agent: &mut Agent, cfg: &Config, modules: Vec<Module>) -> Vec<reso
         agent.strings.push(spec);
         agent.next_id += 1;
     }
-    for t in &agent.tools {
+    for t in &mut agent.tools {
         if let Some(a) = t.tool.attach {
+            // SAFETY: our context.
+            let said = |t: &LoadedTool| {
+                unsafe { &*t.ctx }
+                    .not_attached
+                    .lock()
+                    .map_or(0, |n| n.len())
+            };
+            let before = said(t);
             // SAFETY: the tool's state and `tm.len()` matches.
-            unsafe { a(t.state, tm.as_ptr(), tm.len()) };
+            let failed = unsafe { a(t.state, tm.as_ptr(), tm.len()) };
+            let explained = said(t) - before;
+            t.unexplained += usize::try_from(failed)
+                .unwrap_or(0)
+                .saturating_sub(explained);
         }
     }
     // The strings the matches point at live as long as the process.
@@ -368,11 +389,14 @@ fn init_agent() {
         unmatched: vec![true; cfg.specs.len()],
     };
     if !cfg.list {
+        shared::init();
         for (i, ts) in tool_specs.iter().enumerate() {
             let (tool, args) = load_tool(ts).unwrap_or_else(|e| fatal(&e));
             let ctx = Box::into_raw(Box::new(ToolCtx {
                 index: i as u16,
+                name: tool_name(tool),
                 out: Mutex::new(String::new()),
+                not_attached: Mutex::new(Vec::new()),
             }));
             let a = CString::new(args).unwrap_or_default();
             let start = tool.start.unwrap_or_else(|| fatal("tool without start"));
@@ -391,7 +415,12 @@ fn init_agent() {
                     why.trim()
                 ));
             }
-            agent.tools.push(LoadedTool { tool, state, ctx });
+            agent.tools.push(LoadedTool {
+                tool,
+                state,
+                ctx,
+                unexplained: 0,
+            });
         }
     }
     let modules = resolve::loaded_modules();
@@ -453,6 +482,7 @@ fn init_agent() {
     *AGENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent);
     let interval = cfg.interval;
     let follow = cfg.follow;
+    FOLLOW.store(follow, Ordering::Relaxed);
     *CONFIG.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
     start_drain(interval);
     // SAFETY: plain C function pointers registered once.
@@ -517,6 +547,17 @@ fn start_drain(interval: Option<f64>) {
 fn make_report(agent: &mut Agent, fin: bool) {
     let json = agent.host.json != 0;
     let mut parts = Vec::new();
+    let mut refused: Vec<(String, host::NotAttached)> = Vec::new();
+    let mut unexplained: Vec<(String, usize)> = Vec::new();
+    for t in &agent.tools {
+        // SAFETY: our context.
+        let ctx = unsafe { &*t.ctx };
+        let n = ctx.not_attached.lock().unwrap_or_else(|p| p.into_inner());
+        refused.extend(n.iter().map(|r| (ctx.name.clone(), r.clone())));
+        if t.unexplained > 0 {
+            unexplained.push((ctx.name.clone(), t.unexplained));
+        }
+    }
     for t in &agent.tools {
         // SAFETY: our context.
         let ctx = unsafe { &*t.ctx };
@@ -548,7 +589,35 @@ fn make_report(agent: &mut Agent, fin: bool) {
         .unwrap_or_default();
     let mut o = String::new();
     if json {
-        let _ = write!(o, "{{\"pid\":{pid},\"final\":{fin},\"dropped_events\":{drops},\"unmatched\":[{}],\"tools\":{{", specs.iter().map(|s| format!("\"{}\"", s.replace('"', "\\\""))).collect::<Vec<_>>().join(","));
+        let not_attached: Vec<String> = refused
+            .iter()
+            .map(|(tool, r)| {
+                format!(
+                    "{{\"tool\":{},\"spec\":{},\"function\":{},\"module\":{},\"reason\":{}}}",
+                    tools::json_str(tool),
+                    tools::json_str(&r.spec),
+                    tools::json_str(&r.function),
+                    tools::json_str(&r.module),
+                    tools::json_str(&r.reason)
+                )
+            })
+            .chain(unexplained.iter().map(|(tool, n)| {
+                format!(
+                    "{{\"tool\":{},\"failed\":{n},\"reason\":\"not said by the tool\"}}",
+                    tools::json_str(tool)
+                )
+            }))
+            .collect();
+        let _ = write!(
+            o,
+            "{{\"pid\":{pid},\"final\":{fin},\"dropped_events\":{drops},\"unmatched\":[{}],\"not_attached\":[{}],\"tools\":{{",
+            specs
+                .iter()
+                .map(|s| tools::json_str(s))
+                .collect::<Vec<_>>()
+                .join(","),
+            not_attached.join(",")
+        );
         for (i, (n, t)) in parts.iter().enumerate() {
             let t = if t.trim().is_empty() {
                 "null"
@@ -573,6 +642,19 @@ fn make_report(agent: &mut Agent, fin: bool) {
             let _ = writeln!(
                 o,
                 "(spec '{s}' matched nothing: its module was never loaded)"
+            );
+        }
+        for (tool, r) in &refused {
+            let _ = writeln!(
+                o,
+                "not attached: {} ({}) [{tool}, spec '{}']: {}",
+                r.function, r.module, r.spec, r.reason
+            );
+        }
+        for (tool, n) in &unexplained {
+            let _ = writeln!(
+                o,
+                "not attached: {n} match(es) of tool {tool} (it did not say which)"
             );
         }
     }
@@ -610,6 +692,8 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
+    // Ordering: Relaxed — written before any fork, by init_agent.
+    shared::forked(FOLLOW.load(Ordering::Relaxed));
     let old = CONN.swap(PENDING.swap(-1, Ordering::AcqRel), Ordering::AcqRel);
     if old >= 0 {
         // SAFETY: the parent's connection; the child has its own or none.
