@@ -12,7 +12,8 @@
 //! Reports go over the socket, never to the program's descriptors 0–2.
 //!
 //! Frames to the command: one kind byte, a little-endian `u32` length, the
-//! payload. `H` hello (`pid\0program`), `R` a report, `L` list output, `E` an
+//! payload. `H` hello (`pid\0program\0shm`, the last the file of
+//! [`shared`] counters in the command's directory, or empty), `R` a report, `L` list output, `E` an
 //! error that ends the program before `main`.
 #![allow(unsafe_code)]
 
@@ -125,7 +126,7 @@ fn hello() {
     let exe = std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    send(b'H', format!("{pid}\0{exe}").as_bytes());
+    send(b'H', format!("{pid}\0{exe}\0{}", shared::name()).as_bytes());
 }
 
 fn fatal(msg: &str) -> ! {
@@ -337,6 +338,9 @@ fn init_agent() {
         // SAFETY: our descriptor: the program's exec closes it.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
+    if !cfg.list {
+        shared::init();
+    }
     hello();
     let specs: Result<Vec<Spec>, String> = var("PROBERT_SPECS")
         .split('\x1f')
@@ -389,7 +393,6 @@ fn init_agent() {
         unmatched: vec![true; cfg.specs.len()],
     };
     if !cfg.list {
-        shared::init();
         for (i, ts) in tool_specs.iter().enumerate() {
             let (tool, args) = load_tool(ts).unwrap_or_else(|e| fatal(&e));
             let ctx = Box::into_raw(Box::new(ToolCtx {

@@ -3,7 +3,7 @@
 //! `exec` the agent does not follow. Exit handlers never run there, so the
 //! agent cannot send anything; the command reads this file instead.
 //!
-//! The file is `shm.PID` in the command's private directory (the one of its
+//! The file is `shm.PID.STAMP` in the command's private directory (the one of its
 //! socket), mapped `MAP_SHARED`: a handler's atomic add lands in the page
 //! cache, which the command reads when the process is gone. Layout, all
 //! little-endian (x86-64's order):
@@ -33,28 +33,33 @@ const SIZE: usize = HEADER + RECORD * CAPACITY;
 const MAGIC: &[u8; 8] = b"probert1";
 
 static BASE: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+/// When this process image made its file (a `-f` exec keeps the pid).
+static STAMP: AtomicU64 = AtomicU64::new(0);
 /// Serialises [`counter`] (normal context, under the agent's lock anyway).
 static USED: AtomicUsize = AtomicUsize::new(0);
 
-fn path_for(pid: i32) -> Option<std::path::PathBuf> {
-    let sock = std::env::var_os("PROBERT_SOCK").or_else(|| crate::config_sock().map(Into::into))?;
-    Some(
-        std::path::Path::new(&sock)
-            .parent()?
-            .join(format!("shm.{pid}")),
-    )
+/// The file's name in the command's directory ("" before [`init`]), sent in
+/// the hello frame.
+pub fn name() -> String {
+    // Ordering: Relaxed — written by this thread (init, forked) before.
+    match STAMP.load(Ordering::Relaxed) {
+        0 => String::new(),
+        // SAFETY: always safe.
+        stamp => format!("shm.{}.{stamp}", unsafe { libc::getpid() }),
+    }
 }
 
 /// A new file for this process, sized (sparse) and open.
 fn create() -> Option<std::fs::File> {
-    // SAFETY: always safe.
-    let pid = unsafe { libc::getpid() };
+    let sock = std::env::var_os("PROBERT_SOCK").or_else(|| crate::config_sock().map(Into::into))?;
+    let dir = std::path::Path::new(&sock).parent()?.to_path_buf();
+    // Ordering: Relaxed — only this thread reads it (name).
+    STAMP.store(crate::host::now_ns().max(1), Ordering::Relaxed);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path_for(pid)?)
+        .create_new(true)
+        .open(dir.join(name()))
         .ok()?;
     f.set_len(SIZE as u64).ok()?;
     Some(f)
@@ -81,6 +86,8 @@ fn map(f: &std::fs::File, at: *mut u8) -> Option<*mut u8> {
 pub fn init() {
     let Some(f) = create() else { return };
     let Some(p) = map(&f, std::ptr::null_mut()) else {
+        // Ordering: Relaxed — only this thread reads it (name).
+        STAMP.store(0, Ordering::Relaxed);
         return;
     };
     // SAFETY: the new mapping, SIZE bytes, ours alone so far.
@@ -133,32 +140,36 @@ pub fn counter(tool: &str, function: &str, module: &str, what: &str) -> Option<&
     Some(unsafe { &*rec.cast::<AtomicU64>() })
 }
 
+/// Private zeroed memory in place of the mapping at `base`: the hits of a
+/// child nobody follows are nobody's (and never the parent's).
+fn privatize(base: *mut u8) {
+    // SAFETY: replaces our own mapping of SIZE bytes in place.
+    unsafe {
+        libc::mmap(
+            base.cast(),
+            SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    // Ordering: Relaxed — the child has one thread.
+    STAMP.store(0, Ordering::Relaxed);
+    USED.store(CAPACITY, Ordering::Relaxed);
+}
+
 /// In the child of a fork (one thread): its own file, with the parent's
 /// contents, mapped where the parent's was; or, when the child is not
-/// followed, private zeroed memory there (its hits are nobody's).
+/// followed (or that fails), private memory there.
 pub fn forked(follow: bool) {
     // Ordering: Relaxed — the child has one thread.
     let base = BASE.load(Ordering::Relaxed);
     if base.is_null() {
         return;
     }
-    if !follow {
-        // SAFETY: replaces our own mapping of SIZE bytes in place.
-        unsafe {
-            libc::mmap(
-                base.cast(),
-                SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        return;
-    }
-    let Some(f) = create() else {
-        BASE.store(std::ptr::null_mut(), Ordering::Relaxed);
-        return;
+    let Some(f) = follow.then(create).flatten() else {
+        return privatize(base);
     };
     // Ordering: Relaxed — the child has one thread.
     let used = (used_slot(base).load(Ordering::Relaxed) as usize).min(CAPACITY);
@@ -166,10 +177,7 @@ pub fn forked(follow: bool) {
     let bytes = unsafe { std::slice::from_raw_parts(base, HEADER + RECORD * used) };
     let copied = std::io::Write::write_all(&mut &f, bytes).is_ok();
     if !copied || map(&f, base).is_none() {
-        // The parent's pages stay mapped: keep them out of the child's way
-        // by giving no new counters (the old ones still count, shared).
-        // Ordering: Relaxed — the child has one thread.
-        USED.store(CAPACITY, Ordering::Relaxed);
+        privatize(base);
     }
 }
 
