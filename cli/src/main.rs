@@ -157,8 +157,45 @@ fn check_program(file: &Path, shown: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The agent library: $PROBERT_AGENT, next to this executable, or in ../lib.
-fn agent() -> Result<PathBuf, String> {
+/// The agent this binary carries (cli/build.rs); empty when built without.
+static EMBEDDED_AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libprobert_agent.so"));
+
+/// The embedded agent as a file: in the user's cache directory (named by its
+/// contents, written once, atomically), else in this run's private `dir`.
+fn embedded_agent(dir: &Path) -> Option<PathBuf> {
+    if EMBEDDED_AGENT.is_empty() {
+        return None;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for &b in EMBEDDED_AGENT {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let name = format!("libprobert_agent-{}-{h:016x}.so", env!("CARGO_PKG_VERSION"));
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|c| Path::new(c).is_absolute())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|c| c.join("probert"));
+    let write = |d: &Path| -> Option<PathBuf> {
+        let f = d.join(&name);
+        let fresh = std::fs::metadata(&f).is_ok_and(|m| m.len() == EMBEDDED_AGENT.len() as u64);
+        if fresh {
+            return Some(f);
+        }
+        std::fs::create_dir_all(d).ok()?;
+        let tmp = d.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, EMBEDDED_AGENT).ok()?;
+        std::fs::rename(&tmp, &f)
+            .map_err(|_| std::fs::remove_file(&tmp))
+            .ok()?;
+        Some(f)
+    };
+    cache.as_deref().and_then(write).or_else(|| write(dir))
+}
+
+/// The agent library: $PROBERT_AGENT, next to this executable, in ../lib,
+/// or the one this binary carries.
+fn agent(run_dir: &Path) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("PROBERT_AGENT") {
         return Ok(p.into());
     }
@@ -173,8 +210,11 @@ fn agent() -> Result<PathBuf, String> {
             return std::fs::canonicalize(cand).map_err(|e| e.to_string());
         }
     }
+    if let Some(p) = embedded_agent(run_dir) {
+        return Ok(p);
+    }
     Err(format!(
-        "the agent libprobert_agent.so is not next to {} (build it with `cargo build --release -p probert-agent`, or set PROBERT_AGENT)",
+        "the agent libprobert_agent.so is not next to {} and this build carries none (build it with `cargo build --release -p probert-agent`, or set PROBERT_AGENT)",
         exe.display()
     ))
 }
@@ -234,11 +274,13 @@ fn run(o: Opts) -> Result<u8, String> {
     let shown = o.program[0].to_string_lossy().into_owned();
     let file = find_program(&o.program[0]).ok_or(format!("{shown}: command not found"))?;
     check_program(&file, &shown)?;
-    let agent = agent()?;
     let dir = std::env::temp_dir().join(format!("probert-{}-{}", std::process::id(), nanos()));
     std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| e.to_string())?;
+    let agent = agent(&dir).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dir);
+    })?;
     let sock = dir.join("sock");
     let listener = UnixListener::bind(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
     let preload = match std::env::var("LD_PRELOAD") {

@@ -462,3 +462,36 @@ fn report_after_signals_and_exit_without_handlers() {
         "{r}"
     );
 }
+
+#[test]
+fn the_command_carries_its_agent() {
+    // The binary alone, as `cargo install --path cli` installs it: no
+    // PROBERT_AGENT, no agent next to it.
+    let alone = tmp().join("alone");
+    let cache = tmp().join("cache");
+    let _ = std::fs::remove_dir_all(&alone);
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&alone).unwrap();
+    let bin = alone.join("probert");
+    std::fs::copy(env!("CARGO_BIN_EXE_probert"), &bin).unwrap();
+    let w = workload();
+    for _ in 0..2 {
+        let t = Command::new(&bin)
+            .env_remove("PROBERT_AGENT")
+            .env("XDG_CACHE_HOME", &cache)
+            .args(["trace", "-p", "work", "--"])
+            .args([w.to_str().unwrap(), "11"])
+            .output()
+            .unwrap();
+        let r = text(&t.stderr);
+        assert_eq!(t.status.code(), Some(4), "{r}");
+        assert_eq!(hits(&r, "work"), vec![11], "{r}");
+    }
+    // Written once to the cache, named by its contents.
+    let cached: Vec<_> = std::fs::read_dir(cache.join("probert"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].starts_with("libprobert_agent-"), "{cached:?}");
+}
