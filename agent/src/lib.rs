@@ -502,8 +502,7 @@ fn init_agent() {
 
 // ---- drain thread and reports -------------------------------------------
 
-static STOP: Mutex<Option<(crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>)>> =
-    Mutex::new(None);
+static STOP: Mutex<Option<(crossbeam_channel::Sender<()>, libc::pthread_t)>> = Mutex::new(None);
 
 fn drain_now(agent: &mut Agent) {
     let _g = events::DRAIN.lock().unwrap_or_else(|p| p.into_inner());
@@ -518,33 +517,54 @@ fn drain_now(agent: &mut Agent) {
     });
 }
 
+/// What the drain thread gets: the stop channel and the interval.
+type DrainArgs = (crossbeam_channel::Receiver<()>, Option<f64>);
+
+/// The drain thread's start routine: a bare pthread that marks itself the
+/// agent's before anything else runs on it (a std thread's start-up
+/// allocates, and those calls would count as the program's).
+extern "C" fn drain_main(arg: *mut c_void) -> *mut c_void {
+    let _work = agent_work();
+    // SAFETY: the Box start_drain leaked for this thread, ours alone now.
+    let args = unsafe { Box::from_raw(arg.cast::<DrainArgs>()) };
+    let _ = std::panic::catch_unwind(move || drain_loop(args.0, args.1));
+    std::ptr::null_mut()
+}
+
+fn drain_loop(rx: crossbeam_channel::Receiver<()>, interval: Option<f64>) {
+    let tick = crossbeam_channel::tick(Duration::from_millis(10));
+    let mut next = interval.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
+    loop {
+        crossbeam_channel::select! {
+            recv(rx) -> _ => return,
+            recv(tick) -> _ => {}
+        }
+        let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(agent) = g.as_mut() else { continue };
+        drain_now(agent);
+        if let (Some(n), Some(s)) = (next, interval) {
+            if std::time::Instant::now() >= n {
+                make_report(agent, false);
+                next = Some(n + Duration::from_secs_f64(s));
+            }
+        }
+    }
+}
+
 fn start_drain(interval: Option<f64>) {
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-    let handle = std::thread::Builder::new()
-        .name("probert-drain".into())
-        .spawn(move || {
-            let _work = agent_work();
-            let tick = crossbeam_channel::tick(Duration::from_millis(10));
-            let mut next = interval.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
-            loop {
-                crossbeam_channel::select! {
-                    recv(rx) -> _ => return,
-                    recv(tick) -> _ => {}
-                }
-                let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(agent) = g.as_mut() else { continue };
-                drain_now(agent);
-                if let (Some(n), Some(s)) = (next, interval) {
-                    if std::time::Instant::now() >= n {
-                        make_report(agent, false);
-                        next = Some(n + Duration::from_secs_f64(s));
-                    }
-                }
-            }
-        });
-    if let Ok(h) = handle {
-        *STOP.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx, h));
+    let arg = Box::into_raw(Box::new((rx, interval))).cast::<c_void>();
+    // SAFETY: zeroed is a valid pthread_t to be overwritten.
+    let mut thread: libc::pthread_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer, default attributes, a start routine of
+    // the right type taking ownership of `arg`.
+    let rc = unsafe { libc::pthread_create(&mut thread, std::ptr::null(), drain_main, arg) };
+    if rc != 0 {
+        // SAFETY: the thread did not start: `arg` is still ours.
+        drop(unsafe { Box::from_raw(arg.cast::<DrainArgs>()) });
+        return;
     }
+    *STOP.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx, thread));
 }
 
 fn make_report(agent: &mut Agent, fin: bool) {
@@ -671,7 +691,8 @@ extern "C" fn at_exit() {
     let _work = agent_work();
     if let Some((tx, h)) = STOP.lock().unwrap_or_else(|p| p.into_inner()).take() {
         let _ = tx.send(());
-        let _ = h.join();
+        // SAFETY: the drain thread, joined once (taken out of STOP).
+        unsafe { libc::pthread_join(h, std::ptr::null_mut()) };
     }
     let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(agent) = g.as_mut() {

@@ -495,3 +495,47 @@ fn the_command_carries_its_agent() {
     assert_eq!(cached.len(), 1, "{cached:?}");
     assert!(cached[0].starts_with("libprobert_agent-"), "{cached:?}");
 }
+
+#[test]
+fn counts_equal_an_ld_preload_interposer() {
+    // Separate runs of deterministic programs: the interposer's count of
+    // calls bound to readdir (cli/tests/c/count_readdir.c) against probert's
+    // hits on libc's readdir.
+    let so = cc(
+        "cli/tests/c/count_readdir.c",
+        "count_readdir.so",
+        &["-shared", "-fPIC", "-ldl"],
+    );
+    for (i, prog) in [
+        &["ls", "-la", "/usr/bin"][..],
+        &["ls", "-R", "/usr/share/doc"][..],
+        &["find", "/usr/include"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let file = tmp().join(format!("count-{i}"));
+        let _ = std::fs::remove_file(&file);
+        let st = Command::new(prog[0])
+            .args(&prog[1..])
+            .env("LD_PRELOAD", &so)
+            .env("COUNT_FILE", &file)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{prog:?}");
+        let want: u64 = std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(want > 10, "{prog:?}: {want}");
+        let t = probert()
+            .args(["trace", "-p", "libc.so.6:readdir", "--"])
+            .args(*prog)
+            .output()
+            .unwrap();
+        let r = text(&t.stderr);
+        assert_eq!(hits(&r, "readdir"), vec![want], "{prog:?}: {r}");
+    }
+}
