@@ -293,8 +293,8 @@ fn attach_new(agent: &mut Agent, cfg: &Config, modules: Vec<Module>) -> Vec<reso
     }
     for t in &mut agent.tools {
         if let Some(a) = t.tool.attach {
-            // SAFETY: our context.
             let said = |t: &LoadedTool| {
+                // SAFETY: our context, live for the process.
                 unsafe { &*t.ctx }
                     .not_attached
                     .lock()
