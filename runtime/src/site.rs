@@ -781,7 +781,14 @@ impl Sites {
                         format!("its tail jump through {slot:#x} cannot be followed"),
                     ));
                 }
-                todo.push(usize::from_le_bytes(word));
+                // A null slot is a jump never taken (it would fault, not
+                // return): the lazy-binding path of a PLT stub leaves for
+                // PLT0, whose `jmp *GOT[2]` is null when the module was bound
+                // eagerly (BIND_NOW, dlopen RTLD_NOW).
+                match usize::from_le_bytes(word) {
+                    0 => {}
+                    target => todo.push(target),
+                }
             }
         }
         rets.sort_unstable();
