@@ -252,6 +252,7 @@ fn status(e: &probert::Error) -> u32 {
         E::NoMemory(_) => 8,
         E::Signal(_) => 9,
         E::Misaligned { .. } => 10,
+        E::CodeChanged { .. } => 11,
         E::Internal(_) => 255,
     }
 }
