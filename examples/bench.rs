@@ -92,6 +92,15 @@ bench_one: .quad 1
     ret
     BENCH_END bench_frame
 
+    BENCH_FUNC bench_uprobe      // bench_frame's copy, for the kernel's uprobes
+    push rbp
+    mov rbp, rsp
+    lea rax, [rdi + 1]
+    nop dword ptr [rax]
+    pop rbp
+    ret
+    BENCH_END bench_uprobe
+
     BENCH_FUNC bench_latency     // push rbp: the latency target
     push rbp
     lea rax, [rdi + 1]
@@ -110,6 +119,7 @@ extern "C" {
     fn bench_mov5(x: u64) -> u64;
     fn bench_latency(x: u64) -> u64;
     fn bench_frame(x: u64) -> u64;
+    fn bench_uprobe(x: u64) -> u64;
 }
 
 /// A target: a function of `rdi` returning `rdi + 1`.
@@ -347,6 +357,73 @@ fn returns_row(cfg: &Cfg, mode: Mode) -> (Sample, Row) {
     assert_eq!(st.returns + st.abandoned, st.hits, "a return was missed");
     probert::detach(id).expect("detach");
     (bare, Row::Ran { one, two: None })
+}
+
+/// A kernel uprobe and uretprobe on `bench_uprobe`, each with a BPF
+/// counter, through bpftrace, in this run: (the function unprobed, probed).
+fn uretprobe(cfg: &Cfg) -> Result<(Sample, Sample), String> {
+    use std::process::{Command, Stdio};
+    if cfg.quick {
+        return Err("not measured by --quick runs".into());
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("{e}"))?;
+    let exe = exe.display();
+    let (bare, _) = per_call(cfg, bench_uprobe, 1);
+    let script = format!(
+        "uprobe:{exe}:bench_uprobe {{ @entries = count(); }} \
+         uretprobe:{exe}:bench_uprobe {{ @returns = count(); }}"
+    );
+    if !std::path::Path::new("/sys/kernel/tracing/uprobe_events").exists() {
+        let _ = Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .output();
+    }
+    let mut child = Command::new("bpftrace")
+        .args(["-p", &std::process::id().to_string(), "-e", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("bpftrace: {e} (Debian: apt-get install bpftrace)"))?;
+    // Attached once the kernel's breakpoint is in this process's copy.
+    // SAFETY: the first byte of a function of this program's text.
+    let first = || unsafe { std::ptr::read_volatile(addr(bench_uprobe) as *const u8) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first() != 0xCC {
+        if Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output().map_err(|e| format!("{e}"))?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "bpftrace did not attach: {}",
+                err.lines().next().unwrap_or("(no message)")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (probed, calls) = per_call(cfg, bench_uprobe, 1);
+    // SAFETY: signalling the child this function spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().map_err(|e| format!("{e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("@{name}: "))?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    if count("entries") < calls || count("returns") < calls {
+        return Err(format!(
+            "bpftrace counted {} entries and {} returns of {calls} calls",
+            count("entries"),
+            count("returns")
+        ));
+    }
+    Ok((bare, probed))
 }
 
 // ---------------------------------------------------------------------------
@@ -851,6 +928,8 @@ struct Results {
     /// `bench_frame` unprobed, and with a return probe: fast entry, trap
     /// entry (the exits fast where they can, in both).
     returns: (Sample, Row, Row),
+    /// A kernel uprobe + uretprobe (bare, probed), or why not measured.
+    uretprobe: Result<(Sample, Sample), String>,
     control: Vec<CpRow>,
     quiet: Latency,
     churned: Latency,
@@ -922,6 +1001,10 @@ fn measure(cfg: &Cfg) -> Results {
     eprintln!("bench: fast path done");
     let (frame_bare, fast_returns) = returns_row(cfg, Mode::Auto);
     let (_, trap_returns) = returns_row(cfg, Mode::Trap);
+    let uretprobe = uretprobe(cfg);
+    if let Err(e) = &uretprobe {
+        eprintln!("bench: kernel uretprobe not measured: {e}");
+    }
     eprintln!("bench: return probes done");
     let xray = xray(cfg);
     match &xray {
@@ -955,6 +1038,7 @@ fn measure(cfg: &Cfg) -> Results {
         fast,
         xray,
         returns: (frame_bare, fast_returns, trap_returns),
+        uretprobe,
         control,
         quiet,
         churned,
@@ -1290,6 +1374,23 @@ fn report_returns(w: &mut String, r: &Results) {
             Row::Unavailable(e) => {
                 let _ = writeln!(w, "| {what} | — | — | — | — | {e} |");
             }
+        }
+    }
+    match &r.uretprobe {
+        Ok((b, p)) => {
+            let added = p.median - b.median;
+            let vs = xa.map_or("—".into(), |xa| format!("{:.2}×", added / xa));
+            let _ = writeln!(
+                w,
+                "| kernel uprobe + uretprobe, a BPF counter each (bpftrace) | {} | +{added:.1} ns | {vs} | — |  |",
+                ns(p.median)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                w,
+                "| kernel uprobe + uretprobe (bpftrace) | — | — | — | — | {e} |"
+            );
         }
     }
     let _ = writeln!(
