@@ -2,7 +2,7 @@
 //! (a closure, detached by its guard) and one on code generated at run time
 //! with dynasmrt (a handler function, on a registered JIT region), with the
 //! registers each hit saw. The C twin is `examples/c/quickstart.c`; a whole
-//! JIT embedding probert is `examples/bfjit.rs`.
+//! JIT embedding probert is `runtime/examples/bfjit.rs`.
 //!
 //! Run: `cargo run --release --example quickstart`
 #![allow(unsafe_code)]
