@@ -89,6 +89,40 @@ pub(crate) struct Resolved {
     pub func_start: Option<usize>,
     /// Whether that function's symbol names probert's own code.
     pub probert_symbol: bool,
+    /// The C library function it is, if probert's own signal path may call
+    /// it ([`signal_path_callee`]).
+    pub signal_callee: Option<&'static str>,
+}
+
+/// The C library functions compiled code may call for a copy, a fill or a
+/// comparison without naming them: probert's trap and fast paths among it
+/// (the compiler's choice, more so in debug builds). A probe there would
+/// trap inside the handler that serves it.
+const SIGNAL_PATH_CALLEES: [&str; 5] = ["memcpy", "memmove", "memset", "memcmp", "bcmp"];
+
+/// The extents of [`SIGNAL_PATH_CALLEES`] as the dynamic linker resolved
+/// them (their IFUNC choices), found once.
+fn signal_path_extents() -> &'static [(usize, usize, &'static str)] {
+    static EXTENTS: std::sync::OnceLock<Vec<(usize, usize, &'static str)>> =
+        std::sync::OnceLock::new();
+    EXTENTS.get_or_init(|| {
+        SIGNAL_PATH_CALLEES
+            .iter()
+            .filter_map(|&name| {
+                let c = std::ffi::CString::new(name).ok()?;
+                let f = modules::function_extent(modules::global_symbol(&c)?)?;
+                Some((f.start, f.end, name))
+            })
+            .collect()
+    })
+}
+
+/// The function of [`SIGNAL_PATH_CALLEES`] whose code holds `addr`.
+pub(crate) fn signal_path_callee(addr: usize) -> Option<&'static str> {
+    signal_path_extents()
+        .iter()
+        .find(|&&(s, e, _)| (s..e).contains(&addr))
+        .map(|&(_, _, name)| name)
 }
 
 /// Whether a symbol names probert's own code (`probert_*`, or a Rust path
@@ -303,6 +337,7 @@ impl Regions {
                     target: j.target.clone(),
                     func_start: Some(start),
                     probert_symbol: false,
+                    signal_callee: None,
                 });
             }
         }
@@ -329,6 +364,7 @@ impl Regions {
                 .as_ref()
                 .and_then(|f| f.name())
                 .is_some_and(is_probert_symbol),
+            signal_callee: signal_path_callee(addr),
         })
     }
 }

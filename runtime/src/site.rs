@@ -831,6 +831,15 @@ impl Sites {
                 format!("{addr:#x} is inside probert's own code").into(),
             ));
         }
+        if let Some(name) = resolved.signal_callee {
+            return Err(Error::InvalidArgument(
+                format!(
+                    "{addr:#x} is inside {name}, which probert's own handlers may call: a probe \
+                     there would trap inside the handler serving it"
+                )
+                .into(),
+            ));
+        }
         // The function's layout: every instruction boundary, and which run a
         // jump may displace here.
         let flow = self.with_flow(regions, &target, addr, |f| {

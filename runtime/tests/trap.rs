@@ -786,3 +786,32 @@ isolated!(hammering_threads_get_exact_counts_while_others_churn, {
         CHURN.load(Ordering::SeqCst)
     );
 });
+
+isolated!(functions_probert_handlers_may_call_are_refused, {
+    // memcpy & co. are what compiled code calls for a copy; probert's own
+    // handlers are compiled code. A probe there would trap inside the
+    // handler serving it (in a debug build, at once). Their resolved
+    // implementations are refused, at the entry and inside, and so is a
+    // return probe whose function tail-jumps into them.
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    for name in [c"memcpy", c"memset", c"memmove"] {
+        let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
+        assert_ne!(f, 0);
+        let before = bytes(f, 8);
+        for at in [f, f + 4] {
+            match unsafe { probert::attach(at, count, counter(&HITS)) } {
+                Err(Error::InvalidArgument(why)) => {
+                    assert!(why.contains("handlers may call"), "{name:?}: {why}")
+                }
+                other => panic!("{name:?} at {at:#x}: {other:?}"),
+            }
+        }
+        assert_eq!(bytes(f, 8), before, "nothing written");
+    }
+    // The handlers still run, copying as they like.
+    let id = unsafe { probert::attach(t_push_rbp as *const () as usize, count, counter(&HITS)) }
+        .unwrap();
+    assert_eq!(unsafe { t_push_rbp(1) }, 2);
+    assert_eq!(HITS.load(Ordering::SeqCst), 1);
+    probert::detach(id).unwrap();
+});

@@ -150,6 +150,14 @@ pub fn function_extent(addr: usize) -> Option<Extent> {
     })
 }
 
+/// The address the dynamic linker gives `name` in the global scope (an
+/// IFUNC's resolved choice), if any.
+pub fn global_symbol(name: &std::ffi::CStr) -> Option<usize> {
+    // SAFETY: a NUL-terminated name; RTLD_DEFAULT searches the global scope.
+    let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as usize;
+    (addr != 0).then_some(addr)
+}
+
 /// What identifies a loaded module's image, for caches of what was computed
 /// from its code: its table (a new one for every load of a file) and its
 /// load bias. Keeping the table alive keeps its identity unique.
