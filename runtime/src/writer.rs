@@ -174,6 +174,7 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
 fn init_state() -> Result<WriterState> {
     PROBES.init()?;
     CONSUMERS.init()?;
+    grace::init();
     // The scan signal (or quiescent points) first: the barrier may need it.
     threads::scan_init()?;
     membarrier::init_barrier()?;
