@@ -94,6 +94,9 @@ struct WriterState {
     exit_uses: AddrMap<usize, ExitUse>,
     /// The `ret`s each consumer with a return handler ends at, by consumer.
     return_exits: AddrMap<u32, Vec<usize>>,
+    /// Why reaping consumers whose handlers returned `Remove` failed (their
+    /// probe's code could not be restored): the next [`sync`] reports it.
+    reap_error: Option<Error>,
 }
 
 /// probert's own consumer at one `ret`, shared by the return probes whose
@@ -861,8 +864,14 @@ impl WriterState {
         }
         let removed = self.consumers.removed();
         if let Err(e) = self.detach_nosync(&removed) {
-            // Nothing to report to: keep the error for the next caller.
-            let _ = e;
+            // No caller asked for this: the next `sync` reports it. Consumers
+            // still marked removed are tried again by the next control call.
+            if !self.consumers.removed().is_empty() {
+                // Ordering: Relaxed — the writer's own flag, re-read under
+                // the lock.
+                REAP_PENDING.store(1, Ordering::Relaxed);
+            }
+            self.reap_error.get_or_insert(e);
         }
     }
 
@@ -1034,8 +1043,8 @@ pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
         st.detach_nosync(&idxs)
     });
     match validated {
-        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
-        r => r.and_then(|()| sync()),
+        Err(Error::NotFound) => grace_period().and(Err(Error::NotFound)),
+        r => r.and_then(|()| grace_period()),
     }
 }
 
@@ -1046,8 +1055,8 @@ pub fn detach(id: ConsumerId) -> Result<()> {
         // calls that began before the removal may still be running: wait for
         // them as well, so that after `detach` returns no call of the handle's
         // consumer runs, whatever it returns.
-        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
-        r => r.and_then(|()| sync()),
+        Err(Error::NotFound) => grace_period().and(Err(Error::NotFound)),
+        r => r.and_then(|()| grace_period()),
     }
 }
 
@@ -1057,7 +1066,20 @@ pub fn detach(id: ConsumerId) -> Result<()> {
 /// not switch while a thread was inside their instructions (every control
 /// call does that too, at most every 20 ms). Must not be called from a
 /// handler.
+///
+/// It also reports, once, a failure to detach consumers whose handlers
+/// returned `Remove` (which control calls do on the side): the error that
+/// kept their probe's code from being restored. [`detach`] and
+/// [`detach_batch`] wait the same grace period but report only their own
+/// errors.
 pub fn sync() -> Result<()> {
+    grace_period()?;
+    let reaped = lock().as_mut().and_then(|st| st.reap_error.take());
+    reaped.map_or(Ok(()), Err)
+}
+
+/// [`sync`] without the report of removed consumers.
+fn grace_period() -> Result<()> {
     if grace::in_section() {
         return Err(Error::InvalidArgument(
             "sync (or detach) called from inside a handler would wait for itself".into(),
@@ -1143,7 +1165,7 @@ pub fn region_remove(id: RegionId) -> Result<()> {
     })?;
     // A region that never had probes is read by no handler: no grace period.
     if had_probes {
-        sync()?;
+        grace_period()?;
     }
     Ok(())
 }
@@ -1169,7 +1191,7 @@ pub fn probe_count() -> usize {
 /// and another scan (fast stubs need all three).
 pub fn recycle_stubs() -> Result<()> {
     with_state(|st| st.pool.recycle())?;
-    sync()?;
+    grace_period()?;
     with_state(|st| {
         st.pool.recycle()?;
         st.expire_tombstones();
