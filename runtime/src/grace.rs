@@ -452,8 +452,8 @@ pub(crate) fn synchronize() {
 /// "Giving slots back"). Normal context, under the writer lock; without
 /// it (or where the hook cannot be used) slots are kept for good, as
 /// before.
-#[cfg(not(all(test, loom)))]
 pub(crate) fn init() {
+    #[cfg(not(all(test, loom)))]
     crate::sys::thread_exit::init(thread_exiting);
 }
 
@@ -598,7 +598,6 @@ impl Sections {
                 let section = self.enter_slot(idx, Kind::Persistent);
                 // Inside the section: a probe on the C library's code this
                 // calls is a nested hit.
-                #[cfg(not(all(test, loom)))]
                 crate::sys::thread_exit::arm(idx + 1);
                 return section;
             }
@@ -641,6 +640,7 @@ impl Sections {
     /// Nothing if the slot is not ours, or if we are inside a section (a
     /// handler that ended its thread: the grace periods that wait for it
     /// wait for ever, as before).
+    #[cfg_attr(all(test, loom), allow(dead_code))] // no exit hook under loom
     fn give_back(&self, idx: usize, tp: usize, tid: u64) {
         let Some(slot) = self.slots.get(idx).filter(|_| idx < PERSISTENT) else {
             return;
@@ -864,7 +864,9 @@ fn wait_for(slot: &Slot, seq: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::sync::atomic::AtomicBool;
+    #[cfg(not(loom))]
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Arc;
 
     fn cx() -> SignalContext {

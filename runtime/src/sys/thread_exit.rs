@@ -18,6 +18,8 @@
 //! Calls `pthread_key_create` with a destructor that has the C signature,
 //! and `pthread_setspecific` with a key this module created.
 #![allow(unsafe_code)]
+// Loom models arm nothing (see `grace`).
+#![cfg_attr(all(test, loom), allow(dead_code))]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
