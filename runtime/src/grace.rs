@@ -406,9 +406,11 @@ pub(crate) fn slot_layout() -> SlotLayout {
 /// Enters a read-side section on the calling thread.
 ///
 /// # Signal safety
-/// Loads, at most one CAS per slot probed (only on a thread's first section)
-/// and one store; bounded by the table size; no allocation, lock or
-/// panic.
+/// Loads and one store; on a thread's first section (and once its exit
+/// hook ran) also CASes, raw
+/// `gettid`/`getpid`/`tgkill` system calls and the exit hook's
+/// `pthread_setspecific` (stores only, see [`crate::sys::thread_exit`]);
+/// bounded by the table size; no allocation, lock or panic.
 #[inline]
 #[link_section = "probert_fast"] // see `crate::fast::code_range`
 pub(crate) fn enter(cx: SignalContext) -> Section<'static> {
