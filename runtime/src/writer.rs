@@ -1370,9 +1370,9 @@ pub fn detach(id: ConsumerId) -> Result<()> {
 /// call does that too, at most every 20 ms). Must not be called from a
 /// handler.
 ///
-/// It also reports, once, a failure to detach consumers whose handlers
-/// returned `Remove` (which control calls do on the side): the error that
-/// kept their probe's code from being restored. [`detach`] and
+/// It also reports a failure to detach consumers whose handlers returned
+/// `Remove` (which control calls do on the side, and retry while it fails):
+/// the last error that kept their probe's code from being restored. [`detach`] and
 /// [`detach_batch`] wait the same grace period but report only their own
 /// errors.
 pub fn sync() -> Result<()> {

@@ -355,8 +355,8 @@ isolated!(
 isolated!(a_failed_reap_is_reported_by_the_next_sync, {
     // A handler returns `Remove`; by the time a control call reaps it, its
     // region's write callback fails, so the probe's code cannot be
-    // restored. That error is not dropped: the next `sync` reports it,
-    // once.
+    // restored. That error is not dropped: `sync` reports it, and the reap
+    // is retried until it succeeds.
     static FAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     unsafe extern "C" fn remove(_: *mut probert::Hit) -> u32 {
         probert::Action::Remove as u32
@@ -401,10 +401,14 @@ isolated!(a_failed_reap_is_reported_by_the_next_sync, {
         matches!(err, Error::Protect { addr, .. } if addr == page),
         "{err}"
     );
-    assert_eq!(probert::sync(), Ok(()), "reported once");
-    assert_eq!(probert::detach(id), Err(Error::NotFound));
-    // (The page is not called again: a site whose restore failed is
-    // forgotten with its trap still written — issue 14's ground.)
+    // Still failing: the reap is tried again (the consumer stays removed,
+    // its probe armed) and reported again.
+    assert!(probert::sync().is_err(), "still failing");
     FAIL.store(false, Ordering::SeqCst);
+    assert_eq!(probert::sync(), Ok(()), "the retried reap succeeded");
+    assert_eq!(bytes(page, CODE.len()), CODE, "restored");
+    assert_eq!(probert::probe_count(), 0);
+    assert_eq!(probert::detach(id), Err(Error::NotFound));
+    assert_eq!(call(page, 1), 2);
     probert::region_remove(region).unwrap();
 });
