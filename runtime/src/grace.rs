@@ -47,6 +47,25 @@
 //! [`TRANSIENT`] slots for the length of one section (claimed by CAS, released
 //! by a store); a transient slot is equally exclusive while borrowed.
 //!
+//! # Giving slots back
+//!
+//! A thread that claims a persistent slot arms a thread-exit hook
+//! ([`crate::sys::thread_exit`], a `pthread` key destructor: stores only,
+//! also in signal context). When the thread exits, the hook — normal
+//! context, the thread outside any section — marks the slot *exiting*:
+//! owner `tp | EXITING_TAG`, with the thread's kernel id beside it. Nothing
+//! writes an exiting slot's sequence any more: the thread, still running
+//! its exit path (later destructors may hit probes), sees an exiting slot of
+//! its own pointer *and* its own id and borrows transient slots for the
+//! rest of its life (claiming again would arm a hook that no longer runs).
+//! An exiting slot becomes another thread's by one CAS of its owner: a
+//! thread with the same pointer but another id (its previous owner is dead:
+//! two live threads never share a thread pointer), or any thread once
+//! `tgkill` says the recorded id has exited. So a server that creates
+//! threads forever keeps finding private slots. Slots never become empty
+//! again (that would cut the probe sequences of the slots after them);
+//! a slot freed by `fork` is marked `DEAD`, claimable like an exiting one.
+//!
 //! # Per-thread hit counts
 //!
 //! Counting every hit into the consumer's record would write a cache line
@@ -101,6 +120,12 @@ pub(crate) const TRANSIENT: usize = 1;
 const SLOTS: usize = PERSISTENT + TRANSIENT;
 /// Marks a transient owner: thread pointers are at least 8-aligned.
 const TRANSIENT_TAG: usize = 1;
+/// Marks a persistent slot whose owner has exited, or is exiting (see
+/// "Giving slots back").
+const EXITING_TAG: usize = 2;
+/// A persistent slot freed by `fork`: claimable, and not the end of a
+/// probe sequence (no thread pointer lies in the first page).
+const DEAD: usize = 4;
 
 /// Entries of a slot's hit cache (a power of two: the way is a mask of the
 /// tag, whose low bits are the consumer index).
@@ -131,6 +156,9 @@ struct Slot {
     /// Odd while the owner is inside a section.
     seq: AtomicU64,
     hits: [HitEntry; HIT_WAYS],
+    /// The kernel thread id of an exiting owner (set before the owner
+    /// becomes `tp | EXITING_TAG`).
+    exit_tid: AtomicU64,
 }
 
 /// The section table: the algorithm is its methods. Production has one,
@@ -155,6 +183,7 @@ const FREE_SLOT: CachePadded<Slot> = CachePadded::new(Slot {
             count: AtomicU64::new(0),
         }
     }; HIT_WAYS],
+    exit_tid: AtomicU64::new(0),
 });
 
 impl Sections {
@@ -177,6 +206,7 @@ impl Sections {
                         tag: AtomicU64::new(0),
                         count: AtomicU64::new(0),
                     }),
+                    exit_tid: AtomicU64::new(0),
                 })
             }),
             membarrier,
@@ -376,9 +406,11 @@ pub(crate) fn slot_layout() -> SlotLayout {
 /// Enters a read-side section on the calling thread.
 ///
 /// # Signal safety
-/// Loads, at most one CAS per slot probed (only on a thread's first section)
-/// and one store; bounded by the table size; no allocation, lock or
-/// panic.
+/// Loads and one store; on a thread's first section (and once its exit
+/// hook ran) also CASes, raw
+/// `gettid`/`getpid`/`tgkill` system calls and the exit hook's
+/// `pthread_setspecific` (stores only, see [`crate::sys::thread_exit`]);
+/// bounded by the table size; no allocation, lock or panic.
 #[inline]
 #[link_section = "probert_fast"] // see `crate::fast::code_range`
 pub(crate) fn enter(cx: SignalContext) -> Section<'static> {
@@ -418,11 +450,68 @@ pub(crate) fn synchronize() {
     TABLE.synchronize();
 }
 
+/// Sets up the thread-exit hook that gives persistent slots back (see
+/// "Giving slots back"). Normal context, under the writer lock; without
+/// it (or where the hook cannot be used) slots are kept for good, as
+/// before.
+pub(crate) fn init() {
+    #[cfg(not(all(test, loom)))]
+    crate::sys::thread_exit::init(thread_exiting);
+}
+
+/// The thread-exit hook: `value` is the index of the slot the thread
+/// claimed, plus one.
+#[cfg(not(all(test, loom)))]
+unsafe extern "C" fn thread_exiting(value: *mut std::ffi::c_void) {
+    if let Some(idx) = (value as usize).checked_sub(1) {
+        TABLE.give_back(idx, thread_pointer(), own_tid());
+    }
+}
+
+/// The calling thread's kernel id (loom: its loom number).
+///
+/// # Signal safety
+/// One raw system call.
+#[inline(always)]
+fn own_tid() -> u64 {
+    #[cfg(not(all(test, loom)))]
+    return crate::sys::thread_exit::tid();
+    #[cfg(all(test, loom))]
+    return thread_pointer() as u64;
+}
+
+/// This process's id (loom: 0).
+///
+/// # Signal safety
+/// One raw system call.
+#[inline(always)]
+fn own_pid() -> u64 {
+    #[cfg(not(all(test, loom)))]
+    return crate::sys::thread_exit::pid();
+    #[cfg(all(test, loom))]
+    return 0;
+}
+
+/// Whether thread `tid` of process `pid` has exited (loom: never).
+///
+/// # Signal safety
+/// One raw system call.
+#[inline(always)]
+fn exited(pid: u64, tid: u64) -> bool {
+    #[cfg(not(all(test, loom)))]
+    return crate::sys::thread_exit::has_exited(pid, tid);
+    #[cfg(all(test, loom))]
+    return {
+        let _ = (pid, tid);
+        false
+    };
+}
+
 /// In a forked child only the forking thread survives; every other slot is
 /// freed (its owner may have been mid-section at `fork`, and would otherwise
 /// hold grace periods forever). Runs in the `pthread_atfork` child handler.
-/// This is the one place persistent slots are deleted: the holes it leaves
-/// can only make the surviving thread claim a second slot, never share one.
+/// Freed persistent slots become `DEAD`, not empty, so probe sequences
+/// stay whole.
 ///
 /// # Signal safety
 /// Plain atomic stores.
@@ -448,34 +537,127 @@ impl Sections {
     }
 
     /// [`Sections::enter`] when the thread's slot is not its home slot (or
-    /// not claimed yet): probe the table from home, claiming a free slot.
+    /// not claimed yet): probe the table from home for our slot; else claim
+    /// one (see "Giving slots back"), in this order of preference: an
+    /// exiting slot of our thread pointer whose owner is dead, a `DEAD`
+    /// one, an exiting one whose owner has exited, the empty slot that ends
+    /// the sequence; else borrow a transient slot.
     #[cold]
     #[inline(never)]
     #[link_section = "probert_fast"] // see `crate::fast::code_range`
     fn enter_probing(&self, cx: SignalContext, tp: usize, start: usize) -> Section<'_> {
-        for i in 0..PERSISTENT {
-            let idx = (start + i) & (PERSISTENT - 1);
-            let slot = &self.slots[idx];
-            // Ordering: Relaxed — only this thread ever stores `tp` here, so
-            // seeing it means we (or a dead thread with our pointer) claimed it.
-            let owner = slot.owner.load(Ordering::Relaxed);
-            if owner == 0 {
-                // Ordering: Acquire on success — we take over the slot's `seq`
-                // history; pairs with the Release in `reset_after_fork`.
-                match slot
-                    .owner
-                    .compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed)
-                {
-                    Ok(_) => return self.enter_slot(idx, Kind::Persistent),
-                    Err(other) if other == tp => return self.enter_slot(idx, Kind::Persistent),
-                    Err(_) => continue,
+        // A failed CAS means another thread claimed that slot: look again
+        // (bounded: each failure is another thread's claim).
+        for _ in 0..PERSISTENT {
+            let (mut own_exiting, mut dead, mut others_exiting, mut empty) =
+                (None, None, false, None);
+            for i in 0..PERSISTENT {
+                let idx = (start + i) & (PERSISTENT - 1);
+                // Ordering: Relaxed — only this thread ever stores `tp` here,
+                // so seeing it means we (or a dead thread with our pointer)
+                // claimed it; a claim below re-reads with an Acquire CAS.
+                match self.slots[idx].owner.load(Ordering::Relaxed) {
+                    o if o == tp => return self.enter_slot(idx, Kind::Persistent),
+                    0 => {
+                        empty = Some(idx);
+                        break;
+                    }
+                    DEAD => {
+                        dead.get_or_insert(idx);
+                    }
+                    o if o == tp | EXITING_TAG => own_exiting = Some(idx),
+                    o if o & EXITING_TAG != 0 => others_exiting = true,
+                    _ => {}
                 }
             }
-            if owner == tp {
-                return self.enter_slot(idx, Kind::Persistent);
+            let claim = if let Some(idx) = own_exiting {
+                // Ordering: Relaxed — written before the exiting owner value
+                // our load saw (Release in `give_back`).
+                let exit_tid = self.slots[idx].exit_tid.load(Ordering::Relaxed);
+                if exit_tid == own_tid() {
+                    // We gave it back at our exit and are still running.
+                    return self.enter_transient(cx, tp);
+                }
+                Some((idx, tp | EXITING_TAG))
+            } else if let Some(idx) = dead {
+                Some((idx, DEAD))
+            } else if let Some(found) = others_exiting.then(|| self.exited_slot(start)).flatten() {
+                Some(found)
+            } else {
+                empty.map(|idx| (idx, 0))
+            };
+            let Some((idx, seen)) = claim else {
+                return self.enter_transient(cx, tp);
+            };
+            // Ordering: Acquire on success — we take over the slot's `seq`
+            // and hit-cache history; pairs with the Release in `give_back`
+            // and `reset_after_fork`.
+            if self.slots[idx]
+                .owner
+                .compare_exchange(seen, tp, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                let section = self.enter_slot(idx, Kind::Persistent);
+                // Inside the section: a probe on the C library's code this
+                // calls is a nested hit.
+                crate::sys::thread_exit::arm(idx + 1);
+                return section;
             }
         }
         self.enter_transient(cx, tp)
+    }
+
+    /// An exiting slot on the probe sequence from `start` whose owner has
+    /// exited: `(index, its owner value)`.
+    ///
+    /// # Signal safety
+    /// Loads and at most one raw system call per slot.
+    #[cold]
+    #[inline(never)]
+    #[link_section = "probert_fast"] // see `crate::fast::code_range`
+    fn exited_slot(&self, start: usize) -> Option<(usize, usize)> {
+        let pid = own_pid();
+        for i in 0..PERSISTENT {
+            let idx = (start + i) & (PERSISTENT - 1);
+            let slot = &self.slots[idx];
+            // Ordering: Acquire — the exit id was stored before the exiting
+            // owner value (Release in `give_back`).
+            match slot.owner.load(Ordering::Acquire) {
+                0 => return None,
+                o if o & EXITING_TAG != 0 => {
+                    // Ordering: Relaxed — see above.
+                    let tid = slot.exit_tid.load(Ordering::Relaxed);
+                    if exited(pid, tid) {
+                        return Some((idx, o));
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// The calling thread exits (its exit hook runs, normal context): its
+    /// persistent slot `idx` becomes exiting, claimable once it is dead.
+    /// Nothing if the slot is not ours, or if we are inside a section (a
+    /// handler that ended its thread: the grace periods that wait for it
+    /// wait for ever, as before).
+    #[cfg_attr(all(test, loom), allow(dead_code))] // no exit hook under loom
+    fn give_back(&self, idx: usize, tp: usize, tid: u64) {
+        let Some(slot) = self.slots.get(idx).filter(|_| idx < PERSISTENT) else {
+            return;
+        };
+        // Ordering (both): Relaxed — our own slot, written only by us. A
+        // signal handler running on this thread between the checks and the
+        // store runs whole sections of its own, leaving `seq` even.
+        if slot.owner.load(Ordering::Relaxed) != tp || slot.seq.load(Ordering::Relaxed) & 1 == 1 {
+            return;
+        }
+        slot.exit_tid.store(tid, Ordering::Relaxed);
+        // Ordering: Release — the exit id and our last `seq` store come
+        // before the slot is claimable; pairs with the Acquire claim in
+        // `enter_probing` and the load in `exited_slot`.
+        slot.owner.store(tp | EXITING_TAG, Ordering::Release);
     }
 
     #[inline(always)]
@@ -635,7 +817,7 @@ impl Sections {
 
     fn reset_after_fork(&self, flush: impl Fn(u64, u64)) {
         let tp = thread_pointer();
-        for slot in self.slots.iter() {
+        for (idx, slot) in self.slots.iter().enumerate() {
             // Ordering: Relaxed — single-threaded here (the child has one thread).
             let owner = slot.owner.load(Ordering::Relaxed);
             if owner != tp && owner != tp | TRANSIENT_TAG {
@@ -652,8 +834,14 @@ impl Sections {
                     e.count.store(0, Ordering::Relaxed);
                 }
                 slot.seq.store(0, Ordering::Relaxed);
+                slot.exit_tid.store(0, Ordering::Relaxed);
+                let free = if idx < PERSISTENT && owner != 0 {
+                    DEAD
+                } else {
+                    0
+                };
                 // Ordering: Release — pairs with the Acquire claim in `enter`.
-                slot.owner.store(0, Ordering::Release);
+                slot.owner.store(free, Ordering::Release);
             }
         }
     }
@@ -679,6 +867,8 @@ fn wait_for(slot: &Slot, seq: u64) {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
+    #[cfg(not(loom))]
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Arc;
 
     fn cx() -> SignalContext {
@@ -735,6 +925,122 @@ mod tests {
         assert!(done.load(Ordering::SeqCst));
         t.join().unwrap();
         releaser.join().unwrap();
+    }
+
+    #[cfg(not(loom))]
+    /// What a thread of [`slots_of_exited_threads_are_given_back`] saw.
+    struct Seen {
+        kind: Kind,
+        tp: usize,
+        barrier: *const std::sync::Barrier,
+    }
+
+    #[cfg(not(loom))]
+    extern "C" fn section_then_wait(arg: *mut std::ffi::c_void) -> *mut std::ffi::c_void {
+        // SAFETY: the test passes a `Seen` it keeps until the join.
+        let seen = unsafe { &mut *arg.cast::<Seen>() };
+        let s = enter(cx());
+        (seen.kind, seen.tp) = (s.kind, thread_pointer());
+        s.exit(cx());
+        // SAFETY: the barrier outlives every thread.
+        unsafe { &*seen.barrier }.wait();
+        std::ptr::null_mut()
+    }
+
+    #[cfg(not(loom))]
+    /// The kind of section a thread gets in a destructor that runs after
+    /// probert's exit hook (a later key).
+    static LATE_KIND: AtomicUsize = AtomicUsize::new(0);
+    #[cfg(not(loom))]
+    extern "C" fn late_destructor(_: *mut std::ffi::c_void) {
+        let s = enter(cx());
+        LATE_KIND.store(s.kind as usize + 1, Ordering::SeqCst);
+        s.exit(cx());
+    }
+
+    #[cfg(not(loom))]
+    fn slots_of_exited_threads_are_given_back_body() {
+        init();
+        // More threads than persistent slots alive at once, on stacks the
+        // test owns (so their thread pointers come back to no later
+        // thread): the table fills.
+        const N: usize = PERSISTENT + 40;
+        const STACK: usize = 256 << 10;
+        let barrier = std::sync::Barrier::new(N);
+        let mut stacks = vec![0u8; N * STACK];
+        let mut seen: Vec<Seen> = (0..N)
+            .map(|_| Seen {
+                kind: Kind::Nested,
+                tp: 0,
+                barrier: &barrier,
+            })
+            .collect();
+        let threads: Vec<libc::pthread_t> = (0..N)
+            .map(|i| {
+                // SAFETY: an attribute object with a stack the test keeps
+                // mapped until every thread is joined; `seen[i]` likewise.
+                unsafe {
+                    let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+                    assert_eq!(libc::pthread_attr_init(&mut attr), 0);
+                    let stack = stacks.as_mut_ptr().add(i * STACK).cast();
+                    assert_eq!(libc::pthread_attr_setstack(&mut attr, stack, STACK), 0);
+                    let mut t: libc::pthread_t = 0;
+                    let arg = (&mut seen[i] as *mut Seen).cast();
+                    assert_eq!(
+                        libc::pthread_create(&mut t, &attr, section_then_wait, arg),
+                        0
+                    );
+                    libc::pthread_attr_destroy(&mut attr);
+                    t
+                }
+            })
+            .collect();
+        for t in threads {
+            // SAFETY: a thread created above, joined once.
+            assert_eq!(unsafe { libc::pthread_join(t, std::ptr::null_mut()) }, 0);
+        }
+        let persistent = seen.iter().filter(|s| s.kind == Kind::Persistent).count();
+        assert_eq!(persistent, PERSISTENT, "the table was full");
+        // They have all exited: a thread with a thread pointer none of them
+        // had gets a slot of its own.
+        let (kind, tp) = std::thread::spawn(|| {
+            let s = enter(cx());
+            let k = s.kind;
+            s.exit(cx());
+            (k, thread_pointer())
+        })
+        .join()
+        .unwrap();
+        assert!(seen.iter().all(|s| s.tp != tp));
+        assert_eq!(kind, Kind::Persistent, "a new thread got no private slot");
+        // A thread that hits after its exit hook ran (a later destructor)
+        // borrows a transient slot rather than claiming one it would keep.
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: a key with a C destructor, set by the thread below.
+        let rc = unsafe { libc::pthread_key_create(&mut key, Some(late_destructor)) };
+        assert_eq!(rc, 0);
+        std::thread::spawn(move || {
+            enter(cx()).exit(cx());
+            // SAFETY: the key was created above.
+            unsafe { libc::pthread_setspecific(key, 1 as *const std::ffi::c_void) };
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            LATE_KIND.load(Ordering::SeqCst),
+            Kind::Transient as usize + 1,
+            "a section after the exit hook"
+        );
+        drop(stacks);
+    }
+
+    #[cfg(not(loom))]
+    #[test]
+    fn slots_of_exited_threads_are_given_back() {
+        crate::sys::threads::in_own_process(
+            "grace::tests::slots_of_exited_threads_are_given_back",
+            slots_of_exited_threads_are_given_back_body,
+        );
     }
 
     #[test]

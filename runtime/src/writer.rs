@@ -96,6 +96,9 @@ struct WriterState {
     return_exits: AddrMap<u32, Vec<usize>>,
     /// The loader's (loads, unloads) when module sites were last verified.
     module_generation: Option<(u64, u64)>,
+    /// Why reaping consumers whose handlers returned `Remove` failed (their
+    /// probe's code could not be restored): the next [`sync`] reports it.
+    reap_error: Option<Error>,
 }
 
 /// probert's own consumer at one `ret`, shared by the return probes whose
@@ -178,6 +181,7 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
 fn init_state() -> Result<WriterState> {
     PROBES.init()?;
     CONSUMERS.init()?;
+    grace::init();
     // The scan signal (or quiescent points) first: the barrier may need it.
     threads::scan_init()?;
     membarrier::init_barrier()?;
@@ -963,8 +967,14 @@ impl WriterState {
         }
         let removed = self.consumers.removed();
         if let Err(e) = self.detach_nosync(&removed) {
-            // Nothing to report to: keep the error for the next caller.
-            let _ = e;
+            // No caller asked for this: the next `sync` reports it. Consumers
+            // still marked removed are tried again by the next control call.
+            if !self.consumers.removed().is_empty() {
+                // Ordering: Relaxed — the writer's own flag, re-read under
+                // the lock.
+                REAP_PENDING.store(1, Ordering::Relaxed);
+            }
+            self.reap_error.get_or_insert(e);
         }
     }
 
@@ -1337,7 +1347,7 @@ pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
     });
     // Also after a failed write: the consumers of other sites are detached,
     // and their handlers must be done when this returns.
-    let synced = sync();
+    let synced = grace_period();
     validated.and(synced)
 }
 
@@ -1349,7 +1359,7 @@ pub fn detach(id: ConsumerId) -> Result<()> {
     // attached), so that after `detach` returns no call of a consumer it
     // detached runs, whatever it returns.
     let r = detach_nosync(id);
-    let synced = sync();
+    let synced = grace_period();
     r.and(synced)
 }
 
@@ -1359,7 +1369,20 @@ pub fn detach(id: ConsumerId) -> Result<()> {
 /// not switch while a thread was inside their instructions (every control
 /// call does that too, at most every 20 ms). Must not be called from a
 /// handler.
+///
+/// It also reports a failure to detach consumers whose handlers returned
+/// `Remove` (which control calls do on the side, and retry while it fails):
+/// the last error that kept their probe's code from being restored. [`detach`] and
+/// [`detach_batch`] wait the same grace period but report only their own
+/// errors.
 pub fn sync() -> Result<()> {
+    grace_period()?;
+    let reaped = lock().as_mut().and_then(|st| st.reap_error.take());
+    reaped.map_or(Ok(()), Err)
+}
+
+/// [`sync`] without the report of removed consumers.
+fn grace_period() -> Result<()> {
     if grace::in_section() {
         return Err(Error::InvalidArgument(
             "sync (or detach) called from inside a handler would wait for itself".into(),
@@ -1487,7 +1510,7 @@ fn remove_region(id: RegionId, gone: bool) -> Result<()> {
     })?;
     // A region that never had probes is read by no handler: no grace period.
     if had_probes {
-        sync()?;
+        grace_period()?;
     }
     result
 }
@@ -1517,7 +1540,7 @@ pub fn probe_count() -> usize {
 /// and another scan (fast stubs need all three).
 pub fn recycle_stubs() -> Result<()> {
     with_state(|st| st.pool.recycle())?;
-    sync()?;
+    grace_period()?;
     with_state(|st| {
         st.pool.recycle()?;
         st.expire_tombstones();

@@ -376,3 +376,45 @@ isolated!(fast_stubs_are_recycled_without_recycle_stubs, {
         "retired stubs pile up: ({grace}, {scan})"
     );
 });
+
+isolated!(a_stale_stub_calls_no_consumer_of_its_records_next_probe, {
+    // A thread that entered a fast stub and was preempted before its
+    // dispatcher's section finds, when it runs again, the stub's probe
+    // removed and its record given to a probe at another site. It must run
+    // the displaced instructions and no consumer: the record is not the
+    // stub's site's any more (the dispatcher checks the site address, not
+    // a few bits of a generation). Entering the retired stub by hand stands
+    // for the preempted thread: the stub is retired, not reused (the pool
+    // recycles only when a chunk is full).
+    static FIRST: AtomicU64 = AtomicU64::new(0);
+    static OTHER: AtomicU64 = AtomicU64::new(0);
+    let site = addr!(t_nop5);
+    let id = unsafe { probert::attach_ex(site, count, counter(&FIRST), Mode::Fast) }.unwrap();
+    let jump = bytes(site, 5);
+    assert_eq!(jump[0], 0xE9, "a fast site");
+    let rel = i32::from_le_bytes([jump[1], jump[2], jump[3], jump[4]]);
+    let entry = (site as i64 + 5 + i64::from(rel)) as usize;
+    let stub: unsafe extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(entry) };
+    // The stub works as the site does while its probe is attached...
+    assert_eq!(unsafe { stub(1) }, 10);
+    assert_eq!(FIRST.load(Ordering::SeqCst), 1);
+    probert::detach(id).unwrap();
+    // ...and its record goes to the next probe (the free list is LIFO),
+    // at another site. The trampoline's inline case serves a thread whose
+    // hit cache already holds the consumer: hit it once first, so both the
+    // inline case and the general dispatcher are checked below.
+    let other =
+        unsafe { probert::attach_ex(addr!(t_jmp), count, counter(&OTHER), Mode::Fast) }.unwrap();
+    assert_eq!(unsafe { t_jmp(1) }, 4);
+    assert_eq!(OTHER.load(Ordering::SeqCst), 1);
+    for i in 0..3 {
+        assert_eq!(unsafe { stub(i) }, i + 9, "the displaced instructions ran");
+    }
+    assert_eq!(
+        OTHER.load(Ordering::SeqCst),
+        1,
+        "a stale stub called another site's consumer"
+    );
+    assert_eq!(FIRST.load(Ordering::SeqCst), 1);
+    probert::detach(other).unwrap();
+});

@@ -351,3 +351,64 @@ isolated!(
         drop(page);
     }
 );
+
+isolated!(a_failed_reap_is_reported_by_the_next_sync, {
+    // A handler returns `Remove`; by the time a control call reaps it, its
+    // region's write callback fails, so the probe's code cannot be
+    // restored. That error is not dropped: `sync` reports it, and the reap
+    // is retried until it succeeds.
+    static FAIL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    unsafe extern "C" fn remove(_: *mut probert::Hit) -> u32 {
+        probert::Action::Remove as u32
+    }
+    let page = jit_page();
+    let region = probert::region_add(RegionDesc {
+        start: page,
+        len: 4096,
+        name: "flaky".into(),
+        write: Some(Box::new(move |dst: usize, src: &[u8]| {
+            if FAIL.load(Ordering::SeqCst) {
+                return Err("read-only by policy now".into());
+            }
+            let off = dst
+                .checked_sub(page)
+                .filter(|o| o + src.len() <= 4096)
+                .ok_or("out of range")?;
+            unsafe {
+                region::protect(
+                    (page + off) as *const u8,
+                    src.len(),
+                    region::Protection::READ_WRITE_EXECUTE,
+                )
+                .map_err(|e| e.to_string())?;
+                std::ptr::copy_nonoverlapping(src.as_ptr(), (page + off) as *mut u8, src.len());
+                region::protect(
+                    (page + off) as *const u8,
+                    src.len(),
+                    region::Protection::READ_EXECUTE,
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })),
+    })
+    .unwrap();
+    let id = unsafe { probert::attach(page, remove, std::ptr::null_mut()) }.unwrap();
+    assert_eq!(call(page, 9), 10, "this call returns Remove");
+    FAIL.store(true, Ordering::SeqCst);
+    let err = probert::sync().expect_err("the failed reap is reported");
+    assert!(
+        matches!(err, Error::Protect { addr, .. } if addr == page),
+        "{err}"
+    );
+    // Still failing: the reap is tried again (the consumer stays removed,
+    // its probe armed) and reported again.
+    assert!(probert::sync().is_err(), "still failing");
+    FAIL.store(false, Ordering::SeqCst);
+    assert_eq!(probert::sync(), Ok(()), "the retried reap succeeded");
+    assert_eq!(bytes(page, CODE.len()), CODE, "restored");
+    assert_eq!(probert::probe_count(), 0);
+    assert_eq!(probert::detach(id), Err(Error::NotFound));
+    assert_eq!(call(page, 1), 2);
+    probert::region_remove(region).unwrap();
+});

@@ -17,7 +17,8 @@
 //!   `scan_mode`: which signal scans use, or the host's quiescent points
 //!   (`quiescent`) instead; `tasks`: listing the threads through a cached
 //!   `/proc/self/task` descriptor; `sigframes`: contexts saved in signal
-//!   frames deeper on a thread's stack.
+//!   frames deeper on a thread's stack; `thread_exit`: a destructor run
+//!   by every exiting thread.
 
 pub mod cfi;
 pub mod code;
@@ -37,4 +38,5 @@ pub mod sigframes;
 pub mod signal;
 pub mod symbols;
 pub mod tasks;
+pub mod thread_exit;
 pub mod threads;

@@ -1113,6 +1113,65 @@ mod tests {
     }
 
     #[test]
+    fn a_redirect_writes_nothing_below_the_stack_pointer_the_trampoline_runs_with() {
+        // A frame in the middle of a zeroed buffer that stands for the
+        // thread's stack: the trampoline runs with its stack pointer at or
+        // below the frame's start, so memory below it belongs to any signal
+        // frame, and the frame's registers are read until the exit switches
+        // stacks. Whatever stack pointer a handler chose — far below (it
+        // lowered RSP by kilobytes), just below, the same, above — the exit
+        // slot and the copy of r15 under it lie above the frame, or are the
+        // frame's own far slot, and nothing below the frame is written.
+        const WORDS: usize = 8192;
+        const AT: usize = 4096;
+        let mut stack = vec![0u64; WORDS];
+        let base = stack.as_mut_ptr() as usize;
+        let frame_start = base + AT * 8;
+        for delta in (-(16 << 10)..=2048i64).step_by(8) {
+            stack.iter_mut().for_each(|w| *w = 0);
+            // SAFETY: the frame lies inside the buffer, 8-aligned; a
+            // `FastFrame` is plain words, valid when zeroed.
+            let frame = unsafe { &mut *(frame_start as *mut FastFrame) };
+            let entry = frame.entry_sp() as i64;
+            let (probed, other) = (0x40_1000u64, 0x40_2000u64);
+            frame.ret_point = 0x50_0000;
+            frame.regs.rip = other;
+            frame
+                .regs
+                .set(super::super::Reg::Rsp, (entry + delta) as u64);
+            frame.regs.set(super::super::Reg::R15, 0x1515);
+            // SAFETY: a test-only token; nothing here runs in a handler.
+            frame.retarget(unsafe { SignalContext::new() }, probed as usize);
+            let exit = frame.exit as usize;
+            let far = std::ptr::addr_of!(frame.far[FAR_SLOT]) as usize;
+            let frame_end = frame_start + std::mem::size_of::<FastFrame>();
+            assert!(
+                exit == far || exit - FRAME_REG_BELOW_EXIT as usize >= frame_end,
+                "rsp {delta:+}: exit slot {exit:#x} within or below the frame \
+                 [{frame_start:#x}, {frame_end:#x})"
+            );
+            // SAFETY: `exit` and the copy below it are inside the buffer.
+            let (target, r15) = unsafe {
+                (
+                    *(exit as *const u64),
+                    *((exit - FRAME_REG_BELOW_EXIT as usize) as *const u64),
+                )
+            };
+            assert_eq!(r15, 0x1515, "rsp {delta:+}: the copy of r15 the exit reads");
+            if exit == far {
+                assert_eq!(target, far_exit_address() as u64);
+                assert_eq!(frame.far[FAR_SLOT + 2], other);
+            } else {
+                assert_eq!(target, other, "rsp {delta:+}: the target");
+            }
+            assert!(
+                stack[..AT].iter().all(|&w| w == 0),
+                "rsp {delta:+}: a word below the frame was written"
+            );
+        }
+    }
+
+    #[test]
     fn stub_prologue_golden_bytes() {
         let (slot, tramp) = (0x50_0000, 0x4F_F000);
         let b = stub_prologue(slot, tramp, 0x1122_3344_5566, 0x40_1000).unwrap();
