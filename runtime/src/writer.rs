@@ -124,6 +124,11 @@ unsafe extern "C" fn exit_marker(_: *mut crate::hit::Hit) -> u32 {
     0
 }
 
+/// How long a demotion waits for threads to leave the old copy of a run:
+/// scans, and the timeout of each (a thread seen inside is asked again until
+/// it leaves).
+const DEMOTE_PATIENCE: (usize, std::time::Duration) = (10, std::time::Duration::from_millis(200));
+
 /// How often control calls retry the sites that could not be made fast.
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -749,7 +754,11 @@ impl WriterState {
         if let Some(range) = range {
             let mut ranges = vec![range, crate::fast::code_range()];
             ranges.extend(self.pool.trampolines());
-            if !crate::xol::quiet(&ranges, threads::Depth::Frames)? {
+            // Patient: threads on their way through the trampolines for
+            // other sites look the same as one bound for the old copy, and
+            // on a loaded machine each is asked again only when it runs.
+            let (tries, timeout) = DEMOTE_PATIENCE;
+            if !crate::xol::quiet_within(&ranges, threads::Depth::Frames, tries, timeout)? {
                 return Err(Error::unsupported(
                     inside,
                     format!(
