@@ -208,9 +208,9 @@ pub use lookup::{functions, symbol_addr, Function};
 pub use region::{RegionDesc, RegionId, WriteFn};
 pub use site::Mode;
 pub use writer::{
-    attach_batch, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync, init,
-    instructions, probe_count, probe_mode, recycle_stubs, region_add, region_functions,
-    region_remove, retired_stubs, stats, sync,
+    attach_batch, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync,
+    fast_refusal, init, instructions, probe_count, probe_mode, recycle_stubs, region_add,
+    region_functions, region_remove, retired_stubs, stats, sync,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is
