@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- --quick   # a smoke run of every row; writes nothing
 //! cargo run --release --example bench -- --coverage # only the coverage of real libraries;
 //!                                                   # rewrites that section of BENCHMARKS.md
+//! cargo run --release --example bench -- --coverage libz lua  # some of them; writes nothing
 //! ```
 //!
 //! Method. Every per-call row calls an assembly function in a time-bounded
@@ -1672,8 +1673,21 @@ struct CovRow {
     probed: f64,
     /// Hits the entries' consumers saw in one probed run of the workload.
     hits_per_run: u64,
+    /// Of those, hits of entries served by trap (by `probert::stats`).
+    trap_hits: u64,
+    /// The entries served by trap hit most.
+    hot: Vec<HotTrap>,
     /// Seconds spent on the two boundary passes (attach, count, detach).
     boundary_secs: f64,
+}
+
+/// An entry served by trap, hit by the workload.
+struct HotTrap {
+    name: String,
+    /// Hits per probed run.
+    hits: u64,
+    /// Why it is not fast.
+    why: String,
 }
 
 /// How a set of probes was served.
@@ -1851,12 +1865,43 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
             lib.counted.0, lib.soname
         );
     }
-    let per_consumer: u64 = probes
+    let deltas: Vec<u64> = probes
         .iter()
         .zip(&before)
         .map(|(p, b)| probert::stats(p.1).expect("stats").hits - b)
-        .sum();
+        .collect();
+    let per_consumer: u64 = deltas.iter().sum();
     assert!(per_consumer >= hits, "{}: consumers' hits", lib.soname);
+    // The entries served by trap that the workload hit most: where the
+    // slowdown comes from.
+    let mut trapped: Vec<(u64, usize)> = probes
+        .iter()
+        .zip(&deltas)
+        .filter(|(p, _)| probert::probe_mode(p.0).expect("probe_mode") != Mode::Fast)
+        .map(|(p, &d)| (d, p.0))
+        .collect();
+    let trap_hits = trapped.iter().map(|t| t.0).sum::<u64>() / probed_runs;
+    trapped.sort_unstable_by(|a, b| b.cmp(a));
+    let base = funcs.first().map_or(0, |f| f.start);
+    let hot: Vec<HotTrap> = trapped
+        .iter()
+        .take(3)
+        .filter(|t| t.0 > 0)
+        .map(|&(d, addr)| HotTrap {
+            name: funcs
+                .iter()
+                .find(|f| f.start == addr)
+                .and_then(|f| f.name.clone())
+                .unwrap_or_else(|| format!("unnamed, first function + {:#x}", addr - base)),
+            hits: d / probed_runs,
+            why: probert::fast_refusal(addr)
+                .expect("fast_refusal")
+                .map_or_else(
+                    || "fast-capable, not switched yet".to_owned(),
+                    |m| reason_kind(&m),
+                ),
+        })
+        .collect();
     assert!(hits > 0, "{}: the workload ran probed entries", lib.soname);
     let ids: Vec<ConsumerId> = probes.iter().map(|p| p.1).collect();
     probert::detach_batch(&ids).expect("detach_batch");
@@ -1870,10 +1915,17 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
         dur(probed)
     );
 
-    // Every instruction boundary: apart, then all at once.
+    // Every instruction boundary: apart, then all at once. libc's are
+    // those of a second copy that nothing runs (see `cov_libc_copy`).
     let t = Instant::now();
+    let copy = if lib.soname == "libc.so.6" {
+        Some(cov_libc_copy())
+    } else {
+        None
+    };
+    let bfuncs = copy.as_ref().map_or(&funcs, |c| &c.1);
     let mut bounds = Vec::new();
-    for f in &funcs {
+    for f in bfuncs {
         if let Ok(insns) = probert::instructions(f.start) {
             bounds.extend(insns.into_iter().filter(|&a| a < f.end));
         }
@@ -1918,6 +1970,9 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
     probert::detach_batch(&ids).expect("detach_batch");
     assert_eq!(probert::probe_count(), 0, "every probe detached");
     assert_eq!((lib.run)(h), want, "{}: unprobed again", lib.soname);
+    if let Some((dir, _)) = &copy {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let boundary_secs = t.elapsed().as_secs_f64();
     eprintln!(
         "bench: coverage: {}: {} boundaries ({} rounds apart), {:.1} % fast apart, {:.1} % at once ({:.1} s)",
@@ -1937,16 +1992,63 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
         unprobed,
         probed,
         hits_per_run: hits / probed_runs,
+        trap_hits,
+        hot,
         boundary_secs,
     })
+}
+
+/// A second copy of libc, which nothing runs: the file copied to a
+/// temporary directory and loaded with `dlopen`, `RTLD_LOCAL` (its path
+/// differs, so `probert::functions` finds it by path, and the loader maps
+/// it anew; lookups of this program still find the first libc). Not
+/// `dlmopen` into a namespace of its own: `dl_iterate_phdr` reports only
+/// its caller's namespace, so probert would not see the copy.
+/// Probing every instruction of the libc in use would make the bench's own
+/// allocations and probert's writer (both run libc) trap at nearly every
+/// instruction for hours; the copy's code bytes, extents and relocations are
+/// the same, so the analysis is. Returns its directory (to remove once the
+/// probes are gone: probert reads the file) and functions.
+fn cov_libc_copy() -> (std::path::PathBuf, Vec<probert::Function>) {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `qsort` is a libc function; `info` is ours to fill.
+    let found = unsafe { libc::dladdr(libc::qsort as *const std::ffi::c_void, &mut info) };
+    assert!(found != 0 && !info.dli_fname.is_null(), "dladdr(qsort)");
+    // SAFETY: dladdr gave a NUL-terminated path.
+    let src = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let dir = std::env::temp_dir().join(format!("probert-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let path = dir.join("libc.so.6");
+    std::fs::copy(&src, &path).expect("copy libc");
+    let path = path.to_string_lossy().into_owned();
+    let c = std::ffi::CString::new(path.clone()).expect("path");
+    // SAFETY: loads the copy, never closed (its IFUNC resolvers run;
+    // nothing of this program calls into it: RTLD_LOCAL).
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen of a copy of libc");
+    let funcs = probert::functions(&path).expect("the copy's functions");
+    (dir, funcs)
+}
+
+/// The libraries named after `--coverage` (parts of their names), if any.
+fn cov_filter() -> Vec<String> {
+    std::env::args()
+        .skip_while(|a| a != "--coverage")
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect()
 }
 
 /// The coverage section: every library in a full run, zlib alone in a
 /// quick one.
 fn coverage(cfg: &Cfg) -> Vec<CovRow> {
+    let only = cov_filter();
     COV_LIBS
         .iter()
         .filter(|l| !cfg.quick || l.soname == "libz.so.1")
+        .filter(|l| only.is_empty() || only.iter().any(|o| l.soname.contains(o.as_str())))
         .filter_map(|l| cov_lib(cfg, l))
         .collect()
 }
@@ -2041,10 +2143,23 @@ fn report_coverage(w: &mut String, rows: &[CovRow], load: &(String, String)) {
         .iter()
         .filter_map(|r| COV_LIBS.iter().find(|l| l.soname == r.lib).map(|l| (r, l)))
     {
+        let hot: Vec<String> = r
+            .hot
+            .iter()
+            .map(|h| format!("`{}` {} ({})", h.name, h.hits, h.why))
+            .collect();
         let _ = writeln!(
             w,
-            "- `{}`: {}; {} entry hits per probed run; the hits at `{}` checked exact.",
-            r.lib, l.what, r.hits_per_run, l.counted.0
+            "- `{}`: {}; {} entry hits per probed run, {} of them on the trap path{}{}; \
+             the hits at `{}` checked exact; the boundary passes took {:.1} s.",
+            r.lib,
+            l.what,
+            r.hits_per_run,
+            r.trap_hits,
+            if hot.is_empty() { "" } else { ", most at " },
+            hot.join(", "),
+            l.counted.0,
+            r.boundary_secs
         );
     }
     let _ = writeln!(
@@ -2072,8 +2187,9 @@ fn report_coverage(w: &mut String, rows: &[CovRow], load: &(String, String)) {
     );
 }
 
-/// `--coverage`: only this section; it replaces its own section in
-/// BENCHMARKS.md (the rest of the file is kept) unless `--quick`.
+/// `--coverage [LIB…]`: only this section, of the libraries whose names
+/// contain a `LIB` (all without); with all of them and without `--quick`,
+/// it replaces its own section in BENCHMARKS.md (the rest is kept).
 fn coverage_only(cfg: &Cfg) {
     probert::init().expect("probert::init");
     let load_before = load_average();
@@ -2081,7 +2197,7 @@ fn coverage_only(cfg: &Cfg) {
     let mut md = String::new();
     report_coverage(&mut md, &rows, &(load_before, load_average()));
     print!("{md}");
-    if !cfg.quick {
+    if !cfg.quick && cov_filter().is_empty() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
         let old = std::fs::read_to_string(path).unwrap_or_default();
         let new = match old.find(COV_HEADING) {
