@@ -819,8 +819,8 @@ struct Results {
     control: Vec<CpRow>,
     quiet: Latency,
     churned: Latency,
-    /// Coverage of real libraries, one row each.
-    coverage: Vec<CovRow>,
+    /// Coverage of real libraries.
+    coverage: Coverage,
     /// The 1-minute load average before and after the run.
     load: (String, String),
 }
@@ -1882,7 +1882,6 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
         .collect();
     let trap_hits = trapped.iter().map(|t| t.0).sum::<u64>() / probed_runs;
     trapped.sort_unstable_by(|a, b| b.cmp(a));
-    let base = funcs.first().map_or(0, |f| f.start);
     let hot: Vec<HotTrap> = trapped
         .iter()
         .take(3)
@@ -1892,7 +1891,7 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
                 .iter()
                 .find(|f| f.start == addr)
                 .and_then(|f| f.name.clone())
-                .unwrap_or_else(|| format!("unnamed, first function + {:#x}", addr - base)),
+                .unwrap_or_else(|| cov_where(addr)),
             hits: d / probed_runs,
             why: probert::fast_refusal(addr)
                 .expect("fast_refusal")
@@ -1906,6 +1905,9 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
     let ids: Vec<ConsumerId> = probes.iter().map(|p| p.1).collect();
     probert::detach_batch(&ids).expect("detach_batch");
     assert_eq!(probert::probe_count(), 0, "every probe detached");
+    // Unprobed again, so that a drift of the machine's speed (other load)
+    // does not pass for probert's cost: the minimum of both sets.
+    let unprobed = unprobed.min(cov_time(lib, h, &want, runs, budget).0);
     eprintln!(
         "bench: coverage: {}: {} functions, entries {:.1} % fast, workload {} → {}",
         lib.soname,
@@ -1998,6 +2000,26 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
     })
 }
 
+/// An unnamed function's address as its module's offset (what `objdump`
+/// shows), with the nearest dynamic symbol before it.
+fn cov_where(addr: usize) -> String {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is ours to fill; dladdr reads the loader's tables.
+    if unsafe { libc::dladdr(addr as *const std::ffi::c_void, &mut info) } == 0 {
+        return format!("{addr:#x}");
+    }
+    let off = addr - info.dli_fbase as usize;
+    if info.dli_sname.is_null() {
+        return format!("+{off:#x}");
+    }
+    // SAFETY: dladdr gave a NUL-terminated name.
+    let near = unsafe { std::ffi::CStr::from_ptr(info.dli_sname) }.to_string_lossy();
+    format!(
+        "+{off:#x}, after {near}+{:#x}",
+        addr - info.dli_saddr as usize
+    )
+}
+
 /// A second copy of libc, which nothing runs: the file copied to a
 /// temporary directory and loaded with `dlopen`, `RTLD_LOCAL` (its path
 /// differs, so `probert::functions` finds it by path, and the loader maps
@@ -2043,14 +2065,38 @@ fn cov_filter() -> Vec<String> {
 
 /// The coverage section: every library in a full run, zlib alone in a
 /// quick one.
-fn coverage(cfg: &Cfg) -> Vec<CovRow> {
+fn coverage(cfg: &Cfg) -> Coverage {
     let only = cov_filter();
-    COV_LIBS
+    let rows = COV_LIBS
         .iter()
         .filter(|l| !cfg.quick || l.soname == "libz.so.1")
         .filter(|l| only.is_empty() || only.iter().any(|o| l.soname.contains(o.as_str())))
         .filter_map(|l| cov_lib(cfg, l))
-        .collect()
+        .collect();
+    // What one trap-path hit costs in this run, to weigh the trap hits.
+    let trap_ns = probed_row(cfg, bench_push, Mode::Trap, 1, false)
+        .one()
+        .map_or(f64::NAN, |s| s.median);
+    let fast_ns = probed_row(cfg, bench_nop5, Mode::Fast, 1, false)
+        .one()
+        .map_or(f64::NAN, |s| s.median);
+    let (bare, _) = per_call(cfg, bench_bare, 1);
+    Coverage {
+        rows,
+        trap_ns: trap_ns - bare.median,
+        fast_ns: fast_ns - bare.median,
+    }
+}
+
+/// The coverage section's measurements.
+struct Coverage {
+    rows: Vec<CovRow>,
+    /// ns per call of a function whose entry is probed on the trap path
+    /// (the per-call table's "trap path, emulated `push rbp`"), less the
+    /// bare call.
+    trap_ns: f64,
+    /// The same on the fast path (the "5-byte NOP site" row).
+    fast_ns: f64,
 }
 
 const COV_HEADING: &str = "## Coverage of real libraries in AUTO mode";
@@ -2074,7 +2120,8 @@ fn top_reasons(s: &Served, n: usize) -> String {
     out
 }
 
-fn report_coverage(w: &mut String, rows: &[CovRow], load: &(String, String)) {
+fn report_coverage(w: &mut String, cov: &Coverage, load: &(String, String)) {
+    let rows = &cov.rows;
     let _ = writeln!(w, "{COV_HEADING}\n");
     let _ = writeln!(
         w,
@@ -2150,7 +2197,7 @@ fn report_coverage(w: &mut String, rows: &[CovRow], load: &(String, String)) {
             .collect();
         let _ = writeln!(
             w,
-            "- `{}`: {}; {} entry hits per probed run, {} of them on the trap path{}{}; \
+            "- `{}`: {}. {} entry hits per probed run, {} of them on the trap path{}{}; \
              the hits at `{}` checked exact; the boundary passes took {:.1} s.",
             r.lib,
             l.what,
@@ -2161,6 +2208,25 @@ fn report_coverage(w: &mut String, rows: &[CovRow], load: &(String, String)) {
             l.counted.0,
             r.boundary_secs
         );
+        let slow = r.probed / r.unprobed;
+        if slow > 3.0 {
+            let _ = writeln!(
+                w,
+                "  ≤ 3× missed by {}: it leaves {:.1} ns per entry hit ({} hits in {} unprobed); \
+                 the trap-path hits alone, at {} each (a trap-path hit measured in this run), \
+                 take {}; the rest of the added time, over the fast hits, is {:.1} ns per \
+                 fast hit (a fast hit on the bench's hot 5-byte NOP site: {:.1} ns).",
+                ratio(slow / 3.0),
+                2.0 * r.unprobed / r.hits_per_run.max(1) as f64,
+                r.hits_per_run,
+                dur(r.unprobed),
+                dur(cov.trap_ns),
+                dur(r.trap_hits as f64 * cov.trap_ns),
+                (r.probed - r.unprobed - r.trap_hits as f64 * cov.trap_ns).max(0.0)
+                    / (r.hits_per_run - r.trap_hits).max(1) as f64,
+                cov.fast_ns
+            );
+        }
     }
     let _ = writeln!(
         w,
@@ -2193,9 +2259,9 @@ fn report_coverage(w: &mut String, rows: &[CovRow], load: &(String, String)) {
 fn coverage_only(cfg: &Cfg) {
     probert::init().expect("probert::init");
     let load_before = load_average();
-    let rows = coverage(cfg);
+    let cov = coverage(cfg);
     let mut md = String::new();
-    report_coverage(&mut md, &rows, &(load_before, load_average()));
+    report_coverage(&mut md, &cov, &(load_before, load_average()));
     print!("{md}");
     if !cfg.quick && cov_filter().is_empty() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
