@@ -1788,6 +1788,14 @@ fn cov_served(
     s.reasons = reasons.into_iter().collect();
     s.reasons
         .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    if why {
+        let others: usize = s.reasons.iter().map(|r| r.1).sum();
+        assert_eq!(
+            s.fast + others,
+            asked,
+            "every address fast or with a reason"
+        );
+    }
     s
 }
 
@@ -1968,6 +1976,11 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
     probert::sync().expect("sync");
     let all = cov_served(bounds.len(), &probes, Vec::new(), false);
     let together = (all.fast, probes.len(), refused.len());
+    assert_eq!(
+        probes.len() + refused.len(),
+        bounds.len(),
+        "every boundary counted"
+    );
     let ids: Vec<ConsumerId> = probes.iter().map(|p| p.1).collect();
     probert::detach_batch(&ids).expect("detach_batch");
     assert_eq!(probert::probe_count(), 0, "every probe detached");
@@ -2003,6 +2016,8 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
 /// An unnamed function's address as its module's offset (what `objdump`
 /// shows), with the nearest dynamic symbol before it.
 fn cov_where(addr: usize) -> String {
+    // SAFETY: `Dl_info` is plain data (pointers and an int): all zeroes is
+    // a valid value.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is ours to fill; dladdr reads the loader's tables.
     if unsafe { libc::dladdr(addr as *const std::ffi::c_void, &mut info) } == 0 {
@@ -2032,6 +2047,8 @@ fn cov_where(addr: usize) -> String {
 /// the same, so the analysis is. Returns its directory (to remove once the
 /// probes are gone: probert reads the file) and functions.
 fn cov_libc_copy() -> (std::path::PathBuf, Vec<probert::Function>) {
+    // SAFETY: `Dl_info` is plain data (pointers and an int): all zeroes is
+    // a valid value.
     let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
     // SAFETY: `qsort` is a libc function; `info` is ours to fill.
     let found = unsafe { libc::dladdr(libc::qsort as *const std::ffi::c_void, &mut info) };

@@ -1153,8 +1153,8 @@ pub fn probe_mode(addr: usize) -> Result<Mode> {
     with_state(|st| st.sites.get(addr).map(|s| s.mode()).ok_or(Error::NotFound))
 }
 
-/// Why the probe at `addr` cannot be served by the fast path: the message a
-/// [`Mode::Fast`] attach there would fail with (its function's flow, an
+/// Why the probe at `addr` cannot be served by the fast path: the reason a
+/// [`Mode::Fast`] attach there would be refused for (its function's flow, an
 /// instruction that does not relocate, another probe inside the
 /// instructions its jump would displace, …). `Ok(None)` when the site is
 /// fast-capable — fast now ([`probe_mode`]), or trap only because a
