@@ -2227,21 +2227,37 @@ fn report_coverage(w: &mut String, cov: &Coverage, load: &(String, String)) {
         );
         let slow = r.probed / r.unprobed;
         if slow > 3.0 {
+            let added = r.probed - r.unprobed;
+            let traps = r.trap_hits as f64 * cov.trap_ns;
+            let fast_hits = (r.hits_per_run - r.trap_hits).max(1) as f64;
+            let rest = if traps > added / 2.0 {
+                format!(
+                    "the trap-path hits make most of it: {} added over {} trap hits is {} each \
+                     at most, against {} for a trap hit on the bench's hot `push rbp` site",
+                    dur(added),
+                    r.trap_hits,
+                    dur(added / r.trap_hits as f64),
+                    dur(cov.trap_ns)
+                )
+            } else {
+                format!(
+                    "the trap-path hits, at {} each (the bench's hot `push rbp` site), take {}; \
+                     the rest is {:.1} ns per fast hit, against {:.1} ns on the bench's hot \
+                     5-byte NOP site",
+                    dur(cov.trap_ns),
+                    dur(traps),
+                    (added - traps).max(0.0) / fast_hits,
+                    cov.fast_ns
+                )
+            };
             let _ = writeln!(
                 w,
                 "  ≤ 3× missed by {}: it leaves {:.1} ns per entry hit ({} hits in {} unprobed); \
-                 the trap-path hits alone, at {} each (a trap-path hit in this run, minimum), \
-                 take {}; the rest of the added time, over the fast hits, is {:.1} ns per \
-                 fast hit (a fast hit on the bench's hot 5-byte NOP site: {:.1} ns).",
+                 {rest}.",
                 ratio(slow / 3.0),
                 2.0 * r.unprobed / r.hits_per_run.max(1) as f64,
                 r.hits_per_run,
                 dur(r.unprobed),
-                dur(cov.trap_ns),
-                dur(r.trap_hits as f64 * cov.trap_ns),
-                (r.probed - r.unprobed - r.trap_hits as f64 * cov.trap_ns).max(0.0)
-                    / (r.hits_per_run - r.trap_hits).max(1) as f64,
-                cov.fast_ns
             );
         }
     }
