@@ -1390,7 +1390,7 @@ const COV_LIBS: [CovLib; 4] = [
     },
     CovLib {
         soname: "libz.so.1",
-        what: "`compress2` (levels 1, 6, 9) and `uncompress` of 128 KiB of text, `crc32`",
+        what: "`compress2` (levels 1, 6, 9) and `uncompress` of 32 KiB of text, `crc32`",
         counted: ("compress2", 3),
         run: zlib_workload,
     },
@@ -1504,9 +1504,9 @@ fn zlib_workload(h: *mut std::ffi::c_void) -> String {
     let words = [
         "probe", "fast", "trap", "jump", "stub", "site", "run", "entry",
     ];
-    let mut src = Vec::with_capacity(128 << 10);
+    let mut src = Vec::with_capacity(32 << 10);
     let mut x = 12345u32;
-    while src.len() < 128 << 10 {
+    while src.len() < 32 << 10 {
         x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
         src.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
         src.push(if x % 7 == 0 { b'\n' } else { b' ' });
@@ -1836,7 +1836,7 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
     let (runs, budget) = if cfg.quick {
         (1, Duration::ZERO)
     } else {
-        (7, Duration::from_secs(20))
+        (15, Duration::from_secs(10))
     };
     let want = (lib.run)(h);
     let (unprobed, _) = cov_time(lib, h, &want, runs, budget);
@@ -2271,8 +2271,9 @@ fn report_coverage(w: &mut String, cov: &Coverage, load: &(String, String)) {
          retried); after a `sync` (which retries sites a thread was inside), \
          `probert::probe_mode` tells which are fast and `probert::fast_refusal` \
          why the others are not (addresses elided so that reasons group). The \
-         workload times are the minimum of up to 7 runs (fewer when probed runs \
-         are slow), each run's results compared with the unprobed run's. For \
+         workload times are the minimum of up to 15 runs (fewer when probed runs \
+         are slow; unprobed, 15 before probing and 15 after detaching), each \
+         run's results compared with the first unprobed run's. For \
          libc, probing every entry also probes the libc calls of the bench itself \
          and of Rust's std during the run (allocation, formatting, the clock): \
          they are part of the probed time. Instruction boundaries are every \
