@@ -2118,6 +2118,30 @@ struct Coverage {
 
 const COV_HEADING: &str = "## Coverage of real libraries in AUTO mode";
 
+/// The CPU's family and model numbers, and whether it is a virtual
+/// machine's (the `hypervisor` flag), from `/proc/cpuinfo`: the model name
+/// of a guest can be as vague as "AMD EPYC".
+fn cpu_kind() -> String {
+    let info = read_trimmed("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(k))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let (Some(family), Some(model)) = (field("cpu family"), field("model")) else {
+        return String::new();
+    };
+    let guest = field("flags").is_some_and(|f| f.split(' ').any(|x| x == "hypervisor"));
+    let hex = family
+        .parse::<u32>()
+        .map_or(String::new(), |f| format!(" = {f:#x}"));
+    format!(
+        " (CPU family {family}{hex}, model {model}{})",
+        if guest { ", a virtual machine" } else { "" }
+    )
+}
+
 /// The reasons, top `n`, as "count × reason; …".
 fn top_reasons(s: &Served, n: usize) -> String {
     let shown: Vec<String> = s
@@ -2142,9 +2166,10 @@ fn report_coverage(w: &mut String, cov: &Coverage, load: &(String, String)) {
     let _ = writeln!(w, "{COV_HEADING}\n");
     let _ = writeln!(
         w,
-        "Measured {} on {}; 1-minute load average {} before, {} after; probert `{}`.\n",
+        "Measured {} on {}{}; 1-minute load average {} before, {} after; probert `{}`.\n",
         now_utc(),
         machine(),
+        cpu_kind(),
         load.0,
         load.1,
         revision()
