@@ -1,9 +1,10 @@
 //! probert's benchmarks: what a probed call costs on each path, how it scales
-//! to two threads, what the control plane costs, and how hit latency behaves
-//! while another thread churns JIT code and probes.
+//! to two threads, what the control plane costs, how hit latency behaves
+//! while another thread churns JIT code and probes, and how much of real
+//! system libraries AUTO mode serves fast (the coverage section, last).
 //!
 //! ```sh
-//! cargo run --release --example bench              # under a minute; rewrites BENCHMARKS.md
+//! cargo run --release --example bench              # 1–2 minutes; rewrites BENCHMARKS.md
 //! cargo run --release --example bench -- --quick   # a smoke run of every row; writes nothing
 //! cargo run --release --example bench -- --coverage # only the coverage of real libraries;
 //!                                                   # rewrites that section of BENCHMARKS.md
