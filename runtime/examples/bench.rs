@@ -1,10 +1,14 @@
 //! probert's benchmarks: what a probed call costs on each path, how it scales
-//! to two threads, what the control plane costs, and how hit latency behaves
-//! while another thread churns JIT code and probes.
+//! to two threads, what the control plane costs, how hit latency behaves
+//! while another thread churns JIT code and probes, and how much of real
+//! system libraries AUTO mode serves fast (the coverage section, last).
 //!
 //! ```sh
-//! cargo run --release --example bench              # under a minute; rewrites BENCHMARKS.md
+//! cargo run --release --example bench              # 1–2 minutes; rewrites BENCHMARKS.md
 //! cargo run --release --example bench -- --quick   # a smoke run of every row; writes nothing
+//! cargo run --release --example bench -- --coverage # only the coverage of real libraries;
+//!                                                   # rewrites that section of BENCHMARKS.md
+//! cargo run --release --example bench -- --coverage libz lua  # some of them; writes nothing
 //! ```
 //!
 //! Method. Every per-call row calls an assembly function in a time-bounded
@@ -933,6 +937,8 @@ struct Results {
     control: Vec<CpRow>,
     quiet: Latency,
     churned: Latency,
+    /// Coverage of real libraries.
+    coverage: Coverage,
     /// The 1-minute load average before and after the run.
     load: (String, String),
 }
@@ -943,6 +949,10 @@ fn main() {
     } else {
         Cfg::full()
     };
+    if std::env::args().any(|a| a == "--coverage") {
+        coverage_only(&cfg);
+        return;
+    }
     let wall = Instant::now();
     eprintln!("bench: measuring (quick: {}) …", cfg.quick);
     let load_before = load_average();
@@ -1028,6 +1038,10 @@ fn measure(cfg: &Cfg) -> Results {
     let churned = latency(cfg, true);
     probert::detach(lat_id).expect("detach");
     eprintln!("bench: latency done");
+
+    // 5. Coverage of real libraries, last: it probes libc under everything.
+    let coverage = coverage(cfg);
+    eprintln!("bench: coverage done");
     Results {
         bare,
         bare2,
@@ -1042,6 +1056,7 @@ fn measure(cfg: &Cfg) -> Results {
         control,
         quiet,
         churned,
+        coverage,
         load: Default::default(),
     }
 }
@@ -1080,6 +1095,8 @@ fn report(cfg: &Cfg, r: &Results) -> String {
     report_scaling(w, r);
     report_control(w, cfg, &r.control);
     report_latency(w, cfg, r);
+    let _ = writeln!(w);
+    report_coverage(w, &r.coverage, &r.load);
     md
 }
 
@@ -1554,4 +1571,1015 @@ fn clock_cost() -> f64 {
         black_box(Instant::now());
     }
     t.elapsed().as_nanos() as f64 / n as f64
+}
+
+// ---------------------------------------------------------------------------
+// Coverage of real libraries: how much of their code AUTO mode serves fast
+//
+// For each system library: every function entry probed at once in AUTO mode
+// (a counting consumer, `attach_batch`), the share served fast and why the
+// rest is not, the slowdown of a workload running that library (its results
+// checked identical to unprobed, one entry's hit count checked exact); then
+// every instruction boundary, probed apart (no two probes within
+// `APART` bytes, so that no probe sits inside another's displaced run) and
+// all at once.
+
+/// Probes at least this far apart cannot be inside each other's displaced
+/// run (a run covers at most 4 + 15 bytes from its start).
+const APART: usize = 32;
+
+/// How many requests one `attach_batch` carries.
+const CHUNK: usize = 4096;
+
+/// Hits of the coverage consumers, all of them.
+static COV_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The coverage consumer: counts the hit. Async-signal-safe (one relaxed
+/// atomic add).
+unsafe extern "C" fn cov_count(_hit: *mut Hit) -> u32 {
+    COV_HITS.fetch_add(1, Ordering::Relaxed);
+    Action::Continue as u32
+}
+
+/// A system library and a workload that runs it.
+struct CovLib {
+    /// The name `dlopen` and `probert::functions` take.
+    soname: &'static str,
+    /// What the workload does, for the report.
+    what: &'static str,
+    /// The function whose entry hits are checked exact, and how many calls
+    /// of it one run of the workload makes.
+    counted: (&'static str, u64),
+    /// Runs the workload once; a digest of its results.
+    run: fn(*mut std::ffi::c_void) -> String,
+}
+
+const COV_LIBS: [CovLib; 4] = [
+    CovLib {
+        soname: "libc.so.6",
+        what: "`qsort` of 20,000 ints ×4, then `snprintf`, `strtol`, `strlen`, `strcmp`, \
+               `strstr`, `memcpy`, `memcmp` ×4,000 each",
+        counted: ("qsort", LIBC_SORTS),
+        run: libc_workload,
+    },
+    CovLib {
+        soname: "libz.so.1",
+        what: "`compress2` (levels 1, 6, 9) and `uncompress` of 32 KiB of text, `crc32`",
+        counted: ("compress2", 3),
+        run: zlib_workload,
+    },
+    CovLib {
+        soname: "libsqlite3.so.0",
+        what: "in-memory database: create, insert 2,000 rows, index, select, group, update",
+        counted: ("sqlite3_open", 1),
+        run: sqlite_workload,
+    },
+    CovLib {
+        soname: "liblua5.4.so.0",
+        what: "a Lua script: fill and sort a 5,000-element table, `fib(18)`, \
+               `string.format` and `table.concat`",
+        counted: ("luaL_newstate", 1),
+        run: lua_workload,
+    },
+];
+
+/// The address of `name` in the library `h`, as a function pointer `T`.
+fn cov_sym<T: Copy>(h: *mut std::ffi::c_void, name: &str) -> T {
+    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<usize>());
+    let c = std::ffi::CString::new(name).expect("symbol name");
+    // SAFETY: a handle from dlopen and a NUL-terminated name.
+    let p = unsafe { libc::dlsym(h, c.as_ptr()) };
+    assert!(!p.is_null(), "no {name}");
+    // SAFETY: `T` is the function-pointer type of the symbol (the callers
+    // give the C prototype), of pointer size (checked above).
+    unsafe { std::mem::transmute_copy(&p) }
+}
+
+/// FNV-1a over bytes, for digests.
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h = (*h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+const LIBC_SORTS: u64 = 4;
+
+extern "C" fn cmp_u32(a: *const std::ffi::c_void, b: *const std::ffi::c_void) -> libc::c_int {
+    // SAFETY: qsort passes pointers to two elements of the u32 array.
+    let (a, b) = unsafe { (*(a as *const u32), *(b as *const u32)) };
+    a.cmp(&b) as libc::c_int
+}
+
+/// libc called through its own entries (the bench's and std's own calls of
+/// libc are probed too, meanwhile).
+fn libc_workload(_: *mut std::ffi::c_void) -> String {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut v: Vec<u32> = Vec::with_capacity(20_000);
+    for round in 0..LIBC_SORTS as u32 {
+        v.clear();
+        v.extend(
+            (0..20_000u32).map(|i| i.wrapping_mul(2_654_435_761).rotate_left(round) % 100_003),
+        );
+        // SAFETY: a valid array of `len` u32s and a comparator of u32s.
+        unsafe { libc::qsort(v.as_mut_ptr().cast(), v.len(), 4, Some(cmp_u32)) };
+        fnv(&mut h, &v[0].to_le_bytes());
+        fnv(&mut h, &v[v.len() - 1].to_le_bytes());
+        fnv(&mut h, &v[v.len() / 2].to_le_bytes());
+    }
+    let mut buf = [0u8; 128];
+    let mut prev = [0u8; 128];
+    let needle = b"7:\0";
+    for i in 0..4000i32 {
+        // SAFETY: `buf` holds 128 bytes; the format takes an int, a string
+        // and a double; every string below is NUL-terminated by snprintf.
+        unsafe {
+            let n = libc::snprintf(
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                c"%d:%s:%.3f".as_ptr(),
+                i * 37,
+                c"probert".as_ptr(),
+                f64::from(i) / 7.0,
+            );
+            let len = libc::strlen(buf.as_ptr().cast());
+            assert_eq!(len, n as usize);
+            let num = libc::strtol(buf.as_ptr().cast(), std::ptr::null_mut(), 10);
+            let c = libc::strcmp(buf.as_ptr().cast(), prev.as_ptr().cast());
+            let s = libc::strstr(buf.as_ptr().cast(), needle.as_ptr().cast());
+            let m = libc::memcmp(buf.as_ptr().cast(), prev.as_ptr().cast(), len);
+            libc::memcpy(
+                prev.as_mut_ptr().cast(),
+                buf.as_ptr().cast(),
+                black_box(len + 1),
+            );
+            fnv(&mut h, &buf[..len]);
+            fnv(&mut h, &num.to_le_bytes());
+            fnv(
+                &mut h,
+                &[c.signum() as u8, m.signum() as u8, s.is_null() as u8],
+            );
+        }
+    }
+    format!("{h:016x}")
+}
+
+type Compress2 =
+    unsafe extern "C" fn(*mut u8, *mut libc::c_ulong, *const u8, libc::c_ulong, i32) -> i32;
+type Uncompress =
+    unsafe extern "C" fn(*mut u8, *mut libc::c_ulong, *const u8, libc::c_ulong) -> i32;
+type Crc32 = unsafe extern "C" fn(libc::c_ulong, *const u8, u32) -> libc::c_ulong;
+
+fn zlib_workload(h: *mut std::ffi::c_void) -> String {
+    let (compress2, uncompress, crc32): (Compress2, Uncompress, Crc32) = (
+        cov_sym(h, "compress2"),
+        cov_sym(h, "uncompress"),
+        cov_sym(h, "crc32"),
+    );
+    let words = [
+        "probe", "fast", "trap", "jump", "stub", "site", "run", "entry",
+    ];
+    let mut src = Vec::with_capacity(32 << 10);
+    let mut x = 12345u32;
+    while src.len() < 32 << 10 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+        src.extend_from_slice(words[(x >> 16) as usize % words.len()].as_bytes());
+        src.push(if x % 7 == 0 { b'\n' } else { b' ' });
+    }
+    let mut out = String::new();
+    for level in [1, 6, 9] {
+        let mut z = vec![0u8; src.len() + src.len() / 100 + 64];
+        let mut zlen = z.len() as libc::c_ulong;
+        let mut back = vec![0u8; src.len()];
+        let mut blen = back.len() as libc::c_ulong;
+        // SAFETY: buffers of the lengths given; zlib's prototypes.
+        unsafe {
+            assert_eq!(
+                compress2(
+                    z.as_mut_ptr(),
+                    &mut zlen,
+                    src.as_ptr(),
+                    src.len() as _,
+                    level
+                ),
+                0
+            );
+            assert_eq!(
+                uncompress(back.as_mut_ptr(), &mut blen, z.as_ptr(), zlen),
+                0
+            );
+            let crc = crc32(0, z.as_ptr(), zlen as u32);
+            let _ = write!(out, "{level}:{zlen}:{crc:08x} ");
+        }
+        assert!(blen as usize == src.len() && back == src, "zlib round trip");
+    }
+    out
+}
+
+type SqlOpen = unsafe extern "C" fn(*const libc::c_char, *mut *mut std::ffi::c_void) -> i32;
+type SqlRow = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    i32,
+    *mut *mut libc::c_char,
+    *mut *mut libc::c_char,
+) -> i32;
+type SqlExec = unsafe extern "C" fn(
+    *mut std::ffi::c_void,
+    *const libc::c_char,
+    Option<SqlRow>,
+    *mut std::ffi::c_void,
+    *mut *mut libc::c_char,
+) -> i32;
+type SqlClose = unsafe extern "C" fn(*mut std::ffi::c_void) -> i32;
+
+unsafe extern "C" fn sql_row(
+    out: *mut std::ffi::c_void,
+    n: i32,
+    vals: *mut *mut libc::c_char,
+    _: *mut *mut libc::c_char,
+) -> i32 {
+    // SAFETY: `out` is the String `sqlite_workload` passed; `vals` holds
+    // `n` column values, each NULL or NUL-terminated.
+    let out = unsafe { &mut *(out as *mut String) };
+    for i in 0..n as usize {
+        // SAFETY: as above.
+        let v = unsafe { *vals.add(i) };
+        if !v.is_null() {
+            // SAFETY: as above.
+            out.push_str(&unsafe { std::ffi::CStr::from_ptr(v) }.to_string_lossy());
+        }
+        out.push('|');
+    }
+    out.push('\n');
+    0
+}
+
+fn sqlite_workload(h: *mut std::ffi::c_void) -> String {
+    let (open, exec, close): (SqlOpen, SqlExec, SqlClose) = (
+        cov_sym(h, "sqlite3_open"),
+        cov_sym(h, "sqlite3_exec"),
+        cov_sym(h, "sqlite3_close"),
+    );
+    let mut db = std::ptr::null_mut();
+    let sql = c"CREATE TABLE t(a INTEGER PRIMARY KEY, b TEXT, c REAL);
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+         INSERT INTO t SELECT i, printf('k%d', i * 7919 % 1000), i * 0.25 FROM n;
+         CREATE INDEX tb ON t(b);
+         SELECT count(*), sum(a), total(c) FROM t;
+         SELECT b, count(*) FROM t GROUP BY b ORDER BY count(*) DESC, b LIMIT 3;
+         UPDATE t SET c = c * 2 WHERE a % 3 = 0;
+         SELECT total(c), max(b) FROM t WHERE b > 'k5';";
+    let mut out = String::new();
+    // SAFETY: SQLite's prototypes; `sql_row` gets `out` back.
+    unsafe {
+        assert_eq!(open(c":memory:".as_ptr(), &mut db), 0);
+        let rc = exec(
+            db,
+            sql.as_ptr(),
+            Some(sql_row),
+            &mut out as *mut String as *mut std::ffi::c_void,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(rc, 0, "sqlite3_exec");
+        assert_eq!(close(db), 0);
+    }
+    out
+}
+
+type LuaNew = unsafe extern "C" fn() -> *mut std::ffi::c_void;
+type LuaOpenLibs = unsafe extern "C" fn(*mut std::ffi::c_void);
+type LuaLoad = unsafe extern "C" fn(*mut std::ffi::c_void, *const libc::c_char) -> i32;
+type LuaPcallK = unsafe extern "C" fn(*mut std::ffi::c_void, i32, i32, i32, isize, usize) -> i32;
+type LuaToLString =
+    unsafe extern "C" fn(*mut std::ffi::c_void, i32, *mut usize) -> *const libc::c_char;
+type LuaClose = unsafe extern "C" fn(*mut std::ffi::c_void);
+
+fn lua_workload(h: *mut std::ffi::c_void) -> String {
+    let (new, openlibs, load, pcallk, tolstring, close): (
+        LuaNew,
+        LuaOpenLibs,
+        LuaLoad,
+        LuaPcallK,
+        LuaToLString,
+        LuaClose,
+    ) = (
+        cov_sym(h, "luaL_newstate"),
+        cov_sym(h, "luaL_openlibs"),
+        cov_sym(h, "luaL_loadstring"),
+        cov_sym(h, "lua_pcallk"),
+        cov_sym(h, "lua_tolstring"),
+        cov_sym(h, "lua_close"),
+    );
+    let script = c"local t = {}
+        for i = 1, 5000 do t[i] = (i * 7919) % 10007 end
+        table.sort(t)
+        local function fib(n) if n < 2 then return n end return fib(n - 1) + fib(n - 2) end
+        local parts = {}
+        for i = 1, 1000 do parts[#parts + 1] = string.format('%d:%x', i, t[i]) end
+        local s = table.concat(parts, ',')
+        return string.format('%d %d %d %d ', t[1], t[#t], fib(18), #s) .. s:sub(1, 40)";
+    // SAFETY: Lua 5.4's prototypes; the string is copied before `lua_close`.
+    unsafe {
+        let l = new();
+        assert!(!l.is_null(), "luaL_newstate");
+        openlibs(l);
+        assert_eq!(load(l, script.as_ptr()), 0, "luaL_loadstring");
+        assert_eq!(pcallk(l, 0, 1, 0, 0, 0), 0, "lua_pcall");
+        let mut len = 0;
+        let s = tolstring(l, -1, &mut len);
+        assert!(!s.is_null(), "the script returns a string");
+        let out = String::from_utf8_lossy(std::slice::from_raw_parts(s.cast(), len)).into_owned();
+        close(l);
+        out
+    }
+}
+
+/// What one library measured.
+struct CovRow {
+    lib: &'static str,
+    functions: usize,
+    entries: Served,
+    /// Every instruction boundary, probes `APART` bytes apart.
+    apart: Served,
+    /// Every instruction boundary at once: (fast, probed, refused).
+    together: (usize, usize, usize),
+    /// Min-of-N ns of the workload: unprobed, every entry probed.
+    unprobed: f64,
+    probed: f64,
+    /// Hits the entries' consumers saw in one probed run of the workload.
+    hits_per_run: u64,
+    /// Of those, hits of entries served by trap (by `probert::stats`).
+    trap_hits: u64,
+    /// The entries served by trap hit most.
+    hot: Vec<HotTrap>,
+    /// Seconds spent on the two boundary passes (attach, count, detach).
+    boundary_secs: f64,
+}
+
+/// An entry served by trap, hit by the workload.
+struct HotTrap {
+    name: String,
+    /// Hits per probed run.
+    hits: u64,
+    /// Why it is not fast.
+    why: String,
+}
+
+/// How a set of probes was served.
+#[derive(Default)]
+struct Served {
+    /// Addresses asked for.
+    asked: usize,
+    /// Served fast.
+    fast: usize,
+    /// Why the others are not, with counts, most frequent first. A reason
+    /// starting "attach: " is an attach refused outright.
+    reasons: Vec<(String, usize)>,
+}
+
+impl Served {
+    fn fast_pct(&self) -> f64 {
+        100.0 * self.fast as f64 / self.asked.max(1) as f64
+    }
+}
+
+/// A refusal message with its addresses elided, so that reasons group.
+fn reason_kind(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find("0x") {
+        out.push_str(&rest[..i]);
+        out.push('…');
+        rest = rest[i + 2..].trim_start_matches(|c: char| c.is_ascii_hexdigit());
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Attaches `cov_count` at every address, `CHUNK` at a time; an address
+/// the batch refuses is set aside with its reason and the rest retried.
+fn cov_attach(addrs: &[usize]) -> (Vec<(usize, ConsumerId)>, Vec<String>) {
+    let mut ok = Vec::with_capacity(addrs.len());
+    let mut refused = Vec::new();
+    for chunk in addrs.chunks(CHUNK) {
+        let mut todo = chunk;
+        while !todo.is_empty() {
+            let reqs: Vec<AttachReq> = todo
+                .iter()
+                .map(|&addr| AttachReq {
+                    addr,
+                    handler: cov_count,
+                    user_data: std::ptr::null_mut(),
+                })
+                .collect();
+            match probert::attach_batch(&reqs) {
+                Ok(ids) => {
+                    ok.extend(todo.iter().copied().zip(ids));
+                    todo = &[];
+                }
+                Err((i, e)) if i < todo.len() => {
+                    refused.push(format!("attach: {}", reason_kind(&e.to_string())));
+                    // The requests before `i` passed; attach them, then go on.
+                    let (good, _) = cov_attach(&todo[..i]);
+                    ok.extend(good);
+                    todo = &todo[i + 1..];
+                }
+                Err((_, e)) => panic!("attach_batch: {e}"),
+            }
+        }
+    }
+    (ok, refused)
+}
+
+/// Counts the fast probes among `probes`; with `why`, groups the others'
+/// reasons (a fast-capable site not fast yet says so).
+fn cov_served(
+    asked: usize,
+    probes: &[(usize, ConsumerId)],
+    refused: Vec<String>,
+    why: bool,
+) -> Served {
+    let mut s = Served {
+        asked,
+        ..Served::default()
+    };
+    let mut reasons = std::collections::HashMap::<String, usize>::new();
+    for r in refused {
+        *reasons.entry(r).or_default() += 1;
+    }
+    for &(addr, _) in probes {
+        if probert::probe_mode(addr).expect("probe_mode") == Mode::Fast {
+            s.fast += 1;
+        } else if why {
+            let r = probert::fast_refusal(addr)
+                .expect("fast_refusal")
+                .map_or_else(
+                    || "fast-capable, not switched yet".to_owned(),
+                    |m| reason_kind(&m),
+                );
+            *reasons.entry(r).or_default() += 1;
+        }
+    }
+    s.reasons = reasons.into_iter().collect();
+    s.reasons
+        .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    if why {
+        let others: usize = s.reasons.iter().map(|r| r.1).sum();
+        assert_eq!(
+            s.fast + others,
+            asked,
+            "every address fast or with a reason"
+        );
+    }
+    s
+}
+
+/// Min-of-`n` wall time of one run of the workload, each run checked to
+/// give `want`; stops early once `budget` is spent (at least one run).
+fn cov_time(
+    lib: &CovLib,
+    h: *mut std::ffi::c_void,
+    want: &str,
+    n: usize,
+    budget: Duration,
+) -> (f64, u64) {
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut runs = 0;
+    for _ in 0..n {
+        runs += 1;
+        let t = Instant::now();
+        let got = (lib.run)(h);
+        best = best.min(t.elapsed().as_nanos() as f64);
+        assert_eq!(got, want, "{}: the workload's results changed", lib.soname);
+        if start.elapsed() > budget {
+            break;
+        }
+    }
+    (best, runs)
+}
+
+/// Measures one library; `None` if it is not installed.
+fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
+    let name = std::ffi::CString::new(lib.soname).expect("soname");
+    // SAFETY: loading a system library (its constructors run).
+    let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if h.is_null() {
+        eprintln!("bench: coverage: no {} here, skipped", lib.soname);
+        return None;
+    }
+    let (runs, budget) = if cfg.quick {
+        (1, Duration::ZERO)
+    } else {
+        (15, Duration::from_secs(10))
+    };
+    let want = (lib.run)(h);
+    let (unprobed, _) = cov_time(lib, h, &want, runs, budget);
+
+    // Every function entry, at once.
+    let funcs = probert::functions(lib.soname).expect("the library's functions");
+    let mut entries: Vec<usize> = funcs.iter().map(|f| f.start).collect();
+    entries.dedup();
+    let (probes, refused) = cov_attach(&entries);
+    probert::sync().expect("sync");
+    let served = cov_served(entries.len(), &probes, refused, true);
+    let counted = probert::symbol_addr(Some(lib.soname), lib.counted.0).expect("counted symbol");
+    let counted_id = probes.iter().find(|p| p.0 == counted).map(|p| p.1);
+    let before: Vec<u64> = probes
+        .iter()
+        .map(|p| probert::stats(p.1).expect("stats").hits)
+        .collect();
+    let hits0 = COV_HITS.load(Ordering::Relaxed);
+    let c0 = counted_id.map(|id| probert::stats(id).expect("stats").hits);
+    let (probed, probed_runs) = cov_time(lib, h, &want, runs, budget);
+    let hits = COV_HITS.load(Ordering::Relaxed) - hits0;
+    if let (Some(id), Some(c0)) = (counted_id, c0) {
+        let got = probert::stats(id).expect("stats").hits - c0;
+        assert_eq!(
+            got,
+            lib.counted.1 * probed_runs,
+            "{}: hits at {}",
+            lib.soname,
+            lib.counted.0
+        );
+    } else {
+        eprintln!(
+            "bench: coverage: {} of {} not probed; its count is not checked",
+            lib.counted.0, lib.soname
+        );
+    }
+    let deltas: Vec<u64> = probes
+        .iter()
+        .zip(&before)
+        .map(|(p, b)| probert::stats(p.1).expect("stats").hits - b)
+        .collect();
+    let per_consumer: u64 = deltas.iter().sum();
+    assert!(per_consumer >= hits, "{}: consumers' hits", lib.soname);
+    // The entries served by trap that the workload hit most: where the
+    // slowdown comes from.
+    let mut trapped: Vec<(u64, usize)> = probes
+        .iter()
+        .zip(&deltas)
+        .filter(|(p, _)| probert::probe_mode(p.0).expect("probe_mode") != Mode::Fast)
+        .map(|(p, &d)| (d, p.0))
+        .collect();
+    let trap_hits = trapped.iter().map(|t| t.0).sum::<u64>() / probed_runs;
+    trapped.sort_unstable_by(|a, b| b.cmp(a));
+    let hot: Vec<HotTrap> = trapped
+        .iter()
+        .take(3)
+        .filter(|t| t.0 > 0)
+        .map(|&(d, addr)| HotTrap {
+            name: funcs
+                .iter()
+                .find(|f| f.start == addr)
+                .and_then(|f| f.name.clone())
+                .unwrap_or_else(|| cov_where(addr)),
+            hits: d / probed_runs,
+            why: probert::fast_refusal(addr)
+                .expect("fast_refusal")
+                .map_or_else(
+                    || "fast-capable, not switched yet".to_owned(),
+                    |m| reason_kind(&m),
+                ),
+        })
+        .collect();
+    assert!(hits > 0, "{}: the workload ran probed entries", lib.soname);
+    let ids: Vec<ConsumerId> = probes.iter().map(|p| p.1).collect();
+    probert::detach_batch(&ids).expect("detach_batch");
+    assert_eq!(probert::probe_count(), 0, "every probe detached");
+    // Unprobed again, so that a drift of the machine's speed (other load)
+    // does not pass for probert's cost: the minimum of both sets.
+    let unprobed = unprobed.min(cov_time(lib, h, &want, runs, budget).0);
+    eprintln!(
+        "bench: coverage: {}: {} functions, entries {:.1} % fast, workload {} → {}",
+        lib.soname,
+        funcs.len(),
+        served.fast_pct(),
+        dur(unprobed),
+        dur(probed)
+    );
+
+    // Every instruction boundary: apart, then all at once. libc's are
+    // those of a second copy that nothing runs (see `cov_libc_copy`).
+    let t = Instant::now();
+    let copy = if lib.soname == "libc.so.6" {
+        Some(cov_libc_copy())
+    } else {
+        None
+    };
+    let bfuncs = copy.as_ref().map_or(&funcs, |c| &c.1);
+    let mut bounds = Vec::new();
+    for f in bfuncs {
+        if let Ok(insns) = probert::instructions(f.start) {
+            bounds.extend(insns.into_iter().filter(|&a| a < f.end));
+        }
+    }
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for &a in &bounds {
+        match rounds
+            .iter_mut()
+            .find(|r| r.last().is_some_and(|&l| l + APART <= a))
+        {
+            Some(r) => r.push(a),
+            None => rounds.push(vec![a]),
+        }
+    }
+    let mut apart = Served {
+        asked: bounds.len(),
+        ..Served::default()
+    };
+    let mut why = std::collections::HashMap::<String, usize>::new();
+    for round in &rounds {
+        let (probes, refused) = cov_attach(round);
+        probert::sync().expect("sync");
+        let s = cov_served(round.len(), &probes, refused, true);
+        apart.fast += s.fast;
+        for (r, n) in s.reasons {
+            *why.entry(r).or_default() += n;
+        }
+        let ids: Vec<ConsumerId> = probes.iter().map(|p| p.1).collect();
+        probert::detach_batch(&ids).expect("detach_batch");
+    }
+    apart.reasons = why.into_iter().collect();
+    apart
+        .reasons
+        .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let (probes, refused) = cov_attach(&bounds);
+    probert::sync().expect("sync");
+    let all = cov_served(bounds.len(), &probes, Vec::new(), false);
+    let together = (all.fast, probes.len(), refused.len());
+    assert_eq!(
+        probes.len() + refused.len(),
+        bounds.len(),
+        "every boundary counted"
+    );
+    let ids: Vec<ConsumerId> = probes.iter().map(|p| p.1).collect();
+    probert::detach_batch(&ids).expect("detach_batch");
+    assert_eq!(probert::probe_count(), 0, "every probe detached");
+    assert_eq!((lib.run)(h), want, "{}: unprobed again", lib.soname);
+    if let Some((dir, _)) = &copy {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let boundary_secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: coverage: {}: {} boundaries ({} rounds apart), {:.1} % fast apart, {:.1} % at once ({:.1} s)",
+        lib.soname,
+        bounds.len(),
+        rounds.len(),
+        apart.fast_pct(),
+        100.0 * together.0 as f64 / bounds.len().max(1) as f64,
+        boundary_secs
+    );
+    Some(CovRow {
+        lib: lib.soname,
+        functions: funcs.len(),
+        entries: served,
+        apart,
+        together,
+        unprobed,
+        probed,
+        hits_per_run: hits / probed_runs,
+        trap_hits,
+        hot,
+        boundary_secs,
+    })
+}
+
+/// An unnamed function's address as its module's offset (what `objdump`
+/// shows), with the nearest dynamic symbol before it.
+fn cov_where(addr: usize) -> String {
+    // SAFETY: `Dl_info` is plain data (pointers and an int): all zeroes is
+    // a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is ours to fill; dladdr reads the loader's tables.
+    if unsafe { libc::dladdr(addr as *const std::ffi::c_void, &mut info) } == 0 {
+        return format!("{addr:#x}");
+    }
+    let off = addr - info.dli_fbase as usize;
+    if info.dli_sname.is_null() {
+        return format!("+{off:#x}");
+    }
+    // SAFETY: dladdr gave a NUL-terminated name.
+    let near = unsafe { std::ffi::CStr::from_ptr(info.dli_sname) }.to_string_lossy();
+    format!(
+        "+{off:#x}, after {near}+{:#x}",
+        addr - info.dli_saddr as usize
+    )
+}
+
+/// A second copy of libc, which nothing runs: the file copied to a
+/// temporary directory and loaded with `dlopen`, `RTLD_LOCAL` (its path
+/// differs, so `probert::functions` finds it by path, and the loader maps
+/// it anew; lookups of this program still find the first libc). Not
+/// `dlmopen` into a namespace of its own: `dl_iterate_phdr` reports only
+/// its caller's namespace, so probert would not see the copy.
+/// Probing every instruction of the libc in use would make the bench's own
+/// allocations and probert's writer (both run libc) trap at nearly every
+/// instruction for hours; the copy's code bytes, extents and relocations are
+/// the same, so the analysis is. Returns its directory (to remove once the
+/// probes are gone: probert reads the file) and functions.
+fn cov_libc_copy() -> (std::path::PathBuf, Vec<probert::Function>) {
+    // SAFETY: `Dl_info` is plain data (pointers and an int): all zeroes is
+    // a valid value.
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: `qsort` is a libc function; `info` is ours to fill.
+    let found = unsafe { libc::dladdr(libc::qsort as *const std::ffi::c_void, &mut info) };
+    assert!(found != 0 && !info.dli_fname.is_null(), "dladdr(qsort)");
+    // SAFETY: dladdr gave a NUL-terminated path.
+    let src = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }
+        .to_string_lossy()
+        .into_owned();
+    let dir = std::env::temp_dir().join(format!("probert-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    let path = dir.join("libc.so.6");
+    std::fs::copy(&src, &path).expect("copy libc");
+    let path = path.to_string_lossy().into_owned();
+    let c = std::ffi::CString::new(path.clone()).expect("path");
+    // SAFETY: loads the copy, never closed (its IFUNC resolvers run;
+    // nothing of this program calls into it: RTLD_LOCAL).
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen of a copy of libc");
+    let funcs = probert::functions(&path).expect("the copy's functions");
+    (dir, funcs)
+}
+
+/// The libraries named after `--coverage` (parts of their names), if any.
+fn cov_filter() -> Vec<String> {
+    std::env::args()
+        .skip_while(|a| a != "--coverage")
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect()
+}
+
+/// The coverage section: every library in a full run, zlib alone in a
+/// quick one.
+fn coverage(cfg: &Cfg) -> Coverage {
+    let only = cov_filter();
+    let rows = COV_LIBS
+        .iter()
+        .filter(|l| !cfg.quick || l.soname == "libz.so.1")
+        .filter(|l| only.is_empty() || only.iter().any(|o| l.soname.contains(o.as_str())))
+        .filter_map(|l| cov_lib(cfg, l))
+        .collect();
+    // What one trap-path hit costs in this run, to weigh the trap hits.
+    let trap_ns = probed_row(cfg, bench_push, Mode::Trap, 1, false)
+        .one()
+        .map_or(f64::NAN, |s| s.min);
+    let fast_ns = probed_row(cfg, bench_nop5, Mode::Fast, 1, false)
+        .one()
+        .map_or(f64::NAN, |s| s.min);
+    let (bare, _) = per_call(cfg, bench_bare, 1);
+    Coverage {
+        rows,
+        trap_ns: trap_ns - bare.min,
+        fast_ns: fast_ns - bare.min,
+    }
+}
+
+/// The coverage section's measurements.
+struct Coverage {
+    rows: Vec<CovRow>,
+    /// ns per call of a function whose entry is probed on the trap path
+    /// (the per-call table's "trap path, emulated `push rbp`"), less the
+    /// bare call; the minimum over the repetitions, as the workloads'.
+    trap_ns: f64,
+    /// The same on the fast path (the "5-byte NOP site" row).
+    fast_ns: f64,
+}
+
+const COV_HEADING: &str = "## Coverage of real libraries in AUTO mode";
+
+/// The CPU's family and model numbers, and whether it is a virtual
+/// machine's (the `hypervisor` flag), from `/proc/cpuinfo`: the model name
+/// of a guest can be as vague as "AMD EPYC".
+fn cpu_kind() -> String {
+    let info = read_trimmed("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().map(str::trim) == Some(k))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_owned())
+    };
+    let (Some(family), Some(model)) = (field("cpu family"), field("model")) else {
+        return String::new();
+    };
+    let guest = field("flags").is_some_and(|f| f.split(' ').any(|x| x == "hypervisor"));
+    let hex = family
+        .parse::<u32>()
+        .map_or(String::new(), |f| format!(" = {f:#x}"));
+    format!(
+        " (CPU family {family}{hex}, model {model}{})",
+        if guest { ", a virtual machine" } else { "" }
+    )
+}
+
+/// The reasons, top `n`, as "count × reason; …".
+fn top_reasons(s: &Served, n: usize) -> String {
+    let shown: Vec<String> = s
+        .reasons
+        .iter()
+        .take(n)
+        .map(|(r, c)| format!("{c} × {}", r.replace('|', "\\|")))
+        .collect();
+    let rest: usize = s.reasons.iter().skip(n).map(|r| r.1).sum();
+    let mut out = shown.join("; ");
+    if rest > 0 {
+        let _ = write!(out, "; {rest} other");
+    }
+    if out.is_empty() {
+        out.push('—');
+    }
+    out
+}
+
+fn report_coverage(w: &mut String, cov: &Coverage, load: &(String, String)) {
+    let rows = &cov.rows;
+    let _ = writeln!(w, "{COV_HEADING}\n");
+    let _ = writeln!(
+        w,
+        "Measured {} on {}{}; 1-minute load average {} before, {} after; probert `{}`.\n",
+        now_utc(),
+        machine(),
+        cpu_kind(),
+        load.0,
+        load.1,
+        revision()
+    );
+    let _ = writeln!(
+        w,
+        "| library | functions | entries fast | boundaries fast, probed apart | boundaries fast, all at once | workload unprobed | every entry probed | slowdown | goals (≥ 95 % / ≥ 70 % / ≤ 3×) |"
+    );
+    let _ = writeln!(w, "|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for r in rows {
+        let slow = r.probed / r.unprobed;
+        let met = |b: bool| if b { "met" } else { "**not met**" };
+        let _ = writeln!(
+            w,
+            "| `{}` | {} | {:.1} % ({} / {}) | {:.1} % ({} / {}) | {:.1} % ({} / {}) | {} | {} | {}× | {} / {} / {} |",
+            r.lib,
+            r.functions,
+            r.entries.fast_pct(),
+            r.entries.fast,
+            r.entries.asked,
+            r.apart.fast_pct(),
+            r.apart.fast,
+            r.apart.asked,
+            100.0 * r.together.0 as f64 / r.apart.asked.max(1) as f64,
+            r.together.0,
+            r.apart.asked,
+            dur(r.unprobed),
+            dur(r.probed),
+            ratio(slow),
+            met(r.entries.fast_pct() >= 95.0),
+            met(r.apart.fast_pct() >= 70.0),
+            met(slow <= 3.0),
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nWhy the rest is not fast (top reasons, with counts):\n"
+    );
+    let _ = writeln!(w, "| library | probes | not fast: reasons |");
+    let _ = writeln!(w, "|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            w,
+            "| `{}` | entries | {} |",
+            r.lib,
+            top_reasons(&r.entries, 4)
+        );
+        let _ = writeln!(
+            w,
+            "| `{}` | boundaries, apart | {} |",
+            r.lib,
+            top_reasons(&r.apart, 4)
+        );
+    }
+    let _ = writeln!(
+        w,
+        "\nWorkloads (results checked identical to unprobed on every run):\n"
+    );
+    for (r, l) in rows
+        .iter()
+        .filter_map(|r| COV_LIBS.iter().find(|l| l.soname == r.lib).map(|l| (r, l)))
+    {
+        let hot: Vec<String> = r
+            .hot
+            .iter()
+            .map(|h| format!("`{}` {} ({})", h.name, h.hits, h.why))
+            .collect();
+        let _ = writeln!(
+            w,
+            "- `{}`: {}. {} entry hits per probed run, {} of them on the trap path{}{}; \
+             the hits at `{}` checked exact; the boundary passes took {:.1} s.",
+            r.lib,
+            l.what,
+            r.hits_per_run,
+            r.trap_hits,
+            if hot.is_empty() { "" } else { ", most at " },
+            hot.join(", "),
+            l.counted.0,
+            r.boundary_secs
+        );
+        let slow = r.probed / r.unprobed;
+        if slow > 3.0 {
+            let added = r.probed - r.unprobed;
+            let traps = r.trap_hits as f64 * cov.trap_ns;
+            let fast_hits = (r.hits_per_run - r.trap_hits).max(1) as f64;
+            let rest = if traps > added / 2.0 {
+                format!(
+                    "the trap-path hits make most of it: {} added over {} trap hits is {} each \
+                     at most, against {} for a trap hit on the bench's hot `push rbp` site",
+                    dur(added),
+                    r.trap_hits,
+                    dur(added / r.trap_hits as f64),
+                    dur(cov.trap_ns)
+                )
+            } else {
+                format!(
+                    "the trap-path hits, at {} each (the bench's hot `push rbp` site), take {}; \
+                     the rest is {:.1} ns per fast hit, against {:.1} ns on the bench's hot \
+                     5-byte NOP site",
+                    dur(cov.trap_ns),
+                    dur(traps),
+                    (added - traps).max(0.0) / fast_hits,
+                    cov.fast_ns
+                )
+            };
+            let _ = writeln!(
+                w,
+                "  ≤ 3× missed by {}: it leaves {:.1} ns per entry hit ({} hits in {} unprobed); \
+                 {rest}.",
+                ratio(slow / 3.0),
+                2.0 * r.unprobed / r.hits_per_run.max(1) as f64,
+                r.hits_per_run,
+                dur(r.unprobed),
+            );
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\nMethod. Each library is loaded with `dlopen`; `probert::functions` gives \
+         its functions (`.eh_frame` extents and symbols, stripped libraries \
+         included). Every function entry gets an empty counting consumer in AUTO \
+         mode, all at once through `attach_batch` ({CHUNK} per batch; an address a \
+         batch refuses is set aside with its reason — \"attach: …\" — and the rest \
+         retried); after a `sync` (which retries sites a thread was inside), \
+         `probert::probe_mode` tells which are fast and `probert::fast_refusal` \
+         why the others are not (addresses elided so that reasons group). The \
+         workload times are the minimum of up to 15 runs (fewer when probed runs \
+         are slow; unprobed, 15 before probing and 15 after detaching), each \
+         run's results compared with the first unprobed run's. For \
+         libc, probing every entry also probes the libc calls of the bench itself \
+         and of Rust's std during the run (allocation, formatting, the clock): \
+         they are part of the probed time. Instruction boundaries are every \
+         address `probert::instructions` gives for those functions: \"probed \
+         apart\" attaches them in rounds with no two probes within {APART} bytes \
+         (so that no probe lies inside another's displaced run — each site's own \
+         capability), \"all at once\" attaches every one together, where a run \
+         of several instructions holds other probes and is served by trap. \
+         Timings are noisy: the machine is shared with other engineers' builds \
+         while the bench runs (see the load average), hence min-of-N.\n"
+    );
+    let _ = writeln!(
+        w,
+        "Reading it. A trap-path hit costs a few hundred fast hits, so a few hot \
+         entries left on the trap path make most of a slowdown even where 95 % of \
+         the entries are fast: the list above names them and why they are trap \
+         only (an unnamed function is shown as its offset in the file, for \
+         `objdump -d --start-address`). And ≤ 3× also needs the cost of a fast hit \
+         in that code below the \"ns per entry hit\" it leaves: a workload that \
+         enters a function every few ns cannot meet it at any per-hit cost near \
+         an XRay handler call's.\n"
+    );
+}
+
+/// `--coverage [LIB…]`: only this section, of the libraries whose names
+/// contain a `LIB` (all without); with all of them and without `--quick`,
+/// it replaces its own section in BENCHMARKS.md (the rest is kept).
+fn coverage_only(cfg: &Cfg) {
+    probert::init().expect("probert::init");
+    let load_before = load_average();
+    let cov = coverage(cfg);
+    let mut md = String::new();
+    report_coverage(&mut md, &cov, &(load_before, load_average()));
+    print!("{md}");
+    if !cfg.quick && cov_filter().is_empty() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../BENCHMARKS.md");
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        let new = match old.find(COV_HEADING) {
+            Some(i) => {
+                let after = old[i + COV_HEADING.len()..]
+                    .find("\n## ")
+                    .map_or(old.len(), |j| i + COV_HEADING.len() + j + 1);
+                format!("{}{md}{}", &old[..i], &old[after..])
+            }
+            None => format!("{}\n{md}", old.trim_end()),
+        };
+        std::fs::write(path, new).expect("write BENCHMARKS.md");
+        eprintln!("bench: wrote the coverage section of BENCHMARKS.md");
+    }
 }

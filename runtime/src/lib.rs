@@ -251,8 +251,9 @@ pub use region::{RegionDesc, RegionId, RegionOptions, WriteFn, MAX_REGION_LEN};
 pub use site::Mode;
 pub use writer::{
     attach_batch, code_write, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync,
-    init, instructions, probe_count, probe_mode, recycle_stubs, region_add, region_add_with,
-    region_functions, region_remove, region_remove_gone, retired_stubs, stats, sync, Rewritten,
+    fast_refusal, init, instructions, probe_count, probe_mode, recycle_stubs, region_add,
+    region_add_with, region_functions, region_remove, region_remove_gone, retired_stubs, stats,
+    sync, Rewritten,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is

@@ -1534,6 +1534,24 @@ pub fn probe_mode(addr: usize) -> Result<Mode> {
     })
 }
 
+/// Why the probe at `addr` cannot be served by the fast path: the reason a
+/// [`Mode::Fast`] attach there would be refused for (its function's flow, an
+/// instruction that does not relocate, another probe inside the
+/// instructions its jump would displace, …). `Ok(None)` when the site is
+/// fast-capable — fast now ([`probe_mode`]), or trap only because a
+/// [`Mode::Trap`] consumer pins it or a thread was inside its instructions
+/// at the switch (retried later). [`Error::NotFound`] if nothing is
+/// attached there. For diagnostics and coverage reports: a refusal on the
+/// flow re-derives its message, which can take a whole-function decode.
+pub fn fast_refusal(addr: usize) -> Result<Option<String>> {
+    with_state(|st| {
+        if st.sites.get(addr).is_none() {
+            return Err(Error::NotFound);
+        }
+        Ok(st.sites.refusal(&st.regions, addr))
+    })
+}
+
 /// Stubs that freed probes left behind, not yet reusable: (waiting for a
 /// grace period, waiting for a thread scan). For tests and diagnostics.
 pub fn retired_stubs() -> (usize, usize) {

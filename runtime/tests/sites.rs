@@ -180,8 +180,12 @@ isolated!(a_branch_into_the_run_keeps_the_site_on_the_trap_path, {
             && why.contains(&format!("inside the displaced range, at {:#x}", f + 2)),
         "{why}"
     );
+    assert_eq!(probert::fast_refusal(f), Err(Error::NotFound));
     let id = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
     assert_eq!(probert::probe_mode(f), Ok(Mode::Trap));
+    // AUTO says why it chose the trap path: what FAST was refused with.
+    let auto_why = probert::fast_refusal(f).unwrap().expect("a reason");
+    assert!(why.ends_with(&auto_why), "{why} / {auto_why}");
     assert_eq!(bytes(f, 1), [0xCC]);
     for n in 0..20u64 {
         assert_eq!(unsafe { s_loop(n) }, n * (n + 1) / 2);
@@ -588,6 +592,7 @@ isolated!(an_endbr64_entry_keeps_its_endbr64, {
     assert_eq!(&before[..4], [0xF3, 0x0F, 0x1E, 0xFA]);
     let id = unsafe { probert::attach(f, seen, std::ptr::null_mut()) }.unwrap();
     assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));
+    assert_eq!(probert::fast_refusal(f), Ok(None));
     let now = bytes(f, 16);
     assert_eq!(&now[..4], [0xF3, 0x0F, 0x1E, 0xFA], "the endbr64 stays");
     assert_eq!(now[4], 0xE9, "the jump follows it");
