@@ -337,27 +337,101 @@ isolated!(a_tail_call_returns_when_its_callee_returns, {
     }
 });
 
-// BUG (shadow.rs, `Mine::push`): a function that tail-jumps to its own
-// entry leaves a frame at the same stack pointer and return address as the
-// new invocation, which `push` cannot tell from an invocation left by
-// `longjmp` and entered again from the same call site; it counts the
-// earlier ones abandoned. Real code does this (libsqlite3's
-// sqlite3WhereSplit). Fix: mark, at attach, the functions whose exits
-// include a jump to their own entry, and keep same-sp same-ret frames of
-// those.
-isolated!(
-    #[ignore = "BUG: a tail call to the function's own entry counts as abandoned (shadow.rs push)"]
-    a_tail_call_to_its_own_entry_returns_once_per_invocation,
-    {
-        static SELF: Spec = Spec::new(|_| 42);
-        let id = SELF.attach(addr(rt_selftail), Mode::Auto);
+// A function that tail-jumps to its own entry (libsqlite3's
+// sqlite3WhereSplit does) leaves a frame at the same stack pointer and
+// return address as the new invocation, as one left by `longjmp` and
+// entered again from the same call would: the exit analysis tells them
+// apart, and each invocation of the chain returns when the last one does,
+// innermost first, with the value the caller receives (API.md).
+isolated!(a_tail_call_to_its_own_entry_returns_once_per_invocation, {
+    static SELF: Spec = Spec::new(|_| 42);
+    // A second consumer of the same function: the arguments its returns
+    // see, in order.
+    static ORDER: [AtomicU64; 128] = [const { AtomicU64::new(u64::MAX) }; 128];
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    for mode in MODES {
+        SELF.reset();
+        SEEN.store(0, Ordering::SeqCst);
+        let id = SELF.attach(addr(rt_selftail), mode);
         assert_eq!(unsafe { rt_selftail(5) }, 42);
         let s = probert::stats(id).unwrap();
-        assert_eq!((s.hits, s.returns, s.abandoned), (6, 6, 0), "{s:?}");
-        assert_eq!(SELF.counts(), (6, 6, 0, 0));
+        assert_eq!(
+            (s.hits, s.returns, s.abandoned),
+            (6, 6, 0),
+            "{mode:?}: {s:?}"
+        );
+        assert_eq!(SELF.counts(), (6, 6, 0, 0), "{mode:?}");
+        let order = unsafe {
+            probert::probe_returns(
+                addr(rt_selftail),
+                |hit, n: &mut u64| {
+                    *n = hit.regs().arg(0).unwrap();
+                    Action::Continue
+                },
+                |_, n: &mut u64| {
+                    let k = SEEN.fetch_add(1, Ordering::SeqCst);
+                    if let Some(o) = ORDER.get(k) {
+                        o.store(*n, Ordering::SeqCst);
+                    }
+                    Action::Continue
+                },
+            )
+        }
+        .unwrap();
+        // Longer than any fixed batch of returns: 101 invocations, one
+        // `ret`.
+        assert_eq!(unsafe { rt_selftail(100) }, 42);
+        assert_eq!(SELF.counts(), (107, 107, 0, 0), "{mode:?}");
+        assert_eq!(SEEN.load(Ordering::SeqCst), 101, "{mode:?}");
+        let got: Vec<u64> = ORDER[..101]
+            .iter()
+            .map(|o| o.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(
+            got,
+            (0..=100).collect::<Vec<u64>>(),
+            "{mode:?}: innermost first"
+        );
+        let o = order.stats().unwrap();
+        assert_eq!((o.hits, o.returns, o.abandoned), (101, 101, 0), "{mode:?}");
+        // Rewriting the value: every invocation of the chain returns it.
+        SELF.rewrite.store(9, Ordering::SeqCst);
+        assert_eq!(unsafe { rt_selftail(3) }, 9, "{mode:?}");
+        SELF.rewrite.store(0, Ordering::SeqCst);
+        order.detach().unwrap();
         probert::detach(id).unwrap();
+        SELF.detached.store(true, Ordering::SeqCst);
+        assert_eq!(unsafe { rt_selftail(3) }, 42);
+        assert_eq!(SELF.counts().3, 0, "{mode:?}: no call after detach");
     }
-);
+});
+
+// Two consumers with return handlers on one function: one entry hit pushes
+// a frame for each, at the same place, and neither takes the other's for
+// an abandoned invocation.
+isolated!(two_consumers_of_one_function_each_get_every_return, {
+    static OTHER: Spec = Spec::new(plus100);
+    for mode in MODES {
+        LEAF.reset();
+        OTHER.reset();
+        let a = LEAF.attach(addr(rt_leaf), mode);
+        let b = OTHER.attach(addr(rt_leaf), mode);
+        for x in 0..20 {
+            assert_eq!(unsafe { rt_leaf(x) }, x + 100);
+            assert_eq!(unsafe { rt_tail(x) }, x + 101);
+        }
+        for (id, spec) in [(a, &LEAF), (b, &OTHER)] {
+            let s = probert::stats(id).unwrap();
+            assert_eq!(
+                (s.hits, s.returns, s.abandoned),
+                (40, 40, 0),
+                "{mode:?}: {s:?}"
+            );
+            assert_eq!(spec.counts().0, 40, "{mode:?}");
+        }
+        probert::detach_batch(&[a, b]).unwrap();
+    }
+});
 
 isolated!(recursion_ten_thousand_deep_pairs_every_invocation, {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -1032,12 +1106,11 @@ fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
     for &(id, start) in ids {
         let s = probert::stats(id).unwrap();
         assert!(s.returns + s.abandoned <= s.hits, "{what}: {s:?}");
-        // Known limitation: a function that tail-jumps to its own entry
-        // (sqlite3WhereSplit does) looks like one left by `longjmp` and
-        // entered again from the same call; the earlier invocations of
-        // such a chain count as abandoned.
-        assert!(
-            s.abandoned == 0 || jumps_to_its_own_entry(start),
+        // No `longjmp`, exception or thread exit in these workloads: every
+        // invocation returns (a function that tail-jumps to its own entry,
+        // as sqlite3WhereSplit does, too).
+        assert_eq!(
+            s.abandoned, 0,
             "{what}: {s:?} abandoned in the function at {start:#x}"
         );
         hits += s.hits;
@@ -1054,18 +1127,6 @@ fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
         "{what}: handler calls and stats agree"
     );
     assert_eq!(hits, returns + abandoned, "{what}");
-}
-
-/// Whether the function at `start` has a `jmp` to `start` (a tail call to
-/// itself).
-fn jumps_to_its_own_entry(start: usize) -> bool {
-    probert::instructions(start).unwrap().into_iter().any(|at| {
-        let b = common::bytes(at, 5);
-        (b[0] == 0xE9
-            && (at + 5).wrapping_add(i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize)
-                == start)
-            || (b[0] == 0xEB && (at + 2).wrapping_add(b[1] as i8 as usize) == start)
-    })
 }
 
 fn detach_all(ids: &[(probert::ConsumerId, usize)]) {
