@@ -594,7 +594,7 @@ fn main() {
         steady_returns_hits += e;
         if (e, n, s.hits, s.returns, s.abandoned) != (calls, calls, calls, calls, 0) {
             failures.push(format!(
-                "function {i}: {calls} calls, steady return consumer saw {e} entries and {n} \
+                "the steady return consumer of function {i}: {calls} calls, it saw {e} entries and {n} \
                  returns, stats {s:?}"
             ));
         }
