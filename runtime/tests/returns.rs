@@ -1307,3 +1307,190 @@ isolated!(every_function_of_libsqlite3_in_a_real_workload, {
         assert_eq!(sqlite_workload(h), want);
     }
 });
+
+// ---- Lua: a whole interpreter, whose errors and yields are `longjmp`s ----
+
+/// Times the script below raises an error with `error()` (each through
+/// `lua_error`; once more from nested frames), with a bad argument to a library function (each through
+/// `luaL_argerror`, `luaL_error` and `lua_error`), and yields from a
+/// coroutine (each through `lua_yieldk`): each of those invocations leaves
+/// by `longjmp`, never returning.
+const LUA_ERRORS: u64 = 40;
+const LUA_ARGERRORS: u64 = 25;
+const LUA_YIELDS: u64 = 30;
+
+fn lua_script() -> String {
+    format!(
+        r#"
+        local out = {{}}
+        local function add(s) out[#out + 1] = tostring(s) end
+        -- Closures, recursion, tables, sorting, strings.
+        local function fib(n) if n < 2 then return n end return fib(n - 1) + fib(n - 2) end
+        add(fib(20))
+        local t = {{}}
+        for i = 1, 2000 do t[i] = (i * 7919) % 1009 end
+        table.sort(t)
+        add(t[1] .. "," .. t[1000] .. "," .. t[2000])
+        local words = {{}}
+        for w in ("the quick brown fox jumps over the lazy dog"):gmatch("%a+") do
+            words[#words + 1] = w:upper():reverse()
+        end
+        add(table.concat(words, " "))
+        add(string.format("%5.2f|%x|%q", math.pi, 48879, "a\nb"))
+        add(("x"):rep(10, "-"):gsub("x", "y"))
+        -- Errors raised and caught: error() ({errors} times, each with
+        -- the count), a bad argument ({argerrors} times), arithmetic on
+        -- nil (the VM raises it itself).
+        local caught = 0
+        for i = 1, {errors} do
+            local ok, msg = pcall(error, "boom " .. i, 0)
+            if not ok and msg == "boom " .. i then caught = caught + 1 end
+        end
+        for i = 1, {argerrors} do
+            local ok, msg = pcall(string.rep, "x", "many")
+            if not ok and msg:find("bad argument") then caught = caught + 1 end
+        end
+        for i = 1, 10 do
+            local ok = pcall(function() local x = nil; return x + i end)
+            if not ok then caught = caught + 1 end
+        end
+        -- An error through nested Lua and C frames, caught with a handler.
+        local function deep(n) if n == 0 then error({{code = 7}}) end return deep(n - 1) + 1 end
+        local ok, e = xpcall(deep, function(m) return m.code * 6 end, 30)
+        add(tostring(ok) .. " " .. tostring(e))
+        add(caught)
+        -- A coroutine yielding {yields} times.
+        local co = coroutine.wrap(function()
+            for i = 1, {yields} do coroutine.yield(i * i) end
+            return -1
+        end)
+        local sum = 0
+        for i = 1, {yields} do sum = sum + co() end
+        add(sum .. " " .. co())
+        return table.concat(out, "\n")
+        "#,
+        errors = LUA_ERRORS,
+        argerrors = LUA_ARGERRORS,
+        yields = LUA_YIELDS,
+    )
+}
+
+type LuaNew = unsafe extern "C" fn() -> *mut libc::c_void;
+type LuaOpenLibs = unsafe extern "C" fn(*mut libc::c_void);
+type LuaLoadString = unsafe extern "C" fn(*mut libc::c_void, *const libc::c_char) -> i32;
+type LuaPcallK = unsafe extern "C" fn(*mut libc::c_void, i32, i32, i32, isize, usize) -> i32;
+type LuaToLString = unsafe extern "C" fn(*mut libc::c_void, i32, *mut usize) -> *const libc::c_char;
+
+/// Runs the script in a new Lua state: what it returns.
+fn lua_workload(h: *mut std::ffi::c_void) -> String {
+    let new: LuaNew = dlsym(h, "luaL_newstate");
+    let open: LuaOpenLibs = dlsym(h, "luaL_openlibs");
+    let load: LuaLoadString = dlsym(h, "luaL_loadstring");
+    let pcall: LuaPcallK = dlsym(h, "lua_pcallk");
+    let tostr: LuaToLString = dlsym(h, "lua_tolstring");
+    let close: LuaOpenLibs = dlsym(h, "lua_close");
+    let src = std::ffi::CString::new(lua_script()).unwrap();
+    unsafe {
+        let l = new();
+        assert!(!l.is_null());
+        open(l);
+        assert_eq!(load(l, src.as_ptr()), 0, "the script compiles");
+        let rc = pcall(l, 0, 1, 0, 0, 0);
+        let s = tostr(l, -1, std::ptr::null_mut());
+        let out = std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned();
+        assert_eq!(rc, 0, "the script failed: {out}");
+        close(l);
+        out
+    }
+}
+
+isolated!(every_function_of_liblua_with_errors_and_yields, {
+    let Some(h) = dlopen("liblua5.4.so.0") else {
+        eprintln!("no liblua5.4.so.0: skipped");
+        return;
+    };
+    let want = lua_workload(h);
+    let caught = LUA_ERRORS + LUA_ARGERRORS + 10;
+    assert!(want.contains("false 42"), "{want}");
+    assert!(want.contains(&format!("\n{caught}\n")), "{want}");
+    // The functions whose invocations are known to leave by `longjmp`
+    // (each run of the workload: how many times), and one that never does.
+    let longjmps: [(&str, u64); 4] = [
+        // And the error the nested frames raise.
+        ("lua_error", LUA_ERRORS + LUA_ARGERRORS + 1),
+        ("luaL_error", LUA_ARGERRORS),
+        ("luaL_argerror", LUA_ARGERRORS),
+        ("lua_yieldk", LUA_YIELDS),
+    ];
+    let named = |name: &str| dlsym::<usize>(h, name);
+    for mode in MODES {
+        TOTALS.entries.store(0, Ordering::SeqCst);
+        TOTALS.returns.store(0, Ordering::SeqCst);
+        let (ids, _) = probe_every_function("liblua5.4.so.0", mode);
+        assert!(
+            ids.len() >= 300,
+            "{mode:?}: only {} functions probed",
+            ids.len()
+        );
+        let stats_of = |name: &str| {
+            let at = named(name);
+            let id = ids
+                .iter()
+                .find(|&&(_, start)| start == at)
+                .unwrap_or_else(|| panic!("{mode:?}: {name} was not probed"))
+                .0;
+            probert::stats(id).unwrap()
+        };
+        // Two threads at once, each with its own state; the results
+        // identical to the unprobed run.
+        let t = std::thread::spawn(move || lua_workload(dlopen("liblua5.4.so.0").unwrap()));
+        assert_eq!(lua_workload(h), want, "{mode:?}");
+        assert_eq!(t.join().unwrap(), want, "{mode:?}");
+        probert::sync().unwrap();
+        for (name, n) in longjmps {
+            let s = stats_of(name);
+            assert_eq!(
+                (s.hits, s.returns, s.abandoned),
+                (2 * n, 0, 2 * n),
+                "{mode:?}: {name}"
+            );
+        }
+        let s = stats_of("lua_pcallk");
+        assert!(s.hits >= 2 * caught, "{mode:?}: lua_pcallk {s:?}");
+        assert_eq!(
+            (s.returns, s.abandoned),
+            (s.hits, 0),
+            "{mode:?}: lua_pcallk"
+        );
+        // Every entry returned or was abandoned, and handlers and stats
+        // agree.
+        let (mut hits, mut returns, mut abandoned) = (0, 0, 0);
+        for &(id, _) in &ids {
+            let s = probert::stats(id).unwrap();
+            assert!(s.returns + s.abandoned <= s.hits, "{mode:?}: {s:?}");
+            hits += s.hits;
+            returns += s.returns;
+            abandoned += s.abandoned;
+        }
+        eprintln!("liblua {mode:?}: {hits} entries, {returns} returns, {abandoned} abandoned");
+        assert!(
+            hits > 10_000,
+            "{mode:?}: the workload ran probed code ({hits})"
+        );
+        assert_eq!(
+            (
+                TOTALS.entries.load(Ordering::SeqCst),
+                TOTALS.returns.load(Ordering::SeqCst)
+            ),
+            (hits, returns),
+            "{mode:?}: handler calls and stats agree"
+        );
+        assert_eq!(hits, returns + abandoned, "{mode:?}");
+        assert!(
+            abandoned >= 2 * (2 * LUA_ERRORS + 4 * LUA_ARGERRORS + LUA_YIELDS),
+            "{mode:?}: {abandoned} abandoned"
+        );
+        detach_all(&ids);
+        assert_eq!(lua_workload(h), want);
+    }
+});
