@@ -83,6 +83,15 @@ bench_one: .quad 1
     ret
     BENCH_END bench_mov5
 
+    BENCH_FUNC bench_frame       // a frame, an epilogue: the return-probe target
+    push rbp
+    mov rbp, rsp
+    lea rax, [rdi + 1]
+    nop dword ptr [rax]
+    pop rbp
+    ret
+    BENCH_END bench_frame
+
     BENCH_FUNC bench_latency     // push rbp: the latency target
     push rbp
     lea rax, [rdi + 1]
@@ -100,6 +109,7 @@ extern "C" {
     fn bench_nop5(x: u64) -> u64;
     fn bench_mov5(x: u64) -> u64;
     fn bench_latency(x: u64) -> u64;
+    fn bench_frame(x: u64) -> u64;
 }
 
 /// A target: a function of `rdi` returning `rdi + 1`.
@@ -312,6 +322,31 @@ fn probed_row(cfg: &Cfg, f: Target, mode: Mode, consumers: usize, scaling: bool)
     }
     probert::detach_batch(&ids).expect("detach_batch");
     Row::Ran { one, two }
+}
+
+/// Per-call costs of a return probe on `bench_frame`: the function
+/// unprobed, then with an empty entry handler and an empty return handler
+/// attached in `mode` (the exits in AUTO: an exit run where the epilogue
+/// allows). Checks every call gave one entry and one return hit.
+fn returns_row(cfg: &Cfg, mode: Mode) -> (Sample, Row) {
+    let (bare, _) = per_call(cfg, bench_frame, 1);
+    let opts = probert::AttachOptions {
+        mode,
+        on_return: Some(empty),
+    };
+    // SAFETY: a static assembly target; `empty` is async-signal-safe.
+    let id =
+        match unsafe { probert::attach_with(addr(bench_frame), empty, std::ptr::null_mut(), opts) }
+        {
+            Ok(id) => id,
+            Err(e) => return (bare, Row::Unavailable(format!("{e}"))),
+        };
+    let (one, calls) = per_call(cfg, bench_frame, 1);
+    let st = probert::stats(id).expect("stats");
+    assert_eq!(st.hits + st.missed, calls, "an entry was missed");
+    assert_eq!(st.returns + st.abandoned, st.hits, "a return was missed");
+    probert::detach(id).expect("detach");
+    (bare, Row::Ran { one, two: None })
 }
 
 // ---------------------------------------------------------------------------
@@ -813,6 +848,9 @@ struct Results {
     fast: [Row; 4],
     /// LLVM XRay, or why it was not measured.
     xray: Result<XRay, String>,
+    /// `bench_frame` unprobed, and with a return probe: fast entry, trap
+    /// entry (the exits fast where they can, in both).
+    returns: (Sample, Row, Row),
     control: Vec<CpRow>,
     quiet: Latency,
     churned: Latency,
@@ -882,6 +920,9 @@ fn measure(cfg: &Cfg) -> Results {
         }
     }
     eprintln!("bench: fast path done");
+    let (frame_bare, fast_returns) = returns_row(cfg, Mode::Auto);
+    let (_, trap_returns) = returns_row(cfg, Mode::Trap);
+    eprintln!("bench: return probes done");
     let xray = xray(cfg);
     match &xray {
         Ok(x) => eprintln!(
@@ -913,6 +954,7 @@ fn measure(cfg: &Cfg) -> Results {
         trap,
         fast,
         xray,
+        returns: (frame_bare, fast_returns, trap_returns),
         control,
         quiet,
         churned,
@@ -950,6 +992,7 @@ fn report(cfg: &Cfg, r: &Results) -> String {
     );
     report_hits(w, r);
     report_xray(w, r);
+    report_returns(w, r);
     report_scaling(w, r);
     report_control(w, cfg, &r.control);
     report_latency(w, cfg, r);
@@ -1051,6 +1094,8 @@ struct XRay {
     /// Its own bare call (the same body, not instrumented).
     bare: f64,
     patched: f64,
+    /// Patched with entry and exit sleds: two handler calls per call.
+    entry_exit: Option<f64>,
 }
 
 /// Builds `examples/c/xray_bench.c` with clang and runs it, in this run.
@@ -1069,13 +1114,44 @@ fn xray(cfg: &Cfg) -> Result<XRay, String> {
                 .is_ok_and(|o| o.status.success())
         })
         .ok_or("no clang (Debian: apt-get install clang-14 libclang-rt-14-dev)")?;
+    let entry = run_xray(
+        clang,
+        src,
+        &["-fxray-instrumentation-bundle=function-entry"],
+    )?;
+    let row = |out: &str, name: &str| {
+        out.lines()
+            .filter_map(|l| l.strip_prefix("xray "))
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .ok_or(format!("its output has no `{name}` row"))
+    };
+    // XRay's default bundle: entry and exit sleds.
+    let entry_exit = run_xray(clang, src, &[]).ok().and_then(|out| {
+        (row(&out, "handler_calls_per_call").ok() == Some(2.0))
+            .then(|| row(&out, "patched").ok())
+            .flatten()
+    });
+    Ok(XRay {
+        bare: row(&entry, "bare")?,
+        patched: row(&entry, "patched")?,
+        entry_exit,
+    })
+}
+
+/// Builds `src` with `clang` and XRay (and `flags`), runs it, and returns
+/// its output.
+fn run_xray(clang: &str, src: &str, flags: &[&str]) -> Result<String, String> {
+    use std::process::Command;
     let exe = std::env::temp_dir().join(format!("probert-xray-bench-{}", std::process::id()));
     let built = Command::new(clang)
-        .args(["-std=c11", "-O2", "-fxray-instrument"])
-        .args([
-            "-fxray-instrumentation-bundle=function-entry",
-            "-fxray-modes=none",
-        ])
+        .args(["-std=c11", "-O2", "-fxray-instrument", "-fxray-modes=none"])
+        .args(flags)
         .arg(src)
         .arg("-o")
         .arg(&exe)
@@ -1097,23 +1173,7 @@ fn xray(cfg: &Cfg) -> Result<XRay, String> {
             String::from_utf8_lossy(&ran.stderr).trim()
         ));
     }
-    let out = String::from_utf8_lossy(&ran.stdout);
-    let row = |name: &str| {
-        out.lines()
-            .filter_map(|l| l.strip_prefix("xray "))
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-            })
-            .ok_or(format!("its output has no `{name}` row"))
-    };
-    Ok(XRay {
-        bare: row("bare")?,
-        patched: row("patched")?,
-    })
+    Ok(String::from_utf8_lossy(&ran.stdout).into_owned())
 }
 
 fn report_xray(w: &mut String, r: &Results) {
@@ -1170,6 +1230,78 @@ fn report_xray(w: &mut String, r: &Results) {
          entry and saves what the ABI leaves live there (no rbx, xmm8–15); \
          probert's saves every GPR, RFLAGS and xmm0–15, at any instruction.\n",
         ns(x.bare)
+    );
+}
+
+fn report_returns(w: &mut String, r: &Results) {
+    let _ = writeln!(w, "## Return probes vs LLVM XRay entry + exit, same run\n");
+    let (bare, fast, trap) = &r.returns;
+    let _ = writeln!(
+        w,
+        "| per call, entry + return | median ns | added to its bare call | vs XRay | goal | verdict |"
+    );
+    let _ = writeln!(w, "|---|---:|---:|---:|---|---|");
+    let xa = match &r.xray {
+        Ok(XRay {
+            bare: xb,
+            entry_exit: Some(ee),
+            ..
+        }) => {
+            let xa = ee - xb;
+            let _ = writeln!(
+                w,
+                "| LLVM XRay, patched entry and exit sleds, counting handler³ | {} | +{xa:.1} ns | 1.00× | — |  |",
+                ns(*ee)
+            );
+            Some(xa)
+        }
+        _ => None,
+    };
+    for (what, row, goal) in [
+        (
+            "probert, fast entry and fast exit, empty handlers",
+            fast,
+            true,
+        ),
+        (
+            "probert, trap entry and fast exit, empty handlers",
+            trap,
+            false,
+        ),
+    ] {
+        match row {
+            Row::Ran { one, .. } => {
+                let added = one.median - bare.median;
+                let (vs, g, v) = match xa {
+                    Some(xa) if goal => (
+                        format!("{:.2}×", added / xa),
+                        "≤ XRay",
+                        verdict(added <= xa),
+                    ),
+                    Some(xa) => (format!("{:.2}×", added / xa), "—", String::new()),
+                    None => ("—".into(), "—", String::new()),
+                };
+                let _ = writeln!(
+                    w,
+                    "| {what} | {} | +{added:.1} ns | {vs} | {g} | {v} |",
+                    ns(one.median)
+                );
+            }
+            Row::Unavailable(e) => {
+                let _ = writeln!(w, "| {what} | — | — | — | — | {e} |");
+            }
+        }
+    }
+    let _ = writeln!(
+        w,
+        "\n³ `examples/c/xray_bench.c` built with XRay's default bundle (an entry \
+         and an exit sled, two handler calls per call). probert's target is \
+         `push rbp; mov rbp, rsp; lea rax, [rdi + 1]; nop4; pop rbp; ret`, its bare \
+         call {}: the entry's three instructions and the exit's last three are \
+         each displaced into a stub (the exit's calls the consumers at the `ret`, \
+         then returns), and the return handler runs with the state after the \
+         `ret`.\n",
+        ns(bare.median)
     );
 }
 

@@ -15,6 +15,16 @@
 #include <stdint.h>
 
 /**
+ * `probert_region_opts.flags`: let probes be attached where the region's
+ * memory is mapped readable but not executable (a buffer the host emits
+ * into read-write and makes executable later, or code it executes from
+ * another mapping). Without it, attaching there fails with
+ * PROBERT_ERR_PROTECT and writes nothing. Memory that is not mapped
+ * readable at all (PROT_NONE, unmapped) is refused either way.
+ */
+#define PROBERT_REGION_ANY_PROTECTION 1
+
+/**
  * The result of every probert call that returns a status.
  */
 typedef enum probert_status {
@@ -68,6 +78,15 @@ typedef enum probert_status {
    * The address is not on an instruction boundary of its function.
    */
   PROBERT_ERR_MISALIGNED = 10,
+  /**
+   * The code under the probe no longer holds what probert wrote there:
+   * the host rewrote, freed, unmapped or unloaded it. The probe is
+   * retired: nothing is written there again, and its consumers get no
+   * more hits but stay attached (handles and statistics work) until
+   * detached, which succeeds without writing. Returned by
+   * `probert_probe_mode` for such a probe, and by `probert_code_write`.
+   */
+  PROBERT_ERR_CODE_CHANGED = 11,
   /**
    * A bug: a caught panic, an invariant broken.
    */
@@ -325,6 +344,21 @@ typedef struct probert_region_desc {
  * reused, so a removed region's handle stays stale.
  */
 typedef uint64_t probert_region;
+
+/**
+ * Options of `probert_region_add_ex`; may grow at the end.
+ */
+typedef struct probert_region_opts {
+  /**
+   * `sizeof(probert_region_opts)`: lets the struct grow. A smaller size
+   * from an older header is accepted; the fields it lacks read as zero.
+   */
+  size_t size;
+  /**
+   * `PROBERT_REGION_*` flags; unknown bits are PROBERT_ERR_INVALID_ARGUMENT.
+   */
+  uint32_t flags;
+} probert_region_opts;
 
 #ifdef __cplusplus
 extern "C" {
@@ -725,6 +759,72 @@ enum probert_status probert_region_add(const struct probert_region_desc *desc, p
  * has returned). From a handler: no. Thread safety: any thread.
  */
 enum probert_status probert_region_remove(probert_region region);
+
+/**
+ * `probert_region_add` with options (`opts` may be NULL: the defaults).
+ *
+ * What a region may be (both calls): at most 1 TiB, in user space,
+ * overlapping no registered region, with something mapped in it. Parts of
+ * it may be reserved (`PROT_NONE`), unmapped, or not executable yet:
+ * attaching there fails with PROBERT_ERR_PROTECT and changes nothing, and
+ * works once the host has committed the memory and made it executable.
+ *
+ * Errors: as `probert_region_add`; PROBERT_ERR_INVALID_ARGUMENT also for a
+ * too small `opts->size`, unknown flags, a region larger than 1 TiB or
+ * outside user space, or one where nothing is mapped.
+ * Blocks: takes the writer lock. From a handler: no. Thread safety: any.
+ */
+enum probert_status probert_region_add_ex(const struct probert_region_desc *desc,
+                                          const struct probert_region_opts *opts,
+                                          probert_region *out);
+
+/**
+ * `probert_region_remove` for memory the host has already freed, unmapped
+ * or reused: probert reads and writes none of it (and never calls its
+ * write callback again) — the probes inside are retired as they are, their
+ * consumers detached, their stubs recycled — waits one grace period, and
+ * forgets the region.
+ *
+ * (`probert_region_remove` itself also works after the memory is gone: it
+ * restores only code that still holds probert's bytes and skips memory
+ * that is not mapped. This call is for memory that may already hold other
+ * code, and costs no reads.)
+ *
+ * Errors: PROBERT_ERR_NOT_FOUND (unknown or stale handle),
+ * PROBERT_ERR_INVALID_ARGUMENT (from a handler).
+ * Blocks: one grace period. From a handler: no. Thread safety: any thread.
+ */
+enum probert_status probert_region_remove_gone(probert_region region);
+
+/**
+ * Writes `len` bytes from `src` at `addr`, inside a registered JIT region,
+ * keeping the probes there coherent: the host's way to patch code under
+ * probes (inline caches, trace linking, deoptimisation, OSR).
+ *
+ * Each probe whose instruction the write changes keeps its int3 while the
+ * rest of the new bytes land behind it, cores are serialised, and the probe
+ * is re-derived from the new code (a thread reaching it runs the old or
+ * the new instruction, never a mix; its consumers are called throughout),
+ * or retired when the new code cannot be probed there (no longer an
+ * instruction boundary, an instruction probert cannot displace): then the
+ * new bytes are in place without the int3, and `probert_probe_mode` says
+ * PROBERT_ERR_CODE_CHANGED until its consumers are detached. `*retired`
+ * (if not NULL) is set to the number of probes retired. Bytes no probe
+ * covers are written as the host's own write would write them.
+ *
+ * Code the host writes behind probert's back is found at probert's next
+ * write there: nothing is written over it and the probe is retired.
+ *
+ * Errors: PROBERT_ERR_INVALID_ARGUMENT (`src` NULL, `len` 0, a range that
+ * leaves its region, from a handler), PROBERT_ERR_NO_REGION (not in a JIT
+ * region), PROBERT_ERR_PROTECT (the write failed; the probes are as they
+ * were). Blocks: writer lock, a few core serialisations. From a handler: no.
+ * Thread safety: any thread.
+ */
+enum probert_status probert_code_write(const void *addr,
+                                       const void *src,
+                                       size_t len,
+                                       size_t *retired);
 
 /**
  * Returns the value of register `reg` at the probed instruction (as modified

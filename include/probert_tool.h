@@ -95,6 +95,22 @@ typedef struct probert_tool_host {
   /* Writes `len` bytes to `path` relative to the command's directory
      (for a tool's own output file); 0 or -1. */
   int (*write_file)(probert_tool_ctx *ctx, const char *path, const void *data, size_t len);
+  /* ---- since probert 0.2.1: present when size reaches them ---- */
+  /* The message of the calling thread's last failed attach_ex /
+     attach_batch_ex / detach through this table ("" when none); valid
+     until that thread's next call. Normal context. */
+  const char *(*last_error)(void);
+  /* Says that the tool could not attach at match m, and why: the report
+     shows a "not attached" line for it (and --json a "not_attached" entry).
+     Normal context (attach). */
+  void (*not_attached)(probert_tool_ctx *ctx, const probert_tool_match *m, const char *reason);
+  /* A zeroed 64-bit counter for match m, in memory the command reads itself:
+     if the process ends without a report (killed by a signal, _exit, exec
+     without -f) the command still reports its value, as column `what` (e.g.
+     "hits") of the tool's table. Handlers add to it atomically (it is 8-byte
+     aligned). NULL when no counter is left. Normal context (attach); a
+     forked child gets its own copies, with the parent's values. */
+  uint64_t *(*shared_counter)(probert_tool_ctx *ctx, const probert_tool_match *m, const char *what);
 } probert_tool_host;
 
 typedef struct probert_tool {

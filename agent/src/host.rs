@@ -96,6 +96,10 @@ pub struct ToolHost {
     pub print: unsafe extern "C" fn(*mut ToolCtx, *const c_char),
     pub write_file:
         unsafe extern "C" fn(*mut ToolCtx, *const c_char, *const c_void, usize) -> c_int,
+    pub last_error: extern "C" fn() -> *const c_char,
+    pub not_attached: unsafe extern "C" fn(*mut ToolCtx, *const ToolMatch, *const c_char),
+    pub shared_counter:
+        unsafe extern "C" fn(*mut ToolCtx, *const ToolMatch, *const c_char) -> *mut u64,
 }
 
 /// `probert_tool`.
@@ -121,8 +125,114 @@ unsafe impl Sync for Tool {}
 pub struct ToolCtx {
     /// Its index in the agent's tool list (tags its event records).
     pub index: u16,
+    /// Its name.
+    pub name: String,
     /// The text of the report being made.
     pub out: Mutex<String>,
+    /// The matches it could not attach at, and why.
+    pub not_attached: Mutex<Vec<NotAttached>>,
+}
+
+/// A match a tool could not attach at.
+#[derive(Debug, Clone)]
+pub struct NotAttached {
+    /// The -p spec, as given.
+    pub spec: String,
+    /// The function (or address, with its offset) and the module's file name.
+    pub function: String,
+    pub module: String,
+    /// Why, in the tool's words (usually libprobert's message).
+    pub reason: String,
+}
+
+/// The function and module file names of a match, as reports show them.
+///
+/// # Safety
+/// `m`'s strings are NULL or NUL-terminated (the host's matches are).
+pub unsafe fn match_names(m: &ToolMatch) -> (String, String, String) {
+    let cs = |p: *const c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: NUL-terminated (the caller's contract).
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    let module = cs(m.module).rsplit('/').next().unwrap_or("").to_owned();
+    let function = if m.symbol.is_null() {
+        format!("{:#x}", m.addr)
+    } else if m.func_start != 0 && m.addr != m.func_start {
+        format!("{}+{:#x}", cs(m.symbol), m.addr - m.func_start)
+    } else {
+        cs(m.symbol)
+    };
+    (function, module, cs(m.spec))
+}
+
+thread_local! {
+    /// The message of this thread's last failed libprobert call through
+    /// the host table (normal context only: never read by handlers).
+    static LAST_ERROR: std::cell::RefCell<std::ffi::CString> =
+        std::cell::RefCell::new(std::ffi::CString::default());
+}
+
+fn set_last_error(e: &probert::Error) {
+    let msg = std::ffi::CString::new(e.to_string().replace('\0', " ")).unwrap_or_default();
+    let _ = LAST_ERROR.try_with(|l| *l.borrow_mut() = msg);
+}
+
+extern "C" fn last_error() -> *const c_char {
+    // The pointer stays valid until this thread's next failing call
+    // replaces the string (as the header says).
+    LAST_ERROR
+        .try_with(|l| l.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
+}
+
+unsafe extern "C" fn not_attached(ctx: *mut ToolCtx, m: *const ToolMatch, reason: *const c_char) {
+    // SAFETY: the tool's own context and a match the host gave it.
+    let (Some(ctx), Some(m)) = (unsafe { ctx.as_ref() }, unsafe { m.as_ref() }) else {
+        return;
+    };
+    // SAFETY: the host's match.
+    let (function, module, spec) = unsafe { match_names(m) };
+    let reason = if reason.is_null() {
+        "unknown reason".into()
+    } else {
+        // SAFETY: NUL-terminated (the caller's contract).
+        unsafe { CStr::from_ptr(reason) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    ctx.not_attached
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(NotAttached {
+            spec,
+            function,
+            module,
+            reason,
+        });
+}
+
+unsafe extern "C" fn shared_counter(
+    ctx: *mut ToolCtx,
+    m: *const ToolMatch,
+    what: *const c_char,
+) -> *mut u64 {
+    // SAFETY: the tool's own context and a match the host gave it.
+    let (Some(ctx), Some(m), false) = (
+        unsafe { ctx.as_ref() },
+        unsafe { m.as_ref() },
+        what.is_null(),
+    ) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: the host's match; `what` is NUL-terminated.
+    let ((function, module, _), what) =
+        unsafe { (match_names(m), CStr::from_ptr(what).to_string_lossy()) };
+    crate::shared::counter(&ctx.name, &function, &module, &what)
+        .map_or(std::ptr::null_mut(), |c| c.as_ptr())
 }
 
 /// The status numbers of probert.h that the wrappers return.
@@ -142,6 +252,7 @@ fn status(e: &probert::Error) -> u32 {
         E::NoMemory(_) => 8,
         E::Signal(_) => 9,
         E::Misaligned { .. } => 10,
+        E::CodeChanged { .. } => 11,
         E::Internal(_) => 255,
     }
 }
@@ -196,7 +307,10 @@ unsafe extern "C" fn attach_ex(
             unsafe { out.write(id.0) };
             OK
         }
-        Err(e) => status(&e),
+        Err(e) => {
+            set_last_error(&e);
+            status(&e)
+        }
     }
 }
 
@@ -241,6 +355,7 @@ unsafe extern "C" fn attach_batch_ex(
             OK
         }
         Err((i, e)) => {
+            set_last_error(&e);
             if !err_index.is_null() {
                 // SAFETY: not NULL.
                 unsafe { err_index.write(i) };
@@ -253,7 +368,10 @@ unsafe extern "C" fn attach_batch_ex(
 extern "C" fn detach(c: u64) -> u32 {
     match probert::detach(ConsumerId(c)) {
         Ok(()) => OK,
-        Err(e) => status(&e),
+        Err(e) => {
+            set_last_error(&e);
+            status(&e)
+        }
     }
 }
 
@@ -437,5 +555,8 @@ pub fn host(json: bool) -> ToolHost {
         is_agent_thread,
         print,
         write_file,
+        last_error,
+        not_attached,
+        shared_counter,
     }
 }

@@ -12,13 +12,15 @@
 //! Reports go over the socket, never to the program's descriptors 0–2.
 //!
 //! Frames to the command: one kind byte, a little-endian `u32` length, the
-//! payload. `H` hello (`pid\0program`), `R` a report, `L` list output, `E` an
+//! payload. `H` hello (`pid\0program\0shm`, the last the file of
+//! [`shared`] counters in the command's directory, or empty), `R` a report, `L` list output, `E` an
 //! error that ends the program before `main`.
 #![allow(unsafe_code)]
 
 mod events;
 mod host;
 mod resolve;
+mod shared;
 mod tools;
 
 use std::collections::HashSet;
@@ -124,7 +126,7 @@ fn hello() {
     let exe = std::fs::read_link("/proc/self/exe")
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    send(b'H', format!("{pid}\0{exe}").as_bytes());
+    send(b'H', format!("{pid}\0{exe}\0{}", shared::name()).as_bytes());
 }
 
 fn fatal(msg: &str) -> ! {
@@ -146,11 +148,19 @@ struct Config {
 }
 
 static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
+static FOLLOW: AtomicBool = AtomicBool::new(false);
+
+/// The command's socket, once the environment no longer says it.
+fn config_sock() -> Option<String> {
+    CONFIG.try_lock().ok()?.as_ref().map(|c| c.sock.clone())
+}
 
 struct LoadedTool {
     tool: &'static Tool,
     state: *mut c_void,
     ctx: *mut ToolCtx,
+    /// Failed attaches the tool counted but did not explain (`not_attached`).
+    unexplained: usize,
 }
 
 struct Agent {
@@ -281,10 +291,22 @@ fn attach_new(agent: &mut Agent, cfg: &Config, modules: Vec<Module>) -> Vec<reso
         agent.strings.push(spec);
         agent.next_id += 1;
     }
-    for t in &agent.tools {
+    for t in &mut agent.tools {
         if let Some(a) = t.tool.attach {
+            let said = |t: &LoadedTool| {
+                // SAFETY: our context, live for the process.
+                unsafe { &*t.ctx }
+                    .not_attached
+                    .lock()
+                    .map_or(0, |n| n.len())
+            };
+            let before = said(t);
             // SAFETY: the tool's state and `tm.len()` matches.
-            unsafe { a(t.state, tm.as_ptr(), tm.len()) };
+            let failed = unsafe { a(t.state, tm.as_ptr(), tm.len()) };
+            let explained = said(t) - before;
+            t.unexplained += usize::try_from(failed)
+                .unwrap_or(0)
+                .saturating_sub(explained);
         }
     }
     // The strings the matches point at live as long as the process.
@@ -315,6 +337,9 @@ fn init_agent() {
     if fd >= 0 {
         // SAFETY: our descriptor: the program's exec closes it.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    if !cfg.list {
+        shared::init();
     }
     hello();
     let specs: Result<Vec<Spec>, String> = var("PROBERT_SPECS")
@@ -372,7 +397,9 @@ fn init_agent() {
             let (tool, args) = load_tool(ts).unwrap_or_else(|e| fatal(&e));
             let ctx = Box::into_raw(Box::new(ToolCtx {
                 index: i as u16,
+                name: tool_name(tool),
                 out: Mutex::new(String::new()),
+                not_attached: Mutex::new(Vec::new()),
             }));
             let a = CString::new(args).unwrap_or_default();
             let start = tool.start.unwrap_or_else(|| fatal("tool without start"));
@@ -391,7 +418,12 @@ fn init_agent() {
                     why.trim()
                 ));
             }
-            agent.tools.push(LoadedTool { tool, state, ctx });
+            agent.tools.push(LoadedTool {
+                tool,
+                state,
+                ctx,
+                unexplained: 0,
+            });
         }
     }
     let modules = resolve::loaded_modules();
@@ -453,6 +485,7 @@ fn init_agent() {
     *AGENT.lock().unwrap_or_else(|p| p.into_inner()) = Some(agent);
     let interval = cfg.interval;
     let follow = cfg.follow;
+    FOLLOW.store(follow, Ordering::Relaxed);
     *CONFIG.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
     start_drain(interval);
     // SAFETY: plain C function pointers registered once.
@@ -469,8 +502,7 @@ fn init_agent() {
 
 // ---- drain thread and reports -------------------------------------------
 
-static STOP: Mutex<Option<(crossbeam_channel::Sender<()>, std::thread::JoinHandle<()>)>> =
-    Mutex::new(None);
+static STOP: Mutex<Option<(crossbeam_channel::Sender<()>, libc::pthread_t)>> = Mutex::new(None);
 
 fn drain_now(agent: &mut Agent) {
     let _g = events::DRAIN.lock().unwrap_or_else(|p| p.into_inner());
@@ -485,38 +517,70 @@ fn drain_now(agent: &mut Agent) {
     });
 }
 
+/// What the drain thread gets: the stop channel and the interval.
+type DrainArgs = (crossbeam_channel::Receiver<()>, Option<f64>);
+
+/// The drain thread's start routine: a bare pthread that marks itself the
+/// agent's before anything else runs on it (a std thread's start-up
+/// allocates, and those calls would count as the program's).
+extern "C" fn drain_main(arg: *mut c_void) -> *mut c_void {
+    let _work = agent_work();
+    // SAFETY: the Box start_drain leaked for this thread, ours alone now.
+    let args = unsafe { Box::from_raw(arg.cast::<DrainArgs>()) };
+    let _ = std::panic::catch_unwind(move || drain_loop(args.0, args.1));
+    std::ptr::null_mut()
+}
+
+fn drain_loop(rx: crossbeam_channel::Receiver<()>, interval: Option<f64>) {
+    let tick = crossbeam_channel::tick(Duration::from_millis(10));
+    let mut next = interval.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
+    loop {
+        crossbeam_channel::select! {
+            recv(rx) -> _ => return,
+            recv(tick) -> _ => {}
+        }
+        let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(agent) = g.as_mut() else { continue };
+        drain_now(agent);
+        if let (Some(n), Some(s)) = (next, interval) {
+            if std::time::Instant::now() >= n {
+                make_report(agent, false);
+                next = Some(n + Duration::from_secs_f64(s));
+            }
+        }
+    }
+}
+
 fn start_drain(interval: Option<f64>) {
     let (tx, rx) = crossbeam_channel::bounded::<()>(1);
-    let handle = std::thread::Builder::new()
-        .name("probert-drain".into())
-        .spawn(move || {
-            let _work = agent_work();
-            let tick = crossbeam_channel::tick(Duration::from_millis(10));
-            let mut next = interval.map(|s| std::time::Instant::now() + Duration::from_secs_f64(s));
-            loop {
-                crossbeam_channel::select! {
-                    recv(rx) -> _ => return,
-                    recv(tick) -> _ => {}
-                }
-                let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(agent) = g.as_mut() else { continue };
-                drain_now(agent);
-                if let (Some(n), Some(s)) = (next, interval) {
-                    if std::time::Instant::now() >= n {
-                        make_report(agent, false);
-                        next = Some(n + Duration::from_secs_f64(s));
-                    }
-                }
-            }
-        });
-    if let Ok(h) = handle {
-        *STOP.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx, h));
+    let arg = Box::into_raw(Box::new((rx, interval))).cast::<c_void>();
+    // SAFETY: zeroed is a valid pthread_t to be overwritten.
+    let mut thread: libc::pthread_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid out-pointer, default attributes, a start routine of
+    // the right type taking ownership of `arg`.
+    let rc = unsafe { libc::pthread_create(&mut thread, std::ptr::null(), drain_main, arg) };
+    if rc != 0 {
+        // SAFETY: the thread did not start: `arg` is still ours.
+        drop(unsafe { Box::from_raw(arg.cast::<DrainArgs>()) });
+        return;
     }
+    *STOP.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx, thread));
 }
 
 fn make_report(agent: &mut Agent, fin: bool) {
     let json = agent.host.json != 0;
     let mut parts = Vec::new();
+    let mut refused: Vec<(String, host::NotAttached)> = Vec::new();
+    let mut unexplained: Vec<(String, usize)> = Vec::new();
+    for t in &agent.tools {
+        // SAFETY: our context.
+        let ctx = unsafe { &*t.ctx };
+        let n = ctx.not_attached.lock().unwrap_or_else(|p| p.into_inner());
+        refused.extend(n.iter().map(|r| (ctx.name.clone(), r.clone())));
+        if t.unexplained > 0 {
+            unexplained.push((ctx.name.clone(), t.unexplained));
+        }
+    }
     for t in &agent.tools {
         // SAFETY: our context.
         let ctx = unsafe { &*t.ctx };
@@ -548,7 +612,35 @@ fn make_report(agent: &mut Agent, fin: bool) {
         .unwrap_or_default();
     let mut o = String::new();
     if json {
-        let _ = write!(o, "{{\"pid\":{pid},\"final\":{fin},\"dropped_events\":{drops},\"unmatched\":[{}],\"tools\":{{", specs.iter().map(|s| format!("\"{}\"", s.replace('"', "\\\""))).collect::<Vec<_>>().join(","));
+        let not_attached: Vec<String> = refused
+            .iter()
+            .map(|(tool, r)| {
+                format!(
+                    "{{\"tool\":{},\"spec\":{},\"function\":{},\"module\":{},\"reason\":{}}}",
+                    tools::json_str(tool),
+                    tools::json_str(&r.spec),
+                    tools::json_str(&r.function),
+                    tools::json_str(&r.module),
+                    tools::json_str(&r.reason)
+                )
+            })
+            .chain(unexplained.iter().map(|(tool, n)| {
+                format!(
+                    "{{\"tool\":{},\"failed\":{n},\"reason\":\"not said by the tool\"}}",
+                    tools::json_str(tool)
+                )
+            }))
+            .collect();
+        let _ = write!(
+            o,
+            "{{\"pid\":{pid},\"final\":{fin},\"dropped_events\":{drops},\"unmatched\":[{}],\"not_attached\":[{}],\"tools\":{{",
+            specs
+                .iter()
+                .map(|s| tools::json_str(s))
+                .collect::<Vec<_>>()
+                .join(","),
+            not_attached.join(",")
+        );
         for (i, (n, t)) in parts.iter().enumerate() {
             let t = if t.trim().is_empty() {
                 "null"
@@ -575,6 +667,19 @@ fn make_report(agent: &mut Agent, fin: bool) {
                 "(spec '{s}' matched nothing: its module was never loaded)"
             );
         }
+        for (tool, r) in &refused {
+            let _ = writeln!(
+                o,
+                "not attached: {} ({}) [{tool}, spec '{}']: {}",
+                r.function, r.module, r.spec, r.reason
+            );
+        }
+        for (tool, n) in &unexplained {
+            let _ = writeln!(
+                o,
+                "not attached: {n} match(es) of tool {tool} (it did not say which)"
+            );
+        }
     }
     send(if fin { b'R' } else { b'I' }, o.as_bytes());
 }
@@ -586,7 +691,8 @@ extern "C" fn at_exit() {
     let _work = agent_work();
     if let Some((tx, h)) = STOP.lock().unwrap_or_else(|p| p.into_inner()).take() {
         let _ = tx.send(());
-        let _ = h.join();
+        // SAFETY: the drain thread, joined once (taken out of STOP).
+        unsafe { libc::pthread_join(h, std::ptr::null_mut()) };
     }
     let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(agent) = g.as_mut() {
@@ -610,6 +716,8 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
+    // Ordering: Relaxed — written before any fork, by init_agent.
+    shared::forked(FOLLOW.load(Ordering::Relaxed));
     let old = CONN.swap(PENDING.swap(-1, Ordering::AcqRel), Ordering::AcqRel);
     if old >= 0 {
         // SAFETY: the parent's connection; the child has its own or none.

@@ -23,7 +23,8 @@ struct Probe {
     id: u32,
     name: String,
     module: String,
-    hits: AtomicU64,
+    /// In the memory the command reads itself (count), or the probe's own.
+    hits: &'static AtomicU64,
     seen: AtomicU64,
     limit: u64,
     covered: AtomicBool,
@@ -48,21 +49,6 @@ enum Kind {
     Latency,
     Args,
     Drcov,
-}
-
-fn name_of(m: &ToolMatch) -> (String, String) {
-    // SAFETY: the host's strings, NUL-terminated, live for the call.
-    let cs = |p: *const c_char| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-    let module = cs(m.module);
-    let module = module.rsplit('/').next().unwrap_or("").to_owned();
-    let name = if m.symbol.is_null() {
-        format!("{:#x}", m.addr)
-    } else if m.addr != m.func_start {
-        format!("{}+{:#x}", cs(m.symbol), m.addr - m.func_start)
-    } else {
-        cs(m.symbol)
-    };
-    (name, module)
 }
 
 // ---- handlers (signal context) -------------------------------------------
@@ -331,8 +317,29 @@ unsafe extern "C" fn attach(state: *mut c_void, ms: *const ToolMatch, n: usize) 
     let host = unsafe { &*st.host };
     let limit = st.arg.parse().unwrap_or(5);
     let mut failed = 0;
+    let shared = host.size >= std::mem::size_of::<ToolHost>();
+    let refuse = |m: &ToolMatch, why: &str| {
+        let why = CString::new(why.replace('\0', " ")).unwrap_or_default();
+        if shared {
+            // SAFETY: our context, the host's match, a NUL-terminated reason.
+            unsafe { (host.not_attached)(st.ctx, m, why.as_ptr()) };
+        }
+    };
     for m in ms {
-        let (name, module) = name_of(m);
+        // SAFETY: the host's match.
+        let (name, module, _) = unsafe { crate::host::match_names(m) };
+        let counter = || -> &'static AtomicU64 {
+            if st.kind == Kind::Count && shared {
+                // SAFETY: our context and the host's match.
+                let c = unsafe { (host.shared_counter)(st.ctx, m, c"hits".as_ptr()) };
+                if !c.is_null() {
+                    // SAFETY: an aligned, zeroed counter that lives for the
+                    // process (probert_tool.h).
+                    return unsafe { AtomicU64::from_ptr(c) };
+                }
+            }
+            Box::leak(Box::new(AtomicU64::new(0)))
+        };
         let mk = |id: u32, block| {
             Box::new(Probe {
                 host: st.host,
@@ -340,7 +347,7 @@ unsafe extern "C" fn attach(state: *mut c_void, ms: *const ToolMatch, n: usize) 
                 id,
                 name: name.clone(),
                 module: module.clone(),
-                hits: AtomicU64::new(0),
+                hits: counter(),
                 seen: AtomicU64::new(0),
                 limit,
                 covered: AtomicBool::new(false),
@@ -349,9 +356,15 @@ unsafe extern "C" fn attach(state: *mut c_void, ms: *const ToolMatch, n: usize) 
         };
         let mut sites: Vec<(usize, Box<Probe>)> = Vec::new();
         match st.kind {
-            Kind::Latency if m.is_entry == 0 => continue,
+            Kind::Latency if m.is_entry == 0 => {
+                refuse(m, "latency needs a function's entry, and this is not one");
+                failed += 1;
+                continue;
+            }
             Kind::Drcov => {
                 if m.is_entry == 0 {
+                    refuse(m, "drcov covers whole functions: give the function's entry");
+                    failed += 1;
                     continue;
                 }
                 for (b, len) in blocks(m.func_start, m.func_end) {
@@ -385,6 +398,25 @@ unsafe extern "C" fn attach(state: *mut c_void, ms: *const ToolMatch, n: usize) 
                 st.lat.push(Hist::default());
                 st.args.push(Vec::new());
             } else {
+                crate::shared::retire(p.hits);
+                let why = if shared {
+                    // SAFETY: the host's message, NUL-terminated.
+                    unsafe { CStr::from_ptr((host.last_error)()) }
+                        .to_string_lossy()
+                        .into_owned()
+                } else {
+                    String::new()
+                };
+                let why = if why.is_empty() {
+                    format!("libprobert status {s}")
+                } else {
+                    why
+                };
+                if st.kind == Kind::Drcov {
+                    refuse(m, &format!("block at {addr:#x}: {why}"));
+                } else {
+                    refuse(m, &why);
+                }
                 failed += 1;
             }
         }
@@ -418,7 +450,7 @@ unsafe extern "C" fn event(state: *mut c_void, rec: *const c_void, len: usize) {
     }
 }
 
-fn json_str(s: &str) -> String {
+pub(crate) fn json_str(s: &str) -> String {
     let mut o = String::from("\"");
     for c in s.chars() {
         match c {

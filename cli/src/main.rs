@@ -157,8 +157,45 @@ fn check_program(file: &Path, shown: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The agent library: $PROBERT_AGENT, next to this executable, or in ../lib.
-fn agent() -> Result<PathBuf, String> {
+/// The agent this binary carries (cli/build.rs); empty when built without.
+static EMBEDDED_AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libprobert_agent.so"));
+
+/// The embedded agent as a file: in the user's cache directory (named by its
+/// contents, written once, atomically), else in this run's private `dir`.
+fn embedded_agent(dir: &Path) -> Option<PathBuf> {
+    if EMBEDDED_AGENT.is_empty() {
+        return None;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for &b in EMBEDDED_AGENT {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let name = format!("libprobert_agent-{}-{h:016x}.so", env!("CARGO_PKG_VERSION"));
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|c| Path::new(c).is_absolute())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .map(|c| c.join("probert"));
+    let write = |d: &Path| -> Option<PathBuf> {
+        let f = d.join(&name);
+        let fresh = std::fs::metadata(&f).is_ok_and(|m| m.len() == EMBEDDED_AGENT.len() as u64);
+        if fresh {
+            return Some(f);
+        }
+        std::fs::create_dir_all(d).ok()?;
+        let tmp = d.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&tmp, EMBEDDED_AGENT).ok()?;
+        std::fs::rename(&tmp, &f)
+            .map_err(|_| std::fs::remove_file(&tmp))
+            .ok()?;
+        Some(f)
+    };
+    cache.as_deref().and_then(write).or_else(|| write(dir))
+}
+
+/// The agent library: $PROBERT_AGENT, next to this executable, in ../lib,
+/// or the one this binary carries.
+fn agent(run_dir: &Path) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("PROBERT_AGENT") {
         return Ok(p.into());
     }
@@ -173,8 +210,11 @@ fn agent() -> Result<PathBuf, String> {
             return std::fs::canonicalize(cand).map_err(|e| e.to_string());
         }
     }
+    if let Some(p) = embedded_agent(run_dir) {
+        return Ok(p);
+    }
     Err(format!(
-        "the agent libprobert_agent.so is not next to {} (build it with `cargo build --release -p probert-agent`, or set PROBERT_AGENT)",
+        "the agent libprobert_agent.so is not next to {} and this build carries none (build it with `cargo build --release -p probert-agent`, or set PROBERT_AGENT)",
         exe.display()
     ))
 }
@@ -184,10 +224,21 @@ struct Conn {
     buf: Vec<u8>,
     pid: String,
     program: String,
+    /// The file of the agent's shared counters in our directory, if any.
+    shm: String,
+    /// Whether the final report came.
+    reported: bool,
+}
+
+/// A process whose connection closed without its final report.
+struct Orphan {
+    pid: String,
+    program: String,
+    shm: PathBuf,
 }
 
 enum Frame {
-    Hello(String, String),
+    Hello(String, String, String),
     Report(bool, String),
     List(String),
     Error(String),
@@ -205,8 +256,10 @@ fn frames(c: &mut Conn) -> Vec<Frame> {
         c.buf.drain(..5 + len);
         out.push(match kind {
             b'H' => {
-                let (pid, prog) = payload.split_once('\0').unwrap_or((&payload, ""));
-                Frame::Hello(pid.into(), prog.into())
+                let mut f = payload.split('\0').map(str::to_owned);
+                let pid = f.next().unwrap_or_default();
+                let prog = f.next().unwrap_or_default();
+                Frame::Hello(pid, prog, f.next().unwrap_or_default())
             }
             b'R' => Frame::Report(true, payload),
             b'I' => Frame::Report(false, payload),
@@ -221,11 +274,13 @@ fn run(o: Opts) -> Result<u8, String> {
     let shown = o.program[0].to_string_lossy().into_owned();
     let file = find_program(&o.program[0]).ok_or(format!("{shown}: command not found"))?;
     check_program(&file, &shown)?;
-    let agent = agent()?;
     let dir = std::env::temp_dir().join(format!("probert-{}-{}", std::process::id(), nanos()));
     std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| e.to_string())?;
+    let agent = agent(&dir).inspect_err(|_| {
+        let _ = std::fs::remove_dir_all(&dir);
+    })?;
     let sock = dir.join("sock");
     let listener = UnixListener::bind(&sock).map_err(|e| format!("{}: {e}", sock.display()))?;
     let preload = match std::env::var("LD_PRELOAD") {
@@ -263,6 +318,7 @@ fn run(o: Opts) -> Result<u8, String> {
     let mut error = None;
     let mut json_reports: Vec<String> = Vec::new();
     let mut reports = 0usize;
+    let mut orphans: Vec<Orphan> = Vec::new();
     loop {
         while let Ok((s, _)) = listener.accept() {
             let _ = s.set_nonblocking(true);
@@ -271,6 +327,8 @@ fn run(o: Opts) -> Result<u8, String> {
                 buf: Vec::new(),
                 pid: "?".into(),
                 program: String::new(),
+                shm: String::new(),
+                reported: false,
             });
         }
         let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
@@ -313,9 +371,10 @@ fn run(o: Opts) -> Result<u8, String> {
             }
             for f in frames(c) {
                 match f {
-                    Frame::Hello(pid, prog) => {
+                    Frame::Hello(pid, prog, shm) => {
                         c.pid = pid;
                         c.program = prog;
+                        c.shm = shm;
                     }
                     Frame::List(t) => {
                         let _ = std::io::stdout().write_all(t.as_bytes());
@@ -323,10 +382,11 @@ fn run(o: Opts) -> Result<u8, String> {
                     Frame::Error(e) => error = Some(e),
                     Frame::Report(fin, t) => {
                         reports += usize::from(fin);
+                        c.reported |= fin;
                         if o.json {
                             json_reports.push(format!(
-                                "{{\"program\":\"{}\",\"report\":{t}}}",
-                                c.program.replace('\\', "\\\\").replace('"', "\\\"")
+                                "{{\"program\":{},\"report\":{t}}}",
+                                json_str(&c.program)
                             ));
                         } else {
                             let what = if fin { "at exit" } else { "interval" };
@@ -343,7 +403,50 @@ fn run(o: Opts) -> Result<u8, String> {
             }
         }
         for i in closed.into_iter().rev() {
-            conns.remove(i);
+            let c = conns.remove(i);
+            // A name of our own directory's files only.
+            let name_ok = c.shm.starts_with("shm.") && !c.shm.contains('/');
+            if !c.reported && name_ok && !o.list {
+                orphans.push(Orphan {
+                    pid: c.pid,
+                    program: c.program,
+                    shm: dir.join(&c.shm),
+                });
+            }
+        }
+    }
+    // Processes that ended without a report (a signal, _exit, an exec not
+    // followed): what their shared counters say.
+    let main_pid = child.id().to_string();
+    for orphan in &orphans {
+        let why = match status {
+            Some(s) if orphan.pid == main_pid => match s.signal() {
+                Some(sig) => format!("killed by signal {sig} ({})", signal_name(sig)),
+                None => format!(
+                    "exited with status {} without running exit handlers (_exit, or an exec)",
+                    s.code().unwrap_or(0)
+                ),
+            },
+            _ => "ended without running exit handlers (a signal, _exit, or an exec)".into(),
+        };
+        let Some(recs) = shared_counters(&orphan.shm) else {
+            continue;
+        };
+        reports += 1;
+        let name = orphan.program.rsplit('/').next().unwrap_or("");
+        if o.json {
+            json_reports.push(format!(
+                "{{\"program\":{},\"report\":{}}}",
+                json_str(&orphan.program),
+                orphan_json(&orphan.pid, &why, &recs)
+            ));
+        } else {
+            let _ = writeln!(
+                out,
+                "== probert: pid {} ({name}), {why}: its shared counters ==",
+                orphan.pid
+            );
+            let _ = out.write_all(orphan_text(&recs).as_bytes());
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -367,6 +470,119 @@ fn run(o: Opts) -> Result<u8, String> {
         return Ok(128 + sig as u8);
     }
     Ok(status.code().unwrap_or(1) as u8)
+}
+
+/// One counter of an agent's shared file: tool, function, module, what, value.
+type Counter = (String, String, String, String, u64);
+
+/// The counters of an agent's shared file (see agent/src/shared.rs for the
+/// layout), or None when it is missing or not one.
+fn shared_counters(path: &Path) -> Option<Vec<Counter>> {
+    const HEADER: usize = 64;
+    const RECORD: usize = 128;
+    let data = std::fs::read(path).ok()?;
+    if data.len() < HEADER || &data[..8] != b"probert1" {
+        return None;
+    }
+    let word = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap_or_default());
+    let used = (word(8) as usize).min((data.len() - HEADER) / RECORD);
+    let mut out = Vec::with_capacity(used);
+    for i in 0..used {
+        let at = HEADER + RECORD * i;
+        let mut text = data[at + 8..at + RECORD]
+            .split(|&b| b == 0)
+            .map(|t| String::from_utf8_lossy(t).into_owned());
+        let mut next = || text.next().unwrap_or_default();
+        let (tool, function, module, what) = (next(), next(), next(), next());
+        if !tool.is_empty() {
+            out.push((tool, function, module, what, word(at)));
+        }
+    }
+    Some(out)
+}
+
+/// Tools in the order of their first counter, each with its counters.
+fn by_tool(recs: &[Counter]) -> Vec<(&str, Vec<&Counter>)> {
+    let mut tools: Vec<(&str, Vec<&Counter>)> = Vec::new();
+    for r in recs {
+        match tools.iter_mut().find(|t| t.0 == r.0) {
+            Some(t) => t.1.push(r),
+            None => tools.push((&r.0, vec![r])),
+        }
+    }
+    for t in &mut tools {
+        t.1.sort_by_key(|r| std::cmp::Reverse(r.4));
+    }
+    tools
+}
+
+/// The table of the count tool's text report, for shared counters.
+fn orphan_text(recs: &[Counter]) -> String {
+    let mut o = String::new();
+    for (tool, rows) in by_tool(recs) {
+        let what = rows.first().map_or("", |r| r.3.as_str()).to_uppercase();
+        o.push_str(&format!(
+            "[{tool}]\n{what:>12}  {:<40} MODULE\n",
+            "FUNCTION"
+        ));
+        for r in rows {
+            o.push_str(&format!("{:>12}  {:<40} {}\n", r.4, r.1, r.2));
+        }
+    }
+    o
+}
+
+fn orphan_json(pid: &str, why: &str, recs: &[Counter]) -> String {
+    let tools: Vec<String> = by_tool(recs)
+        .into_iter()
+        .map(|(tool, rows)| {
+            let rows: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{{\"function\":{},\"module\":{},{}:{}}}",
+                        json_str(&r.1),
+                        json_str(&r.2),
+                        json_str(&r.3),
+                        r.4
+                    )
+                })
+                .collect();
+            format!("{}:[{}]", json_str(tool), rows.join(","))
+        })
+        .collect();
+    format!(
+        "{{\"pid\":{},\"final\":true,\"ended\":{},\"from\":\"shared counters\",\"tools\":{{{}}}}}",
+        pid.parse::<u64>().unwrap_or(0),
+        json_str(why),
+        tools.join(",")
+    )
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn signal_name(sig: i32) -> String {
+    // SAFETY: strsignal returns NULL or a NUL-terminated string; copied at once.
+    let p = unsafe { libc::strsignal(sig) };
+    if p.is_null() {
+        return format!("signal {sig}");
+    }
+    // SAFETY: not NULL: NUL-terminated.
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn nanos() -> u128 {

@@ -292,3 +292,250 @@ fn list_shows_matches_without_running() {
     assert!(o.ends_with("2 match(es)\n"), "{o}");
     assert!(!o.contains("sum "), "the program ran: {o}");
 }
+
+#[test]
+fn failed_attaches_are_reported() {
+    let w = workload();
+    let w = w.to_str().unwrap();
+    // crc32 of libz (dlopen'ed RTLD_NOW) ends in a tail jump through its
+    // PLT: its return probe must follow it (the latency row exists).
+    let (_, t) = trace(
+        &["-p", "libz.so*:crc32", "-p", "work+1", "--latency"],
+        &[w, "5", "4"],
+    );
+    let r = text(&t.stderr);
+    let lat = r.split("[latency]").nth(1).expect("latency table");
+    let row = lat.lines().find(|l| l.contains("crc32 (libz.so.1)"));
+    let calls: Option<u64> = row.and_then(|l| l.split_whitespace().next()?.parse().ok());
+    assert_eq!(calls, Some(4), "{r}");
+    // work+1 is inside an instruction: neither tool can attach, and each
+    // says so, with the reason.
+    assert!(
+        r.contains("not attached: work+0x1 (workload) [count, spec 'work+1']: ")
+            && r.contains("is not on an instruction boundary"),
+        "{r}"
+    );
+    assert!(
+        r.contains("not attached: work+0x1 (workload) [latency, spec 'work+1']: latency needs a function's entry"),
+        "{r}"
+    );
+    let t = probert()
+        .args([
+            "trace", "--json", "-p", "work+1", "-p", "work", "--", w, "2",
+        ])
+        .output()
+        .unwrap();
+    let r = text(&t.stderr);
+    assert!(
+        r.contains("\"not_attached\":[{\"tool\":\"count\",\"spec\":\"work+1\",\"function\":\"work+0x1\",\"module\":\"workload\",\"reason\":\""),
+        "{r}"
+    );
+    assert!(r.contains("\"hits\":2}"), "{r}");
+}
+
+#[test]
+fn interval_reports_repeat() {
+    let w = workload();
+    let (plain, t) = trace(
+        &["-p", "work", "--interval", "0.25"],
+        &[w.to_str().unwrap(), "50", "0", "-1", "sleep:2000"],
+    );
+    assert_eq!(plain.stdout, t.stdout);
+    assert_eq!(t.status.code(), Some(1));
+    let r = text(&t.stderr);
+    let heads: Vec<&str> = r
+        .lines()
+        .filter(|l| l.starts_with("== probert: pid "))
+        .collect();
+    let intervals = heads
+        .iter()
+        .filter(|l| l.ends_with(", interval =="))
+        .count();
+    assert!(intervals >= 2, "{r}");
+    // The final report comes last, once; every report has the count table.
+    assert_eq!(
+        heads.last().map(|h| h.ends_with(", at exit ==")),
+        Some(true),
+        "{r}"
+    );
+    assert_eq!(heads.len(), intervals + 1, "{r}");
+    let h = hits(&r, "work");
+    assert_eq!(h.len(), heads.len(), "{r}");
+    assert!(h.iter().all(|&n| n <= 50), "{r}");
+    assert_eq!(h.last(), Some(&50), "{r}");
+    // With --json, one document holds every report.
+    let t = probert()
+        .args(["trace", "--json", "-p", "work", "--interval", "0.25", "--"])
+        .args([w.to_str().unwrap(), "3", "0", "-1", "sleep:1000"])
+        .output()
+        .unwrap();
+    let r = text(&t.stderr);
+    assert!(r.starts_with("{\"reports\":[{"), "{r}");
+    assert!(r.matches("\"final\":false").count() >= 2, "{r}");
+    assert_eq!(r.matches("\"final\":true").count(), 1, "{r}");
+}
+
+#[test]
+fn output_file() {
+    let w = workload();
+    let file = tmp().join("report.txt");
+    let _ = std::fs::remove_file(&file);
+    let plain = Command::new(&w).args(["7"]).output().unwrap();
+    let t = probert()
+        .args(["trace", "-p", "work", "-o"])
+        .arg(&file)
+        .arg("--")
+        .args([w.to_str().unwrap(), "7"])
+        .output()
+        .unwrap();
+    assert_eq!(t.status.code(), Some(0));
+    assert_eq!(plain.stdout, t.stdout);
+    // Nothing on the terminal: the program's stderr is empty, and so is ours.
+    assert_eq!(text(&t.stderr), "");
+    let r = std::fs::read_to_string(&file).unwrap();
+    assert!(r.starts_with("== probert: pid "), "{r}");
+    assert_eq!(hits(&r, "work"), vec![7], "{r}");
+    // -o with --json: the file is one JSON document.
+    let t = probert()
+        .args(["trace", "--json", "-p", "work", "-o"])
+        .arg(&file)
+        .arg("--")
+        .args([w.to_str().unwrap(), "4"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&t.stderr), "");
+    let r = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        r.starts_with("{\"reports\":[") && r.ends_with("]}\n"),
+        "{r}"
+    );
+    assert!(r.contains("\"hits\":4}"), "{r}");
+}
+
+#[test]
+fn report_after_signals_and_exit_without_handlers() {
+    use std::os::unix::process::ExitStatusExt;
+    let w = workload();
+    let w = w.to_str().unwrap();
+    for (end, signal, code, why) in [
+        ("kill", Some(9), None, "killed by signal 9"),
+        ("segv", Some(11), None, "killed by signal 11"),
+        (
+            "_exit",
+            None,
+            Some(9),
+            "exited with status 9 without running exit handlers",
+        ),
+    ] {
+        let (plain, t) = trace(
+            &["-p", "work", "-p", "libz.so*:crc32"],
+            &[w, "123", "5", "-1", end],
+        );
+        assert_eq!(plain.stdout, t.stdout, "{end}");
+        assert_eq!(plain.status.signal(), signal, "{end}");
+        assert_eq!(t.status.signal(), signal, "{end}");
+        assert_eq!(t.status.code(), code, "{end}");
+        let r = text(&t.stderr);
+        assert!(r.contains(why), "{end}: {r}");
+        assert_eq!(hits(&r, "work"), vec![123], "{end}: {r}");
+        assert_eq!(hits(&r, "crc32"), vec![5], "{end}: {r}");
+    }
+    // In JSON too; and a followed child that dies reports on its own.
+    let t = probert()
+        .args([
+            "trace", "--json", "-f", "-p", "work", "--", w, "6", "0", "2", "kill",
+        ])
+        .output()
+        .unwrap();
+    let r = text(&t.stderr);
+    assert!(
+        r.contains("\"ended\":\"killed by signal 9 (Killed)\""),
+        "{r}"
+    );
+    assert!(
+        r.contains("{\"function\":\"work\",\"module\":\"workload\",\"hits\":6}"),
+        "{r}"
+    );
+    // The child of the fork (its own 2 calls after it) exited normally.
+    assert!(
+        r.contains("{\"function\":\"work\",\"module\":\"workload\",\"hits\":2}"),
+        "{r}"
+    );
+}
+
+#[test]
+fn the_command_carries_its_agent() {
+    // The binary alone, as `cargo install --path cli` installs it: no
+    // PROBERT_AGENT, no agent next to it.
+    let alone = tmp().join("alone");
+    let cache = tmp().join("cache");
+    let _ = std::fs::remove_dir_all(&alone);
+    let _ = std::fs::remove_dir_all(&cache);
+    std::fs::create_dir_all(&alone).unwrap();
+    let bin = alone.join("probert");
+    std::fs::copy(env!("CARGO_BIN_EXE_probert"), &bin).unwrap();
+    let w = workload();
+    for _ in 0..2 {
+        let t = Command::new(&bin)
+            .env_remove("PROBERT_AGENT")
+            .env("XDG_CACHE_HOME", &cache)
+            .args(["trace", "-p", "work", "--"])
+            .args([w.to_str().unwrap(), "11"])
+            .output()
+            .unwrap();
+        let r = text(&t.stderr);
+        assert_eq!(t.status.code(), Some(4), "{r}");
+        assert_eq!(hits(&r, "work"), vec![11], "{r}");
+    }
+    // Written once to the cache, named by its contents.
+    let cached: Vec<_> = std::fs::read_dir(cache.join("probert"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].starts_with("libprobert_agent-"), "{cached:?}");
+}
+
+#[test]
+fn counts_equal_an_ld_preload_interposer() {
+    // Separate runs of deterministic programs: the interposer's count of
+    // calls bound to readdir (cli/tests/c/count_readdir.c) against probert's
+    // hits on libc's readdir.
+    let so = cc(
+        "cli/tests/c/count_readdir.c",
+        "count_readdir.so",
+        &["-shared", "-fPIC", "-ldl"],
+    );
+    for (i, prog) in [
+        &["ls", "-la", "/usr/bin"][..],
+        &["ls", "-R", "/usr/share/doc"][..],
+        &["find", "/usr/include"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let file = tmp().join(format!("count-{i}"));
+        let _ = std::fs::remove_file(&file);
+        let st = Command::new(prog[0])
+            .args(&prog[1..])
+            .env("LD_PRELOAD", &so)
+            .env("COUNT_FILE", &file)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{prog:?}");
+        let want: u64 = std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(want > 10, "{prog:?}: {want}");
+        let t = probert()
+            .args(["trace", "-p", "libc.so.6:readdir", "--"])
+            .args(*prog)
+            .output()
+            .unwrap();
+        let r = text(&t.stderr);
+        assert_eq!(hits(&r, "readdir"), vec![want], "{prog:?}: {r}");
+    }
+}

@@ -47,6 +47,13 @@ pub enum probert_status {
     PROBERT_ERR_SIGNAL = 9,
     /// The address is not on an instruction boundary of its function.
     PROBERT_ERR_MISALIGNED = 10,
+    /// The code under the probe no longer holds what probert wrote there:
+    /// the host rewrote, freed, unmapped or unloaded it. The probe is
+    /// retired: nothing is written there again, and its consumers get no
+    /// more hits but stay attached (handles and statistics work) until
+    /// detached, which succeeds without writing. Returned by
+    /// `probert_probe_mode` for such a probe, and by `probert_code_write`.
+    PROBERT_ERR_CODE_CHANGED = 11,
     /// A bug: a caught panic, an invariant broken.
     PROBERT_ERR_INTERNAL = 255,
 }
@@ -55,7 +62,7 @@ use probert_status::*;
 
 impl probert_status {
     /// Every status, for `probert_status_str` and the tests.
-    pub(crate) const ALL: [probert_status; 12] = [
+    pub(crate) const ALL: [probert_status; 13] = [
         PROBERT_OK,
         PROBERT_ERR_INVALID_ARGUMENT,
         PROBERT_ERR_NO_REGION,
@@ -67,6 +74,7 @@ impl probert_status {
         PROBERT_ERR_NO_MEMORY,
         PROBERT_ERR_SIGNAL,
         PROBERT_ERR_MISALIGNED,
+        PROBERT_ERR_CODE_CHANGED,
         PROBERT_ERR_INTERNAL,
     ];
 
@@ -89,6 +97,9 @@ impl probert_status {
             PROBERT_ERR_NO_MEMORY => c"out of memory",
             PROBERT_ERR_SIGNAL => c"a signal handler could not be installed or was replaced",
             PROBERT_ERR_MISALIGNED => c"address is not on an instruction boundary",
+            PROBERT_ERR_CODE_CHANGED => {
+                c"the host changed or freed the code under the probe: the probe is retired"
+            }
             PROBERT_ERR_INTERNAL => c"internal error (a bug in probert)",
         }
     }
@@ -107,6 +118,7 @@ impl From<&Error> for probert_status {
             Error::NoMemory(_) => PROBERT_ERR_NO_MEMORY,
             Error::Signal(_) => PROBERT_ERR_SIGNAL,
             Error::Misaligned { .. } => PROBERT_ERR_MISALIGNED,
+            Error::CodeChanged { .. } => PROBERT_ERR_CODE_CHANGED,
             Error::Internal(_) => PROBERT_ERR_INTERNAL,
         }
     }

@@ -152,6 +152,14 @@ impl Consumers {
         Ok(idx)
     }
 
+    /// The address the attached consumer `idx` is attached at.
+    pub(crate) fn addr_of(&self, idx: u32) -> Option<usize> {
+        self.slots
+            .get(idx as usize)
+            .and_then(|s| s.attachment.as_ref())
+            .map(|a| a.addr)
+    }
+
     /// Detaches slot `idx`: its handle becomes stale at once, its record
     /// stops being called, and its slot is reusable after
     /// [`Consumers::release`]. Returns the attachment and the tag the

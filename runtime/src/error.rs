@@ -73,6 +73,18 @@ pub enum Error {
         /// Start of the enclosing function.
         func: usize,
     },
+    /// The code under a probe no longer holds what probert wrote there: the
+    /// host rewrote, freed, unmapped or unloaded it. The probe is retired:
+    /// nothing is written there again, its consumers get no more hits and
+    /// stay attached (their handles and statistics work) until detached,
+    /// which then succeeds without writing.
+    #[error(
+        "the code at {addr:#x} was changed, freed or unloaded by the host: its probe is retired"
+    )]
+    CodeChanged {
+        /// The probe address.
+        addr: usize,
+    },
     /// A bug in probert: a caught panic or a broken invariant.
     #[error("internal error: {0}")]
     Internal(Cow<'static, str>),

@@ -47,6 +47,19 @@
 //! ever. A trap that is not probert's goes to the handler installed before
 //! (or to the default action).
 //!
+//! **The fast path.** Where the function's flow proves it safe (no branch
+//! lands inside, no call returns inside, every instruction relocates), the
+//! fewest whole instructions covering 5 bytes are displaced into a per-site
+//! stub and the site becomes a `jmp` to it: the stub's trampoline saves the
+//! registers the consumers' code may change into the same frame the trap
+//! path fills, dispatches (the common case inline, in assembly), and runs
+//! the displaced instructions — no signal. That is [`Mode::Auto`]'s choice
+//! wherever it can; [`Mode::Trap`] keeps a site on `int3`, [`Mode::Fast`]
+//! insists. Sites switch with the `int3`-first protocol of cross-modifying
+//! code, cores serialised between steps, and a thread scan before the
+//! displaced run is overwritten (the `site` module's docs give the
+//! argument).
+//!
 //! **The index** is read by the handler without locks, and the handler may
 //! have interrupted the writer on its own thread, so it can never wait: the
 //! index is a hash table kept in two copies behind a *latch* sequence counter
@@ -156,10 +169,39 @@
 //!   just as real (signals to every thread, or the quiescent points;
 //!   [`barrier_mechanism`]), or initialisation fails.
 //!
+//! # Return probes
+//!
+//! [`AttachOptions::on_return`] (C: `on_return` in `probert_attach_opts`)
+//! adds a return handler to a function-entry probe: one entry hit and one
+//! return hit per invocation, with a per-invocation session word
+//! ([`Hit::session`], or the typed session of [`probe_returns`]). probert
+//! finds every way the function returns in its machine code — each `ret`,
+//! following tail jumps into other functions — from the function's extent
+//! (ELF symbols and `.eh_frame`, or [`region_functions`] for JIT code), and
+//! puts an exit consumer on each, shared by every return probe that needs
+//! it. Nothing on the stack changes: unwinders, `backtrace()`,
+//! `__builtin_return_address` and C++ exceptions see the program as it is.
+//! A per-thread shadow stack pairs returns with entries (by stack pointer),
+//! so recursion, nesting and tail calls pair exactly, and an invocation left
+//! by `longjmp`, an exception or thread exit is counted *abandoned* once a
+//! later entry or return on that thread (or the thread's exit and a
+//! [`sync`]) shows it over. The return handler sees the registers just after
+//! the `ret` (RIP the return address, RSP above it) and may change them.
+//!
+//! A `ret` is served without a signal where its epilogue allows an *exit
+//! run*: the fewest whole instructions before the `ret` that cover the
+//! jump, with it, none of them a branch target (nor the function's entry).
+//! They are displaced into an exit stub that runs them, calls the consumers
+//! at the `ret`, and returns. Elsewhere the `ret` traps. A probe wanted
+//! inside an exit run is refused (`UnsupportedInstruction`) until the return
+//! probe is detached; one attached first makes that exit take the trap
+//! path instead.
+//!
 //! # Limitations
 //!
-//! x86_64 Linux only. A module unloaded (`dlclose`) with probes still attached
-//! leaves them dangling: detach first. A thread scan sees a thread's
+//! x86_64 Linux only. A module unloaded (`dlclose`) with probes still
+//! attached: its probes are retired at the next control call (their handles
+//! and statistics keep working; nothing is written there). A thread scan sees a thread's
 //! innermost context and the contexts saved in signal frames above it on the
 //! same stack; a context saved on another stack (a handler running on an
 //! alternate signal stack, interrupting a stub) is not seen.
@@ -205,12 +247,12 @@ pub use host::{
     unregister_thread, use_quiescent_points, Barrier, HostThread,
 };
 pub use lookup::{functions, symbol_addr, Function};
-pub use region::{RegionDesc, RegionId, WriteFn};
+pub use region::{RegionDesc, RegionId, RegionOptions, WriteFn, MAX_REGION_LEN};
 pub use site::Mode;
 pub use writer::{
-    attach_batch, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync, init,
-    instructions, probe_count, probe_mode, recycle_stubs, region_add, region_functions,
-    region_remove, retired_stubs, stats, sync,
+    attach_batch, code_write, declare_chained_sigtrap_handler, detach, detach_batch, detach_nosync,
+    init, instructions, probe_count, probe_mode, recycle_stubs, region_add, region_add_with,
+    region_functions, region_remove, region_remove_gone, retired_stubs, stats, sync, Rewritten,
 };
 
 /// Whether the calling thread is running a probert handler right now (it is

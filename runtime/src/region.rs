@@ -46,6 +46,23 @@ impl fmt::Debug for RegionDesc {
     }
 }
 
+/// How a region is registered, beyond its [`RegionDesc`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RegionOptions {
+    /// Let probes be attached where the memory is mapped readable but not
+    /// executable (a buffer the host emits into read-write and makes
+    /// executable later, or a copy it executes elsewhere). Off by default:
+    /// attaching there fails with [`Error::Protect`] and writes nothing.
+    /// Memory that is not mapped readable at all (`PROT_NONE`, unmapped) is
+    /// refused either way.
+    pub any_protection: bool,
+}
+
+/// The largest region [`crate::region_add`] accepts: 1 TiB. Real code arenas
+/// are megabytes to a few GiB; anything near the size of the address space
+/// is a caller's bug (a length in the wrong unit, a negative number cast).
+pub const MAX_REGION_LEN: usize = 1 << 40;
+
 /// A handle to a registered JIT region; never 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegionId(pub u64);
@@ -60,6 +77,9 @@ pub(crate) struct Target {
     pub region: Option<RegionId>,
     /// The writer.
     pub write: Option<Arc<WriteFn>>,
+    /// Whether probert may place its bytes in memory that is not mapped
+    /// executable ([`RegionOptions::any_protection`]).
+    pub any_prot: bool,
 }
 
 /// What [`Regions::resolve`] found at an address.
@@ -135,11 +155,49 @@ impl fmt::Debug for Regions {
 }
 
 impl Regions {
-    /// Registers a JIT region.
-    pub(crate) fn add(&mut self, desc: RegionDesc) -> Result<RegionId> {
+    /// Registers a JIT region: `[start, start + len)` must lie in user
+    /// space, be at most [`MAX_REGION_LEN`] long and overlap at least one
+    /// mapping (any protection: a reserved arena may be `PROT_NONE` but for
+    /// the pages committed so far, and may have unmapped holes).
+    pub(crate) fn add(&mut self, desc: RegionDesc, opts: RegionOptions) -> Result<RegionId> {
         if desc.start == 0 || desc.len == 0 {
             return Err(Error::InvalidArgument(
                 "a region needs a start and a length".into(),
+            ));
+        }
+        if desc.len > MAX_REGION_LEN {
+            return Err(Error::InvalidArgument(
+                format!(
+                    "a region of {:#x} bytes is larger than the {MAX_REGION_LEN:#x} allowed",
+                    desc.len
+                )
+                .into(),
+            ));
+        }
+        // x86_64 user space ends below 2^47 (2^56 with 5-level paging).
+        if desc.start.saturating_add(desc.len) > 1 << 56 {
+            return Err(Error::InvalidArgument(
+                "a region must lie in user space".into(),
+            ));
+        }
+        let mut mapped = false;
+        let seen = crate::sys::maps::for_each_mapping(|m| {
+            if m.start < desc.start + desc.len && desc.start < m.end {
+                mapped = true;
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        });
+        // Without /proc/self/maps nothing can be checked: accept.
+        if seen.is_ok() && !mapped {
+            return Err(Error::InvalidArgument(
+                format!(
+                    "nothing is mapped in [{:#x}, {:#x})",
+                    desc.start,
+                    desc.start + desc.len
+                )
+                .into(),
             ));
         }
         let end = desc
@@ -173,6 +231,7 @@ impl Regions {
                     end,
                     region: Some(id),
                     write: desc.write.map(Arc::from),
+                    any_prot: opts.any_protection,
                 }),
                 functions: Vec::new(),
             },
@@ -259,6 +318,7 @@ impl Regions {
                     end,
                     region: None,
                     write: None,
+                    any_prot: false,
                 })
             })
             .clone();

@@ -89,8 +89,9 @@ use crate::arch::{self, Displaced, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
 use crate::error::{Error, Result};
 use crate::grace;
 use crate::layout::Layouts;
-use crate::patch::{self, Patch};
+use crate::patch::{self, Patch, Skipped};
 use crate::region::{Regions, Target};
+use crate::sys::code::CodeRead;
 use crate::sys::{code, maps, membarrier, threads};
 use crate::xol::{self, Pool, Stub};
 use std::sync::Arc;
@@ -132,8 +133,30 @@ enum Plan {
     /// reads a torn record.
     Demoted { stub: Stub },
     /// Fast-capable: the run `[patch, end)` relocated in `stub`; `run` when
-    /// it holds more than one instruction.
-    Fast { stub: Stub, end: usize, run: bool },
+    /// it holds more than one instruction. `exit`: a function's exit run,
+    /// ending with the `ret` the site probes — its stub
+    /// ([`arch::emit_exit_stub`]) runs the instructions before the `ret`,
+    /// then calls the consumers, then returns; the trap path resumes there
+    /// without calling them ([`Displaced::Deferred`]).
+    Fast {
+        stub: Stub,
+        end: usize,
+        run: bool,
+        exit: bool,
+    },
+}
+
+impl Plan {
+    /// Where the site's jump goes.
+    fn jump_target(self) -> Option<usize> {
+        match self {
+            Plan::Fast {
+                stub, exit: true, ..
+            } => Some(stub.addr),
+            Plan::Fast { stub, .. } => Some(arch::stub_entry(stub.addr)),
+            _ => None,
+        }
+    }
 }
 
 /// Which parts of the jump are in the code now (fast-capable sites).
@@ -223,14 +246,36 @@ pub(crate) struct Site {
     jump: JumpState,
     /// Why the site cannot be fast, if it cannot.
     trap_only: Option<TrapOnly>,
+    /// Set when the code no longer holds what probert wrote (the host
+    /// rewrote, freed or unloaded it): the site is *retired* — nothing is
+    /// written there again, its stubs are retired, and it stays only so
+    /// that its consumers' handles work until they are detached.
+    lost: Option<Skipped>,
 }
 
 impl Site {
     fn wants_fast(&self, fast_ok: bool) -> bool {
         fast_ok
+            && self.lost.is_none()
             && matches!(self.plan, Plan::Fast { .. })
             && self.pins == 0
             && !self.consumers.is_empty()
+    }
+
+    /// Whether the site is retired, and why (see [`Site::lost`]'s field).
+    pub(crate) fn lost(&self) -> Option<Skipped> {
+        self.lost
+    }
+
+    /// The bytes probert's code holds at the patch address now: the head
+    /// of the jump, or the trap.
+    fn head_now(&self) -> Option<u8> {
+        match (&self.plan, self.jump.head) {
+            (Plan::Fast { stub, .. }, true) => {
+                arch::jump_to(self.patch, arch::stub_entry(stub.addr)).map(|j| j[0])
+            }
+            _ => TRAP_INSN.first().copied(),
+        }
     }
 
     /// The mechanism serving the site now.
@@ -313,6 +358,12 @@ pub(crate) struct PreparedSite {
     run: Option<usize>,
     /// Why it is trap only, if it is (the flow's refusal with it).
     trap_only: Option<(TrapOnly, Option<arch::Refusal>)>,
+    /// A function's exit run: the length of the `ret` it ends with (the
+    /// site probes that `ret`; `patch` starts the run).
+    exit: Option<usize>,
+    /// For an exit run: the plain site at the `ret`, should its stub not be
+    /// built.
+    fallback: Option<Box<PreparedSite>>,
 }
 
 impl PreparedSite {
@@ -328,8 +379,25 @@ impl PreparedSite {
         self.run.map(|end| (self.patch, end))
     }
 
-    /// Makes it trap-only, saying why.
+    /// Whether it is a function's exit run ([`Sites::prepare_exit`]).
+    pub(crate) fn is_exit(&self) -> bool {
+        self.exit.is_some()
+    }
+
+    /// The bytes it displaces or traps at: its run, or its first
+    /// instruction.
+    pub(crate) fn span(&self) -> (usize, usize) {
+        self.run()
+            .unwrap_or((self.patch, self.patch + usize::from(self.len)))
+    }
+
+    /// Makes it trap-only, saying why. An exit run becomes its fallback,
+    /// the plain site at the `ret` (itself fast-capable only as a run of
+    /// its own, which a `ret` never is).
     pub(crate) fn refuse_fast(&mut self, why: TrapOnly) {
+        if let Some(plain) = self.fallback.take() {
+            *self = *plain;
+        }
         self.run = None;
         self.trap_only.get_or_insert((why, None));
     }
@@ -383,6 +451,9 @@ impl BuiltSite {
     pub(crate) fn resume_stub(&self) -> usize {
         match self.plan {
             Plan::Trap { ool } => ool.map_or(0, |s| s.addr),
+            Plan::Fast {
+                stub, exit: true, ..
+            } => stub.addr,
             Plan::Fast { stub, .. } | Plan::Demoted { stub } => arch::stub_resume(stub.addr),
         }
     }
@@ -392,6 +463,7 @@ impl BuiltSite {
     pub(crate) fn displaced(&self) -> Displaced {
         match self.plan {
             Plan::Trap { .. } => self.prepared.displaced,
+            Plan::Fast { exit: true, .. } => Displaced::Deferred,
             Plan::Fast { .. } | Plan::Demoted { .. } => Displaced::OutOfLine,
         }
     }
@@ -474,6 +546,9 @@ impl PageReads {
     }
 }
 
+/// Sites [`Sites::disarm`] kept because their write failed, with the error.
+pub(crate) type Kept = Vec<(usize, Error)>;
+
 /// Every patched site, by probed address. Writer only.
 #[derive(Default)]
 pub(crate) struct Sites {
@@ -484,6 +559,11 @@ pub(crate) struct Sites {
     layouts: Layouts,
     /// Whether cores can be serialised after code changes (fast sites).
     fast_ok: bool,
+    /// Sites retired since the writer last took them ([`Sites::retire_lost`]).
+    lost_pending: Vec<usize>,
+    /// Bytes that [`Sites::original_code`] reports instead of the code's
+    /// (the host's new bytes under a trap kept while a probe is re-derived).
+    overlay: Vec<(usize, u8)>,
     /// How long a switch to the jump waits for threads to leave a run:
     /// scans, and the timeout of each.
     patience: (usize, std::time::Duration),
@@ -496,6 +576,10 @@ const PATIENCE: (usize, std::time::Duration) = (3, std::time::Duration::from_mil
 /// Farthest a site's patch address lies after its probe address (after an
 /// `endbr64`).
 const PATCH_AFTER_PROBE: usize = 4;
+/// Farthest a site's patch address lies before its probe address: an exit
+/// run, which ends with the `ret` it probes, holds at most this many bytes
+/// (its original bytes are kept in [`Site::orig`]).
+pub(crate) const PATCH_BEFORE_PROBE: usize = MAX_INSN_LEN;
 
 impl Sites {
     /// No sites; fast sites only if `fast_ok` (cores can be serialised).
@@ -542,11 +626,16 @@ impl Sites {
     /// address (such an address cannot take a trap while that site exists).
     pub(crate) fn run_holding(&self, addr: usize) -> Option<(usize, &Site)> {
         // Runs are at most a few instructions: look back a little.
+        // An exit run lies before its probe, and holds its own start too
+        // (the probe is at its end).
         let from = addr.saturating_sub(4 * MAX_INSN_LEN);
         self.by_probe
-            .range(from..=addr)
+            .range(from..=addr.saturating_add(PATCH_BEFORE_PROBE))
             .rev()
-            .find(|(_, s)| s.run().is_some_and(|(j, e)| j < addr && addr < e))
+            .find(|(&a, s)| {
+                s.run()
+                    .is_some_and(|(j, e)| (j < addr || (j == addr && a != addr)) && addr < e)
+            })
             .map(|(&a, s)| (a, s))
     }
 
@@ -556,7 +645,8 @@ impl Sites {
     pub(crate) fn original_code(&self, start: usize, end: usize) -> Option<Vec<u8>> {
         let mut bytes = self.reads.borrow_mut().read(start, end)?;
         let from = start.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE);
-        for s in self.by_probe.range(from..end).map(|(_, s)| s) {
+        let to = end.saturating_add(PATCH_BEFORE_PROBE);
+        for s in self.by_probe.range(from..to).map(|(_, s)| s) {
             // Every byte probert may have changed there, whatever the
             // site's state now (a page read earlier in this operation may
             // hold an older state).
@@ -568,6 +658,11 @@ impl Sites {
                 {
                     *b = orig;
                 }
+            }
+        }
+        for &(at, v) in &self.overlay {
+            if let Some(b) = at.checked_sub(start).and_then(|k| bytes.get_mut(k)) {
+                *b = v;
             }
         }
         Some(bytes)
@@ -694,9 +789,17 @@ impl Sites {
                         format!("its tail jump through {slot:#x} cannot be followed"),
                     ));
                 }
-                let to = usize::from_le_bytes(word);
-                reenters |= to == entry;
-                todo.push(to);
+                // A null slot is a jump never taken (it would fault, not
+                // return): the lazy-binding path of a PLT stub leaves for
+                // PLT0, whose `jmp *GOT[2]` is null when the module was bound
+                // eagerly (BIND_NOW, dlopen RTLD_NOW).
+                match usize::from_le_bytes(word) {
+                    0 => {}
+                    target => {
+                        reenters |= target == entry;
+                        todo.push(target);
+                    }
+                }
             }
         }
         rets.sort_unstable();
@@ -816,6 +919,84 @@ impl Sites {
             target,
             run: if self.fast_ok { run } else { None },
             trap_only,
+            exit: None,
+            fallback: None,
+        }))
+    }
+
+    /// Prepares the site of the exit consumers at `ret`, a function's `ret`:
+    /// where the function's flow allows, an *exit run* — the fewest whole
+    /// instructions before the `ret`, with it, covering the jump — whose
+    /// stub runs them, calls the consumers at the `ret` and returns; else
+    /// the plain site at `ret` ([`Sites::prepare`]), which is also the
+    /// fallback should the stub not be built. `others`: the other addresses
+    /// of the batch, sorted; an exit run holds none of them, nor any byte
+    /// of another site.
+    pub(crate) fn prepare_exit(
+        &mut self,
+        regions: &Regions,
+        pool: &Pool,
+        ret: usize,
+        others: &[usize],
+    ) -> Result<Prepared> {
+        let Prepared::Site(plain) = self.prepare(regions, pool, ret)? else {
+            return self.prepare(regions, pool, ret);
+        };
+        let ret_len = usize::from(plain.len);
+        let end = ret + ret_len;
+        if !self.fast_ok || !matches!(plain.displaced, Displaced::Ret { .. }) {
+            return Ok(Prepared::Site(plain));
+        }
+        let lowest = end.saturating_sub(PATCH_BEFORE_PROBE);
+        let run = self.with_flow(regions, &plain.target, ret, |f| {
+            // The shortest run: from the last instruction start that leaves
+            // room for the jump; never the function's entry, where its entry
+            // probe goes (a probe inside an exit run is refused: see
+            // `demote`).
+            let x = (lowest.max(f.start() + 1)..=end.checked_sub(arch::JUMP_LEN)?)
+                .rev()
+                .find(|&x| f.is_boundary(x))?;
+            let site = f.run_through(x, end).ok()?;
+            let starts: Vec<usize> = (x..end).filter(|&a| f.is_boundary(a)).collect();
+            Some((site.jump, starts))
+        });
+        let Some(Some((x, starts))) = run else {
+            return Ok(Prepared::Site(plain));
+        };
+        let batch_inside = others[others.partition_point(|&a| a < x)..]
+            .iter()
+            .take_while(|&&a| a < end)
+            .any(|&a| a != ret);
+        let site_inside = self
+            .by_probe
+            .range(x.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE)..end + PATCH_BEFORE_PROBE)
+            .any(|(_, s)| {
+                let (a, b) = s
+                    .run()
+                    .unwrap_or((s.patch, s.patch + usize::from(s.orig_len)));
+                a < end && x < b.max(s.patch + 1)
+            });
+        // A foreign trap in the run would trap in the stub instead.
+        let code = self.original_code(x, end).filter(|c| {
+            !starts
+                .iter()
+                .any(|&a| c.get(a - x..).is_some_and(|b| b.starts_with(TRAP_INSN)))
+        });
+        let Some(code) = code.filter(|_| !batch_inside && !site_inside) else {
+            return Ok(Prepared::Site(plain));
+        };
+        let first = arch::analyze(&code, x)?;
+        Ok(Prepared::Site(PreparedSite {
+            probe: ret,
+            patch: x,
+            code,
+            len: first.len,
+            displaced: first.displaced,
+            target: plain.target.clone(),
+            run: Some(end),
+            trap_only: None,
+            exit: Some(ret_len),
+            fallback: Some(Box::new(plain)),
         }))
     }
 
@@ -828,13 +1009,38 @@ impl Sites {
         mut p: PreparedSite,
         record: usize,
     ) -> Result<BuiltSite> {
+        if let (Some(end), Some(ret_len)) = (p.run, p.exit) {
+            match pool.create_exit(&p.code, p.patch, ret_len, record) {
+                Ok(stub) => {
+                    return Ok(BuiltSite {
+                        prepared: p,
+                        plan: Plan::Fast {
+                            stub,
+                            end,
+                            run: true,
+                            exit: true,
+                        },
+                    });
+                }
+                // The plain site at the `ret` instead.
+                Err(_) => match p.fallback.take() {
+                    Some(plain) => return self.build(pool, *plain, record),
+                    None => return Err(Error::Internal("an exit site without a fallback".into())),
+                },
+            }
+        }
         if let Some(end) = p.run {
             match pool.create_site(&p.code, p.patch, record) {
                 Ok(stub) => {
                     let run = end - p.patch > usize::from(p.len);
                     return Ok(BuiltSite {
                         prepared: p,
-                        plan: Plan::Fast { stub, end, run },
+                        plan: Plan::Fast {
+                            stub,
+                            end,
+                            run,
+                            exit: false,
+                        },
                     });
                 }
                 Err(_) => p.refuse_fast(TrapOnly::Stub),
@@ -860,18 +1066,102 @@ impl Sites {
     pub(crate) fn arm(&mut self, built: &[BuiltSite]) -> std::result::Result<(), (usize, Error)> {
         let mut patches: Vec<Patch> = built
             .iter()
-            .map(|b| Patch::new(&b.prepared.target, b.prepared.patch, TRAP_INSN))
+            .map(|b| {
+                let p = &b.prepared;
+                let head = &p.code[arch::HEAD.start..arch::HEAD.end.min(p.code.len())];
+                Patch::new(&p.target, p.patch, TRAP_INSN, head, p.patch).placing()
+            })
             .collect();
-        let mut written = Vec::new();
-        if let Err(e) = patch::write_all(&mut patches, &mut written) {
-            let _ = patch::write_all(&mut written, &mut Vec::new());
-            let failed = patches
-                .get(written.len())
-                .map(|p| p.addr)
-                .unwrap_or_default();
-            return Err((failed, e));
+        let written = patch::write_all(&mut patches);
+        if written.complete() {
+            return Ok(());
         }
-        Ok(())
+        // All or nothing: the traps written go again.
+        let _ = patch::write_all(&mut written.done.clone());
+        let (failed, e) = match (written.failed.first(), written.skipped.first()) {
+            (Some((at, e)), _) => (*at, e.clone()),
+            (None, Some(&(at, why))) => (
+                at,
+                Error::Protect {
+                    addr: at,
+                    reason: match why {
+                        Skipped::Gone => "the code is no longer mapped".into(),
+                        Skipped::NotOurs => "the code changed while the probe was attached".into(),
+                    },
+                },
+            ),
+            (None, None) => (
+                0,
+                Error::Internal("an incomplete write without a cause".into()),
+            ),
+        };
+        Err((failed, e))
+    }
+
+    /// The probes whose displaced bytes overlap `[start, end)`.
+    pub(crate) fn affected(&self, start: usize, end: usize) -> Vec<usize> {
+        let from = start.saturating_sub(MAX_INSN_LEN + PATCH_AFTER_PROBE);
+        self.by_probe
+            .range(from..end)
+            .filter(|(_, s)| {
+                let len = usize::from(s.orig_len).max(1);
+                s.lost.is_none() && s.patch < end && start < s.patch + len
+            })
+            .map(|(&a, _)| a)
+            .collect()
+    }
+
+    /// Switches fast sites back to their trap ([`arch::TO_TRAP`]).
+    pub(crate) fn switch_back(&mut self, probes: &[usize]) -> Result<()> {
+        self.switch_to_trap(probes)
+    }
+
+    /// The patch address and original head byte of a site.
+    pub(crate) fn head_of(&self, probe: usize) -> Option<(usize, u8)> {
+        self.by_probe.get(&probe).map(|s| (s.patch, s.orig[0]))
+    }
+
+    /// Takes a site out, to re-derive it ([`Sites::insert_rederived`]) or put
+    /// it back ([`Sites::put_back`]).
+    pub(crate) fn take(&mut self, probe: usize) -> Option<Site> {
+        self.by_probe.remove(&probe)
+    }
+
+    /// Puts back a site [`Sites::take`] took.
+    pub(crate) fn put_back(&mut self, site: Site, probe: usize) {
+        self.by_probe.insert(probe, site);
+    }
+
+    /// Sets the bytes [`Sites::original_code`] reports at some addresses
+    /// (empty: none).
+    pub(crate) fn set_overlay(&mut self, overlay: Vec<(usize, u8)>) {
+        self.overlay = overlay;
+        self.forget_reads();
+    }
+
+    /// Records a re-derived site under record `rec`, with `old`'s consumers;
+    /// `old`'s stubs are retired into `pool`. Returns `old`'s record.
+    pub(crate) fn insert_rederived(
+        &mut self,
+        b: BuiltSite,
+        rec: u32,
+        old: Site,
+        pool: &mut Pool,
+    ) -> u32 {
+        let probe = b.prepared.probe;
+        self.insert_armed(b, rec);
+        if let Some(s) = self.by_probe.get_mut(&probe) {
+            s.consumers = old.consumers;
+            s.pins = old.pins;
+            s.fast_pins = old.fast_pins;
+        }
+        old.plan.retire(pool);
+        old.rec
+    }
+
+    /// Marks the site at `probe` retired: its code is no longer probert's.
+    pub(crate) fn retire(&mut self, probe: usize) {
+        self.lose(probe, Skipped::NotOurs);
     }
 
     /// Records an armed site (its trap is in the code) under probe record
@@ -895,54 +1185,143 @@ impl Sites {
                 fast_pins: 0,
                 jump: JumpState::default(),
                 trap_only: p.trap_only.map(|(k, _)| k),
+                lost: None,
             },
         );
     }
 
     /// Trap → plain for sites whose consumers are gone (after switching fast
     /// ones back): the original bytes back where the code still holds our
-    /// trap. The caller tombstones their index entries (see
-    /// `trap::TOMBSTONE`). The sites are forgotten; their stubs are retired
-    /// into `pool`. Returns the removed sites' records and patch addresses,
-    /// and the first write error.
+    /// trap (see [`crate::patch`]). Sites whose code the host changed or
+    /// freed are not written and go just the same; a site whose write
+    /// *failed* (a callback, the kernel) stays, armed as it was or on its
+    /// trap, and is returned with the error. The caller tombstones the
+    /// removed sites' index entries (see `trap::TOMBSTONE`). The removed
+    /// sites are forgotten; their stubs are retired into `pool`. Returns the
+    /// removed sites' records and patch addresses, and the sites kept.
     pub(crate) fn disarm(
         &mut self,
         pool: &mut Pool,
         probes: &[usize],
-    ) -> (Vec<(u32, usize)>, Result<()>) {
+    ) -> (Vec<(u32, usize)>, Kept) {
         let fast: Vec<usize> = probes
             .iter()
             .copied()
             .filter(|a| {
                 self.by_probe
                     .get(a)
-                    .is_some_and(|s| s.jump.head || s.jump.tail)
+                    .is_some_and(|s| s.lost.is_none() && (s.jump.head || s.jump.tail))
             })
             .collect();
         let switched = self.switch_to_trap(&fast);
+        let mut kept: Vec<(usize, Error)> = Vec::new();
         let mut patches = Vec::with_capacity(probes.len());
-        // The code as it is now, a page at a time.
-        let mut now = PageReads::default();
-        for a in probes {
-            let Some(s) = self.by_probe.get(a) else {
+        for &a in probes {
+            let Some(s) = self.by_probe.get(&a) else {
                 continue;
             };
-            // Restore only what is still our trap: if the module was unloaded
-            // and something else mapped there, leave it alone.
-            if now.read(s.patch, s.patch + TRAP_INSN.len()).as_deref() == Some(TRAP_INSN) {
-                patches.push(Patch::new(&s.target, s.patch, &s.orig[arch::HEAD]));
+            if s.lost.is_some() {
+                continue;
+            }
+            if s.jump.head || s.jump.tail {
+                // Its switch back failed: it stays as it is.
+                let e = switched.clone().err().unwrap_or(Error::Protect {
+                    addr: s.patch,
+                    reason: "the jump could not be switched back".into(),
+                });
+                kept.push((a, e));
+                continue;
+            }
+            patches.push(Patch::new(
+                &s.target,
+                s.patch,
+                &s.orig[arch::HEAD],
+                TRAP_INSN,
+                a,
+            ));
+        }
+        let written = patch::write_all(&mut patches);
+        for (a, why) in &written.skipped {
+            if let Some(s) = self.by_probe.get_mut(a) {
+                s.lost = Some(*why);
             }
         }
-        let result = patch::write_all(&mut patches, &mut Vec::new()).and(switched);
+        kept.extend(written.failed);
         let mut removed = Vec::with_capacity(probes.len());
         for a in probes {
+            if kept.iter().any(|(k, _)| k == a) {
+                continue;
+            }
             let Some(s) = self.by_probe.remove(a) else {
                 continue;
             };
             s.plan.retire(pool);
             removed.push((s.rec, s.patch));
         }
-        (removed, result)
+        self.lost_pending.retain(|a| !probes.contains(a));
+        (removed, kept)
+    }
+
+    /// Takes the sites found retired since the last call (their code changed
+    /// or is gone), retiring their stubs into `pool`: returns their patch
+    /// addresses, whose index entries the caller tombstones.
+    pub(crate) fn retire_lost(&mut self, pool: &mut Pool) -> Vec<usize> {
+        let mut out = Vec::new();
+        for a in std::mem::take(&mut self.lost_pending) {
+            let Some(s) = self.by_probe.get_mut(&a) else {
+                continue;
+            };
+            let plan = std::mem::replace(&mut s.plan, Plan::Trap { ool: None });
+            plan.retire(pool);
+            s.jump = JumpState::default();
+            out.push(s.patch);
+        }
+        out
+    }
+
+    /// Marks the site at `probe` retired (its code is `why`).
+    fn lose(&mut self, probe: usize, why: Skipped) {
+        if let Some(s) = self.by_probe.get_mut(&probe) {
+            if s.lost.is_none() {
+                s.lost = Some(why);
+                self.lost_pending.push(probe);
+            }
+        }
+    }
+
+    /// Checks that the code of every site in module code (or, with `all`,
+    /// every site) still holds what probert wrote there, and retires those
+    /// where it does not: a module unloaded (the memory is gone) or unloaded
+    /// and another loaded at the same address (the code is not ours). Reads
+    /// only, never faulting.
+    pub(crate) fn verify(&mut self, all: bool) {
+        let mut lost = Vec::new();
+        for (&a, s) in &self.by_probe {
+            if s.lost.is_some() || (!all && s.target.region.is_some()) {
+                continue;
+            }
+            let Some(head) = s.head_now() else {
+                continue;
+            };
+            match code::read_code_any(s.patch, s.patch + 1) {
+                CodeRead::Bytes { bytes, .. } if bytes == [head] => {}
+                CodeRead::Bytes { .. } => lost.push((a, Skipped::NotOurs)),
+                CodeRead::Unmapped => lost.push((a, Skipped::Gone)),
+                CodeRead::Unknown => {}
+            }
+        }
+        for (a, why) in lost {
+            self.lose(a, why);
+        }
+    }
+
+    /// Retires, without reading or writing anything, every site in
+    /// `[start, end)`: the host says that memory is gone.
+    pub(crate) fn forget_range(&mut self, start: usize, end: usize) {
+        let gone: Vec<usize> = self.range(start, end).map(|(a, _)| a).collect();
+        for a in gone {
+            self.lose(a, Skipped::Gone);
+        }
     }
 
     /// [`Sites::apply_modes`], waiting at most one scan of `timeout` for
@@ -1015,8 +1394,22 @@ impl Sites {
         let Some(s) = self.by_probe.get(&probe) else {
             return Err(Error::Internal("demoting a missing site".into()));
         };
-        if !matches!(s.plan, Plan::Fast { run: true, .. }) {
-            return Err(Error::Internal("demoting a site without a run".into()));
+        match s.plan {
+            Plan::Fast {
+                run: true,
+                exit: false,
+                ..
+            } => {}
+            Plan::Fast { exit: true, .. } => {
+                return Err(Error::unsupported(
+                    probe,
+                    format!(
+                        "a return probe's exit at {probe:#x} displaces the instructions before \
+                         it; detach the return probe first"
+                    ),
+                ))
+            }
+            _ => return Err(Error::Internal("demoting a site without a run".into())),
         }
         let first = usize::from(arch::analyze(&s.orig, s.patch)?.len);
         if s.fast_pins > 0 && first < arch::JUMP_LEN {
@@ -1051,6 +1444,7 @@ impl Sites {
                     stub,
                     end: s.patch + first,
                     run: false,
+                    exit: false,
                 }
             } else {
                 Plan::Demoted { stub }
@@ -1171,32 +1565,26 @@ impl Sites {
     /// longer the jump's).
     fn part_patch(&self, probe: usize, part: JumpPart, to_jump: bool) -> Option<Patch> {
         let s = self.by_probe.get(&probe)?;
-        let Plan::Fast { stub, .. } = s.plan else {
+        if s.lost.is_some() {
             return None;
-        };
+        }
+        let target = s.plan.jump_target()?;
         let range = part.range();
         let f = s.jump;
-        let jump = || arch::jump_to(s.patch, arch::stub_entry(stub.addr));
-        let j;
-        let bytes: &[u8] = match (to_jump, part) {
-            (true, JumpPart::Head) if !f.head => {
-                j = jump()?;
-                &j[range.clone()]
-            }
-            (true, JumpPart::Tail) if !f.tail => {
-                j = jump()?;
-                &j[range.clone()]
-            }
-            (false, JumpPart::Head) if f.head => TRAP_INSN,
-            (false, JumpPart::Tail) if f.tail && !f.head => &s.orig[range.clone()],
+        let j = arch::jump_to(s.patch, target)?;
+        let jump = &j[range.clone()];
+        let orig = &s.orig[range.clone()];
+        let at = s.patch + range.start;
+        // What the code holds now, and what goes there.
+        let (bytes, expect, places): (&[u8], &[u8], bool) = match (to_jump, part) {
+            (true, JumpPart::Head) if !f.head => (jump, TRAP_INSN, false),
+            (true, JumpPart::Tail) if !f.tail => (jump, orig, true),
+            (false, JumpPart::Head) if f.head => (TRAP_INSN, jump, false),
+            (false, JumpPart::Tail) if f.tail && !f.head => (orig, jump, false),
             _ => return None,
         };
-        Some(Patch::tagged(
-            &s.target,
-            s.patch + range.start,
-            bytes,
-            probe,
-        ))
+        let p = Patch::new(&s.target, at, bytes, expect, probe);
+        Some(if places { p.placing() } else { p })
     }
 
     /// Writes one part of sites and records, for each site written, whether
@@ -1208,8 +1596,12 @@ impl Sites {
         part: JumpPart,
         jump: bool,
     ) -> (Result<()>, usize) {
-        let mut done = Vec::with_capacity(patches.len());
-        let result = patch::write_all(&mut patches, &mut done);
+        let written = patch::write_all(&mut patches);
+        for &(a, why) in &written.skipped {
+            self.lose(a, why);
+        }
+        let result = written.result();
+        let done = written.done;
         for d in &done {
             if let Some(s) = self.by_probe.get_mut(&d.tag) {
                 match part {

@@ -24,6 +24,18 @@
 //! scans recognise the frame while the thread runs the host's handler
 //! (`sys::signal`, "Hosts that install a SIGTRAP handler after probert").
 //!
+//! # Faults in displaced instructions
+//!
+//! The same module holds the handler of `SIGSEGV`, `SIGBUS`, `SIGFPE` and
+//! `SIGILL` ([`on_fault`], installed with the `SIGTRAP` handler and chaining
+//! to the dispositions it replaced): a fault in a stub's copy of a displaced
+//! instruction is rewound to the original instruction before the host's
+//! handler sees it ([`crate::xol::fault_origin`]); a fault in an emulated
+//! access is delivered as the instruction's own ([`deliver_fault`]). A
+//! host that installs its own fault handler *after* probert's
+//! initialisation replaces ours: faults in stubs then reach it with the
+//! stub's address (not re-stacked yet).
+//!
 //! The section is left last, after the registers are written back: a grace
 //! period therefore also covers a thread that has decided to resume in a stub
 //! but not yet returned to it (the thread scan covers it from there on).
@@ -36,7 +48,9 @@
 
 use std::ffi::c_void;
 
-use crate::arch::{self, Clobbers, Displaced, Regs, TrapContext, TrapSite, TRAP_INSN};
+use crate::arch::{
+    self, Clobbers, Displaced, EmuFault, Emulated, Reg, Regs, TrapContext, TrapSite, TRAP_INSN,
+};
 use crate::grace;
 use crate::map::Index;
 use crate::probe::{self, ProbeView, PROBES};
@@ -76,6 +90,10 @@ pub(crate) fn install() -> crate::Result<()> {
     // Ordering: Relaxed — the handler is installed by a system call after
     // this store (which orders it) — pairs with the load in `on_sigtrap`.
     ERRNO_OFFSET.store(arch::errno_offset(), std::sync::atomic::Ordering::Relaxed);
+    // The C library's `sigaction`, resolved in normal context for the
+    // interposer (see `sys::masks`).
+    crate::sys::masks::resolve();
+    sig::install_faults(on_fault)?;
     sig::install_trap(on_sigtrap)
 }
 
@@ -116,6 +134,12 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
     let errno = arch::errno_get(errno_off);
     let section = grace::enter(cx);
     match lookup(cx, addr) {
+        Lookup::Probe(view) if view.displaced == Displaced::Deferred => {
+            // An exit run: its stub calls the consumers, at the `ret`.
+            ctx.set_pc(view.stub);
+            arch::errno_set(errno_off, errno);
+            section.exit(cx);
+        }
         Lookup::Probe(view) => {
             let mut regs = ctx.regs();
             // Until the handlers are done, the saved context says the trap
@@ -133,13 +157,19 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
                 &mut regs,
                 Clobbers::ALL,
             );
+            let mut fault = None;
             if regs.pc() == view.report {
-                resume_displaced(cx, &view, addr, &mut regs);
+                fault = resume_displaced(cx, &view, addr, &mut regs);
             }
             note_frame_restorer(cx, uc);
             ctx.set_regs(&regs);
             arch::errno_set(errno_off, errno);
             section.exit(cx);
+            if let Some(f) = fault {
+                // Outside the section: the host's handler may never return
+                // (`siglongjmp`).
+                deliver_fault(cx, f, uc);
+            }
         }
         Lookup::Restart => {
             ctx.set_pc(addr);
@@ -185,19 +215,122 @@ pub(crate) fn lookup(cx: SignalContext, addr: usize) -> Lookup {
 }
 
 /// Resumes at the displaced instruction: emulated here, or run from its stub.
+/// If the emulated instruction's memory access faulted, `regs` are left as
+/// at the instruction, with RIP at it, and the fault is returned for
+/// [`deliver_fault`].
 ///
 /// # Signal safety
 /// Register arithmetic and the emulator's loads and stores.
 #[inline]
-fn resume_displaced(cx: SignalContext, view: &ProbeView, addr: usize, regs: &mut Regs) {
+fn resume_displaced(
+    cx: SignalContext,
+    view: &ProbeView,
+    addr: usize,
+    regs: &mut Regs,
+) -> Option<EmuFault> {
     match view.displaced {
         Displaced::OutOfLine => arch::resume_out_of_line(regs, view.stub),
-        d => {
-            if !arch::emulate(cx, &d, addr as u64, view.len, regs) {
-                fatal(b"probert: an emulated instruction could not be emulated\n");
+        d => match arch::emulate(cx, &d, addr as u64, view.len, regs) {
+            Emulated::Done => {}
+            Emulated::Refused => fatal(b"probert: an emulated instruction could not be emulated\n"),
+            Emulated::Faulted(f) => {
+                regs.set_pc(addr);
+                return Some(f);
+            }
+        },
+    }
+    None
+}
+
+/// Delivers the fault an emulated instruction took to the host's
+/// disposition of that signal, as the kernel would have delivered the
+/// instruction's own: a `siginfo` with the kernel's signal, code and
+/// address, and the context `uc` (already rewound to the instruction).
+/// The host's handler runs on this frame: with the mask of the `SIGTRAP`
+/// handler rather than its own `sa_mask`, and not on its alternate stack.
+///
+/// # Signal safety
+/// See [`sig::chain_fault`].
+#[cold]
+fn deliver_fault(_cx: SignalContext, f: EmuFault, uc: *mut c_void) {
+    // SAFETY: siginfo_t is plain data; all-zero is valid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    info.si_signo = f.signo;
+    info.si_code = f.code;
+    // SAFETY: `si_addr` is the first field of the union after the three
+    // ints and their padding (16 bytes in), as the kernel lays it out.
+    unsafe {
+        (&mut info as *mut libc::siginfo_t)
+            .cast::<u8>()
+            .add(16)
+            .cast::<u64>()
+            .write_unaligned(f.addr);
+    }
+    sig::chain_fault(f.signo, &mut info, uc);
+}
+
+/// The handler of the signals a displaced instruction can raise
+/// ([`sig::FAULT_SIGNALS`]).
+///
+/// - A `SIGSEGV` the kernel forced because it could not push the frame of a
+///   trap at one of our sites (an exhausted stack: a `push` or `call` on a
+///   guard page, served on the host's alternate stack): handled as that
+///   trap, so the displaced instruction's own fault is what the host sees.
+/// - A fault taken by the emulator's own load or store (in the `SIGTRAP`
+///   handler, emulating a `push`, `call`, `ret` or `jmp [mem]`): that
+///   access returns the fault, and the trap path delivers it
+///   ([`deliver_fault`]).
+/// - A fault in a stub's instruction that stands for a displaced one
+///   (an out-of-line stub, or a fast site's displaced run): the context is
+///   rewound to the displaced instruction — RIP at it, the stack pointer
+///   as before the stub pushed anything; every other register is already
+///   as at that instruction — and the signal goes on to the host's
+///   disposition, which sees the fault as if nothing were probed. Resuming
+///   at the instruction hits the probe again; resuming past it leaves the
+///   stub for good.
+/// - Anything else goes on to the host's disposition unchanged.
+///
+/// # Signal safety
+/// It is a signal handler; it calls only signal-safe functions.
+#[link_section = "probert_fast"]
+extern "C" fn on_fault(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
+    // SAFETY: we are the signal handler's entry point.
+    let cx = unsafe { SignalContext::new() };
+    // SAFETY: the kernel's ucontext for this signal, exclusively ours until
+    // it is passed on (and not touched through `uc` while `ctx` lives).
+    if let Some(mut ctx) = unsafe { TrapContext::from_raw(cx, uc) } {
+        if !info.is_null() {
+            // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO
+            // handler; `si_addr` is meaningful for these signals.
+            let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as u64) };
+            let f = EmuFault { signo, code, addr };
+            if code > 0 && arch::recover_emulator_fault(cx, &mut ctx, f) {
+                return;
+            }
+            if signo == libc::SIGSEGV
+                && code == arch::TRAP_SI_CODE
+                && addr == 0
+                && INDEX.read_speculative(cx, ctx.trap_address(), |found| found.is_some())
+            {
+                // The kernel could not push the frame of a trap at one of
+                // our sites (the stack is exhausted: a `push` or `call` on a
+                // guard page) and forced this instead, on the alternate
+                // stack: serve the trap here (an emulated access then faults
+                // and is delivered as the instruction's own).
+                sig::unblock(libc::SIGSEGV);
+                // `ctx` is not used again: the trap path takes `uc`.
+                on_sigtrap(libc::SIGTRAP, info, uc);
+                return;
             }
         }
+        if let Some((orig, sp_adj)) = crate::xol::fault_origin(cx, ctx.pc()) {
+            let mut regs = ctx.regs();
+            regs.set_pc(orig);
+            regs.set(Reg::Rsp, (regs.sp() as u64).wrapping_add(sp_adj));
+            ctx.set_regs(&regs);
+        }
     }
+    sig::chain_fault(signo, info, uc);
 }
 
 /// Hands a trap that is not ours (raised by a trap instruction of

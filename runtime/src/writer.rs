@@ -45,7 +45,7 @@ use crate::grace;
 use crate::hit::Handler;
 use crate::map::RetiredTables;
 use crate::probe::{ConsumerList, Entry, EntryKind, ProbeRecord, CONSUMERS, PROBES, REAP_PENDING};
-use crate::region::{RegionDesc, RegionId, Regions};
+use crate::region::{RegionDesc, RegionId, RegionOptions, Regions};
 use crate::site::{BuiltSite, Mode, Prepared, PreparedSite, Sites, TrapOnly};
 use crate::sys::{membarrier, threads};
 use crate::trap::{self, INDEX};
@@ -94,6 +94,8 @@ struct WriterState {
     exit_uses: AddrMap<usize, ExitUse>,
     /// The `ret`s each consumer with a return handler ends at, by consumer.
     return_exits: AddrMap<u32, Vec<usize>>,
+    /// The loader's (loads, unloads) when module sites were last verified.
+    module_generation: Option<(u64, u64)>,
 }
 
 /// probert's own consumer at one `ret`, shared by the return probes whose
@@ -165,8 +167,10 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
     // Code read in an earlier operation may have changed since (a host
     // rewrites its own code between calls).
     st.sites.forget_reads();
+    st.verify_modules();
     st.retry_fast(false);
     let r = f(st);
+    st.retire_lost();
     st.sites.forget_reads();
     r
 }
@@ -428,15 +432,36 @@ impl WriterState {
         let mut prepared: Vec<PreparedSite> = Vec::new();
         // Address → index in `prepared`, so a large batch stays linear.
         let mut prepared_at: AddrMap<usize, usize> = AddrMap::default();
+        // A return probe's exits, where not asked to be traps, get exit runs
+        // where they can: their hits then take no signal.
+        let mut all: Vec<usize> = reqs.iter().map(|r| r.addr).collect();
+        all.sort_unstable();
+        all.dedup();
         for (i, r) in reqs.iter().enumerate() {
             if r.addr == 0 {
                 return Err((i, Error::InvalidArgument("null address".into())));
             }
+            // A retired probe's consumers must be detached before the new
+            // code there can be probed.
+            if self.sites.get(r.addr).is_some_and(|s| s.lost().is_some()) {
+                return Err((i, Error::CodeChanged { addr: r.addr }));
+            }
             if !self.sites.contains(r.addr) && !prepared_at.contains_key(&r.addr) {
-                let mut p = self.sites.prepare(&self.regions, &self.pool, r.addr);
+                let exit_run = kinds
+                    .get(i)
+                    .is_some_and(|k| k.1 == EntryKind::Exit && k.0 != Mode::Trap);
+                let prepare = |this: &mut Self| {
+                    if exit_run {
+                        this.sites
+                            .prepare_exit(&this.regions, &this.pool, r.addr, &all)
+                    } else {
+                        this.sites.prepare(&this.regions, &this.pool, r.addr)
+                    }
+                };
+                let mut p = prepare(self);
                 if let Ok(Prepared::InsideRun(holder)) = p {
                     self.demote(holder, r.addr).map_err(|e| (i, e))?;
-                    p = self.sites.prepare(&self.regions, &self.pool, r.addr);
+                    p = prepare(self);
                 }
                 let p = match p.map_err(|e| (i, e))? {
                     Prepared::Site(p) => p,
@@ -451,16 +476,42 @@ impl WriterState {
         // A run a jump would displace must hold no other probe of the batch
         // (nor the patch address of an existing one): those sites are trap
         // only.
+        // An exit run that meets another site of the batch becomes the
+        // plain site at its `ret` (the other keeps its run).
+        let mut spans: Vec<(usize, usize, usize)> = prepared
+            .iter()
+            .map(|p| {
+                let (a, b) = p.span();
+                (a, b, p.probe)
+            })
+            .collect();
+        spans.sort_unstable();
+        for p in prepared.iter_mut().filter(|p| p.is_exit()) {
+            let (j, e) = p.span();
+            let from = spans.partition_point(|s| s.0 + 4 * crate::site::PATCH_BEFORE_PROBE < j);
+            if let Some(&(_, _, other)) = spans[from..]
+                .iter()
+                .take_while(|s| s.0 < e)
+                .find(|s| s.2 != p.probe && s.0 < e && j < s.1)
+            {
+                p.refuse_fast(TrapOnly::ProbeInside(other));
+            }
+        }
         let probes: Vec<usize> = prepared.iter().map(|p| p.probe).collect();
         let mut sorted = probes.clone();
         sorted.sort_unstable();
         for p in &mut prepared {
             if let Some((j, e)) = p.run() {
+                // (An exit run holds its own probe, at its end.)
                 let a = sorted.partition_point(|&x| x <= j);
-                let inside = sorted.get(a).filter(|&&x| x < e).copied();
+                let inside = sorted[a..]
+                    .iter()
+                    .take_while(|&&x| x < e)
+                    .find(|&&x| x != p.probe)
+                    .copied();
                 let existing = self
                     .sites
-                    .range(j.saturating_sub(4) + 1, e)
+                    .range(j.saturating_sub(4) + 1, e + crate::site::PATCH_BEFORE_PROBE)
                     .find(|(a, s)| *a != p.probe && s.patch > j && s.patch < e);
                 if let Some(x) = inside.or(existing.map(|(a, _)| a)) {
                     p.refuse_fast(TrapOnly::ProbeInside(x));
@@ -544,24 +595,8 @@ impl WriterState {
         //    lists: a thread that traps now only runs the displaced
         //    instructions).
         for (b, &rec_idx) in built.iter().zip(&recs) {
-            let rec = PROBES
-                .get(rec_idx as usize)
-                .ok_or((0, Error::Internal("probe record out of range".into())))?;
+            fill_record(b, rec_idx).map_err(|e| (0, e))?;
             let p = &b.prepared;
-            let words = b.displaced().encode();
-            // Ordering (all): Relaxed — published by the index insert's
-            // latch bump (Release); a fast stub naming this record checks
-            // `addr`, which is set last (`fast_dispatch`).
-            rec.report.store(p.probe, Ordering::Relaxed);
-            rec.len.store(p.len as usize, Ordering::Relaxed);
-            for (w, v) in rec.displaced.iter().zip(words) {
-                w.store(v, Ordering::Relaxed);
-            }
-            rec.stub.store(b.resume_stub(), Ordering::Relaxed);
-            rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
-            rec.clobbers.store(0, Ordering::Relaxed);
-            // Ordering: Release — the fields above before the address.
-            rec.addr.store(p.patch, Ordering::Release);
             if self.tombstones.remove(&p.patch).is_some() {
                 INDEX.replace(p.patch, rec_idx as usize);
             } else if let Some(t) = INDEX.insert(p.patch, rec_idx as usize) {
@@ -733,8 +768,39 @@ impl WriterState {
     /// Detaches consumers (already validated), removing probes left with
     /// none. Costs no grace period; the caller synchronises.
     fn detach_nosync(&mut self, idxs: &[u32]) -> Result<()> {
+        // The sites this detach leaves without consumers are restored first:
+        // one whose write fails keeps its consumers, attached and called, and
+        // its code as it was (the caller gets the error and may try again).
+        let mut leaving: AddrMap<usize, usize> = AddrMap::default();
+        for &i in idxs {
+            if let Some(a) = self.consumers.addr_of(i) {
+                *leaving.entry(a).or_insert(0) += 1;
+            }
+        }
+        let emptied: Vec<usize> = leaving
+            .iter()
+            .filter(|(a, &n)| {
+                self.sites
+                    .get(**a)
+                    .is_some_and(|s| s.consumers.iter().count() <= n)
+            })
+            .map(|(&a, _)| a)
+            .collect();
+        let (removed, kept) = self.sites.disarm(&mut self.pool, &emptied);
+        self.finish_removed(removed);
+        let kept_error = kept.first().map(|(_, e)| e.clone());
+        let idxs: Vec<u32> = idxs
+            .iter()
+            .copied()
+            .filter(|&i| {
+                !self
+                    .consumers
+                    .addr_of(i)
+                    .is_some_and(|a| kept.iter().any(|(k, _)| *k == a))
+            })
+            .collect();
         let mut touched = Vec::new();
-        let mut queue: Vec<u32> = idxs.to_vec();
+        let mut queue: Vec<u32> = idxs;
         while let Some(idx) = queue.pop() {
             // A consumer with a return handler: the exit consumers only it
             // still needs go too.
@@ -776,7 +842,11 @@ impl WriterState {
         // caller would skip the grace period `detach` waits for).
         let (stuck, _) = self.sites.apply_modes(&busy, &self.pool.retired_ranges());
         self.want_fast.extend(stuck);
-        self.remove_probes(&empty)
+        let r = self.remove_probes(&empty);
+        match kept_error {
+            Some(e) => Err(e),
+            None => r,
+        }
     }
 
     /// Tries again to switch the sites that could not be made fast: with
@@ -802,11 +872,23 @@ impl WriterState {
     }
 
     /// Removes probes (their consumers are gone): restore, unindex, defer.
+    /// A probe whose code could not be written stays, armed and without
+    /// consumers; the first such error is returned.
     fn remove_probes(&mut self, addrs: &[usize]) -> Result<()> {
         if addrs.is_empty() {
             return Ok(());
         }
-        let (removed, result) = self.sites.disarm(&mut self.pool, addrs);
+        let (removed, kept) = self.sites.disarm(&mut self.pool, addrs);
+        self.finish_removed(removed);
+        match kept.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The index entries and records of probes [`Sites::disarm`] removed:
+    /// tombstoned, unpublished, deferred.
+    fn finish_removed(&mut self, removed: Vec<(u32, usize)>) {
         let mut recs = Vec::with_capacity(removed.len());
         for (rec_idx, patch) in removed {
             self.tombstone(patch);
@@ -823,7 +905,28 @@ impl WriterState {
             }
             self.deferred.push(Deferred::ProbeRecord(rec_idx));
         }
-        result
+    }
+
+    /// Tombstones the index entries of sites found retired (their code
+    /// changed or is gone) and retires their stubs.
+    fn retire_lost(&mut self) {
+        for patch in self.sites.retire_lost(&mut self.pool) {
+            self.tombstone(patch);
+        }
+    }
+
+    /// After the loader loaded or unloaded a module: retires the probes in
+    /// module code whose code is gone or no longer ours (a module unloaded,
+    /// perhaps another loaded at its address), so nothing is ever written
+    /// there again. One `dl_iterate_phdr` call when nothing changed.
+    fn verify_modules(&mut self) {
+        let now = crate::sys::modules::generation();
+        if now.is_some() && now == self.module_generation {
+            return;
+        }
+        self.module_generation = now;
+        self.sites.verify(false);
+        self.retire_lost();
     }
 
     /// Replaces the index entry of a probe whose code is restored by a
@@ -906,6 +1009,204 @@ impl WriterState {
             }
         }
         owners
+    }
+}
+
+/// Fills probe record `rec_idx` for the built site `b`, before it is
+/// indexed.
+fn fill_record(b: &BuiltSite, rec_idx: u32) -> Result<()> {
+    let rec = PROBES
+        .get(rec_idx as usize)
+        .ok_or(Error::Internal("probe record out of range".into()))?;
+    let p = &b.prepared;
+    let words = b.displaced().encode();
+    // Ordering (all): Relaxed — published by the index insert's (or
+    // replace's) latch bump (Release); a fast stub naming this record checks
+    // `addr`, which is set last (`fast_dispatch`).
+    rec.report.store(p.probe, Ordering::Relaxed);
+    rec.len.store(p.len as usize, Ordering::Relaxed);
+    for (w, v) in rec.displaced.iter().zip(words) {
+        w.store(v, Ordering::Relaxed);
+    }
+    rec.stub.store(b.resume_stub(), Ordering::Relaxed);
+    rec.consumers.store(std::ptr::null_mut(), Ordering::Relaxed);
+    rec.clobbers.store(0, Ordering::Relaxed);
+    // Ordering: Release — the fields above before the address.
+    rec.addr.store(p.patch, Ordering::Release);
+    Ok(())
+}
+
+/// What [`code_write`] did with a probe whose instruction the write changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rewritten {
+    /// The probe now serves the new instruction: its consumers are called
+    /// as before.
+    Rederived {
+        /// The probe address.
+        probe: usize,
+    },
+    /// The new code cannot be probed there (not an instruction boundary
+    /// any more, an instruction probert cannot displace, an `int3` of the
+    /// host's): the new bytes are in place and the probe is retired
+    /// ([`Error::CodeChanged`]); its consumers stay attached until detached.
+    Retired {
+        /// The probe address.
+        probe: usize,
+    },
+}
+
+/// Writes `bytes` at `addr`, inside a registered JIT region, keeping the
+/// probes there coherent: the host's way to patch code under probes (inline
+/// caches, trace linking, deoptimisation and OSR patches).
+///
+/// Each probe whose displaced instruction the write changes keeps its trap
+/// throughout: the rest of the new bytes are written behind it, cores are
+/// serialised, and the probe is re-derived from the new code — a thread
+/// that reaches it runs either the old instruction (until the call has
+/// switched it) or the new one, never a mix — or retired if the new code
+/// cannot be probed there. The returned list says which, probe by probe.
+/// Bytes that no probe covers are written as the host's own write would
+/// write them: the host keeps the rules it follows without probert (a
+/// range no thread executes, or one instruction replaced by an aligned
+/// atomic-sized write).
+///
+/// Code the host writes *behind* probert's back (not through this call) is
+/// found at the next write probert makes there: nothing is written over
+/// it, and the probe is retired ([`Error::CodeChanged`]).
+///
+/// Errors: [`Error::NoRegion`] outside JIT regions, [`Error::InvalidArgument`]
+/// for an empty write or one that leaves its region, [`Error::Protect`] if
+/// the write (or the switch of a fast probe back to its trap) fails — then
+/// the probes are as they were.
+pub fn code_write(addr: usize, bytes: &[u8]) -> Result<Vec<Rewritten>> {
+    with_state(|st| st.code_write(addr, bytes))
+}
+
+impl WriterState {
+    fn code_write(&mut self, addr: usize, bytes: &[u8]) -> Result<Vec<Rewritten>> {
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument("an empty code write".into()));
+        }
+        let end = addr.checked_add(bytes.len()).ok_or(Error::InvalidArgument(
+            "a code write past the address space".into(),
+        ))?;
+        let target = self.regions.resolve(addr)?.target;
+        let Some(region) = target.region else {
+            return Err(Error::NoRegion { addr });
+        };
+        if end > target.end {
+            return Err(Error::InvalidArgument(
+                "a code write must stay inside its region".into(),
+            ));
+        }
+        let affected = self.sites.affected(addr, end);
+        // Only the trap stays ours while the instruction changes.
+        self.sites.switch_back(&affected)?;
+        let mut out = bytes.to_vec();
+        let mut heads = Vec::with_capacity(affected.len());
+        for &probe in &affected {
+            let Some((patch, orig)) = self.sites.head_of(probe) else {
+                continue;
+            };
+            let new = match patch.checked_sub(addr).filter(|&k| k < bytes.len()) {
+                Some(k) => {
+                    out[k] = crate::arch::TRAP_INSN[0];
+                    bytes[k]
+                }
+                None => orig,
+            };
+            heads.push((probe, patch, new));
+        }
+        target.write(addr, &out)?;
+        membarrier::sync_core();
+        self.sites.forget_region(region);
+        let mut report = Vec::with_capacity(heads.len());
+        let mut rederived = Vec::new();
+        for (probe, patch, new) in heads {
+            if self.rederive(probe, patch, new).is_ok() {
+                rederived.push(probe);
+                report.push(Rewritten::Rederived { probe });
+            } else {
+                report.push(Rewritten::Retired { probe });
+            }
+        }
+        self.sites.set_overlay(Vec::new());
+        let (stuck, _) = self
+            .sites
+            .apply_modes(&rederived, &self.pool.retired_ranges());
+        self.want_fast.extend(stuck);
+        Ok(report)
+    }
+
+    /// Re-derives the probe at `probe` (its trap at `patch`, the host's new
+    /// head byte `new` under it) from the new code: a new record, indexed in
+    /// the old one's place, with the same consumers. If the new code cannot
+    /// be probed, writes `new` over the trap and retires the probe.
+    fn rederive(&mut self, probe: usize, patch: usize, new: u8) -> Result<()> {
+        let Some(old) = self.sites.take(probe) else {
+            return Err(Error::NotFound);
+        };
+        self.sites.set_overlay(vec![(patch, new)]);
+        let built = match self.sites.prepare(&self.regions, &self.pool, probe) {
+            Ok(Prepared::Site(p)) if p.patch == patch => match self.alloc_probe_record() {
+                Ok(rec) => {
+                    let record = PROBES
+                        .get(rec as usize)
+                        .map_or(0, |r| r as *const ProbeRecord as usize);
+                    match self.sites.build(&mut self.pool, p, record) {
+                        Ok(b) if self.pool.flush().is_ok() => Some((b, rec)),
+                        Ok(b) => {
+                            b.unbuild(&mut self.pool);
+                            self.free_probes.push(rec);
+                            None
+                        }
+                        Err(_) => {
+                            self.free_probes.push(rec);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            },
+            _ => None,
+        };
+        let Some((b, rec)) = built else {
+            // Cannot be probed: the host's byte goes over the trap.
+            self.sites.put_back(old, probe);
+            if let Some(site) = self.sites.get(probe) {
+                let mut p = [crate::patch::Patch::new(
+                    &site.target,
+                    patch,
+                    &[new],
+                    crate::arch::TRAP_INSN,
+                    probe,
+                )];
+                let _ = crate::patch::write_all(&mut p);
+            }
+            self.sites.retire(probe);
+            return Err(Error::CodeChanged { addr: probe });
+        };
+        fill_record(&b, rec)?;
+        // Its list first: no thread may find the new record without it.
+        let old_rec = self.sites.insert_rederived(b, rec, old, &mut self.pool);
+        self.publish_list(probe)?;
+        // Ordering: the latch's (Release) — traps from here find the new
+        // record, filled and with its list — pairs with `lookup_speculative`.
+        INDEX.replace(patch, rec as usize);
+        if let Some(r) = PROBES.get(old_rec as usize) {
+            // The old list stays published: a thread still on its way
+            // through the old record (it trapped, or entered the old stub,
+            // before the index changed) calls the same consumers. It goes
+            // with the record, a grace period from now.
+            // Ordering: Acquire — the writer's own earlier store; pairs
+            // with the Release in `publish_list`.
+            let l = r.consumers.load(Ordering::Acquire);
+            if !l.is_null() {
+                self.deferred.push(Deferred::List(l));
+            }
+        }
+        self.deferred.push(Deferred::ProbeRecord(old_rec));
+        Ok(())
     }
 }
 
@@ -996,12 +1297,14 @@ pub(crate) fn attach_batch_with(
         .ok_or((0, Error::Internal("state vanished".into())))?;
     st.reap();
     st.sites.forget_reads();
+    st.verify_modules();
     st.retry_fast(false);
     ensure_handler().map_err(|e| (0, e))?;
     if opts.iter().any(|o| o.on_return.is_some()) {
         crate::shadow::init();
     }
     let r = st.attach_batch(reqs, opts, owners);
+    st.retire_lost();
     st.sites.forget_reads();
     r
 }
@@ -1035,22 +1338,22 @@ pub fn detach_batch(ids: &[ConsumerId]) -> Result<()> {
         }
         st.detach_nosync(&idxs)
     });
-    match validated {
-        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
-        r => r.and_then(|()| sync()),
-    }
+    // Also after a failed write: the consumers of other sites are detached,
+    // and their handlers must be done when this returns.
+    let synced = sync();
+    validated.and(synced)
 }
 
 /// Detaches one consumer and waits until its handler can no longer run.
 pub fn detach(id: ConsumerId) -> Result<()> {
-    match detach_nosync(id) {
-        // A consumer whose handler returned `Remove` has a stale handle, but
-        // calls that began before the removal may still be running: wait for
-        // them as well, so that after `detach` returns no call of the handle's
-        // consumer runs, whatever it returns.
-        Err(Error::NotFound) => sync().and(Err(Error::NotFound)),
-        r => r.and_then(|()| sync()),
-    }
+    // A consumer whose handler returned `Remove` has a stale handle, but
+    // calls that began before the removal may still be running: wait for
+    // them as well (and after a failed write, which leaves the consumer
+    // attached), so that after `detach` returns no call of a consumer it
+    // detached runs, whatever it returns.
+    let r = detach_nosync(id);
+    let synced = sync();
+    r.and(synced)
 }
 
 /// Waits one grace period: every handler call that began before `sync` has
@@ -1104,9 +1407,21 @@ pub fn stats(id: ConsumerId) -> Result<Stats> {
     })
 }
 
-/// Registers a JIT region.
+/// Registers a JIT region: [`region_add_with`] with the default options.
+///
+/// What it accepts: a range in user space of at most
+/// [`MAX_REGION_LEN`](crate::MAX_REGION_LEN) bytes, overlapping no
+/// registered region, in which something is mapped. Parts of it may be
+/// reserved `PROT_NONE`, unmapped, or not executable yet: attaching there
+/// fails with [`Error::Protect`] and changes nothing, and works once the host
+/// has made that memory executable.
 pub fn region_add(desc: RegionDesc) -> Result<RegionId> {
-    with_state(|st| st.regions.add(desc))
+    region_add_with(desc, RegionOptions::default())
+}
+
+/// [`region_add`] with [`RegionOptions`].
+pub fn region_add_with(desc: RegionDesc, opts: RegionOptions) -> Result<RegionId> {
+    with_state(|st| st.regions.add(desc, opts))
 }
 
 /// Declares the functions inside a JIT region, as `(start, len)`: probert
@@ -1126,34 +1441,68 @@ pub fn region_functions(id: RegionId, functions: &[(usize, usize)]) -> Result<()
 }
 
 /// Detaches every probe in the region (one grace period), then forgets it.
+///
+/// Works also after the host freed, unmapped or reused the memory: the code
+/// is restored only where it still holds what probert wrote (see
+/// [`Error::CodeChanged`]); nothing is read or written that is not mapped.
+/// If restoring fails (a write callback returns an error), the region and
+/// the probes that could not be restored stay, their consumers attached;
+/// the others are detached, and the error is returned.
 pub fn region_remove(id: RegionId) -> Result<()> {
-    let had_probes = with_state(|st| {
+    remove_region(id, false)
+}
+
+/// [`region_remove`] for memory the host has already freed or unmapped (or
+/// will reuse without telling): probert reads and writes none of it — its
+/// probes are retired as they are, their stubs recycled — then forgets the
+/// region.
+pub fn region_remove_gone(id: RegionId) -> Result<()> {
+    remove_region(id, true)
+}
+
+fn remove_region(id: RegionId, gone: bool) -> Result<()> {
+    let (had_probes, result) = with_state(|st| {
         let (start, end) = st.regions.bounds(id).ok_or(Error::NotFound)?;
+        if gone {
+            st.sites.forget_range(start, end);
+            st.retire_lost();
+        }
         let had_probes = st.sites.range(start, end).next().is_some();
         let idxs: Vec<u32> = st
             .sites
             .range(start, end)
             .flat_map(|(_, s)| s.consumers.iter().copied())
             .collect();
-        st.detach_nosync(&idxs)?;
+        let detached = st.detach_nosync(&idxs);
         // Probes whose consumers all asked for removal already have none.
-        let empty: Vec<usize> = st.sites.range(start, end).map(|(a, _)| a).collect();
-        st.remove_probes(&empty)?;
-        st.sites.forget_region(id);
-        st.regions.remove(id)?;
-        Ok(had_probes)
+        let empty: Vec<usize> = st
+            .sites
+            .range(start, end)
+            .filter(|(_, s)| s.consumers.is_empty())
+            .map(|(a, _)| a)
+            .collect();
+        let result = detached.and(st.remove_probes(&empty));
+        if result.is_ok() {
+            st.sites.forget_region(id);
+            st.regions.remove(id)?;
+        }
+        Ok((had_probes, result))
     })?;
     // A region that never had probes is read by no handler: no grace period.
     if had_probes {
         sync()?;
     }
-    Ok(())
+    result
 }
 
 /// The mechanism serving a probed address right now (never [`Mode::Auto`]);
 /// [`Error::NotFound`] if nothing is attached there.
 pub fn probe_mode(addr: usize) -> Result<Mode> {
-    with_state(|st| st.sites.get(addr).map(|s| s.mode()).ok_or(Error::NotFound))
+    with_state(|st| match st.sites.get(addr) {
+        None => Err(Error::NotFound),
+        Some(s) if s.lost().is_some() => Err(Error::CodeChanged { addr }),
+        Some(s) => Ok(s.mode()),
+    })
 }
 
 /// Stubs that freed probes left behind, not yet reusable: (waiting for a

@@ -41,10 +41,26 @@
 //! without calling `recycle_stubs`. A recycled slot
 //! is poisoned with `ud2` first, so a violation of the above crashes loudly
 //! instead of running stale code.
+//!
+//! # Faults in stubs
+//!
+//! Every slot ends with a fault map (see [`arch::fault_origin`]), and the
+//! pool keeps, in memory a fault handler may read, where each chunk's slots
+//! start: [`fault_origin`] turns a faulting program counter in a stub into
+//! the displaced instruction it stands for (see `crate::trap`).
+//!
+//! # Safety
+//!
+//! [`fault_origin`] dereferences the slot-start arrays [`trace_chunk`]
+//! leaked, and reads stub slots, which are never unmapped.
+#![allow(unsafe_code)]
+
+use std::sync::atomic::{AtomicPtr, AtomicU8, AtomicUsize, Ordering};
 
 use crate::arch::{self, CpuState, POISON, STUB_SLOT, TRAMPOLINE_SIZE};
 use crate::error::{Error, Result};
 use crate::fast;
+use crate::sigctx::SignalContext;
 use crate::sys::{code, maps, threads};
 
 /// Bytes mapped per chunk: a fast-path trampoline, then stub slots.
@@ -79,6 +95,82 @@ impl Stub {
 struct Chunk {
     base: usize,
     used: usize,
+    /// The chunk's slot starts, for fault handlers ([`fault_origin`]);
+    /// `None` past [`MAX_TRACED_CHUNKS`].
+    starts: Option<&'static SlotStarts>,
+}
+
+/// Granules of [`STUB_SLOT`] bytes after a chunk's trampoline: every slot
+/// starts on one.
+const GRANULES: usize = (CHUNK - TRAMPOLINE_SIZE) / STUB_SLOT;
+/// Per granule: 0, or `1 + class` where a slot of that size class starts.
+/// Set when the slot is first carved out; a slot keeps its place and class
+/// for good (free lists are per class), so an entry never changes again.
+type SlotStarts = [AtomicU8; GRANULES];
+/// Most chunks whose stubs' faults can be traced back to the displaced
+/// instruction (256 MiB of stubs); faults in stubs past them reach the
+/// host with the stub's address.
+const MAX_TRACED_CHUNKS: usize = 4096;
+/// The traced chunks' bases and slot starts, the first [`TRACED`] entries
+/// filled. Writer only; fault handlers read them.
+static TRACED_BASES: [AtomicUsize; MAX_TRACED_CHUNKS] =
+    [const { AtomicUsize::new(0) }; MAX_TRACED_CHUNKS];
+static TRACED_STARTS: [AtomicPtr<SlotStarts>; MAX_TRACED_CHUNKS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_TRACED_CHUNKS];
+static TRACED: AtomicUsize = AtomicUsize::new(0);
+
+/// Registers the chunk at `base` for [`fault_origin`]. Writer only.
+fn trace_chunk(base: usize) -> Option<&'static SlotStarts> {
+    // Ordering: Relaxed — only the writer stores it.
+    let n = TRACED.load(Ordering::Relaxed);
+    if n == MAX_TRACED_CHUNKS {
+        return None;
+    }
+    let starts: &'static SlotStarts = Box::leak(Box::new([const { AtomicU8::new(0) }; GRANULES]));
+    // Ordering: Relaxed, both — published by the Release store of the count
+    // below.
+    TRACED_STARTS[n].store(std::ptr::from_ref(starts).cast_mut(), Ordering::Relaxed);
+    TRACED_BASES[n].store(base, Ordering::Relaxed);
+    // Ordering: Release — pairs with the Acquire in `fault_origin`.
+    TRACED.store(n + 1, Ordering::Release);
+    Some(starts)
+}
+
+/// If `pc` lies in an instruction of a stub that stands for a displaced
+/// instruction, the displaced instruction's address and the bytes to add
+/// to the stack pointer to undo what the stub pushed before it (see
+/// [`arch::fault_origin`]): where a fault at `pc` must appear to the host.
+///
+/// # Signal safety
+/// Atomic loads over the traced chunks and the slot's fault map.
+pub(crate) fn fault_origin(cx: SignalContext, pc: usize) -> Option<(usize, u64)> {
+    // Ordering: Acquire — pairs with the Release in `trace_chunk`.
+    let n = TRACED.load(Ordering::Acquire);
+    for i in 0..n.min(MAX_TRACED_CHUNKS) {
+        // Ordering: Relaxed — published by the count's Release/Acquire.
+        let base = TRACED_BASES[i].load(Ordering::Relaxed);
+        let first = base + TRAMPOLINE_SIZE;
+        if !(first..base + CHUNK).contains(&pc) {
+            continue;
+        }
+        // Ordering: Relaxed, as the base.
+        let starts = TRACED_STARTS[i].load(Ordering::Relaxed);
+        // SAFETY: set with the base to a leaked array, never freed.
+        let starts = unsafe { &*starts };
+        let g = (pc - first) / STUB_SLOT;
+        // Ordering: Acquire — pairs with the Release in `Pool::bump`; the
+        // slot was carved out before its code was written and published,
+        // and this thread ran that code.
+        let class = |g: usize| starts.get(g).map_or(0, |k| k.load(Ordering::Acquire));
+        let (slot, len) = match class(g) {
+            0 if g > 0 && class(g - 1) == 2 => (first + (g - 1) * STUB_SLOT, SIZES[1]),
+            0 => return None,
+            k => (first + g * STUB_SLOT, SIZES[usize::from(k - 1).min(1)]),
+        };
+        // SAFETY: a slot of this chunk, which is never unmapped.
+        return unsafe { arch::fault_origin(cx, slot, len, pc) };
+    }
+    None
 }
 
 impl Chunk {
@@ -146,7 +238,7 @@ impl Pool {
     /// `addr`.
     pub(crate) fn create(&mut self, code: &[u8], addr: usize) -> Result<Stub> {
         let (stub, _) = self.alloc(addr, 0)?;
-        let bytes = arch::emit_out_of_line(code, addr, stub.addr);
+        let bytes = arch::emit_out_of_line_slot(code, addr, stub.addr);
         self.fill(stub, bytes)
     }
 
@@ -160,6 +252,39 @@ impl Pool {
         for class in 0..SIZES.len() as u8 {
             let (stub, trampoline) = self.alloc(jump, class)?;
             match arch::emit_site_stub(code, jump, stub.addr, stub.len(), trampoline, record) {
+                Ok(b) => return self.fill(stub, Ok(b)),
+                Err(e) => {
+                    self.free_unpublished(stub);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Internal("no stub size".into())))
+    }
+
+    /// A new exit stub ([`arch::emit_exit_stub`]) for the exit run `code` at
+    /// `jump`, ending with a `ret` of `ret_len` bytes, naming probe record
+    /// `record`: the site's jump and the trap path both enter at its start.
+    pub(crate) fn create_exit(
+        &mut self,
+        code: &[u8],
+        jump: usize,
+        ret_len: usize,
+        record: usize,
+    ) -> Result<Stub> {
+        let mut last = None;
+        for class in 0..SIZES.len() as u8 {
+            let (stub, trampoline) = self.alloc(jump, class)?;
+            let bytes = arch::emit_exit_stub(
+                code,
+                jump,
+                ret_len,
+                stub.addr,
+                stub.len(),
+                trampoline,
+                record,
+            );
+            match bytes {
                 Ok(b) => return self.fill(stub, Ok(b)),
                 Err(e) => {
                     self.free_unpublished(stub);
@@ -308,6 +433,7 @@ impl Pool {
         self.chunks.push(Chunk {
             base,
             used: TRAMPOLINE_SIZE,
+            starts: trace_chunk(base),
         });
         self.bump(near, class)
             .ok_or_else(|| Error::Internal("a fresh stub chunk has no room".into()))
@@ -334,6 +460,13 @@ impl Pool {
             .iter_mut()
             .find(|c| c.used + len <= CHUNK && within_reach(c.base + c.used, near))?;
         let addr = c.base + c.used;
+        if let Some(k) = c
+            .starts
+            .and_then(|s| s.get((c.used - TRAMPOLINE_SIZE) / STUB_SLOT))
+        {
+            // Ordering: Release — pairs with the Acquire in `fault_origin`.
+            k.store(class + 1, Ordering::Release);
+        }
         c.used += len;
         Some((Stub { addr, class }, c.trampoline()))
     }

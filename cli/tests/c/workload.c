@@ -1,11 +1,17 @@
 /* A deterministic workload for probert trace's tests: calls work() N times,
    crc32() of libz M times through a dlopen'ed libz, forks a child that calls
-   work() K times, and prints what it did. */
+   work() K times (K = -1: no fork), and prints what it did. A fifth argument
+   says how it ends: "kill" (SIGKILL itself), "segv" (a null write), "_exit"
+   (no exit handlers), "sleep:MS" (sleeps MS ms, then returns); all after
+   flushing stdout. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <stdint.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -38,5 +44,16 @@ int main(int argc, char **argv) {
     waitpid(p, &st, 0);
   }
   printf("sum %ld\n", sum);
+  const char *end = argc > 4 ? argv[4] : "";
+  fflush(stdout);
+  if (!strcmp(end, "kill")) raise(SIGKILL);
+  if (!strcmp(end, "segv")) *(volatile int *)(uintptr_t)(sum & 0xff0) = 0; /* page 0: unmapped */
+  if (!strcmp(end, "_exit")) _exit(9);
+  if (!strncmp(end, "sleep:", 6)) {
+    long ms = atol(end + 6);
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+  }
   return (int)(n % 7);
 }

@@ -39,10 +39,13 @@
 //! whole function: every instruction boundary, and which runs of whole
 //! instructions a jump may displace ([`link_module`] across a module). [`MAX_INSN_LEN`] bounds an instruction.
 //!
-//! **Relocation into a stub.** [`emit_out_of_line`] gives the bytes of an
+//! **Relocation into a stub.** [`emit_out_of_line_slot`] gives the bytes of an
 //! out-of-line stub: the instruction relocated to the stub's address and a
 //! jump back; at most [`STUB_SLOT`] bytes. Freed stubs are poisoned with
-//! [`POISON`].
+//! [`POISON`]. Every stub slot ([`emit_out_of_line_slot`], [`emit_site_stub`])
+//! ends with a fault map: [`fault_origin`] says which displaced instruction
+//! a fault at a stub's program counter belongs to, and how far the stub had
+//! moved the stack pointer, so a fault handler can rewind the context.
 //!
 //! **Before and after out-of-line execution.** [`resume_out_of_line`] sets
 //! the registers to run the stub (the kernel's `pre_xol`); nothing runs
@@ -134,14 +137,15 @@
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    analyze, check_boundary, classify_trap_site, emit_out_of_line, emit_site_stub, emit_trampoline,
-    emulate, errno_get, errno_offset, errno_set, far_exit, fast_eligible, function_exits,
-    handler_restorer, interrupted_pc, interrupted_sp, jump_to, link_module, restorer_address,
+    analyze, check_boundary, classify_trap_site, emit_exit_stub, emit_out_of_line,
+    emit_out_of_line_slot, emit_site_stub, emit_trampoline, emulate, errno_get, errno_offset,
+    errno_set, far_exit, fast_eligible, fault_origin, function_exits, handler_restorer,
+    interrupted_pc, interrupted_sp, jump_to, link_module, recover_emulator_fault, restorer_address,
     resume_out_of_line, stub_entry, stub_resume, thread_id, thread_pointer, tid_offset, Clobbers,
-    CpuState, Displaced, FastFrame, FunctionFlow, InlineLayout, KernelSigaction, PointerJumps,
-    Refusal, Reg, Regs, SwitchStep, TrapContext, TrapSite, HEAD, JUMP_LEN, MAX_INSN_LEN, POISON,
-    SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP, TRAMPOLINE_SIZE, TRAP_INSN,
-    TRAP_SI_CODE,
+    CpuState, Displaced, EmuFault, Emulated, FastFrame, FunctionFlow, InlineLayout,
+    KernelSigaction, PointerJumps, Refusal, Reg, Regs, SwitchStep, TrapContext, TrapSite, HEAD,
+    JUMP_LEN, MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP,
+    TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
 };
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{function_effects, Callee, FunctionEffects, Unknowable};

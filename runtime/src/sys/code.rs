@@ -326,6 +326,15 @@ fn write_mprotect_locked(addr: usize, bytes: &[u8]) -> Result<(), (usize, &'stat
             // /proc/self/maps unreadable: assume ordinary code.
             Err(_) => libc::PROT_READ | libc::PROT_EXEC,
         };
+        // Never make memory executable (or writable) that the host made
+        // neither: a reserved `PROT_NONE` page, data.
+        if prot & (libc::PROT_EXEC | libc::PROT_WRITE) == 0 {
+            return Err((
+                at,
+                "the page is neither executable nor writable",
+                libc::EACCES,
+            ));
+        }
         if prot & libc::PROT_WRITE == 0 {
             mprotect(page_start, page, rwx).map_err(|e| (at, "mprotect to RWX", e))?;
         }
@@ -425,6 +434,69 @@ pub fn read_code_checked(start: usize, end: usize) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// What [`read_code_any`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CodeRead {
+    /// The bytes; `readable` unless the memory is mapped without read
+    /// permission (`PROT_NONE`: read through `/proc/self/mem`, which may).
+    Bytes { bytes: Vec<u8>, readable: bool },
+    /// Some of it is not mapped at all (freed, unmapped, unloaded).
+    Unmapped,
+    /// It cannot be read for another reason (no procfs and not readable).
+    Unknown,
+}
+
+/// Reads `[start, end)` without ever faulting, also where the host made the
+/// memory `PROT_NONE`: [`read_code_checked`] first, then `pread` on
+/// `/proc/self/mem`, whose forced access reads pages the mapping does not
+/// let the process read and fails with `EIO` where nothing is mapped.
+/// Used to decide whether code still holds the bytes probert wrote before
+/// restoring them (a host may reprotect, free or reuse its code).
+///
+/// Normal context only (the fallback takes the write lock).
+pub fn read_code_any(start: usize, end: usize) -> CodeRead {
+    if let Some(bytes) = read_code_checked(start, end) {
+        return CodeRead::Bytes {
+            bytes,
+            readable: true,
+        };
+    }
+    let Some(len) = end.checked_sub(start) else {
+        return CodeRead::Unknown;
+    };
+    let mut buf = vec![0u8; len];
+    let _lock = WriteLock::lock();
+    let Ok(fd) = mem_fd_locked() else {
+        return CodeRead::Unknown;
+    };
+    let mut done = 0;
+    while done < len {
+        let rest = &mut buf[done..];
+        let n = raw::check_retry(|| {
+            // SAFETY: `rest` is writable for its length; the offset is an
+            // address of ours, below i64::MAX for user space.
+            unsafe {
+                raw::syscall4(
+                    libc::SYS_pread64,
+                    i64::from(fd),
+                    rest.as_mut_ptr() as i64,
+                    rest.len() as i64,
+                    (start + done) as i64,
+                )
+            }
+        });
+        match n {
+            Ok(0) | Err(libc::EIO) => return CodeRead::Unmapped,
+            Ok(n) => done += n as usize,
+            Err(_) => return CodeRead::Unknown,
+        }
+    }
+    CodeRead::Bytes {
+        bytes: buf,
+        readable: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::maps::test_pages::*;
@@ -481,6 +553,49 @@ mod tests {
         }
         assert_eq!(read(rw, 2), [0, 1]);
         assert_eq!(prot_of(rw), Some(libc::PROT_READ | libc::PROT_WRITE));
+    }
+
+    #[test]
+    fn fallback_refuses_pages_neither_executable_nor_writable() {
+        let none = page_with(0xc3, libc::PROT_NONE);
+        let ro = page_with(0xc3, libc::PROT_READ);
+        let _lock = WriteLock::lock();
+        for p in [none, ro] {
+            let err = write_mprotect_locked(p, &[0xcc]).expect_err("refused");
+            assert_eq!(err.2, libc::EACCES);
+        }
+        drop(_lock);
+        assert_eq!(prot_of(none), Some(libc::PROT_NONE), "left as it was");
+        assert_eq!(prot_of(ro), Some(libc::PROT_READ));
+        assert_eq!(read(ro, 1), [0xc3]);
+    }
+
+    #[test]
+    fn read_code_any_reads_prot_none_and_reports_unmapped() {
+        let p = page_with(0x90, libc::PROT_READ | libc::PROT_EXEC);
+        write_code(p + 1, &[0xcc]).expect("write");
+        assert!(read_code_checked(p, p + 2).is_some());
+        assert_eq!(
+            // SAFETY: reprotects our own test page only.
+            unsafe { libc::mprotect(p as *mut _, page_size(), libc::PROT_NONE) },
+            0
+        );
+        assert_eq!(
+            read_code_checked(p, p + 2),
+            None,
+            "process_vm_readv refuses"
+        );
+        assert_eq!(
+            read_code_any(p, p + 2),
+            CodeRead::Bytes {
+                bytes: vec![0x90, 0xcc],
+                readable: false
+            }
+        );
+        assert_eq!(
+            read_code_any(NEVER_MAPPED, NEVER_MAPPED + 1),
+            CodeRead::Unmapped
+        );
     }
 
     #[test]

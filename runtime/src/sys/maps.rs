@@ -36,6 +36,28 @@ pub(crate) fn protection_of(addr: usize) -> Result<Option<i32>, i32> {
     Ok(found)
 }
 
+/// For each span `[start, end)` (sorted by start or not), whether every
+/// byte of it lies in mappings with `PROT_EXEC`: one pass over
+/// `/proc/self/maps`. `Err(errno)` if the file cannot be read.
+pub(crate) fn executable_spans(spans: &[(usize, usize)]) -> Result<Vec<bool>, i32> {
+    // How far each span is covered by executable mappings so far (the
+    // mappings come in address order).
+    let mut covered: Vec<usize> = spans.iter().map(|&(s, _)| s).collect();
+    for_each_mapping(|m| {
+        for (c, &(_, e)) in covered.iter_mut().zip(spans) {
+            if *c < e && m.start <= *c && *c < m.end && m.prot & libc::PROT_EXEC != 0 {
+                *c = m.end.min(e);
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(covered
+        .iter()
+        .zip(spans)
+        .map(|(&c, &(_, e))| c >= e)
+        .collect())
+}
+
 /// One line of `/proc/self/maps`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Mapping<'a> {
@@ -525,6 +547,24 @@ pub(crate) mod test_pages {
     /// no test maps it there, unlike a page we unmap, which a concurrent test
     /// may get back; below `vm.mmap_min_addr` on most systems.
     pub(crate) const NEVER_MAPPED: usize = 0x2000;
+
+    #[test]
+    fn executable_spans_need_every_byte_executable() {
+        let page = page_size();
+        let rx = page_with(0, libc::PROT_READ | libc::PROT_EXEC);
+        let rw = page_with(0, libc::PROT_READ | libc::PROT_WRITE);
+        let got = executable_spans(&[
+            (rx, rx + 16),
+            (rw, rw + 1),
+            (rx + page - 1, rx + page + 1),
+            (NEVER_MAPPED, NEVER_MAPPED + 1),
+        ])
+        .expect("maps");
+        // The third span runs past the page unless the next one happens to
+        // be executable too.
+        let next_exec = prot_of(rx + page).is_some_and(|p| p & libc::PROT_EXEC != 0);
+        assert_eq!(got, [true, false, next_exec, false]);
+    }
 
     pub(crate) fn prot_of(addr: usize) -> Option<i32> {
         protection_of(addr).expect("maps readable")

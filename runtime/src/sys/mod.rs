@@ -25,6 +25,7 @@ pub mod elf;
 pub mod extents;
 pub mod lsda;
 pub mod maps;
+pub mod masks;
 pub mod membarrier;
 pub mod module_file;
 pub mod modules;

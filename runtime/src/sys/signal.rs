@@ -66,18 +66,56 @@
 #![allow(unsafe_code)]
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::arch::KernelSigaction;
 use crate::error::{Error, Result};
 use crate::sigctx::SignalContext;
 use crate::sys::raw;
 
-/// The previous disposition: its handler address and `sa_flags`.
-static PREV_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
-static PREV_FLAGS: AtomicI32 = AtomicI32::new(0);
+/// A disposition probert replaced and chains to: its handler address,
+/// `sa_flags` and `sa_mask`.
+struct Prev {
+    handler: AtomicUsize,
+    flags: AtomicI32,
+    mask: AtomicU64,
+}
+
+impl Prev {
+    const fn new() -> Prev {
+        Prev {
+            handler: AtomicUsize::new(libc::SIG_DFL),
+            flags: AtomicI32::new(0),
+            mask: AtomicU64::new(0),
+        }
+    }
+
+    /// Remembers `act`. Normal context, before our handler is installed
+    /// over it.
+    fn store(&self, act: &KernelSigaction) {
+        // Ordering: Release, all — published before our handler can run (the
+        // rt_sigaction installing it is a syscall, a full barrier); read
+        // with Acquire in `chain_to`. The kernel's flags fit the C `int`
+        // (`SA_RESTORER` included).
+        self.mask.store(act.mask(), Ordering::Release);
+        self.flags.store(act.flags() as i32, Ordering::Release);
+        self.handler.store(act.handler(), Ordering::Release);
+    }
+}
+
+/// The previous `SIGTRAP` disposition.
+static PREV_TRAP: Prev = Prev::new();
 /// Our handler, once installed.
 static OURS: AtomicUsize = AtomicUsize::new(0);
+
+/// The signals a displaced instruction can raise, which probert's fault
+/// handler sees first (see "Faults in displaced instructions").
+pub const FAULT_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL];
+/// The dispositions our fault handler replaced, per [`FAULT_SIGNALS`].
+static PREV_FAULT: [Prev; 4] = [const { Prev::new() }; 4];
+/// Our fault handler, once installed.
+static OURS_FAULT: AtomicUsize = AtomicUsize::new(0);
 /// The handler a host installed after probert and declared to chain to ours
 /// ([`declare_chained_handler`]); 0 if none.
 static CHAINED: AtomicUsize = AtomicUsize::new(0);
@@ -114,14 +152,8 @@ pub fn install_trap(handler: SigInfoHandler) -> Result<()> {
     }
     let prev = query(libc::SIGTRAP)?;
     // Read the previous disposition first so the handler never sees a window
-    // in which it is ours but `PREV_*` is not yet filled in.
-    // Ordering: Release — published before our handler can run (the
-    // rt_sigaction below is a syscall, a full barrier); read with Acquire in
-    // `chain`.
-    PREV_HANDLER.store(prev.handler(), Ordering::Release);
-    // Ordering: Release, as above. The kernel's flags fit the C `int`
-    // (`SA_RESTORER` included).
-    PREV_FLAGS.store(prev.flags() as i32, Ordering::Release);
+    // in which it is ours but `PREV_TRAP` is not yet filled in.
+    PREV_TRAP.store(&prev);
     set_ours(handler as usize).map_err(|errno| {
         Error::Signal(format!("rt_sigaction: {}", std::io::Error::from_raw_os_error(errno)).into())
     })?;
@@ -328,9 +360,24 @@ pub fn restorers_lost() -> bool {
 /// Raw system calls (`rt_sigaction`, `rt_sigprocmask`, `gettid`/`getpid`,
 /// `rt_tgsigqueueinfo`, `tgkill`) and the previous handler.
 pub fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, trap_len: u8) {
-    // Ordering: Acquire — pairs with the Release in `install_trap`.
-    let handler = PREV_HANDLER.load(Ordering::Acquire);
-    let flags = PREV_FLAGS.load(Ordering::Acquire);
+    chain_to(&PREV_TRAP, sig, info, uc, trap_len > 0);
+}
+
+/// [`chain`] for the previous disposition `prev` of `sig`; `forced` if the
+/// signal was raised by an instruction whatever its `si_code` says.
+///
+/// # Signal safety
+/// As [`chain`].
+fn chain_to(
+    prev: &Prev,
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uc: *mut c_void,
+    forced: bool,
+) {
+    // Ordering: Acquire — pairs with the Release in `Prev::store`.
+    let handler = prev.handler.load(Ordering::Acquire);
+    let flags = prev.flags.load(Ordering::Acquire);
     let code = if info.is_null() {
         0
     } else {
@@ -338,7 +385,7 @@ pub fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, trap
         // (and a chaining host passes the kernel's).
         unsafe { (*info).si_code }
     };
-    let forced = trap_len > 0 || code > 0;
+    let forced = forced || code > 0;
     if handler == libc::SIG_IGN && !forced {
         // Sent by a process and ignored: nothing happens, as without us.
         return;
@@ -353,9 +400,9 @@ pub fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, trap
         // Ordering: Release — pairs with the Acquire loads above (another
         // thread racing us calls the handler too, as concurrent deliveries
         // could have).
-        PREV_FLAGS.store(0, Ordering::Release);
+        prev.flags.store(0, Ordering::Release);
         // Ordering: Release, as above.
-        PREV_HANDLER.store(libc::SIG_DFL, Ordering::Release);
+        prev.handler.store(libc::SIG_DFL, Ordering::Release);
     }
     if flags & libc::SA_SIGINFO != 0 {
         // SAFETY: the previous handler was installed with SA_SIGINFO, so it
@@ -427,5 +474,136 @@ fn die_by_default(sig: libc::c_int, info: *mut libc::siginfo_t) {
     let ours = OURS.load(Ordering::Acquire);
     if ours != 0 && sig == libc::SIGTRAP {
         let _ = set_ours(ours);
+    }
+    // Ordering: Acquire — pairs with the Release in `install_faults`.
+    let ours = OURS_FAULT.load(Ordering::Acquire);
+    if let Some(i) = fault_index(sig).filter(|_| ours != 0) {
+        let _ = set_fault(sig, ours, &PREV_FAULT[i]);
+    }
+}
+
+/// The index of `sig` in [`FAULT_SIGNALS`].
+///
+/// # Signal safety
+/// A loop over a constant array.
+fn fault_index(sig: libc::c_int) -> Option<usize> {
+    FAULT_SIGNALS.iter().position(|&s| s == sig)
+}
+
+/// Installs `handler` for every signal of [`FAULT_SIGNALS`] once,
+/// remembering each previous disposition for [`chain_fault`].
+///
+/// Our handler inherits from the disposition it replaces what changes where
+/// the host's handler runs: `SA_ONSTACK` (a stack overflow is reported on
+/// the alternate stack; set over `SIG_DFL` or `SIG_IGN` too) and its
+/// `sa_mask` — without `SIGTRAP`, so that a host handler may call probed
+/// code. Always `SA_SIGINFO` (it reads the context and passes `siginfo`
+/// on) and `SA_NODEFER` (the emulator's access may fault inside it;
+/// [`chain_fault`] blocks the signal before calling a handler that did not
+/// ask for `SA_NODEFER`). Normal context.
+pub fn install_faults(handler: SigInfoHandler) -> Result<()> {
+    // Ordering: Acquire — pairs with the Release below; serialised by the
+    // caller's writer lock.
+    if OURS_FAULT.load(Ordering::Acquire) != 0 {
+        return Ok(());
+    }
+    for (i, &sig) in FAULT_SIGNALS.iter().enumerate() {
+        let prev = query(sig)?;
+        PREV_FAULT[i].store(&prev);
+        set_fault(sig, handler as usize, &PREV_FAULT[i]).map_err(|errno| {
+            Error::Signal(
+                format!(
+                    "rt_sigaction({sig}): {}",
+                    std::io::Error::from_raw_os_error(errno)
+                )
+                .into(),
+            )
+        })?;
+    }
+    // Ordering: Release — pairs with the Acquire loads of `OURS_FAULT`.
+    OURS_FAULT.store(handler as usize, Ordering::Release);
+    Ok(())
+}
+
+/// Installs `handler` as our disposition for the fault signal `sig`, over
+/// the previous one `prev` (see [`install_faults`]).
+///
+/// # Signal safety
+/// Atomic loads and one raw system call.
+fn set_fault(sig: libc::c_int, handler: usize, prev: &Prev) -> Result<(), i32> {
+    // Ordering: Acquire — pairs with the Release in `Prev::store`.
+    let h = prev.handler.load(Ordering::Acquire);
+    let flags = prev.flags.load(Ordering::Acquire);
+    let mask = prev.mask.load(Ordering::Acquire);
+    let trap_bit = 1u64 << (libc::SIGTRAP - 1);
+    let inherited = if h == libc::SIG_DFL || h == libc::SIG_IGN {
+        libc::SA_ONSTACK
+    } else {
+        flags & libc::SA_ONSTACK
+    };
+    let act = KernelSigaction::new(handler, libc::SA_SIGINFO | libc::SA_NODEFER | inherited)
+        .with_mask(mask & !trap_bit);
+    // SAFETY: a valid kernel sigaction for `sig` and its sigset size.
+    let rc = unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigaction,
+            i64::from(sig),
+            &act as *const KernelSigaction as i64,
+            0,
+            KernelSigaction::SIGSET_SIZE,
+        )
+    };
+    raw::check(rc).map(drop)
+}
+
+/// Passes a fault signal (one of [`FAULT_SIGNALS`]) to the disposition our
+/// fault handler replaced: a handler is called with `info` and `uc` (which
+/// the caller may have rewound, see `crate::trap`); `SIG_DFL` (and
+/// `SIG_IGN` for a fault the kernel raised) kills the process with `info`,
+/// as without probert. Returns only if the process lives on.
+///
+/// # Signal safety
+/// As [`chain`].
+pub fn chain_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
+    if let Some(i) = fault_index(sig) {
+        // Ordering: Acquire — pairs with the Release in `Prev::store`.
+        let flags = PREV_FAULT[i].flags.load(Ordering::Acquire);
+        if flags & libc::SA_NODEFER == 0 {
+            // Ours runs with SA_NODEFER (an emulated access must be able to
+            // fault inside it); the host's handler runs as the kernel would
+            // have run it, with `sig` blocked (restored on sigreturn).
+            block(sig);
+        }
+        chain_to(&PREV_FAULT[i], sig, info, uc, false);
+    }
+}
+
+/// Blocks `sig` in the calling thread.
+///
+/// # Signal safety
+/// One raw system call.
+pub fn block(sig: libc::c_int) {
+    sigmask(libc::SIG_BLOCK, sig);
+}
+
+/// Unblocks `sig` in the calling thread.
+///
+/// # Signal safety
+/// One raw system call.
+pub fn unblock(sig: libc::c_int) {
+    sigmask(libc::SIG_UNBLOCK, sig);
+}
+
+fn sigmask(how: libc::c_int, sig: libc::c_int) {
+    let bit: u64 = 1 << (sig - 1);
+    // SAFETY: a valid signal set on our stack; no old set.
+    unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigprocmask,
+            i64::from(how),
+            &bit as *const u64 as i64,
+            0,
+            KernelSigaction::SIGSET_SIZE,
+        );
     }
 }

@@ -487,7 +487,9 @@ fn check_site(a: &Analysed, flow: &FunctionFlow, s: &super::Site) -> Result<(), 
         .at(s.jump as u64 - a.bias, s.end - s.jump)
         .expect("run bytes");
     let stub = s.jump + (1 << 30);
+    // A small slot, else a large one, as the pool tries them.
     emit_site_stub(code, s.jump, stub, 64, stub + 0x1000, 0x1000)
+        .or_else(|_| emit_site_stub(code, s.jump, stub, 128, stub + 0x1000, 0x1000))
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

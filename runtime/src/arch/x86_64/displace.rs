@@ -28,7 +28,8 @@
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Register};
 
 use super::fast::stub_prologue;
-use super::fast::STUB_PROLOGUE;
+use super::fast::{STUB_DATA, STUB_PROLOGUE};
+use super::faultmap::{with_fault_map, FaultPoint};
 use super::insn::{decode_and_classify, LoopKind, Target};
 use super::relocate::relocate_insn;
 use super::Displaced;
@@ -38,14 +39,102 @@ use crate::error::{Error, Result};
 /// mapped at `addr`) relocated to run at `at`, with the jump back to
 /// `addr + code.len()` unless the run ends in a jump; at most `max_len`
 /// bytes.
+#[cfg(test)]
 pub fn emit_displaced(code: &[u8], addr: usize, at: usize, max_len: usize) -> Result<Vec<u8>> {
+    emit_displaced_mapped(code, addr, at, max_len).map(|(b, _)| b)
+}
+
+/// [`emit_displaced`], with the fault points of the result (see
+/// [`super::faultmap`]; `stub_off` counted from `at`): every emitted
+/// instruction that may fault for a displaced one.
+pub fn emit_displaced_mapped(
+    code: &[u8],
+    addr: usize,
+    at: usize,
+    max_len: usize,
+) -> Result<(Vec<u8>, Vec<FaultPoint>)> {
     let end = addr
         .checked_add(code.len())
         .ok_or_else(|| Error::unsupported(addr, "the run wraps around"))?;
+    let (mut out, left) = relocate_run(code, addr, at, end)?;
+    if !left {
+        out.jmp(end)?;
+    }
+    fits(&out.bytes, addr, max_len)?;
+    Ok((out.bytes, out.points))
+}
+
+/// Whether `bytes` fit in `max_len`.
+fn fits(bytes: &[u8], addr: usize, max_len: usize) -> Result<()> {
+    if bytes.len() > max_len {
+        return Err(Error::unsupported(
+            addr,
+            format!(
+                "the displaced instructions need {} bytes, more than the {max_len} left in the stub",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The exit stub of a function's exit run (`code`: the original bytes of
+/// whole instructions mapped at `jump`, ending with a `ret` of `ret_len`
+/// bytes), in the slot at `slot` (`slot_len` bytes), for probe record
+/// `record`:
+///
+/// ```text
+/// slot:       <the instructions before the ret, relocated>
+///             jmp  +16
+///             .quad record, jump          ; the data words
+///             lea  rsp, [rsp - 128]
+///             call trampoline             ; the hit, at the ret
+/// ret_point:  ret [imm16]
+/// ```
+///
+/// The site's jump enters at `slot`, and so does the trap path (which
+/// dispatches nothing itself): the hit happens at the `ret`, with the
+/// registers the epilogue left.
+pub fn emit_exit_stub(
+    code: &[u8],
+    jump: usize,
+    ret_len: usize,
+    slot: usize,
+    slot_len: usize,
+    trampoline: usize,
+    record: usize,
+) -> Result<Vec<u8>> {
+    let body = code
+        .len()
+        .checked_sub(ret_len)
+        .ok_or_else(|| Error::unsupported(jump, "an exit run holds its ret"))?;
+    let ret_at = jump + body;
+    let (mut out, left) = relocate_run(&code[..body], jump, slot, ret_at)?;
+    if left {
+        return Err(Error::unsupported(
+            jump,
+            "an exit run leaves before its ret",
+        ));
+    }
+    out.bytes.extend_from_slice(&[0xEB, STUB_DATA as u8]);
+    let data_at = out.pc();
+    let prologue = stub_prologue(data_at, trampoline, record, jump)?;
+    out.bytes.extend_from_slice(&prologue);
+    out.orig_off = body as u8;
+    out.point(0);
+    out.bytes.extend_from_slice(&code[body..]);
+    with_fault_map(out.bytes, &out.points, jump, slot_len)
+}
+
+/// Relocates the whole instructions `code` (mapped at `addr`) to run at
+/// `at`; `end` is where the run ends in the original (a call's return
+/// address). Returns the bytes and whether they left (a jump or `ret`
+/// ended them).
+fn relocate_run(code: &[u8], addr: usize, at: usize, end: usize) -> Result<(Out, bool)> {
     let mut out = Out {
-        bytes: Vec::new(),
         at,
         addr,
+        ..Out::default()
     };
     let mut off = 0;
     let mut left = false;
@@ -56,9 +145,11 @@ pub fn emit_displaced(code: &[u8], addr: usize, at: usize, max_len: usize) -> Re
         let bytes = &code[off..off + len];
         let last = off + len == code.len();
         off += len;
+        out.orig_off = (here - addr) as u8;
         match displaced {
             Displaced::Skip => {}
-            Displaced::Push(_) | Displaced::OutOfLine => {
+            Displaced::Push(_) | Displaced::OutOfLine | Displaced::Deferred => {
+                out.point(0);
                 let b = relocate_insn(&instr, bytes, here, out.pc())?;
                 out.bytes.extend_from_slice(&b);
             }
@@ -82,6 +173,7 @@ pub fn emit_displaced(code: &[u8], addr: usize, at: usize, max_len: usize) -> Re
                 left = true;
             }
             Displaced::Jmp(_) | Displaced::Ret { .. } => {
+                out.point(0);
                 let b = relocate_insn(&instr, bytes, here, out.pc())?;
                 out.bytes.extend_from_slice(&b);
                 left = true;
@@ -103,19 +195,7 @@ pub fn emit_displaced(code: &[u8], addr: usize, at: usize, max_len: usize) -> Re
             }
         }
     }
-    if !left {
-        out.jmp(end)?;
-    }
-    if out.bytes.len() > max_len {
-        return Err(Error::unsupported(
-            addr,
-            format!(
-                "the displaced instructions need {} bytes, more than the {max_len} left in the stub",
-                out.bytes.len()
-            ),
-        ));
-    }
-    Ok(out.bytes)
+    Ok((out, left))
 }
 
 /// The whole per-site stub in the slot at `slot` (`slot_len` bytes) for the
@@ -138,19 +218,40 @@ pub fn emit_site_stub(
             format!("a {slot_len}-byte slot cannot hold a fast stub"),
         )
     })?;
-    b.extend(emit_displaced(code, jump, slot + STUB_PROLOGUE, room)?);
-    Ok(b)
+    // The fault map takes room from the displaced instructions: at most
+    // one point per emitted instruction, bounded by the longest run.
+    let (d, mut points) = emit_displaced_mapped(code, jump, slot + STUB_PROLOGUE, room)?;
+    for p in &mut points {
+        p.stub_off += STUB_PROLOGUE as u8;
+    }
+    b.extend(d);
+    with_fault_map(b, &points, jump, slot_len)
 }
 
 /// The stub bytes emitted so far, based at `at`.
+#[derive(Default)]
 struct Out {
     bytes: Vec<u8>,
     at: usize,
-    /// The run's address, for errors.
+    /// The run's address, for errors and fault points.
     addr: usize,
+    /// The fault points so far (offsets from `at`).
+    points: Vec<FaultPoint>,
+    /// The offset in the run of the instruction being emitted.
+    orig_off: u8,
 }
 
 impl Out {
+    /// Notes that the next emitted instruction may fault for the displaced
+    /// one being emitted, with the stub having pushed `sp_adj` bytes.
+    fn point(&mut self, sp_adj: u8) {
+        self.points.push(FaultPoint {
+            stub_off: self.bytes.len() as u8,
+            orig_off: self.orig_off,
+            sp_adj,
+        });
+    }
+
     /// The address of the next byte.
     fn pc(&self) -> usize {
         self.at + self.bytes.len()
@@ -179,14 +280,17 @@ impl Out {
     fn push_return(&mut self, ret: u64) {
         if let Ok(imm) = i32::try_from(ret as i64) {
             // push imm32 (sign-extended)
+            self.point(0);
             self.bytes.push(0x68);
             self.bytes.extend_from_slice(&imm.to_le_bytes());
         } else {
             // lea rsp, [rsp - 8]; mov dword [rsp], lo; mov dword [rsp + 4], hi
             self.bytes
                 .extend_from_slice(&[0x48, 0x8D, 0x64, 0x24, 0xF8]);
+            self.point(8);
             self.bytes.extend_from_slice(&[0xC7, 0x04, 0x24]);
             self.bytes.extend_from_slice(&(ret as u32).to_le_bytes());
+            self.point(8);
             self.bytes.extend_from_slice(&[0xC7, 0x44, 0x24, 0x04]);
             self.bytes
                 .extend_from_slice(&((ret >> 32) as u32).to_le_bytes());
@@ -218,6 +322,8 @@ impl Out {
         }
         let pc = self.pc();
         let encoded = encode_checked(&j, pc, here)?;
+        // It reads its operand with the return address pushed.
+        self.point(8);
         self.bytes.extend_from_slice(&encoded);
         Ok(())
     }
@@ -494,7 +600,7 @@ mod tests {
     }
 
     #[test]
-    fn the_site_stub_starts_with_the_site_prologue() {
+    fn the_site_stub_starts_with_the_site_prologue_and_ends_with_its_fault_map() {
         let code = [0x55, 0x48, 0x89, 0xE5, 0x53];
         let (stub, tramp, rec) = (AT, AT - 0x1000, 0x7f00_1234_0000);
         let b = emit_site_stub(&code, ADDR, stub, 64, tramp, rec).unwrap();
@@ -502,13 +608,42 @@ mod tests {
             b[..STUB_PROLOGUE],
             stub_prologue(stub, tramp, rec, ADDR).unwrap()[..]
         );
-        assert_eq!(
-            b[STUB_PROLOGUE..],
-            emit_displaced(&code, ADDR, stub + STUB_PROLOGUE, 64).unwrap()[..]
-        );
+        let d = emit_displaced(&code, ADDR, stub + STUB_PROLOGUE, 64).unwrap();
+        assert_eq!(b[STUB_PROLOGUE..STUB_PROLOGUE + d.len()], d[..]);
+        // Three instructions that may fault, each mapped back to its own.
+        let map = super::super::faultmap::fault_map_len(3);
+        assert_eq!(b.len(), 64);
+        let cx = {
+            // SAFETY: the test calls only signal-safe functions with it.
+            unsafe { crate::sigctx::SignalContext::new() }
+        };
+        let base = b.as_ptr() as usize;
+        // SAFETY: `b` is the 64 readable bytes of the slot.
+        let at = |off: usize| unsafe { super::super::fault_origin(cx, base, 64, base + off) };
+        assert_eq!(at(STUB_PROLOGUE), Some((ADDR, 0)));
+        assert_eq!(at(STUB_PROLOGUE + 1), Some((ADDR + 1, 0)));
+        assert_eq!(at(STUB_PROLOGUE + 4), Some((ADDR + 4, 0)));
+        assert_eq!(at(STUB_PROLOGUE + 5), None, "the jump back");
         assert!(emit_site_stub(&code, ADDR, stub, 16, tramp, rec).is_err());
-        assert!(emit_site_stub(&code, ADDR, stub, STUB_PROLOGUE + 9, tramp, rec).is_err());
-        assert!(emit_site_stub(&code, ADDR, stub, STUB_PROLOGUE + 10, tramp, rec).is_ok());
+        let room = STUB_PROLOGUE + 10 + map;
+        assert!(emit_site_stub(&code, ADDR, stub, room - 1, tramp, rec).is_err());
+        assert!(emit_site_stub(&code, ADDR, stub, room, tramp, rec).is_ok());
+    }
+
+    #[test]
+    fn a_call_pushing_a_64_bit_return_address_maps_its_stores_with_the_push_undone() {
+        // call [rip + 0]: a 64-bit return address takes `lea` and two `mov`s.
+        let addr = 0x7f00_0000_1000usize;
+        let code = [0xFF, 0x15, 0, 0, 0, 0];
+        let (d, points) = emit_displaced_mapped(&code, addr, addr + 0x1000, 64).unwrap();
+        let sp8: Vec<_> = points.iter().filter(|p| p.sp_adj == 8).collect();
+        assert_eq!(
+            sp8.len(),
+            3,
+            "two stores and the jmp through memory: {points:?}"
+        );
+        assert!(points.iter().all(|p| p.orig_off == 0));
+        assert_eq!(d[usize::from(sp8[0].stub_off)..][..3], [0xC7, 0x04, 0x24]);
     }
 
     #[test]

@@ -6,8 +6,10 @@
 //! [`emulate`] reads and writes the interrupted thread's memory at the
 //! addresses the displaced instruction itself would have accessed — its
 //! stack slot for `call`/`push`/`ret`, its memory operand for `call [mem]` /
-//! `jmp [mem]` — and nothing else. A bad address faults exactly as the
-//! original instruction would have (with the handler's `rip`).
+//! `jmp [mem]` — and nothing else, through two accessors in assembly. A bad
+//! address faults there; probert's fault handler recognises the accessor's
+//! address and makes it return the fault ([`recover_emulator_fault`]), which
+//! the trap path then delivers to the host as the original instruction's.
 #![allow(unsafe_code)]
 
 use super::insn::{LoopKind, Target};
@@ -23,12 +25,17 @@ const OF: u64 = 1 << 11;
 
 /// Applies `d` (the instruction of length `len` at `addr`) to `regs`.
 ///
-/// Returns `true` if the instruction was emulated: `regs` (and, for `call`
-/// and `push`, the stack) now hold its effect and `regs.rip` where execution
-/// continues. Returns `false`, leaving `regs` and memory untouched, for
-/// [`Displaced::OutOfLine`] (the caller runs its stub) and for values
-/// [`analyze`](super::analyze) never produces (`Rip` or `Rflags` as an
-/// operand register).
+/// Returns [`Emulated::Done`] if the instruction was emulated: `regs`
+/// (and, for `call` and `push`, the stack) now hold its effect and
+/// `regs.rip` where execution continues. Returns [`Emulated::Refused`],
+/// leaving `regs` and memory untouched, for [`Displaced::OutOfLine`] (the
+/// caller runs its stub) and for values [`analyze`](super::analyze) never
+/// produces (`Rip` or `Rflags` as an operand register). Returns
+/// [`Emulated::Faulted`], leaving `regs` and memory untouched, if the
+/// instruction's memory access faulted (a `push` or `call` on a guard page,
+/// a `ret` or `jmp [mem]` reading unmapped memory): the fault handler
+/// recovers the emulator's access ([`recover_emulator_fault`]) and the
+/// caller delivers the fault as the instruction's own.
 ///
 /// Stack writes land below the interrupted `rsp`, in the red zone; the
 /// kernel places the signal frame below the red zone, so they never hit the
@@ -38,26 +45,38 @@ const OF: u64 = 1 << 11;
 /// Register arithmetic plus at most one 8-byte load and one 8-byte store
 /// through raw pointers; no allocation, lock, formatting or panic (wrapping
 /// arithmetic only, no slice indexing).
-pub fn emulate(_cx: SignalContext, d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> bool {
+pub fn emulate(_cx: SignalContext, d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> Emulated {
+    match emulate_inner(d, addr, len, regs) {
+        Ok(true) => Emulated::Done,
+        Ok(false) => Emulated::Refused,
+        Err(f) => Emulated::Faulted(f),
+    }
+}
+
+/// [`emulate`]: `Ok(false)` if refused.
+///
+/// # Signal safety
+/// As [`emulate`].
+fn emulate_inner(d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> Result<bool, EmuFault> {
     let next = addr.wrapping_add(u64::from(len));
     match *d {
         Displaced::Skip => regs.rip = next,
         Displaced::Call(target) => {
             // The operand is evaluated before rsp moves: `call rsp` and
             // `call [rsp + 8]` see the old rsp.
-            let Some(to) = branch_target(&target, regs) else {
-                return false;
+            let Some(to) = branch_target(&target, regs)? else {
+                return Ok(false);
             };
             let sp = regs.get(Reg::Rsp).wrapping_sub(8);
             // SAFETY: `call` itself would have stored its return address at
             // the new rsp; a bad stack faults as the original would.
-            unsafe { store_u64(sp, next) };
+            unsafe { store_u64(sp, next) }?;
             regs.set(Reg::Rsp, sp);
             regs.rip = to;
         }
         Displaced::Jmp(target) => {
-            let Some(to) = branch_target(&target, regs) else {
-                return false;
+            let Some(to) = branch_target(&target, regs)? else {
+                return Ok(false);
             };
             regs.rip = to;
         }
@@ -90,25 +109,25 @@ pub fn emulate(_cx: SignalContext, d: &Displaced, addr: u64, len: u8, regs: &mut
         }
         Displaced::Push(reg) => {
             if matches!(reg, Reg::Rip | Reg::Rflags) {
-                return false;
+                return Ok(false);
             }
             // Read before rsp moves: `push rsp` pushes the old rsp.
             let value = regs.get(reg);
             let sp = regs.get(Reg::Rsp).wrapping_sub(8);
             // SAFETY: `push` itself would have stored there.
-            unsafe { store_u64(sp, value) };
+            unsafe { store_u64(sp, value) }?;
             regs.set(Reg::Rsp, sp);
             regs.rip = next;
         }
         Displaced::Ret { pop } => {
             let sp = regs.get(Reg::Rsp);
             // SAFETY: `ret` itself would have loaded its target from there.
-            regs.rip = unsafe { load_u64(sp) };
+            regs.rip = unsafe { load_u64(sp) }?;
             regs.set(Reg::Rsp, sp.wrapping_add(8).wrapping_add(u64::from(pop)));
         }
-        Displaced::OutOfLine => return false,
+        Displaced::OutOfLine | Displaced::Deferred => return Ok(false),
     }
-    true
+    Ok(true)
 }
 
 /// Whether the `jcc` condition `cond` (opcode nibble) holds under `rflags`.
@@ -133,73 +152,173 @@ fn cond_holds(cond: u8, rflags: u64) -> bool {
 ///
 /// # Signal safety
 /// At most one load; no allocation, lock or panic.
-fn branch_target(target: &Target, regs: &Regs) -> Option<u64> {
+fn branch_target(target: &Target, regs: &Regs) -> Result<Option<u64>, EmuFault> {
     let gpr = |r: Reg| match r {
         Reg::Rip | Reg::Rflags => None,
         r => Some(regs.get(r)),
     };
-    Some(match *target {
+    Ok(Some(match *target {
         Target::Abs(a) => a,
-        Target::Reg(r) => gpr(r)?,
+        Target::Reg(r) => match gpr(r) {
+            Some(v) => v,
+            None => return Ok(None),
+        },
         Target::Mem(m) => {
-            let base = match m.base {
-                Some(r) => gpr(r)?,
-                None => 0,
+            let (base, index) = match (m.base.map(gpr), m.index.map(gpr)) {
+                (Some(None), _) | (_, Some(None)) => return Ok(None),
+                (b, i) => (b.flatten().unwrap_or(0), i.flatten().unwrap_or(0)),
             };
-            let index = match m.index {
-                Some(r) => gpr(r)?.wrapping_mul(u64::from(m.scale)),
-                None => 0,
-            };
+            let index = index.wrapping_mul(u64::from(m.scale));
             let ea = base.wrapping_add(index).wrapping_add(m.disp as u64);
             // SAFETY: the original instruction would have read the same
             // 8 bytes to find its target.
-            unsafe { load_u64(ea) }
+            unsafe { load_u64(ea) }?
         }
-    })
+    }))
 }
 
-/// Loads 8 bytes from `addr`, which need not be aligned (neither does an x86
-/// memory operand).
-///
-/// # Safety
-/// `addr..addr + 8` must be readable, or reading it must fault the way the
-/// emulated instruction would have.
-///
-/// # Signal safety
-/// Plain loads; no allocation, lock or panic.
-unsafe fn load_u64(addr: u64) -> u64 {
-    let p = addr as usize as *const u64;
-    if p.is_aligned() {
-        // SAFETY: aligned, and readable per the caller's contract.
-        return unsafe { core::ptr::read_volatile(p) };
-    }
-    let mut b = [0u8; 8];
-    for (i, slot) in b.iter_mut().enumerate() {
-        // SAFETY: byte `i` of the readable range; a byte is always aligned.
-        *slot = unsafe { core::ptr::read_volatile((addr as usize).wrapping_add(i) as *const u8) };
-    }
-    u64::from_le_bytes(b)
+/// A fault the emulator's own load or store took: the signal, its
+/// `si_code` and the faulting address, as the kernel reported them. The
+/// trap path delivers it to the host as the displaced instruction's own
+/// fault.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EmuFault {
+    pub signo: i32,
+    pub code: i32,
+    pub addr: u64,
 }
 
-/// Stores 8 bytes at `addr`, which need not be aligned.
-///
-/// # Safety
-/// `addr..addr + 8` must be writable memory the interrupted thread owns (its
-/// stack below `rsp`), or writing it must fault the way the emulated
-/// instruction would have.
+/// What [`emulate`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Emulated {
+    /// The registers (and memory) hold the instruction's effect.
+    Done,
+    /// Not an instruction the emulator applies; nothing changed.
+    Refused,
+    /// Its memory access faulted; registers and memory are unchanged.
+    Faulted(EmuFault),
+}
+
+// The emulator's memory accesses: one instruction each, at addresses the
+// fault handler knows ([`recover_emulator_fault`]). A fault there is
+// turned into a return with the fault written to the `EmuFault` the
+// caller passed, instead of a fault inside probert's handler.
+std::arch::global_asm!(
+    ".pushsection probert_fast,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl __probert_emu_load64",
+    ".hidden __probert_emu_load64",
+    ".type __probert_emu_load64,@function",
+    // u64 load64(u64 addr /* rdi */, EmuFault *fault /* rsi */)
+    "__probert_emu_load64:",
+    "mov rax, qword ptr [rdi]",
+    ".globl __probert_emu_load64_end",
+    ".hidden __probert_emu_load64_end",
+    "__probert_emu_load64_end:",
+    "ret",
+    ".size __probert_emu_load64, .-__probert_emu_load64",
+    ".globl __probert_emu_store64",
+    ".hidden __probert_emu_store64",
+    ".type __probert_emu_store64,@function",
+    // void store64(u64 addr /* rdi */, u64 value /* rsi */, EmuFault *fault /* rdx */)
+    "__probert_emu_store64:",
+    "mov qword ptr [rdi], rsi",
+    ".globl __probert_emu_store64_end",
+    ".hidden __probert_emu_store64_end",
+    "__probert_emu_store64_end:",
+    "ret",
+    ".size __probert_emu_store64, .-__probert_emu_store64",
+    ".popsection",
+);
+
+extern "C" {
+    fn __probert_emu_load64(addr: u64, fault: *mut EmuFault) -> u64;
+    fn __probert_emu_store64(addr: u64, value: u64, fault: *mut EmuFault);
+    // Labels, never called: only their addresses are taken.
+    static __probert_emu_load64_end: u8;
+    static __probert_emu_store64_end: u8;
+}
+
+/// If the fault a handler received at the context `ctx` was taken by the
+/// emulator's load or store, makes that access return with `fault`
+/// written to the caller's `EmuFault` (and 0 loaded), and returns `true`.
 ///
 /// # Signal safety
-/// Plain stores; no allocation, lock or panic.
-unsafe fn store_u64(addr: u64, value: u64) {
-    let p = addr as usize as *mut u64;
-    if p.is_aligned() {
-        // SAFETY: aligned, and writable per the caller's contract.
-        unsafe { core::ptr::write_volatile(p, value) };
-        return;
+/// Register reads and writes of the context and one store to the
+/// interrupted handler's own stack.
+pub fn recover_emulator_fault(
+    _cx: SignalContext,
+    ctx: &mut super::TrapContext<'_>,
+    fault: EmuFault,
+) -> bool {
+    let pc = ctx.pc();
+    let (out, resume) = if pc == __probert_emu_load64 as *const () as usize {
+        (
+            Reg::Rsi,
+            std::ptr::addr_of!(__probert_emu_load64_end) as usize,
+        )
+    } else if pc == __probert_emu_store64 as *const () as usize {
+        (
+            Reg::Rdx,
+            std::ptr::addr_of!(__probert_emu_store64_end) as usize,
+        )
+    } else {
+        return false;
+    };
+    let mut regs = ctx.regs();
+    let p = regs.get(out) as usize as *mut EmuFault;
+    if p.is_null() || !p.is_aligned() {
+        return false;
     }
-    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
-        // SAFETY: byte `i` of the writable range; a byte is always aligned.
-        unsafe { core::ptr::write_volatile((addr as usize).wrapping_add(i) as *mut u8, byte) };
+    // SAFETY: the accessors are called only by `load_u64`/`store_u64`,
+    // with a pointer to an `EmuFault` on the interrupted handler's stack.
+    unsafe { core::ptr::write_volatile(p, fault) };
+    regs.set(Reg::Rax, 0);
+    regs.rip = resume as u64;
+    ctx.set_regs(&regs);
+    true
+}
+
+/// Loads 8 bytes from `addr` (which need not be aligned: neither does an
+/// x86 memory operand), or returns the fault that load took.
+///
+/// # Safety
+/// Reading `addr..addr + 8` must either succeed or fault the way the
+/// emulated instruction would have: the fault handler then recovers it.
+///
+/// # Signal safety
+/// One load; no allocation, lock or panic.
+unsafe fn load_u64(addr: u64) -> Result<u64, EmuFault> {
+    let mut fault = EmuFault::default();
+    // SAFETY: the accessor reads `addr`; a fault returns through
+    // `recover_emulator_fault`, which writes `fault`.
+    let v = unsafe { __probert_emu_load64(addr, &mut fault) };
+    if fault.signo != 0 {
+        Err(fault)
+    } else {
+        Ok(v)
+    }
+}
+
+/// Stores 8 bytes at `addr` (not necessarily aligned), or returns the fault
+/// that store took.
+///
+/// # Safety
+/// `addr..addr + 8` must be memory the interrupted thread owns (its stack
+/// below `rsp`), or writing it must fault the way the emulated instruction
+/// would have.
+///
+/// # Signal safety
+/// One store; no allocation, lock or panic.
+unsafe fn store_u64(addr: u64, value: u64) -> Result<(), EmuFault> {
+    let mut fault = EmuFault::default();
+    // SAFETY: as `load_u64`.
+    unsafe { __probert_emu_store64(addr, value, &mut fault) };
+    if fault.signo != 0 {
+        Err(fault)
+    } else {
+        Ok(())
     }
 }
 
@@ -228,7 +347,7 @@ mod tests {
     }
 
     fn run(d: Displaced, len: u8, regs: &mut Regs) -> bool {
-        emulate(cx(), &d, ADDR, len, regs)
+        emulate(cx(), &d, ADDR, len, regs) == Emulated::Done
     }
 
     #[test]
@@ -471,7 +590,7 @@ mod tests {
             let d = crate::arch::analyze(code, a).unwrap();
             let d2 = Displaced::decode(d.displaced.encode()).unwrap();
             let mut r = regs_on(&mut stack);
-            assert!(emulate(cx(), &d2, ADDR, d.len, &mut r));
+            assert_eq!(emulate(cx(), &d2, ADDR, d.len, &mut r), Emulated::Done);
             assert_eq!(r.rip, rip, "{code:02x?}");
         }
     }

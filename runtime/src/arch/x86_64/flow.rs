@@ -67,6 +67,9 @@ use super::insn::{classify, decode_and_classify};
 use super::{Displaced, Reg, JUMP_LEN};
 use crate::arch::x86_64::insn::Target;
 
+/// Most instructions in a run [`FunctionFlow::run_through`] checks.
+const MAX_RUN: usize = 8;
+
 /// Functions longer than this are analysed up to here only (entry sources
 /// are kept as 29-bit offsets).
 const MAX_LEN: usize = 1 << 28;
@@ -524,6 +527,53 @@ impl FunctionFlow {
             n += 1;
             end = self.next_boundary(end);
         }
+        self.check_run(site, jump, &insns[..n], end)
+    }
+
+    /// The run of whole instructions `[site, end)` — at least the 5 bytes of
+    /// the jump, possibly more — if it can be displaced, or why not: the
+    /// checks of [`displaceable`](Self::displaceable) for a run that must
+    /// end at `end` (a function's exit run, which ends with its `ret`).
+    pub fn run_through(&self, site: usize, end: usize) -> Result<Site, Refusal> {
+        let off = site.checked_sub(self.start).ok_or(Refusal::Outside {
+            addr: site,
+            start: self.start,
+            end: self.end(),
+        })?;
+        let stop = end.saturating_sub(self.start);
+        if !self.is_boundary(site) || stop > self.decoded as usize {
+            return Err(Refusal::NotBoundary { addr: site });
+        }
+        if stop < off + JUMP_LEN {
+            return Err(Refusal::TooShort { addr: site });
+        }
+        let mut insns = [0usize; MAX_RUN];
+        let mut n = 0;
+        let mut at = off;
+        while at < stop {
+            if n == MAX_RUN {
+                return Err(Refusal::TooShort { addr: site });
+            }
+            insns[n] = at;
+            n += 1;
+            at = self.next_boundary(at);
+        }
+        if at != stop {
+            return Err(Refusal::NotBoundary { addr: end });
+        }
+        self.check_run(site, off, &insns[..n], stop)
+    }
+
+    /// The checks of a run: instruction starts `insns` (offsets), from
+    /// `jump` to `end`.
+    fn check_run(
+        &self,
+        site: usize,
+        jump: usize,
+        insns: &[usize],
+        end: usize,
+    ) -> Result<Site, Refusal> {
+        let n = insns.len();
         if n > 1 {
             if let Some(u) = self.unproven() {
                 return Err(u.clone());

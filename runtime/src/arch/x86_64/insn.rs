@@ -98,6 +98,10 @@ pub enum Displaced {
     },
     /// Run the instruction from an out-of-line stub.
     OutOfLine,
+    /// Resume in the site's stub without calling the consumers there: the
+    /// stub calls them itself, later (a function's exit run, whose hit is at
+    /// its `ret`). Never produced by [`analyze`].
+    Deferred,
 }
 
 /// A decoded, classified instruction.
@@ -134,6 +138,7 @@ const TAG_LOOP: u64 = 5;
 const TAG_PUSH: u64 = 6;
 const TAG_RET: u64 = 7;
 const TAG_OUT_OF_LINE: u64 = 8;
+const TAG_DEFERRED: u64 = 9;
 
 const TARGET_ABS: u64 = 0;
 const TARGET_REG: u64 = 1;
@@ -249,6 +254,7 @@ impl Displaced {
             Displaced::Push(r) => (TAG_PUSH, r as u64, 0),
             Displaced::Ret { pop } => (TAG_RET, u64::from(pop) << 32, 0),
             Displaced::OutOfLine => (TAG_OUT_OF_LINE, 0, 0),
+            Displaced::Deferred => (TAG_DEFERRED, 0, 0),
         };
         let w0 = tag | fields << 8 | MAGIC << 56;
         [w0, w1, check(w0, w1)]
@@ -294,6 +300,7 @@ impl Displaced {
                 pop: ((a >> 32) & 0xFFFF) as u16,
             },
             TAG_OUT_OF_LINE => Displaced::OutOfLine,
+            TAG_DEFERRED => Displaced::Deferred,
             _ => return None,
         };
         // Every field was range-checked above; re-encoding now rejects what

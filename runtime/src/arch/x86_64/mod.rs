@@ -26,6 +26,7 @@ mod effects;
 mod emulate;
 mod exits;
 mod fast;
+mod faultmap;
 #[allow(dead_code)] // wired into sites next
 mod flow;
 mod indirect;
@@ -39,14 +40,15 @@ mod tp;
 pub use context::{
     handler_restorer, interrupted_pc, interrupted_sp, TrapContext, SIGFRAME_PC, SIGFRAME_SP,
 };
-pub use displace::emit_site_stub;
+pub use displace::{emit_exit_stub, emit_site_stub};
 pub use effects::{function_effects, Callee, Clobbers, FunctionEffects, Unknowable};
-pub use emulate::emulate;
+pub use emulate::{emulate, recover_emulator_fault, EmuFault, Emulated};
 pub use exits::function_exits;
 pub use fast::{
     emit_trampoline, far_exit, stub_entry, stub_resume, CpuState, FastFrame, InlineLayout,
     TRAMPOLINE_SIZE,
 };
+pub use faultmap::fault_origin;
 #[allow(unused_imports)] // wired into sites next
 pub use flow::{link_module, EntrySource, FunctionFlow, PointerJumps, Refusal, Site};
 pub use insn::{analyze, check_boundary, Displaced};
@@ -55,7 +57,7 @@ pub use patch::{
     TO_JUMP, TO_TRAP, TRAP_SI_CODE,
 };
 pub use regs::{Reg, Regs};
-pub use relocate::{emit_out_of_line, resume_out_of_line};
+pub use relocate::{emit_out_of_line, emit_out_of_line_slot, resume_out_of_line};
 pub use signal::{restorer_address, KernelSigaction};
 pub use tp::{errno_get, errno_offset, errno_set, thread_id, thread_pointer, tid_offset};
 

@@ -77,6 +77,23 @@ pub fn emit_out_of_line(code: &[u8], addr: usize, stub: usize) -> Result<Vec<u8>
     Ok(bytes)
 }
 
+/// The whole slot of the out-of-line stub for `code` at `addr`, placed at
+/// `stub`: [`emit_out_of_line`] and the fault map of its one instruction
+/// (see [`super::faultmap`]), [`STUB_SLOT`] bytes.
+pub fn emit_out_of_line_slot(code: &[u8], addr: usize, stub: usize) -> Result<Vec<u8>> {
+    let point = super::faultmap::FaultPoint {
+        stub_off: 0,
+        orig_off: 0,
+        sp_adj: 0,
+    };
+    super::faultmap::with_fault_map(
+        emit_out_of_line(code, addr, stub)?,
+        &[point],
+        addr,
+        STUB_SLOT,
+    )
+}
+
 /// What runs before an instruction executes out of line: the thread resumes
 /// at its stub (`regs.rip`); every other register is as at the probed
 /// instruction. Nothing runs after: the stub's own jump leads back to the

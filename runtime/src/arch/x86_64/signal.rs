@@ -39,6 +39,13 @@ impl KernelSigaction {
         }
     }
 
+    /// The same disposition blocking `mask` (bit `n - 1` for signal `n`)
+    /// while the handler runs.
+    pub fn with_mask(mut self, mask: u64) -> KernelSigaction {
+        self.mask = mask;
+        self
+    }
+
     /// The size of the kernel's signal set, the last argument of
     /// `rt_sigaction`.
     pub const SIGSET_SIZE: i64 = 8;
