@@ -1,7 +1,8 @@
 //! Register/unregister races, run for real in the fuzzing process.
 //!
 //! The input is a script of operations spread over 1–3 threads: attach
-//! (single or batch, any mode, handlers that may return `Remove`), detach
+//! (single or batch, any mode, handlers that may return `Remove`; at a
+//! function's entry, consumers with a return handler too), detach
 //! (single, batch, `nosync` + `sync`), JIT region add/remove, and calls of the
 //! probed code. After every input everything is detached and these hold:
 //!
@@ -9,7 +10,11 @@
 //!   returned, after the `sync` following its `detach_nosync`, or after the
 //!   `region_remove` of its region (and after the final cleanup, not at all);
 //! - **exactly once**: a call made while a consumer was attached throughout
-//!   reaches that consumer exactly once (counted per calling thread);
+//!   reaches that consumer exactly once (counted per calling thread), and a
+//!   consumer with a return handler gets exactly one return hit too, with
+//!   the value returned, the session its entry hit wrote and the entry's
+//!   address (several such consumers on one function, from one batch or
+//!   not, each get theirs);
 //! - **correct results**: probed functions compute what they compute unprobed;
 //! - **restore**: code is byte-identical to the original once all is detached;
 //! - **bounded stubs**: retired stubs stay under a bound without `recycle_stubs`
@@ -30,7 +35,9 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex, OnceLock, RwLock};
 
 use libfuzzer_sys::fuzz_target;
-use probert::{Action, AttachReq, ConsumerId, Error, Hit, Mode, RegionDesc, RegionId};
+use probert::{
+    Action, AttachOptions, AttachReq, ConsumerId, Error, Hit, Mode, Reg, RegionDesc, RegionId,
+};
 
 global_asm!(
     r#"
@@ -151,6 +158,12 @@ struct Slot {
     remove: AtomicU8,
     /// Handler calls, per calling thread.
     hits: [AtomicU64; MAX_THREADS],
+    /// Non-zero for a consumer with a return handler.
+    returns_too: AtomicU8,
+    /// What its function adds to its argument.
+    add: AtomicU64,
+    /// Return handler calls, per calling thread.
+    returns: [AtomicU64; MAX_THREADS],
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -160,6 +173,9 @@ const SLOT: Slot = Slot {
     site: AtomicUsize::new(0),
     remove: AtomicU8::new(0),
     hits: [const { AtomicU64::new(0) }; MAX_THREADS],
+    returns_too: AtomicU8::new(0),
+    add: AtomicU64::new(0),
+    returns: [const { AtomicU64::new(0) }; MAX_THREADS],
 };
 static SLOT_TABLE: [Slot; SLOTS] = [SLOT; SLOTS];
 static GEN: AtomicU32 = AtomicU32::new(0);
@@ -167,6 +183,8 @@ static GEN: AtomicU32 = AtomicU32::new(0);
 static LATE: AtomicU64 = AtomicU64::new(0);
 static LATE_WHAT: AtomicU64 = AtomicU64::new(0);
 static WRONG_ADDR: AtomicU64 = AtomicU64::new(0);
+/// Return hits with a wrong value, session or flag.
+static WRONG_RETURN: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// The script thread this is (for per-thread hit counts); const-initialised
@@ -288,14 +306,14 @@ fn check_runs(runs: &[(unsafe extern "C" fn(u64) -> u64, usize)]) {
     }
 }
 
-unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
-    // SAFETY: probert passes a valid hit for the duration of the call.
-    let hit = unsafe { &*hit };
+/// The slot a handler call is for, if that call is allowed (counted in
+/// `LATE` otherwise), after checking the address.
+fn live_slot(hit: &Hit) -> Option<&'static Slot> {
     let ud = hit.user_data as usize;
     let (idx, gen) = (ud & 0xffff, (ud >> 16) as u32);
     let Some(slot) = SLOT_TABLE.get(idx) else {
         LATE.fetch_add(1, Ordering::Relaxed);
-        return Action::Continue as u32;
+        return None;
     };
     // Ordering: SeqCst — compared with the detaching thread's SeqCst stores.
     let state = slot.state.load(Ordering::SeqCst);
@@ -303,14 +321,35 @@ unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
         if LATE.fetch_add(1, Ordering::Relaxed) == 0 {
             LATE_WHAT.store(((idx as u64) << 8) | u64::from(state), Ordering::Relaxed);
         }
-        return Action::Continue as u32;
+        return None;
     }
     if hit.addr != slot.site.load(Ordering::Relaxed) {
         WRONG_ADDR.fetch_add(1, Ordering::Relaxed);
     }
+    Some(slot)
+}
+
+unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
+    // SAFETY: probert passes a valid hit for the duration of the call.
+    let hit = unsafe { &mut *hit };
+    let Some(slot) = live_slot(hit) else {
+        return Action::Continue as u32;
+    };
     let t = CALLER.with(Cell::get);
     if let Some(h) = slot.hits.get(t) {
         h.fetch_add(1, Ordering::SeqCst);
+    }
+    // A consumer with a return handler keeps the argument for its return.
+    let arg = hit.regs().get(Reg::Rdi);
+    match hit.session() {
+        Some(w) if *w == 0 => *w = arg,
+        Some(_) => {
+            WRONG_RETURN.fetch_add(1, Ordering::Relaxed);
+        }
+        None if slot.returns_too.load(Ordering::Relaxed) != 0 => {
+            WRONG_RETURN.fetch_add(1, Ordering::Relaxed);
+        }
+        None => {}
     }
     if slot.remove.load(Ordering::Relaxed) != 0
         && slot
@@ -319,6 +358,29 @@ unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
             .is_ok()
     {
         return Action::Remove as u32;
+    }
+    Action::Continue as u32
+}
+
+/// The return handler: the value returned is the argument plus the
+/// function's addition.
+unsafe extern "C" fn on_return(hit: *mut Hit) -> u32 {
+    // SAFETY: probert passes a valid hit for the duration of the call.
+    let hit = unsafe { &mut *hit };
+    let Some(slot) = live_slot(hit) else {
+        return Action::Continue as u32;
+    };
+    let t = CALLER.with(Cell::get);
+    if let Some(h) = slot.returns.get(t) {
+        h.fetch_add(1, Ordering::SeqCst);
+    }
+    let rax = hit.regs().get(Reg::Rax);
+    let add = slot.add.load(Ordering::Relaxed);
+    let ok = hit.is_return()
+        && slot.returns_too.load(Ordering::Relaxed) != 0
+        && hit.session().is_some_and(|w| w.wrapping_add(add) == rax);
+    if !ok {
+        WRONG_RETURN.fetch_add(1, Ordering::Relaxed);
     }
     Action::Continue as u32
 }
@@ -336,7 +398,7 @@ struct Mine {
 }
 
 impl Mine {
-    fn alloc(&mut self, site: &Site, remove: bool) -> Option<usize> {
+    fn alloc(&mut self, site: &Site, remove: bool, returns_too: bool) -> Option<usize> {
         if self.next == SLOTS_PER_THREAD {
             return None;
         }
@@ -345,6 +407,8 @@ impl Mine {
         let s = &SLOT_TABLE[idx];
         s.site.store(site.addr, Ordering::SeqCst);
         s.remove.store(u8::from(remove), Ordering::SeqCst);
+        s.returns_too.store(u8::from(returns_too), Ordering::SeqCst);
+        s.add.store(site.add, Ordering::SeqCst);
         s.state.store(ATTACHING, Ordering::SeqCst);
         Some(idx)
     }
@@ -363,14 +427,25 @@ fn check_attach_error(e: &Error, mode: Mode, site: &Site, what: &str) {
     assert!(fine, "{what} at {:#x} ({mode:?}) failed: {e}", site.addr);
 }
 
-fn attach_one(w: &World, m: &mut Mine, site: Site, mode: Mode, remove: bool) {
+/// Whether a consumer at `site` may have a return handler: a function's
+/// entry, not JIT code (its region tells no function bounds).
+fn takes_returns(site: &Site) -> bool {
+    site.addr == site.func && site.page.is_none()
+}
+
+fn attach_one(w: &World, m: &mut Mine, site: Site, mode: Mode, remove: bool, returns: bool) {
     let _guard = site.page.map(|p| w.regions[p].read().unwrap());
-    let Some(idx) = m.alloc(&site, remove) else {
+    let returns = returns && takes_returns(&site);
+    let Some(idx) = m.alloc(&site, remove, returns) else {
         return;
     };
+    let opts = AttachOptions {
+        mode,
+        on_return: returns.then_some(on_return as probert::Handler),
+    };
     // SAFETY: the site starts an instruction of code that stays mapped; the
-    // handler is async-signal-safe (atomics and a const thread-local).
-    match unsafe { probert::attach_ex(site.addr, handler, user_data(idx, m.gen), mode) } {
+    // handlers are async-signal-safe (atomics and a const thread-local).
+    match unsafe { probert::attach_with(site.addr, handler, user_data(idx, m.gen), opts) } {
         Ok(id) => {
             // Ordering: SeqCst — a caller that sees ATTACHED sees the probe armed.
             let _ = SLOT_TABLE[idx].state.compare_exchange(
@@ -388,7 +463,7 @@ fn attach_one(w: &World, m: &mut Mine, site: Site, mode: Mode, remove: bool) {
     }
 }
 
-fn attach_batch(w: &World, m: &mut Mine, sites: &[Site]) {
+fn attach_batch(w: &World, m: &mut Mine, sites: &[Site], returns: bool) {
     // Read locks in page order: region removal takes one write lock only.
     let mut pages: Vec<usize> = sites.iter().filter_map(|s| s.page).collect();
     pages.sort_unstable();
@@ -400,7 +475,9 @@ fn attach_batch(w: &World, m: &mut Mine, sites: &[Site]) {
     let mut idxs = Vec::new();
     let mut reqs = Vec::new();
     for s in sites {
-        let Some(idx) = m.alloc(s, false) else { break };
+        let Some(idx) = m.alloc(s, false, returns) else {
+            break;
+        };
         idxs.push(idx);
         reqs.push(AttachReq {
             addr: s.addr,
@@ -408,7 +485,11 @@ fn attach_batch(w: &World, m: &mut Mine, sites: &[Site]) {
             user_data: user_data(idx, m.gen),
         });
     }
-    match probert::attach_batch(&reqs) {
+    let opts = AttachOptions {
+        mode: Mode::Auto,
+        on_return: returns.then_some(on_return as probert::Handler),
+    };
+    match probert::attach_batch_with(&reqs, opts) {
         Ok(ids) => {
             assert_eq!(ids.len(), idxs.len());
             for (&idx, id) in idxs.iter().zip(ids) {
@@ -471,7 +552,7 @@ fn call(w: &World, t: usize, site: &Site, n: usize, x: u64) {
         })
         .collect();
     for _ in 0..n {
-        let before: Vec<(bool, u64)> = relevant
+        let before: Vec<(bool, u64, u64)> = relevant
             .iter()
             .map(|&i| {
                 let s = &SLOT_TABLE[i];
@@ -479,6 +560,7 @@ fn call(w: &World, t: usize, site: &Site, n: usize, x: u64) {
                 (
                     s.state.load(Ordering::SeqCst) == ATTACHED,
                     s.hits[t].load(Ordering::SeqCst),
+                    s.returns[t].load(Ordering::SeqCst),
                 )
             })
             .collect();
@@ -491,10 +573,20 @@ fn call(w: &World, t: usize, site: &Site, n: usize, x: u64) {
             "probed function at {:#x} computed wrong",
             site.func
         );
-        for (&i, (was, h0)) in relevant.iter().zip(before) {
+        for (&i, (was, h0, r0)) in relevant.iter().zip(before) {
             let s = &SLOT_TABLE[i];
             let h1 = s.hits[t].load(Ordering::SeqCst);
+            let r1 = s.returns[t].load(Ordering::SeqCst);
             if was && s.state.load(Ordering::SeqCst) == ATTACHED {
+                let want = u64::from(s.returns_too.load(Ordering::SeqCst) != 0);
+                assert_eq!(
+                    r1 - r0,
+                    want,
+                    "a call of {:#x} while slot {i} (return handler: {want}) was attached \
+                     throughout returned to it {} times",
+                    site.func,
+                    r1 - r0
+                );
                 assert_eq!(
                     h1 - h0,
                     1,
@@ -556,16 +648,28 @@ fn run_thread(w: &World, t: usize, gen: u32, ops: &[(u8, u8)], start: &Barrier) 
     for &(op, arg) in ops {
         let site = w.sites[usize::from(arg) % nsites];
         match op & 7 {
+            // Bit 6 of `arg`: with a return handler, if the site is a
+            // function's entry.
             0 => {
                 let mode = [Mode::Auto, Mode::Trap, Mode::Fast][usize::from(arg >> 4) % 3];
-                attach_one(w, &mut m, site, mode, arg & 0x80 != 0);
+                attach_one(w, &mut m, site, mode, arg & 0x80 != 0, arg & 0x40 != 0);
+            }
+            // Bit 5 of `arg`: consumers with a return handler, at function
+            // entries (the same function more than once, now and then).
+            1 if arg & 0x20 != 0 => {
+                let entries: Vec<Site> = w.sites.iter().copied().filter(takes_returns).collect();
+                let n = 1 + usize::from(arg >> 6);
+                let sites: Vec<Site> = (0..n)
+                    .map(|i| entries[(usize::from(arg) + 3 * i) % entries.len()])
+                    .collect();
+                attach_batch(w, &mut m, &sites, true);
             }
             1 => {
                 let n = 1 + usize::from(arg >> 6);
                 let sites: Vec<Site> = (0..n)
                     .map(|i| w.sites[(usize::from(arg) + 3 * i) % nsites])
                     .collect();
-                attach_batch(w, &mut m, &sites);
+                attach_batch(w, &mut m, &sites, false);
             }
             2 | 4 if !m.ids.is_empty() => {
                 let k = usize::from(arg) % m.ids.len();
@@ -694,6 +798,11 @@ fn cleanup_and_check(w: &World, gen: u32) {
         0,
         "handler called with a wrong address"
     );
+    assert_eq!(
+        WRONG_RETURN.load(Ordering::SeqCst),
+        0,
+        "a return hit with a wrong value, session or flag"
+    );
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -706,9 +815,10 @@ fuzz_target!(|data: &[u8]| {
     for s in &SLOT_TABLE {
         s.state.store(FREE, Ordering::SeqCst);
         s.site.store(0, Ordering::SeqCst);
-        for h in &s.hits {
+        for h in s.hits.iter().chain(&s.returns) {
             h.store(0, Ordering::SeqCst);
         }
+        s.returns_too.store(0, Ordering::SeqCst);
         s.gen.store(gen, Ordering::SeqCst);
     }
     let mut scripts: Vec<Vec<(u8, u8)>> = vec![Vec::new(); threads];

@@ -6,7 +6,14 @@
 //!   before the hammering began, detached after it ended) exactly once, however
 //!   many other consumers and mode switches came and went meanwhile;
 //! - no handler ran after its `detach`/`detach_batch`/`sync`/`region_remove`
-//!   returned;
+//!   returned (entry or return handler);
+//! - return probes: each *steady* return consumer (on `tt_nop5` and
+//!   `tt_sub`, attached throughout) saw every call's entry and return,
+//!   `entries == returns + abandoned` with none abandoned; every churned one
+//!   (attached and taken down with the others, its return handler sometimes
+//!   returning `Remove`) has `returns + abandoned <= entries <= returns +
+//!   abandoned + threads` (an invocation still running when its consumer
+//!   goes gets no return hit); every return hit saw the right value;
 //! - every probed call returned the right value;
 //! - all code is byte-identical to the original, and no probe is left;
 //! - multi-instruction fast sites were exercised: entry runs went fast, and
@@ -25,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use probert::{Action, AttachReq, ConsumerId, Error, Hit, Mode, RegionDesc};
+use probert::{Action, AttachOptions, AttachReq, ConsumerId, Error, Hit, Mode, Reg, RegionDesc};
 
 global_asm!(
     r#"
@@ -105,12 +112,19 @@ struct Rec {
     hits: AtomicU64,
     /// Set once its detach (or the sync after it) returned.
     dead: AtomicBool,
-    /// Return `Remove` on the first hit.
+    /// Return `Remove` on the first hit (a return consumer: on the first
+    /// return hit).
     remove: bool,
     removed: AtomicU8,
+    /// A return consumer: return handler calls, and what its function adds
+    /// to its argument.
+    returns: AtomicU64,
+    add: u64,
 }
 
 static LATE: AtomicU64 = AtomicU64::new(0);
+/// Return hits that saw the wrong value, or no session.
+static BAD_RETURNS: AtomicU64 = AtomicU64::new(0);
 
 unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
     // SAFETY: user data is a leaked `Rec`.
@@ -126,12 +140,84 @@ unsafe extern "C" fn handler(hit: *mut Hit) -> u32 {
     Action::Continue as u32
 }
 
+/// The entry handler of a return consumer: keeps the argument in the
+/// invocation's session.
+unsafe extern "C" fn ret_entry(hit: *mut Hit) -> u32 {
+    // SAFETY: the dispatcher's hit; user data is a leaked `Rec`.
+    let hit = unsafe { &mut *hit };
+    let rec = unsafe { &*(hit.user_data as *const Rec) };
+    // Ordering: SeqCst — against the churn thread's store after detach.
+    if rec.dead.load(Ordering::SeqCst) {
+        LATE.fetch_add(1, Ordering::Relaxed);
+    }
+    rec.hits.fetch_add(1, Ordering::Relaxed);
+    let x = hit.regs().get(Reg::Rdi);
+    match hit.session() {
+        Some(s) => *s = x,
+        None => {
+            BAD_RETURNS.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Action::Continue as u32
+}
+
+/// The return handler: checks the value returned against the argument.
+unsafe extern "C" fn ret_return(hit: *mut Hit) -> u32 {
+    // SAFETY: as `ret_entry`.
+    let hit = unsafe { &mut *hit };
+    let rec = unsafe { &*(hit.user_data as *const Rec) };
+    // Ordering: SeqCst — as in `ret_entry`.
+    if rec.dead.load(Ordering::SeqCst) {
+        LATE.fetch_add(1, Ordering::Relaxed);
+    }
+    rec.returns.fetch_add(1, Ordering::Relaxed);
+    let rax = hit.regs().get(Reg::Rax);
+    let ok = hit.is_return()
+        && hit
+            .session()
+            .is_some_and(|s| s.wrapping_add(rec.add) == rax);
+    if !ok {
+        BAD_RETURNS.fetch_add(1, Ordering::Relaxed);
+    }
+    if rec.remove && rec.removed.swap(1, Ordering::Relaxed) == 0 {
+        return Action::Remove as u32;
+    }
+    Action::Continue as u32
+}
+
 fn rec(remove: bool) -> &'static Rec {
     Box::leak(Box::new(Rec {
         remove,
         ..Rec::default()
     }))
 }
+
+fn ret_rec(remove: bool, add: u64) -> &'static Rec {
+    Box::leak(Box::new(Rec {
+        remove,
+        add,
+        ..Rec::default()
+    }))
+}
+
+/// Attaches a return consumer (`r`) at function entry `f`.
+fn attach_returns(f: usize, r: &'static Rec, mode: Mode) -> probert::Result<ConsumerId> {
+    unsafe {
+        probert::attach_with(
+            f,
+            ret_entry,
+            ud(r),
+            AttachOptions {
+                mode,
+                on_return: Some(ret_return),
+            },
+        )
+    }
+}
+
+/// A churned return consumer, once taken down: its record and the
+/// invocations its stats counted abandoned just before.
+type Churned = (&'static Rec, u64);
 
 fn ud(r: &'static Rec) -> *mut std::ffi::c_void {
     r as *const Rec as *mut std::ffi::c_void
@@ -169,6 +255,8 @@ struct Counters {
     runs_fast: AtomicU64,
     /// Attaches inside a run after which its fast site was on the trap path.
     demotions: AtomicU64,
+    /// Attaches of churned return consumers.
+    return_attaches: AtomicU64,
 }
 
 /// Records what an attach at `site` did to a multi-instruction run: `entry`
@@ -261,6 +349,19 @@ fn main() {
         })
         .collect();
 
+    // The steady return consumers: on tt_nop5 and tt_sub, attached
+    // throughout (not on every function: each return probe's `ret` may be
+    // a trap site, and the entry consumers' churn should go on fast).
+    let steady_returns: Vec<(usize, &'static Rec, ConsumerId)> = [2usize, 3]
+        .iter()
+        .map(|&i| {
+            let r = ret_rec(false, funcs[i].1);
+            let id = attach_returns(funcs[i].0, r, Mode::Auto).expect("steady return attach");
+            (i, r, id)
+        })
+        .collect();
+    let churned: Mutex<Vec<Churned>> = Mutex::new(Vec::new());
+
     // A JIT page's region, and the consumers in it (their handles die with it).
     let regions: Vec<RwLock<Option<probert::RegionId>>> =
         (0..JIT_PAGES).map(|_| RwLock::new(None)).collect();
@@ -297,12 +398,25 @@ fn main() {
         // Churn: attach `probes` consumers, then take them all down one of
         // three ways.
         for t in 0..2u64 {
-            let (sites, runs, c, stop, regions, pages, jit_recs) =
-                (&sites, &runs, &c, &stop, &regions, &pages, &jit_recs);
+            let (sites, runs, c, stop, regions, pages, jit_recs, funcs, churned) = (
+                &sites, &runs, &c, &stop, &regions, &pages, &jit_recs, &funcs, &churned,
+            );
             s.spawn(move || {
                 let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (t + 1));
                 while !stop.load(Ordering::Relaxed) {
                     let mut live: Vec<(&'static Rec, ConsumerId)> = Vec::new();
+                    // Return consumers, now and then, at a function's entry.
+                    if rng.below(2) == 0 {
+                        let (f, add, _) = funcs[rng.below(funcs.len())];
+                        let r = ret_rec(rng.below(4) == 0, add);
+                        let mode = [Mode::Auto, Mode::Trap, Mode::Fast][rng.below(3)];
+                        match attach_returns(f, r, mode) {
+                            Ok(id) => live.push((r, id)),
+                            Err(Error::UnsupportedInstruction { .. }) if mode == Mode::Fast => {}
+                            Err(e) => panic!("return attach at {f:#x} ({mode:?}): {e}"),
+                        }
+                        c.return_attaches.fetch_add(1, Ordering::Relaxed);
+                    }
                     for _ in 0..probes {
                         let r = rec(rng.below(8) == 0);
                         let site = sites[rng.below(sites.len())];
@@ -368,6 +482,14 @@ fn main() {
                         Err(Error::NotFound) if rec.remove => {}
                         Err(e) => panic!("detach: {e}"),
                     };
+                    // The return consumers' abandoned invocations, while
+                    // their stats are there.
+                    for &(r, id) in &live {
+                        if r.add != 0 {
+                            let abandoned = probert::stats(id).map_or(0, |s| s.abandoned);
+                            churned.lock().unwrap().push((r, abandoned));
+                        }
+                    }
                     match rng.below(3) {
                         0 => {
                             for (r, id) in live {
@@ -458,9 +580,34 @@ fn main() {
             }
         }
     }
-    let ids: Vec<ConsumerId> = steady.iter().map(|&(_, id)| id).collect();
-    probert::detach_batch(&ids).expect("steady detach");
+    // Nothing runs probed code now: the steady return consumers' stats are
+    // exact.
     let mut failures = Vec::new();
+    let mut steady_returns_hits = 0;
+    for &(i, r, id) in &steady_returns {
+        let s = probert::stats(id).expect("steady return stats");
+        let (e, n) = (
+            r.hits.load(Ordering::SeqCst),
+            r.returns.load(Ordering::SeqCst),
+        );
+        let calls = calls_per_func[i].load(Ordering::SeqCst);
+        steady_returns_hits += e;
+        if (e, n, s.hits, s.returns, s.abandoned) != (calls, calls, calls, calls, 0) {
+            failures.push(format!(
+                "the steady return consumer of function {i}: {calls} calls, it saw {e} entries and {n} \
+                 returns, stats {s:?}"
+            ));
+        }
+    }
+    let ids: Vec<ConsumerId> = steady
+        .iter()
+        .map(|&(_, id)| id)
+        .chain(steady_returns.iter().map(|&(_, _, id)| id))
+        .collect();
+    probert::detach_batch(&ids).expect("steady detach");
+    for &(_, r, _) in &steady_returns {
+        r.dead.store(true, Ordering::SeqCst);
+    }
     let mut hits = 0;
     for (i, (r, _)) in steady.iter().enumerate() {
         let (h, n) = (
@@ -472,11 +619,44 @@ fn main() {
             failures.push(format!("function {i}: {n} calls, steady consumer saw {h}"));
         }
     }
+    let (mut churned_entries, mut churned_returns, mut churned_abandoned) = (0, 0, 0);
+    let churned = churned.into_inner().unwrap();
+    for &(r, abandoned) in &churned {
+        let (e, n) = (
+            r.hits.load(Ordering::SeqCst),
+            r.returns.load(Ordering::SeqCst),
+        );
+        churned_entries += e;
+        churned_returns += n;
+        churned_abandoned += abandoned;
+        if n + abandoned > e || e > n + abandoned + threads as u64 {
+            failures.push(format!(
+                "a churned return consumer: {e} entries, {n} returns, {abandoned} abandoned"
+            ));
+        }
+    }
+    if churned_returns == 0 {
+        failures.push("no churned return consumer saw a return".into());
+    }
+    let bad = BAD_RETURNS.load(Ordering::SeqCst);
+    if bad != 0 {
+        failures.push(format!(
+            "{bad} return hits with a wrong value or no session"
+        ));
+    }
+    // Return probes: what the checks above counted.
+    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let return_summary = format!(
+        "return probes: steady entries {steady_returns_hits} (exact), churned {} \
+         consumers of {} attaches: {churned_entries} entries, {churned_returns} returns, \
+         {churned_abandoned} abandoned",
+        churned.len(),
+        l(&c.return_attaches),
+    );
     let late = LATE.load(Ordering::SeqCst);
     if late != 0 {
         failures.push(format!("{late} handler calls after detach returned"));
     }
-    let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     if l(&c.runs_fast) == 0 {
         failures.push("no multi-instruction entry run went fast".into());
     }
@@ -498,6 +678,7 @@ fn main() {
          region add/remove {}\n  \
          multi-instruction runs: fast after {} attaches at their entry, demoted by {} \
          inside them\n  \
+         {return_summary}\n  \
          checks: {} of {}",
         l(&c.calls),
         failures.iter().all(|f| !f.starts_with("function")),
@@ -509,8 +690,11 @@ fn main() {
         l(&c.regions),
         l(&c.runs_fast),
         l(&c.demotions),
-        CHECKS + steady.len() - failures.len().min(CHECKS + steady.len()),
-        CHECKS + steady.len(),
+        CHECKS + steady.len() + steady_returns.len()
+            - failures
+                .len()
+                .min(CHECKS + steady.len() + steady_returns.len()),
+        CHECKS + steady.len() + steady_returns.len(),
     );
     if !failures.is_empty() {
         for f in &failures {
@@ -521,7 +705,7 @@ fn main() {
 }
 
 /// The checks besides one per steady consumer (the module docs list them).
-const CHECKS: usize = 7;
+const CHECKS: usize = 10;
 
 fn read_orig(_page: usize) -> Vec<u8> {
     let mut v = JIT_CODE.to_vec();

@@ -185,8 +185,14 @@
 //! so recursion, nesting and tail calls pair exactly, and an invocation left
 //! by `longjmp`, an exception or thread exit is counted *abandoned* once a
 //! later entry or return on that thread (or the thread's exit and a
-//! [`sync`]) shows it over. The return handler sees the registers just after
-//! the `ret` (RIP the return address, RSP above it) and may change them.
+//! [`sync`]) shows it over. A function that jumps to its own entry (a tail
+//! call to itself, as SQLite's `sqlite3WhereSplit` makes) chains: each
+//! invocation of the chain gets its return hit when the last one returns,
+//! innermost first — which also means that such a function, left by
+//! `longjmp` and called again from the same call site, has its earlier
+//! invocation returned then rather than counted abandoned. The return
+//! handler sees the registers just after the `ret` (RIP the return address,
+//! RSP above it) and may change them.
 //!
 //! A `ret` is served without a signal where its epilogue allows an *exit
 //! run*: the fewest whole instructions before the `ret` that cover the

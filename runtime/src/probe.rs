@@ -133,11 +133,23 @@ pub(crate) enum EntryKind {
     /// A consumer with a return handler, at its function's entry: calls its
     /// entry handler and records the pending invocation (`crate::shadow`).
     Returns,
+    /// The same, for a function that may jump to its own entry (a tail
+    /// call to itself, directly or through other functions' tail jumps):
+    /// its invocations pending at the same return address are a chain,
+    /// which the last one's return ends (`crate::shadow`).
+    Chain,
     /// probert's own consumer at a `ret` that ends functions with return
     /// probes: ends the pending invocations it returns from, calling their
     /// return handlers. `user_data` is the `ret`'s immediate (bytes popped
     /// after the return address).
     Exit,
+}
+
+impl EntryKind {
+    /// Whether it is a consumer with a return handler.
+    pub(crate) fn returns(self) -> bool {
+        matches!(self, EntryKind::Returns | EntryKind::Chain)
+    }
 }
 
 /// The tag a thread's hit cache files a consumer under: never 0.
@@ -280,9 +292,12 @@ pub(crate) fn dispatch(
         session: std::ptr::null_mut(),
         is_return: 0,
     };
-    call(cx, section, &list.first, &mut hit, saved);
+    // Whether a return probe's entry already looked at this thread's shadow
+    // stack during this hit (`call_entry`).
+    let mut scanned = false;
+    call(cx, section, &list.first, &mut hit, saved, &mut scanned);
     for e in list.rest.iter() {
-        call(cx, section, e, &mut hit, saved);
+        call(cx, section, e, &mut hit, saved, &mut scanned);
     }
 }
 
@@ -291,7 +306,14 @@ pub(crate) fn dispatch(
 /// [`ProbeRecord::clobbers`]): it is not called, as any consumer attached
 /// during a hit may not be.
 #[inline(always)]
-fn call(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit, saved: Clobbers) {
+fn call(
+    cx: SignalContext,
+    section: &Section<'_>,
+    e: &Entry,
+    hit: &mut Hit,
+    saved: Clobbers,
+    scanned: &mut bool,
+) {
     if !e.clobbers.within(saved) {
         return;
     }
@@ -312,20 +334,28 @@ fn call(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit, save
                 request_removal(e.record);
             }
         }
-        EntryKind::Returns => call_entry(cx, section, e, hit),
+        EntryKind::Returns | EntryKind::Chain => call_entry(cx, section, e, hit, scanned),
         EntryKind::Exit => returns(cx, e, hit),
     }
 }
 
 /// The entry hit of a consumer with a return handler: its entry handler,
-/// with the session word of the invocation it records.
+/// with the session word of the invocation it records. `scanned`: whether
+/// an earlier consumer of this hit recorded its invocation (the frames it
+/// showed over are dropped already; the ones above are this hit's).
 ///
 /// # Signal safety
 /// As [`dispatch`]; see `crate::shadow`.
 #[cold]
 #[inline(never)]
 #[link_section = "probert_fast"] // see `crate::fast::code_range`
-fn call_entry(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit) {
+fn call_entry(
+    cx: SignalContext,
+    section: &Section<'_>,
+    e: &Entry,
+    hit: &mut Hit,
+    scanned: &mut bool,
+) {
     let regs = hit.regs();
     let sp = regs.sp();
     // SAFETY: at a function's entry the stack pointer points at the return
@@ -345,7 +375,9 @@ fn call_entry(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit
     };
     let mut spare = 0u64;
     let mut stack = shadow::mine(cx, true);
-    let session = match stack.as_mut().and_then(|s| s.push(frame)) {
+    let chains = e.kind == EntryKind::Chain;
+    let first = !std::mem::replace(scanned, true);
+    let session = match stack.as_mut().and_then(|s| s.push(frame, first, chains)) {
         Some(w) => w as *mut u64,
         None => {
             if stack.is_none() {
@@ -384,7 +416,6 @@ fn call_entry(cx: SignalContext, section: &Section<'_>, e: &Entry, hit: &mut Hit
 #[inline(never)]
 #[link_section = "probert_fast"] // see `crate::fast::code_range`
 fn returns(cx: SignalContext, e: &Entry, hit: &mut Hit) {
-    const MOST: usize = 16;
     let (rip0, sp0) = (hit.regs().pc(), hit.regs().sp());
     if rip0 != hit.addr {
         // A consumer before this one redirected the thread: no return.
@@ -395,11 +426,11 @@ fn returns(cx: SignalContext, e: &Entry, hit: &mut Hit) {
     };
     // SAFETY: a `ret` is about to pop this word: the thread's own stack.
     let ret = unsafe { std::ptr::read_volatile(sp0 as *const usize) };
-    let mut ended = [shadow::Frame::EMPTY; MOST];
-    let n = stack.pop_returning(sp0, ret, &mut ended);
-    if n == 0 {
+    // The invocations this `ret` ends, innermost first, popped one at a
+    // time (a chain of tail calls may be of any length).
+    let Some(mut f) = stack.pop_returning(sp0, ret) else {
         return;
-    }
+    };
     let after = (ret, sp0 + 8 + e.user_data);
     {
         let r = hit.regs_mut();
@@ -407,36 +438,18 @@ fn returns(cx: SignalContext, e: &Entry, hit: &mut Hit) {
         r.set(crate::arch::Reg::Rsp, after.1 as u64);
     }
     let addr = hit.addr;
-    for f in &mut ended[..n] {
-        let Some(rec) = CONSUMERS.get(f.record as usize) else {
-            continue;
-        };
-        // Ordering: Relaxed — a consumer detached (or reused) since the
-        // entry is not called: the grace period after its detach covers
-        // the calls that passed this check.
-        if rec.state.load(Ordering::Relaxed) != STATE_ACTIVE
-            || rec.gen.load(Ordering::Relaxed) != f.gen
-            || f.on_return == 0
-        {
-            continue;
-        }
-        // SAFETY: `on_return` is the consumer's return handler, stored from
-        // a `Handler` at its entry hit.
-        let handler: crate::hit::Handler = unsafe { std::mem::transmute(f.on_return) };
-        hit.addr = f.func;
-        hit.user_data = f.user_data as *mut _;
-        hit.session = &mut f.session;
-        hit.is_return = 1;
-        // SAFETY: as for a plain consumer.
-        let raw = unsafe { handler(hit) };
-        // Ordering: Relaxed — a statistic.
-        rec.returns.fetch_add(1, Ordering::Relaxed);
-        if Action::from_raw(raw) == Action::Remove {
-            request_removal(rec);
+    loop {
+        if let Some(rec) = CONSUMERS.get(f.record as usize) {
+            return_hit(rec, &mut f, hit);
         }
         if (hit.regs().pc(), hit.regs().sp()) != after {
-            // Redirected: the thread no longer returns here.
+            // Redirected: the thread no longer returns here (the frames
+            // left there end with whatever `ret` comes to them).
             break;
+        }
+        match stack.pop_returning(sp0, ret) {
+            Some(next) => f = next,
+            None => break,
         }
     }
     hit.addr = addr;
@@ -448,6 +461,38 @@ fn returns(cx: SignalContext, e: &Entry, hit: &mut Hit) {
         let r = hit.regs_mut();
         r.set_pc(rip0);
         r.set(crate::arch::Reg::Rsp, sp0 as u64);
+    }
+}
+
+/// The return hit of the invocation `f` recorded, if its consumer `rec` is
+/// still the one that saw its entry and is active.
+///
+/// # Signal safety
+/// As [`dispatch`].
+#[inline(always)]
+fn return_hit(rec: &ConsumerRecord, f: &mut shadow::Frame, hit: &mut Hit) {
+    // Ordering: Relaxed — a consumer detached (or reused) since the entry
+    // is not called: the grace period after its detach covers the calls
+    // that passed this check.
+    if rec.state.load(Ordering::Relaxed) != STATE_ACTIVE
+        || rec.gen.load(Ordering::Relaxed) != f.gen
+        || f.on_return == 0
+    {
+        return;
+    }
+    // SAFETY: `on_return` is the consumer's return handler, stored from a
+    // `Handler` at its entry hit.
+    let handler: crate::hit::Handler = unsafe { std::mem::transmute(f.on_return) };
+    hit.addr = f.func;
+    hit.user_data = f.user_data as *mut _;
+    hit.session = &mut f.session;
+    hit.is_return = 1;
+    // SAFETY: as for a plain consumer.
+    let raw = unsafe { handler(hit) };
+    // Ordering: Relaxed — a statistic.
+    rec.returns.fetch_add(1, Ordering::Relaxed);
+    if Action::from_raw(raw) == Action::Remove {
+        request_removal(rec);
     }
 }
 

@@ -21,7 +21,22 @@
 //! `abandoned` and dropped — within [`SAME_STACK`] bytes: a signal handler on
 //! an alternate stack far away does not make the interrupted code's frames
 //! look abandoned. A frame whose return address no longer matches is
-//! abandoned too. The frames of a thread that exited are counted when a
+//! abandoned too.
+//!
+//! A new entry at the same stack pointer and return address as a pending
+//! frame is a tail call in progress if that frame is of another function
+//! (it ends with the new one's `ret`); of the same function, it is the
+//! invocation before, left by `longjmp` and entered again from the same
+//! call, and abandoned — unless the function may jump to its own entry
+//! (the writer found such a jump among its exits, `EntryKind::Chain`):
+//! then it is a *chain* of invocations, each a tail call of the one
+//! before, and each gets its return hit when the last one returns,
+//! innermost first (API.md: a tail call returns when its callee returns).
+//! Such a function re-entered after a `longjmp` from the same call site
+//! cannot be told from a chain: the earlier invocation gets a return hit
+//! then, instead of counting abandoned. The consumers of one entry hit
+//! each push a frame at the same place: only the first push of a hit
+//! looks for abandoned frames (the dispatcher tells it which it is). The frames of a thread that exited are counted when a
 //! later [`reclaim`] (run by `sync`) finds the thread gone, or when a new
 //! thread takes over its thread pointer.
 //!
@@ -79,20 +94,6 @@ pub(crate) struct Frame {
     /// The consumer's record and the generation it had.
     pub record: u32,
     pub gen: u32,
-}
-
-impl Frame {
-    /// A frame of nothing (to fill arrays).
-    pub(crate) const EMPTY: Frame = Frame {
-        sp: 0,
-        ret: 0,
-        func: 0,
-        on_return: 0,
-        user_data: 0,
-        session: 0,
-        record: 0,
-        gen: 0,
-    };
 }
 
 /// The owner field of a free entry.
@@ -281,18 +282,22 @@ impl Mine {
         (n > 0).then(|| unsafe { &mut *self.frames.add(n - 1) })
     }
 
-    /// A new entry at stack pointer `sp`: drops the frames it shows
-    /// abandoned, then pushes `f`. Returns its session word, or `None` if
+    /// A new entry at stack pointer `f.sp`: drops the frames it shows
+    /// abandoned (if it is the `first` push of its entry hit: the others
+    /// are of the same invocation, and the frames above them are the
+    /// hit's), then pushes `f`. `chains`: the function may jump to its own
+    /// entry (see the module docs). Returns its session word, or `None` if
     /// the stack is full (the invocation is counted abandoned).
-    pub(crate) fn push(&mut self, f: Frame) -> Option<&mut u64> {
-        while let Some(t) = self.top() {
+    pub(crate) fn push(&mut self, f: Frame, first: bool, chains: bool) -> Option<&mut u64> {
+        while let Some(t) = self.top().filter(|_| first) {
             // A pending frame below a new entry's return address is an
             // invocation that is over. One at the same address with the
             // same return address, of another function, is a tail call in
             // progress: it ends with the new one's `ret` (`pop_returning`).
             // Of the same function, it is taken for an invocation left by
-            // `longjmp` and entered again from the same call.
-            let tail_call = t.sp == f.sp && t.ret == f.ret && t.func != f.func;
+            // `longjmp` and entered again from the same call — unless the
+            // function chains.
+            let tail_call = t.sp == f.sp && t.ret == f.ret && (t.func != f.func || chains);
             if t.sp <= f.sp && f.sp - t.sp < SAME_STACK && !tail_call {
                 abandon(t);
                 self.set_len(self.len() - 1);
@@ -321,30 +326,24 @@ impl Mine {
     }
 
     /// A `ret` executing with its return address at `sp` (holding `ret`):
-    /// pops the frames that invocation ends, innermost first, into `out`
-    /// (at most its length; the rest still end and are counted abandoned),
-    /// after dropping the deeper, abandoned ones. Returns how many were
-    /// written.
-    pub(crate) fn pop_returning(&mut self, sp: usize, ret: usize, out: &mut [Frame]) -> usize {
-        let mut n = 0;
+    /// pops the next frame that it ends (innermost first; call again for
+    /// the others), after dropping the deeper, abandoned ones. `None` when
+    /// it ends no more.
+    pub(crate) fn pop_returning(&mut self, sp: usize, ret: usize) -> Option<Frame> {
         while let Some(t) = self.top() {
             let deeper = t.sp < sp && sp - t.sp < SAME_STACK;
             if deeper || (t.sp == sp && t.ret != ret) {
                 abandon(t);
+                self.set_len(self.len() - 1);
             } else if t.sp == sp {
-                match out.get_mut(n) {
-                    Some(o) => {
-                        *o = *t;
-                        n += 1;
-                    }
-                    None => abandon(t),
-                }
+                let f = *t;
+                self.set_len(self.len() - 1);
+                return Some(f);
             } else {
                 break;
             }
-            self.set_len(self.len() - 1);
         }
-        n
+        None
     }
 }
 

@@ -730,12 +730,19 @@ impl Sites {
 
     /// The `ret`s that end invocations of the function at `entry` — its
     /// own, and those of the functions it leaves for by tail jumps,
-    /// transitively (`arch::function_exits`) — with each one's immediate.
-    pub(crate) fn exits(&mut self, regions: &Regions, entry: usize) -> Result<Vec<(usize, u16)>> {
+    /// transitively (`arch::function_exits`) — with each one's immediate;
+    /// and whether one of those jumps goes to `entry` (its invocations may
+    /// chain: see `crate::shadow`).
+    pub(crate) fn exits(
+        &mut self,
+        regions: &Regions,
+        entry: usize,
+    ) -> Result<(Vec<(usize, u16)>, bool)> {
         const MOST_FUNCTIONS: usize = 512;
         let mut todo = vec![entry];
         let mut seen: Vec<usize> = Vec::new();
         let mut rets: Vec<usize> = Vec::new();
+        let mut reenters = false;
         while let Some(at) = todo.pop() {
             let target = regions.resolve(at)?.target;
             let found = self.with_flow(regions, &target, at, |f| (f.start(), f.end()));
@@ -772,6 +779,7 @@ impl Sites {
                     )
                 })?;
             rets.extend(exits.rets);
+            reenters |= exits.leaves.contains(&entry);
             todo.extend(exits.leaves);
             for slot in exits.slots {
                 let mut word = [0u8; 8];
@@ -787,13 +795,17 @@ impl Sites {
                 // eagerly (BIND_NOW, dlopen RTLD_NOW).
                 match usize::from_le_bytes(word) {
                     0 => {}
-                    target => todo.push(target),
+                    target => {
+                        reenters |= target == entry;
+                        todo.push(target);
+                    }
                 }
             }
         }
         rets.sort_unstable();
         rets.dedup();
-        rets.into_iter()
+        let rets = rets
+            .into_iter()
             .map(|r| {
                 let b = self.original_code(r, r + MAX_INSN_LEN).unwrap_or_default();
                 match arch::analyze(&b, r).map(|d| d.displaced) {
@@ -801,7 +813,8 @@ impl Sites {
                     _ => Err(Error::Internal(format!("{r:#x} is not a near ret").into())),
                 }
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((rets, reenters))
     }
 
     /// The instruction starts of the function around `addr`, from its whole

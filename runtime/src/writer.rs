@@ -350,10 +350,13 @@ impl WriterState {
             self.sites
                 .function_entry(&self.regions, r.addr)
                 .map_err(|e| (i, e))?;
-            let rets = self
+            let (rets, chains) = self
                 .sites
                 .exits(&self.regions, r.addr)
                 .map_err(|e| (i, e))?;
+            if chains {
+                kinds[i].1 = EntryKind::Chain;
+            }
             let classes = self.classes_of(on_return);
             for (ret, pop) in rets {
                 exits_of[i].push(ret);
@@ -396,7 +399,7 @@ impl WriterState {
         }
         let mut widened = Vec::new();
         for (i, exits) in exits_of.into_iter().enumerate() {
-            if exits.is_empty() && kinds[i].1 != EntryKind::Returns {
+            if exits.is_empty() && !kinds[i].1.returns() {
                 continue;
             }
             let Ok(idx) = self.consumers.lookup(ids[i]) else {

@@ -337,27 +337,101 @@ isolated!(a_tail_call_returns_when_its_callee_returns, {
     }
 });
 
-// BUG (shadow.rs, `Mine::push`): a function that tail-jumps to its own
-// entry leaves a frame at the same stack pointer and return address as the
-// new invocation, which `push` cannot tell from an invocation left by
-// `longjmp` and entered again from the same call site; it counts the
-// earlier ones abandoned. Real code does this (libsqlite3's
-// sqlite3WhereSplit). Fix: mark, at attach, the functions whose exits
-// include a jump to their own entry, and keep same-sp same-ret frames of
-// those.
-isolated!(
-    #[ignore = "BUG: a tail call to the function's own entry counts as abandoned (shadow.rs push)"]
-    a_tail_call_to_its_own_entry_returns_once_per_invocation,
-    {
-        static SELF: Spec = Spec::new(|_| 42);
-        let id = SELF.attach(addr(rt_selftail), Mode::Auto);
+// A function that tail-jumps to its own entry (libsqlite3's
+// sqlite3WhereSplit does) leaves a frame at the same stack pointer and
+// return address as the new invocation, as one left by `longjmp` and
+// entered again from the same call would: the exit analysis tells them
+// apart, and each invocation of the chain returns when the last one does,
+// innermost first, with the value the caller receives (API.md).
+isolated!(a_tail_call_to_its_own_entry_returns_once_per_invocation, {
+    static SELF: Spec = Spec::new(|_| 42);
+    // A second consumer of the same function: the arguments its returns
+    // see, in order.
+    static ORDER: [AtomicU64; 128] = [const { AtomicU64::new(u64::MAX) }; 128];
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    for mode in MODES {
+        SELF.reset();
+        SEEN.store(0, Ordering::SeqCst);
+        let id = SELF.attach(addr(rt_selftail), mode);
         assert_eq!(unsafe { rt_selftail(5) }, 42);
         let s = probert::stats(id).unwrap();
-        assert_eq!((s.hits, s.returns, s.abandoned), (6, 6, 0), "{s:?}");
-        assert_eq!(SELF.counts(), (6, 6, 0, 0));
+        assert_eq!(
+            (s.hits, s.returns, s.abandoned),
+            (6, 6, 0),
+            "{mode:?}: {s:?}"
+        );
+        assert_eq!(SELF.counts(), (6, 6, 0, 0), "{mode:?}");
+        let order = unsafe {
+            probert::probe_returns(
+                addr(rt_selftail),
+                |hit, n: &mut u64| {
+                    *n = hit.regs().arg(0).unwrap();
+                    Action::Continue
+                },
+                |_, n: &mut u64| {
+                    let k = SEEN.fetch_add(1, Ordering::SeqCst);
+                    if let Some(o) = ORDER.get(k) {
+                        o.store(*n, Ordering::SeqCst);
+                    }
+                    Action::Continue
+                },
+            )
+        }
+        .unwrap();
+        // Longer than any fixed batch of returns: 101 invocations, one
+        // `ret`.
+        assert_eq!(unsafe { rt_selftail(100) }, 42);
+        assert_eq!(SELF.counts(), (107, 107, 0, 0), "{mode:?}");
+        assert_eq!(SEEN.load(Ordering::SeqCst), 101, "{mode:?}");
+        let got: Vec<u64> = ORDER[..101]
+            .iter()
+            .map(|o| o.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(
+            got,
+            (0..=100).collect::<Vec<u64>>(),
+            "{mode:?}: innermost first"
+        );
+        let o = order.stats().unwrap();
+        assert_eq!((o.hits, o.returns, o.abandoned), (101, 101, 0), "{mode:?}");
+        // Rewriting the value: every invocation of the chain returns it.
+        SELF.rewrite.store(9, Ordering::SeqCst);
+        assert_eq!(unsafe { rt_selftail(3) }, 9, "{mode:?}");
+        SELF.rewrite.store(0, Ordering::SeqCst);
+        order.detach().unwrap();
         probert::detach(id).unwrap();
+        SELF.detached.store(true, Ordering::SeqCst);
+        assert_eq!(unsafe { rt_selftail(3) }, 42);
+        assert_eq!(SELF.counts().3, 0, "{mode:?}: no call after detach");
     }
-);
+});
+
+// Two consumers with return handlers on one function: one entry hit pushes
+// a frame for each, at the same place, and neither takes the other's for
+// an abandoned invocation.
+isolated!(two_consumers_of_one_function_each_get_every_return, {
+    static OTHER: Spec = Spec::new(plus100);
+    for mode in MODES {
+        LEAF.reset();
+        OTHER.reset();
+        let a = LEAF.attach(addr(rt_leaf), mode);
+        let b = OTHER.attach(addr(rt_leaf), mode);
+        for x in 0..20 {
+            assert_eq!(unsafe { rt_leaf(x) }, x + 100);
+            assert_eq!(unsafe { rt_tail(x) }, x + 101);
+        }
+        for (id, spec) in [(a, &LEAF), (b, &OTHER)] {
+            let s = probert::stats(id).unwrap();
+            assert_eq!(
+                (s.hits, s.returns, s.abandoned),
+                (40, 40, 0),
+                "{mode:?}: {s:?}"
+            );
+            assert_eq!(spec.counts().0, 40, "{mode:?}");
+        }
+        probert::detach_batch(&[a, b]).unwrap();
+    }
+});
 
 isolated!(recursion_ten_thousand_deep_pairs_every_invocation, {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -1032,12 +1106,11 @@ fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
     for &(id, start) in ids {
         let s = probert::stats(id).unwrap();
         assert!(s.returns + s.abandoned <= s.hits, "{what}: {s:?}");
-        // Known limitation: a function that tail-jumps to its own entry
-        // (sqlite3WhereSplit does) looks like one left by `longjmp` and
-        // entered again from the same call; the earlier invocations of
-        // such a chain count as abandoned.
-        assert!(
-            s.abandoned == 0 || jumps_to_its_own_entry(start),
+        // No `longjmp`, exception or thread exit in these workloads: every
+        // invocation returns (a function that tail-jumps to its own entry,
+        // as sqlite3WhereSplit does, too).
+        assert_eq!(
+            s.abandoned, 0,
             "{what}: {s:?} abandoned in the function at {start:#x}"
         );
         hits += s.hits;
@@ -1054,18 +1127,6 @@ fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
         "{what}: handler calls and stats agree"
     );
     assert_eq!(hits, returns + abandoned, "{what}");
-}
-
-/// Whether the function at `start` has a `jmp` to `start` (a tail call to
-/// itself).
-fn jumps_to_its_own_entry(start: usize) -> bool {
-    probert::instructions(start).unwrap().into_iter().any(|at| {
-        let b = common::bytes(at, 5);
-        (b[0] == 0xE9
-            && (at + 5).wrapping_add(i32::from_le_bytes([b[1], b[2], b[3], b[4]]) as usize)
-                == start)
-            || (b[0] == 0xEB && (at + 2).wrapping_add(b[1] as i8 as usize) == start)
-    })
 }
 
 fn detach_all(ids: &[(probert::ConsumerId, usize)]) {
@@ -1244,5 +1305,192 @@ isolated!(every_function_of_libsqlite3_in_a_real_workload, {
         check_totals(&ids, &format!("libsqlite3 {mode:?}"));
         detach_all(&ids);
         assert_eq!(sqlite_workload(h), want);
+    }
+});
+
+// ---- Lua: a whole interpreter, whose errors and yields are `longjmp`s ----
+
+/// Times the script below raises an error with `error()` (each through
+/// `lua_error`; once more from nested frames), with a bad argument to a library function (each through
+/// `luaL_argerror`, `luaL_error` and `lua_error`), and yields from a
+/// coroutine (each through `lua_yieldk`): each of those invocations leaves
+/// by `longjmp`, never returning.
+const LUA_ERRORS: u64 = 40;
+const LUA_ARGERRORS: u64 = 25;
+const LUA_YIELDS: u64 = 30;
+
+fn lua_script() -> String {
+    format!(
+        r#"
+        local out = {{}}
+        local function add(s) out[#out + 1] = tostring(s) end
+        -- Closures, recursion, tables, sorting, strings.
+        local function fib(n) if n < 2 then return n end return fib(n - 1) + fib(n - 2) end
+        add(fib(20))
+        local t = {{}}
+        for i = 1, 2000 do t[i] = (i * 7919) % 1009 end
+        table.sort(t)
+        add(t[1] .. "," .. t[1000] .. "," .. t[2000])
+        local words = {{}}
+        for w in ("the quick brown fox jumps over the lazy dog"):gmatch("%a+") do
+            words[#words + 1] = w:upper():reverse()
+        end
+        add(table.concat(words, " "))
+        add(string.format("%5.2f|%x|%q", math.pi, 48879, "a\nb"))
+        add(("x"):rep(10, "-"):gsub("x", "y"))
+        -- Errors raised and caught: error() ({errors} times, each with
+        -- the count), a bad argument ({argerrors} times), arithmetic on
+        -- nil (the VM raises it itself).
+        local caught = 0
+        for i = 1, {errors} do
+            local ok, msg = pcall(error, "boom " .. i, 0)
+            if not ok and msg == "boom " .. i then caught = caught + 1 end
+        end
+        for i = 1, {argerrors} do
+            local ok, msg = pcall(string.rep, "x", "many")
+            if not ok and msg:find("bad argument") then caught = caught + 1 end
+        end
+        for i = 1, 10 do
+            local ok = pcall(function() local x = nil; return x + i end)
+            if not ok then caught = caught + 1 end
+        end
+        -- An error through nested Lua and C frames, caught with a handler.
+        local function deep(n) if n == 0 then error({{code = 7}}) end return deep(n - 1) + 1 end
+        local ok, e = xpcall(deep, function(m) return m.code * 6 end, 30)
+        add(tostring(ok) .. " " .. tostring(e))
+        add(caught)
+        -- A coroutine yielding {yields} times.
+        local co = coroutine.wrap(function()
+            for i = 1, {yields} do coroutine.yield(i * i) end
+            return -1
+        end)
+        local sum = 0
+        for i = 1, {yields} do sum = sum + co() end
+        add(sum .. " " .. co())
+        return table.concat(out, "\n")
+        "#,
+        errors = LUA_ERRORS,
+        argerrors = LUA_ARGERRORS,
+        yields = LUA_YIELDS,
+    )
+}
+
+type LuaNew = unsafe extern "C" fn() -> *mut libc::c_void;
+type LuaOpenLibs = unsafe extern "C" fn(*mut libc::c_void);
+type LuaLoadString = unsafe extern "C" fn(*mut libc::c_void, *const libc::c_char) -> i32;
+type LuaPcallK = unsafe extern "C" fn(*mut libc::c_void, i32, i32, i32, isize, usize) -> i32;
+type LuaToLString = unsafe extern "C" fn(*mut libc::c_void, i32, *mut usize) -> *const libc::c_char;
+
+/// Runs the script in a new Lua state: what it returns.
+fn lua_workload(h: *mut std::ffi::c_void) -> String {
+    let new: LuaNew = dlsym(h, "luaL_newstate");
+    let open: LuaOpenLibs = dlsym(h, "luaL_openlibs");
+    let load: LuaLoadString = dlsym(h, "luaL_loadstring");
+    let pcall: LuaPcallK = dlsym(h, "lua_pcallk");
+    let tostr: LuaToLString = dlsym(h, "lua_tolstring");
+    let close: LuaOpenLibs = dlsym(h, "lua_close");
+    let src = std::ffi::CString::new(lua_script()).unwrap();
+    unsafe {
+        let l = new();
+        assert!(!l.is_null());
+        open(l);
+        assert_eq!(load(l, src.as_ptr()), 0, "the script compiles");
+        let rc = pcall(l, 0, 1, 0, 0, 0);
+        let s = tostr(l, -1, std::ptr::null_mut());
+        let out = std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned();
+        assert_eq!(rc, 0, "the script failed: {out}");
+        close(l);
+        out
+    }
+}
+
+isolated!(every_function_of_liblua_with_errors_and_yields, {
+    let Some(h) = dlopen("liblua5.4.so.0") else {
+        eprintln!("no liblua5.4.so.0: skipped");
+        return;
+    };
+    let want = lua_workload(h);
+    let caught = LUA_ERRORS + LUA_ARGERRORS + 10;
+    assert!(want.contains("false 42"), "{want}");
+    assert!(want.contains(&format!("\n{caught}\n")), "{want}");
+    // The functions whose invocations are known to leave by `longjmp`
+    // (each run of the workload: how many times), and one that never does.
+    let longjmps: [(&str, u64); 4] = [
+        // And the error the nested frames raise.
+        ("lua_error", LUA_ERRORS + LUA_ARGERRORS + 1),
+        ("luaL_error", LUA_ARGERRORS),
+        ("luaL_argerror", LUA_ARGERRORS),
+        ("lua_yieldk", LUA_YIELDS),
+    ];
+    let named = |name: &str| dlsym::<usize>(h, name);
+    for mode in MODES {
+        TOTALS.entries.store(0, Ordering::SeqCst);
+        TOTALS.returns.store(0, Ordering::SeqCst);
+        let (ids, _) = probe_every_function("liblua5.4.so.0", mode);
+        assert!(
+            ids.len() >= 300,
+            "{mode:?}: only {} functions probed",
+            ids.len()
+        );
+        let stats_of = |name: &str| {
+            let at = named(name);
+            let id = ids
+                .iter()
+                .find(|&&(_, start)| start == at)
+                .unwrap_or_else(|| panic!("{mode:?}: {name} was not probed"))
+                .0;
+            probert::stats(id).unwrap()
+        };
+        // Two threads at once, each with its own state; the results
+        // identical to the unprobed run.
+        let t = std::thread::spawn(move || lua_workload(dlopen("liblua5.4.so.0").unwrap()));
+        assert_eq!(lua_workload(h), want, "{mode:?}");
+        assert_eq!(t.join().unwrap(), want, "{mode:?}");
+        probert::sync().unwrap();
+        for (name, n) in longjmps {
+            let s = stats_of(name);
+            assert_eq!(
+                (s.hits, s.returns, s.abandoned),
+                (2 * n, 0, 2 * n),
+                "{mode:?}: {name}"
+            );
+        }
+        let s = stats_of("lua_pcallk");
+        assert!(s.hits >= 2 * caught, "{mode:?}: lua_pcallk {s:?}");
+        assert_eq!(
+            (s.returns, s.abandoned),
+            (s.hits, 0),
+            "{mode:?}: lua_pcallk"
+        );
+        // Every entry returned or was abandoned, and handlers and stats
+        // agree.
+        let (mut hits, mut returns, mut abandoned) = (0, 0, 0);
+        for &(id, _) in &ids {
+            let s = probert::stats(id).unwrap();
+            assert!(s.returns + s.abandoned <= s.hits, "{mode:?}: {s:?}");
+            hits += s.hits;
+            returns += s.returns;
+            abandoned += s.abandoned;
+        }
+        eprintln!("liblua {mode:?}: {hits} entries, {returns} returns, {abandoned} abandoned");
+        assert!(
+            hits > 10_000,
+            "{mode:?}: the workload ran probed code ({hits})"
+        );
+        assert_eq!(
+            (
+                TOTALS.entries.load(Ordering::SeqCst),
+                TOTALS.returns.load(Ordering::SeqCst)
+            ),
+            (hits, returns),
+            "{mode:?}: handler calls and stats agree"
+        );
+        assert_eq!(hits, returns + abandoned, "{mode:?}");
+        assert!(
+            abandoned >= 2 * (2 * LUA_ERRORS + 4 * LUA_ARGERRORS + LUA_YIELDS),
+            "{mode:?}: {abandoned} abandoned"
+        );
+        detach_all(&ids);
+        assert_eq!(lua_workload(h), want);
     }
 });

@@ -11,6 +11,12 @@
 //! through a code pointer in memory, `jmp [rip + slot]`, the form of a
 //! tail call through the GOT), and the caller follows them.
 //!
+//! A jump to the function's own entry (a tail call to itself, or a loop
+//! back to its first instruction) leaves the invocation for a new one of
+//! the same function at the same return address: it is reported among the
+//! leaves too, as the function's start, so that the caller can tell such
+//! functions (their invocations chain, see `crate::shadow`).
+//!
 //! An indirect jump that is a bounded jump table stays inside the function
 //! ([`super::FunctionFlow`] proved that); any other indirect jump (through
 //! a register, or memory the code computes) may go anywhere: the function's
@@ -27,6 +33,8 @@ pub struct Exits {
     pub rets: Vec<usize>,
     /// Where its jumps out of the function go (tail calls, or a jump into
     /// another part of a split function): their exits are its exits too.
+    /// Its own start, if it jumps there (or just after its leading
+    /// `endbr64`, where a probe's jump may be).
     pub leaves: Vec<usize>,
     /// Code-pointer slots of its indirect jumps through memory at a fixed
     /// address (`jmp qword [rip + d]`): the function the slot names.
@@ -70,6 +78,11 @@ pub fn function_exits(code: &[u8], flow: &FunctionFlow) -> Result<Exits, ExitsUn
         _ => None,
     };
     let mut exits = Exits::default();
+    // Where a jump enters the function again: its start, and after a
+    // leading `endbr64`.
+    let after_endbr = code
+        .starts_with(&[0xf3, 0x0f, 0x1e, 0xfa])
+        .then_some(start + 4);
     let mut decoder = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
     while decoder.can_decode() {
         let i = decoder.decode();
@@ -88,7 +101,9 @@ pub fn function_exits(code: &[u8], flow: &FunctionFlow) -> Result<Exits, ExitsUn
                     OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
                 ) {
                     let t = i.near_branch_target() as usize;
-                    if !(start..end).contains(&t) {
+                    if t == start || Some(t) == after_endbr {
+                        exits.leaves.push(start);
+                    } else if !(start..end).contains(&t) {
                         exits.leaves.push(t);
                     }
                 } else {
@@ -153,6 +168,31 @@ mod tests {
         assert_eq!(e.rets, vec![A + 5, A + 13]);
         assert_eq!(e.leaves, vec![A + 13 + 0x1000]);
         assert!(e.slots.is_empty());
+    }
+
+    #[test]
+    fn a_jump_to_its_own_entry_is_a_leave_to_its_start() {
+        // test rdi, rdi; jz +5; dec rdi; jmp A (rel8); ret
+        let code = [
+            0x48, 0x85, 0xff, // test rdi, rdi
+            0x74, 0x05, // jz +5 -> A+10
+            0x48, 0xff, 0xcf, // dec rdi
+            0xeb, 0xf6, // jmp A
+            0xc3, // ret
+        ];
+        let e = function_exits(&code, &flow(&code)).unwrap();
+        assert_eq!(e.rets, vec![A + 10]);
+        assert_eq!(e.leaves, vec![A]);
+        // endbr64; test rdi, rdi; jnz A+4 (rel8, after the endbr64); ret
+        let code = [
+            0xf3, 0x0f, 0x1e, 0xfa, // endbr64
+            0x48, 0x85, 0xff, // test rdi, rdi
+            0x75, 0xfb, // jnz A+4
+            0xc3, // ret
+        ];
+        let e = function_exits(&code, &flow(&code)).unwrap();
+        assert_eq!(e.rets, vec![A + 9]);
+        assert_eq!(e.leaves, vec![A]);
     }
 
     #[test]
