@@ -447,7 +447,15 @@ pub(crate) fn purge_hit_entries(tags: &crate::addr_hash::AddrSet<u64>) {
 /// ended when it returns. Normal context only; must not be called from inside
 /// a section (see [`in_section`]).
 pub(crate) fn synchronize() {
-    TABLE.synchronize();
+    TABLE.synchronize(None);
+}
+
+/// [`synchronize`], giving up at `deadline`: `false` if a section that
+/// began before the call was still running then (a handler that blocks).
+/// For waits that must not hang on a handler, which may wait for the very
+/// thread that calls this.
+pub(crate) fn synchronize_until(deadline: std::time::Instant) -> bool {
+    TABLE.synchronize(Some(deadline))
 }
 
 /// Sets up the thread-exit hook that gives persistent slots back (see
@@ -782,7 +790,7 @@ impl Sections {
             .sum()
     }
 
-    fn synchronize(&self) {
+    fn synchronize(&self, deadline: Option<std::time::Instant>) -> bool {
         // Ordering: a full barrier on every thread — pairs with the compiler
         // fences in `enter_slot`/`Section::exit`. Everything the caller
         // unpublished before this point is invisible to sections that begin
@@ -808,11 +816,14 @@ impl Sections {
             }
         }
         for &(idx, seq) in &waiting[..n] {
-            wait_for(&self.slots[idx as usize], seq);
+            if !wait_for(&self.slots[idx as usize], seq, deadline) {
+                return false;
+            }
         }
         // Ordering: the caller frees memory after this; the Acquire loads in
         // `wait_for` ordered the readers' accesses before it.
         fence(Ordering::SeqCst);
+        true
     }
 
     fn reset_after_fork(&self, flush: impl Fn(u64, u64)) {
@@ -847,11 +858,16 @@ impl Sections {
     }
 }
 
-fn wait_for(slot: &Slot, seq: u64) {
+/// Waits until the section `seq` of `slot` has ended; `false` if `deadline`
+/// passed first.
+fn wait_for(slot: &Slot, seq: u64, deadline: Option<std::time::Instant>) -> bool {
     let mut spins = 0u32;
     // Ordering: Acquire — pairs with the reader's store in `Section::exit`:
     // once we see the sequence move, the section's reads are done.
     while slot.seq.load(Ordering::Acquire) == seq {
+        if spins >= 256 && deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return false;
+        }
         spins = spins.saturating_add(1);
         if cfg!(all(test, loom)) || spins < 64 {
             crate::sync::spin_loop();
@@ -861,6 +877,7 @@ fn wait_for(slot: &Slot, seq: u64) {
             std::thread::sleep(std::time::Duration::from_micros(50));
         }
     }
+    true
 }
 
 #[cfg(test)]
@@ -1119,7 +1136,7 @@ mod loom_tests {
             };
             // Ordering: Release — as the runtime publishes a new list.
             published.store(1, Ordering::Release);
-            table.synchronize();
+            table.synchronize(None);
             // SAFETY: the free; loom reports a race with any unordered read.
             objects[0].with_mut(|p| unsafe { *p = DEAD });
             reader.join().unwrap();
@@ -1172,7 +1189,7 @@ mod loom_tests {
             };
             // Ordering: Release, as above.
             published.store(0, Ordering::Release);
-            table.synchronize();
+            table.synchronize(None);
             // SAFETY: the free, as above.
             object.with_mut(|p| unsafe { *p = DEAD });
             reader.join().unwrap();

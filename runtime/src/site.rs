@@ -1489,11 +1489,18 @@ impl Sites {
             // thread can enter a run any more.
             membarrier::sync_core();
             // Trap handlers that chose an older plan of these sites are done
-            // with it; threads it sent into a stub are seen by the scan.
-            grace::synchronize();
-            runs.extend_from_slice(retired);
+            // with it (a handler that blocks must not hold this call: then
+            // the sites stay traps, and are retried); threads it sent into a
+            // stub are seen by the scan.
             let (tries, timeout) = self.patience;
-            match xol::quiet_within(&runs, threads::Depth::FramesRequired, tries, timeout) {
+            let graced = grace::synchronize_until(std::time::Instant::now() + timeout);
+            runs.extend_from_slice(retired);
+            let quiet = if graced {
+                xol::quiet_within(&runs, threads::Depth::FramesRequired, tries, timeout)
+            } else {
+                Ok(false)
+            };
+            match quiet {
                 Ok(true) => {}
                 r => {
                     // A thread may be inside a run: those sites stay traps.

@@ -218,10 +218,11 @@ static void t_status_version_init(void) {
       PROBERT_OK,           PROBERT_ERR_INVALID_ARGUMENT, PROBERT_ERR_NO_REGION,
       PROBERT_ERR_REGION_OVERLAP, PROBERT_ERR_UNSUPPORTED_INSN, PROBERT_ERR_NOT_FOUND,
       PROBERT_ERR_CONFLICT, PROBERT_ERR_PROTECT,        PROBERT_ERR_NO_MEMORY,
-      PROBERT_ERR_SIGNAL,   PROBERT_ERR_MISALIGNED,     PROBERT_ERR_INTERNAL,
+      PROBERT_ERR_SIGNAL,   PROBERT_ERR_MISALIGNED,     PROBERT_ERR_CODE_CHANGED,
+      PROBERT_ERR_INTERNAL,
   };
-  static const int values[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 255};
-  const char *unknown = probert_status_str((probert_status)11);
+  static const int values[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 255};
+  const char *unknown = probert_status_str((probert_status)12);
   CHECK(unknown != NULL && strlen(unknown) > 0);
   for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
     CHECK_EQ(all[i], values[i]);
@@ -233,7 +234,7 @@ static void t_status_version_init(void) {
     }
   }
   /* Every other integer: the "unknown" text, never NULL, never a crash. */
-  static const long others[] = {11, 12, 100, 254, 256, 1000, -1, -255, 0x7fffffff, -0x7fffffff - 1};
+  static const long others[] = {12, 13, 100, 254, 256, 1000, -1, -255, 0x7fffffff, -0x7fffffff - 1};
   for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
     const char *s = probert_status_str((probert_status)others[i]);
     CHECK(s != NULL && strcmp(s, unknown) == 0);
