@@ -5,14 +5,14 @@ use std::process::{Command, Output};
 
 fn probert() -> Command {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_probert"));
+    // The agent built beside it if there is one (`cargo build -p
+    // probert-agent`), else the copy the command carries (built from the
+    // same sources by its build script).
     let agent = bin.with_file_name("libprobert_agent.so");
-    assert!(
-        agent.is_file(),
-        "{} is missing: build it first (cargo build -p probert-agent, same profile)",
-        agent.display()
-    );
     let mut c = Command::new(bin);
-    c.env("PROBERT_AGENT", agent);
+    if agent.is_file() {
+        c.env("PROBERT_AGENT", agent);
+    }
     c
 }
 
@@ -298,16 +298,21 @@ fn failed_attaches_are_reported() {
     let w = workload();
     let w = w.to_str().unwrap();
     // crc32 of libz (dlopen'ed RTLD_NOW) ends in a tail jump through its
-    // PLT: its return probe must follow it (the latency row exists).
+    // PLT (followed: a null GOT slot of the lazy path is skipped), and one
+    // of the ways on from there returns through memcpy, which probert's
+    // own handlers may call: its return probe is refused, and the report
+    // says why. Its count still works.
     let (_, t) = trace(
         &["-p", "libz.so*:crc32", "-p", "work+1", "--latency"],
         &[w, "5", "4"],
     );
     let r = text(&t.stderr);
-    let lat = r.split("[latency]").nth(1).expect("latency table");
-    let row = lat.lines().find(|l| l.contains("crc32 (libz.so.1)"));
-    let calls: Option<u64> = row.and_then(|l| l.split_whitespace().next()?.parse().ok());
-    assert_eq!(calls, Some(4), "{r}");
+    assert_eq!(hits(&r, "crc32"), vec![4], "{r}");
+    assert!(
+        r.contains("not attached: crc32 (libz.so.1) [latency, spec 'libz.so*:crc32']: ")
+            && r.contains("inside memcpy, which probert's own handlers may call"),
+        "{r}"
+    );
     // work+1 is inside an instruction: neither tool can attach, and each
     // says so, with the reason.
     assert!(
