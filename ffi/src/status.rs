@@ -200,12 +200,12 @@ mod tests {
 
     #[test]
     fn numbers_are_api_md() {
-        let expect = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 255];
+        let expect = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 255];
         for (s, n) in probert_status::ALL.iter().zip(expect) {
             assert_eq!(*s as u32, n);
             assert_eq!(probert_status::from_raw(n), Some(*s));
         }
-        for n in [11, 12, 254, 256, u32::MAX] {
+        for n in [12, 13, 254, 256, u32::MAX] {
             assert_eq!(probert_status::from_raw(n), None);
         }
     }
