@@ -440,6 +440,10 @@ fn main() {
                             Err(Error::UnsupportedInstruction { reason, .. })
                                 if entry.is_some_and(|e| e != site)
                                     && reason.contains("a FAST probe at") => {}
+                            // Inside a return probe's exit run: refused
+                            // until the return probe goes.
+                            Err(Error::UnsupportedInstruction { reason, .. })
+                                if reason.contains("detach the return probe first") => {}
                             Err(e) => panic!("attach at {site:#x} ({mode:?}): {e}"),
                         }
                         c.attaches.fetch_add(1, Ordering::Relaxed);
