@@ -360,9 +360,18 @@ pub(crate) fn reclaim() {
         }
         // Ordering: Relaxed — set by the owner when it claimed the entry.
         let tid = s.tid.load(Ordering::Relaxed);
+        // Gone: the thread's own id word no longer holds its id (the kernel
+        // clears it at exit, before `pthread_join` returns; a new thread
+        // there has another), or the kernel knows no such thread.
+        // Ordering: Relaxed — see `init`.
+        let off = TID_OFFSET.load(Ordering::Relaxed);
+        let mut word = [0u8; 4];
+        let cleared = off != u32::MAX
+            && crate::sys::peek::read_memory(owner.wrapping_add(off as usize), &mut word).is_ok()
+            && u32::from_ne_bytes(word) != tid;
         // SAFETY: signal 0 only checks that the thread exists.
         let alive = unsafe { crate::sys::raw::syscall3(libc::SYS_tgkill, pid, i64::from(tid), 0) };
-        if alive != -i64::from(libc::ESRCH) {
+        if !cleared && alive != -i64::from(libc::ESRCH) {
             continue;
         }
         // The owner is gone. A new thread with the same thread pointer may
