@@ -419,33 +419,12 @@ unsafe extern "C" fn symbol_addr(
     }
 }
 
-const REGS: [Reg; 18] = [
-    Reg::Rax,
-    Reg::Rbx,
-    Reg::Rcx,
-    Reg::Rdx,
-    Reg::Rsi,
-    Reg::Rdi,
-    Reg::Rbp,
-    Reg::Rsp,
-    Reg::R8,
-    Reg::R9,
-    Reg::R10,
-    Reg::R11,
-    Reg::R12,
-    Reg::R13,
-    Reg::R14,
-    Reg::R15,
-    Reg::Rip,
-    Reg::Rflags,
-];
-
 /// # Signal safety
 /// Reads a register: no allocation, lock or panic.
 unsafe extern "C" fn regs_get(regs: *const Regs, reg: u32) -> u64 {
     // SAFETY: NULL or the live registers of the hit (the handler's contract).
-    match (unsafe { regs.as_ref() }, REGS.get(reg as usize)) {
-        (Some(r), Some(&reg)) => r.get(reg),
+    match (unsafe { regs.as_ref() }, Reg::from_index(reg)) {
+        (Some(r), Some(reg)) => r.get(reg),
         _ => 0,
     }
 }

@@ -1183,29 +1183,44 @@ fn zlib_workload(h: *mut std::ffi::c_void) -> (Vec<u8>, u64) {
     (out, sum)
 }
 
-isolated!(every_function_of_libz_in_a_real_workload, {
-    let Some(h) = dlopen("libz.so.1") else {
-        eprintln!("no libz.so.1: skipped");
+/// Every function of `lib` probed with entry and return in each mode (at
+/// least `min` of them), `workload` run on two threads at once: results
+/// identical to unprobed, and the totals pair up (`check_totals`).
+fn every_function_in_a_real_workload<T>(
+    lib: &'static str,
+    min: usize,
+    workload: fn(*mut std::ffi::c_void) -> T,
+    check: impl Fn(&T),
+) where
+    T: PartialEq + std::fmt::Debug + Send + 'static,
+{
+    let Some(h) = dlopen(lib) else {
+        eprintln!("no {lib}: skipped");
         return;
     };
-    let want = zlib_workload(h);
+    let want = workload(h);
+    check(&want);
     for mode in MODES {
         TOTALS.entries.store(0, Ordering::SeqCst);
         TOTALS.returns.store(0, Ordering::SeqCst);
-        let (ids, _) = probe_every_function("libz.so.1", mode);
+        let (ids, _) = probe_every_function(lib, mode);
         assert!(
-            ids.len() >= 50,
+            ids.len() >= min,
             "{mode:?}: only {} functions probed",
             ids.len()
         );
         // Two threads at once, and the results byte for byte.
-        let t = std::thread::spawn(move || zlib_workload(dlopen("libz.so.1").unwrap()));
-        assert_eq!(zlib_workload(h), want, "{mode:?}");
+        let t = std::thread::spawn(move || workload(dlopen(lib).unwrap()));
+        assert_eq!(workload(h), want, "{mode:?}");
         assert_eq!(t.join().unwrap(), want, "{mode:?}");
-        check_totals(&ids, &format!("libz {mode:?}"));
+        check_totals(&ids, &format!("{lib} {mode:?}"));
         detach_all(&ids);
-        assert_eq!(zlib_workload(h), want);
+        assert_eq!(workload(h), want);
     }
+}
+
+isolated!(every_function_of_libz_in_a_real_workload, {
+    every_function_in_a_real_workload("libz.so.1", 50, zlib_workload, |_| {});
 });
 
 type Open = unsafe extern "C" fn(*const libc::c_char, *mut *mut libc::c_void) -> i32;
@@ -1284,28 +1299,9 @@ fn sqlite_workload(h: *mut std::ffi::c_void) -> String {
 }
 
 isolated!(every_function_of_libsqlite3_in_a_real_workload, {
-    let Some(h) = dlopen("libsqlite3.so.0") else {
-        eprintln!("no libsqlite3.so.0: skipped");
-        return;
-    };
-    let want = sqlite_workload(h);
-    assert!(want.contains("3000|4501500|"), "{want}");
-    for mode in MODES {
-        TOTALS.entries.store(0, Ordering::SeqCst);
-        TOTALS.returns.store(0, Ordering::SeqCst);
-        let (ids, _) = probe_every_function("libsqlite3.so.0", mode);
-        assert!(
-            ids.len() >= 500,
-            "{mode:?}: only {} functions probed",
-            ids.len()
-        );
-        let t = std::thread::spawn(move || sqlite_workload(dlopen("libsqlite3.so.0").unwrap()));
-        assert_eq!(sqlite_workload(h), want, "{mode:?}");
-        assert_eq!(t.join().unwrap(), want, "{mode:?}");
-        check_totals(&ids, &format!("libsqlite3 {mode:?}"));
-        detach_all(&ids);
-        assert_eq!(sqlite_workload(h), want);
-    }
+    every_function_in_a_real_workload("libsqlite3.so.0", 500, sqlite_workload, |want| {
+        assert!(want.contains("3000|4501500|"), "{want}")
+    });
 });
 
 // ---- Lua: a whole interpreter, whose errors and yields are `longjmp`s ----

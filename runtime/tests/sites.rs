@@ -438,8 +438,9 @@ fn pipe() -> (i32, i32) {
 }
 
 /// Starts a thread reading one byte from `fd` through `s_read`, and waits
-/// until it is blocked in the system call. Returns it and its tid.
-fn blocked_reader(fd: i32) -> (std::thread::JoinHandle<(i64, u8)>, i32) {
+/// until it is blocked in the system call (wherever `s_read` runs: in place
+/// or in a stub). Returns it and its tid.
+fn reader_in_read(fd: i32) -> (std::thread::JoinHandle<(i64, u8)>, i32) {
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
         tx.send(unsafe { libc::gettid() }).unwrap();
@@ -451,6 +452,12 @@ fn blocked_reader(fd: i32) -> (std::thread::JoinHandle<(i64, u8)>, i32) {
     wait_for("the reader to block in read", || {
         blocked_in_read(tid).is_some()
     });
+    (reader, tid)
+}
+
+/// [`reader_in_read`], blocked in `s_read` itself, inside its entry's run.
+fn blocked_reader(fd: i32) -> (std::thread::JoinHandle<(i64, u8)>, i32) {
+    let (reader, tid) = reader_in_read(fd);
     // Inside the entry's run: after the `syscall`, before the `nop`.
     assert_eq!(blocked_in_read(tid), Some(at!(s_read) + 4));
     (reader, tid)
@@ -631,17 +638,7 @@ isolated!(a_fast_stub_is_not_reused_while_a_thread_blocks_in_it, {
     let id = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
     assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));
     let (r, w) = pipe();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        tx.send(unsafe { libc::gettid() }).unwrap();
-        let mut byte = 0u8;
-        let n = unsafe { s_read(r, &mut byte, 1) };
-        (n, byte)
-    });
-    let tid = rx.recv().unwrap();
-    wait_for("the reader to block in read", || {
-        blocked_in_read(tid).is_some()
-    });
+    let (reader, tid) = reader_in_read(r);
     let pc = blocked_in_read(tid).unwrap();
     assert!(!(f..f + 8).contains(&pc), "blocked in the stub, at {pc:#x}");
     assert_eq!(HITS.load(Ordering::SeqCst), 1);
@@ -678,17 +675,7 @@ isolated!(
         let inner = unsafe { probert::attach(f + 2, count, counter(&HITS)) }.unwrap();
         assert_eq!(probert::probe_mode(f), Ok(Mode::Trap), "demoted");
         let (r, w) = pipe();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            tx.send(unsafe { libc::gettid() }).unwrap();
-            let mut byte = 0u8;
-            let n = unsafe { s_read(r, &mut byte, 1) };
-            (n, byte)
-        });
-        let tid = rx.recv().unwrap();
-        wait_for("the reader to block in read", || {
-            blocked_in_read(tid).is_some()
-        });
+        let (reader, tid) = reader_in_read(r);
         let pc = blocked_in_read(tid).unwrap();
         assert!(!(f..f + 8).contains(&pc), "blocked in a stub, at {pc:#x}");
         assert_eq!(HITS.load(Ordering::SeqCst), 2);

@@ -409,8 +409,15 @@ pub fn read_code_checked(start: usize, end: usize) -> Option<Vec<u8>> {
     }
     let _lock = WriteLock::lock();
     let fd = mem_fd_locked().ok()?;
+    pread_mem(fd, start, &mut buf).ok()?;
+    Some(buf)
+}
+
+/// Fills `buf` from `/proc/self/mem` descriptor `fd` at address `start`:
+/// `Err(errno)`, or `Err(0)` where the file ends (nothing mapped there).
+fn pread_mem(fd: i32, start: usize, buf: &mut [u8]) -> Result<(), i32> {
     let mut done = 0;
-    while done < len {
+    while done < buf.len() {
         let rest = &mut buf[done..];
         let n = raw::check_retry(|| {
             // SAFETY: `rest` is writable for its length; the offset is an
@@ -424,14 +431,13 @@ pub fn read_code_checked(start: usize, end: usize) -> Option<Vec<u8>> {
                     (start + done) as i64,
                 )
             }
-        })
-        .ok()?;
+        })?;
         if n == 0 {
-            return None;
+            return Err(0);
         }
         done += n as usize;
     }
-    Some(buf)
+    Ok(())
 }
 
 /// What [`read_code_any`] found.
@@ -469,27 +475,10 @@ pub fn read_code_any(start: usize, end: usize) -> CodeRead {
     let Ok(fd) = mem_fd_locked() else {
         return CodeRead::Unknown;
     };
-    let mut done = 0;
-    while done < len {
-        let rest = &mut buf[done..];
-        let n = raw::check_retry(|| {
-            // SAFETY: `rest` is writable for its length; the offset is an
-            // address of ours, below i64::MAX for user space.
-            unsafe {
-                raw::syscall4(
-                    libc::SYS_pread64,
-                    i64::from(fd),
-                    rest.as_mut_ptr() as i64,
-                    rest.len() as i64,
-                    (start + done) as i64,
-                )
-            }
-        });
-        match n {
-            Ok(0) | Err(libc::EIO) => return CodeRead::Unmapped,
-            Ok(n) => done += n as usize,
-            Err(_) => return CodeRead::Unknown,
-        }
+    match pread_mem(fd, start, &mut buf) {
+        Ok(()) => {}
+        Err(0 | libc::EIO) => return CodeRead::Unmapped,
+        Err(_) => return CodeRead::Unknown,
     }
     CodeRead::Bytes {
         bytes: buf,
