@@ -703,11 +703,23 @@ extern "C" fn at_exit() {
 
 // ---- fork and dlopen -----------------------------------------------------
 
+/// The agent's lock, held by the forking thread from `fork_prepare` to
+/// `fork_parent`/`fork_child`: the drain thread is then outside every lock
+/// of the agent and its tools (it holds this one around all its work), so
+/// the child, which has no drain thread, finds none of them held.
+static mut FORK_AGENT: Option<std::sync::MutexGuard<'static, Option<Agent>>> = None;
+
 extern "C" fn fork_prepare() {
     PENDING.store(connect(), Ordering::Release);
+    let g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: the fork handlers of one fork run on one thread, in order;
+    // nothing else touches FORK_AGENT.
+    unsafe { *std::ptr::addr_of_mut!(FORK_AGENT) = Some(g) };
 }
 
 extern "C" fn fork_parent() {
+    // SAFETY: as in fork_prepare; dropping the guard unlocks.
+    drop(unsafe { (*std::ptr::addr_of_mut!(FORK_AGENT)).take() });
     let fd = PENDING.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: the descriptor made in fork_prepare, for the child only.
@@ -716,6 +728,8 @@ extern "C" fn fork_parent() {
 }
 
 extern "C" fn fork_child() {
+    // SAFETY: as in fork_prepare (the child goes on on the forking thread).
+    let held = unsafe { (*std::ptr::addr_of_mut!(FORK_AGENT)).take() };
     // Ordering: Relaxed — written before any fork, by init_agent.
     shared::forked(FOLLOW.load(Ordering::Relaxed));
     let old = CONN.swap(PENDING.swap(-1, Ordering::AcqRel), Ordering::AcqRel);
@@ -733,7 +747,7 @@ extern "C" fn fork_child() {
     // The forking thread's locks: no other thread exists in the child.
     events::forget_all();
     hello();
-    if let Ok(mut g) = AGENT.try_lock() {
+    if let Some(mut g) = held.or_else(|| AGENT.try_lock().ok()) {
         if let Some(agent) = g.as_mut() {
             for t in &agent.tools {
                 if let Some(f) = t.tool.forked {
@@ -751,7 +765,12 @@ extern "C" fn fork_child() {
         .try_lock()
         .ok()
         .and_then(|c| c.as_ref().and_then(|c| c.interval));
-    *STOP.try_lock().as_deref_mut().unwrap_or(&mut None) = None;
+    // The parent's channel to its drain thread: forgotten, not dropped —
+    // dropping disconnects it, which takes a lock that thread may have held
+    // at the fork (it has no thread here to release it).
+    if let Ok(mut stop) = STOP.try_lock() {
+        std::mem::forget(stop.take());
+    }
     start_drain(interval);
 }
 
