@@ -522,10 +522,13 @@ isolated!(
             "it was detached"
         );
         assert_eq!(probert::probe_mode(f), Ok(Mode::Trap));
-        assert!(
-            blocked_in_read(tid).is_some(),
-            "the scans restarted its read"
-        );
+        // The scans' signals interrupted the read; its handler acked before
+        // returning, so the thread may not be back in the kernel yet. A read
+        // that failed with EINTR instead would never block again (and the
+        // join below would see -1).
+        wait_for("the scans to restart its read", || {
+            blocked_in_read(tid).is_some()
+        });
         assert_eq!(unsafe { libc::write(w, b"x".as_ptr().cast(), 1) }, 1);
         assert_eq!(reader.join().unwrap(), (1, b'x'));
         fast_once_the_thread_left(id, &HITS, &before);
