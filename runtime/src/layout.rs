@@ -6,11 +6,22 @@
 //! and sized symbols), analysed all together on the first attach in the
 //! module and linked ([`arch::link_module`]: a `foo.cold` part jumps back
 //! into the middle of `foo`), with each function's C++ landing pads and the
-//! symbols inside it as entries. For a JIT region, the functions are those
+//! symbols inside it as entries, and the alignment padding after it
+//! ([`FunctionFlow::set_padding`]: a function shorter than the jump, or a
+//! site near its end, may displace padding nothing executes). For a JIT
+//! region, the functions are those
 //! the host declared ([`crate::RegionDesc::functions`]), or the whole region
-//! as one. Jumps through code pointers make a function unproven
-//! ([`PointerJumps::Anywhere`]): probert does not know every pointer a
-//! module holds into its code, so only bounded jump tables are followed.
+//! as one.
+//!
+//! Jumps through code pointers (tail calls through a function pointer, a
+//! GOT slot or a vtable) go only to entry points
+//! ([`PointerJumps::ToEntries`]) in a position-independent module: every
+//! code address its data can hold is named by a dynamic relocation, and
+//! those inside a function are its entries too. Elsewhere — an `ET_EXEC`
+//! executable, whose data holds absolute addresses nobody lists, a module
+//! whose relocations did not read, and JIT code — such a jump makes its
+//! function unproven ([`PointerJumps::Anywhere`]), and only bounded jump
+//! tables are followed.
 //!
 //! Writer only (under the writer lock). A module's layout is kept while the
 //! module's table is the same (an unload and a reload at the same address
@@ -50,6 +61,10 @@ pub(crate) struct Layouts {
     regions: std::collections::HashMap<RegionId, Flows>,
 }
 
+/// How much of the gap after a function is read for padding: more than
+/// the 4 bytes a jump at its last byte needs past it.
+const PADDING_READ: usize = 16;
+
 /// Reads memory without faulting (jump tables may be anywhere).
 fn read(addr: usize, buf: &mut [u8]) -> bool {
     peek::read_memory(addr, buf).is_ok()
@@ -87,20 +102,34 @@ impl Layouts {
             None => {
                 // A module reloaded where another was: its old flows go.
                 self.modules.retain(|m| !m.table.overlaps(&module.table));
-                let mut flows: Vec<FunctionFlow> = module
-                    .extents
+                let pointers = if module.code_pointers_known() {
+                    PointerJumps::ToEntries
+                } else {
+                    PointerJumps::Anywhere
+                };
+                let extents = &module.extents;
+                let mut flows: Vec<FunctionFlow> = extents
                     .iter()
-                    .filter_map(|e| {
+                    .enumerate()
+                    .filter_map(|(i, e)| {
                         let code = original(e.start, e.end)?;
                         let mut entries = e.landing_pads().ok()?;
                         entries.extend(module.symbols_inside(e.start, e.end));
-                        Some(FunctionFlow::analyze(
-                            &code,
-                            e.start,
-                            &entries,
-                            &read,
-                            PointerJumps::Anywhere,
-                        ))
+                        entries.extend(module.code_pointers_inside(e.start, e.end));
+                        let mut flow =
+                            FunctionFlow::analyze(&code, e.start, &entries, &read, pointers);
+                        // The gap to the next function, if no code pointer
+                        // names a place in it: alignment padding, perhaps.
+                        let next = extents.get(i + 1).map_or(e.end, |n| n.start);
+                        let gap = next.min(e.end + PADDING_READ);
+                        if gap > e.end
+                            && module.code_pointers_inside(e.end - 1, gap).next().is_none()
+                        {
+                            if let Some(pad) = original(e.end, gap) {
+                                flow.set_padding(&pad);
+                            }
+                        }
+                        Some(flow)
                     })
                     .collect();
                 flows.sort_by_key(|f| f.start());

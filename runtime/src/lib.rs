@@ -58,7 +58,15 @@
 //! insists. Sites switch with the `int3`-first protocol of cross-modifying
 //! code, cores serialised between steps, and a thread scan before the
 //! displaced run is overwritten (the `site` module's docs give the
-//! argument).
+//! argument). In a position-independent module (a shared library, a PIE)
+//! a jump through a code pointer — a tail call through a function pointer,
+//! the GOT, a vtable — is taken to land on a function start, a return
+//! address, or an address the module's dynamic relocations name (the only
+//! code addresses such a module's data can hold), unless the function
+//! takes addresses of its own code (a computed goto); in an `ET_EXEC`
+//! executable and in JIT code such a jump makes runs of several
+//! instructions refused in its function. A function shorter than the jump
+//! may displace the alignment padding after it.
 //!
 //! **The index** is read by the handler without locks, and the handler may
 //! have interrupted the writer on its own thread, so it can never wait: the

@@ -49,7 +49,8 @@
 use std::ffi::c_void;
 
 use crate::arch::{
-    self, Clobbers, Displaced, EmuFault, Emulated, Reg, Regs, TrapContext, TrapSite, TRAP_INSN,
+    self, Access, Clobbers, Displaced, EmuFault, Emulated, Reg, Regs, TrapContext, TrapSite,
+    TRAP_INSN,
 };
 use crate::grace;
 use crate::map::Index;
@@ -113,8 +114,26 @@ pub(crate) fn handler_entry() -> usize {
 /// into an out-of-line stub (see `crate::xol`).
 #[link_section = "probert_fast"]
 extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void) {
-    // SAFETY: we are the signal handler's entry point.
+    serve_trap(signo, info, uc, false);
+}
+
+/// [`on_sigtrap`]'s body. `exhausted`: the kernel could not push the trap's
+/// frame on the thread's stack and forced a `SIGSEGV` onto the alternate
+/// stack instead ([`on_fault`]); then an emulated access goes through
+/// system calls ([`Access::Careful`]), since the nested signal of a
+/// faulting one may not fit on that stack too.
+///
+/// # Signal safety
+/// As [`on_sigtrap`].
+#[inline(always)]
+fn serve_trap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut c_void, exhausted: bool) {
+    // SAFETY: we are (called at once by) the signal handler's entry point.
     let cx = unsafe { SignalContext::new() };
+    let access = if exhausted {
+        Access::Careful(cx)
+    } else {
+        Access::Direct
+    };
     // SAFETY: the kernel passes valid pointers to a SA_SIGINFO handler.
     let code = unsafe { (*info).si_code };
     // SAFETY: the kernel's ucontext for this signal, exclusively ours until
@@ -159,7 +178,7 @@ extern "C" fn on_sigtrap(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mu
             );
             let mut fault = None;
             if regs.pc() == view.report {
-                fault = resume_displaced(cx, &view, addr, &mut regs);
+                fault = resume_displaced(cx, &view, addr, &mut regs, access);
             }
             note_frame_restorer(cx, uc);
             ctx.set_regs(&regs);
@@ -227,10 +246,11 @@ fn resume_displaced(
     view: &ProbeView,
     addr: usize,
     regs: &mut Regs,
+    access: Access,
 ) -> Option<EmuFault> {
     match view.displaced {
         Displaced::OutOfLine => arch::resume_out_of_line(regs, view.stub),
-        d => match arch::emulate(cx, &d, addr as u64, view.len, regs) {
+        d => match arch::emulate(cx, &d, addr as u64, view.len, regs, access) {
             Emulated::Done => {}
             Emulated::Refused => fatal(b"probert: an emulated instruction could not be emulated\n"),
             Emulated::Faulted(f) => {
@@ -316,10 +336,11 @@ extern "C" fn on_fault(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
                 // our sites (the stack is exhausted: a `push` or `call` on a
                 // guard page) and forced this instead, on the alternate
                 // stack: serve the trap here (an emulated access then faults
-                // and is delivered as the instruction's own).
+                // — found by a system call, not a second signal on this
+                // stack — and is delivered as the instruction's own).
                 sig::unblock(libc::SIGSEGV);
                 // `ctx` is not used again: the trap path takes `uc`.
-                on_sigtrap(libc::SIGTRAP, info, uc);
+                serve_trap(libc::SIGTRAP, info, uc, true);
                 return;
             }
         }

@@ -52,19 +52,40 @@ xr_keep_exit:
 xr_keep_ret:
     ret
     .size xr_keep, .-xr_keep
+
+    // The places inside as offsets from the starts: an address in data
+    // would need a relocation, which names an entry point (a jump through
+    // a pointer may arrive there), and no run may hold one.
+    .pushsection .rodata
+    .p2align 3
+    .globl xr_offsets
+xr_offsets:
+    .quad xr_add_exit - xr_add
+    .quad xr_add_ret - xr_add
+    .quad xr_keep_ret - xr_keep
+    .popsection
 "#
 );
 
 extern "C" {
     fn xr_add(a: u64, b: u64) -> u64;
-    static xr_add_exit: u8;
-    static xr_add_ret: u8;
     fn xr_keep(x: u64) -> u64;
-    static xr_keep_ret: u8;
+    static xr_offsets: [usize; 3];
 }
 
-fn at<T>(s: &T) -> usize {
-    s as *const T as usize
+/// `xr_add`'s exit run.
+fn add_exit() -> usize {
+    xr_add as *const () as usize + unsafe { xr_offsets[0] }
+}
+
+/// `xr_add`'s `ret`.
+fn add_ret() -> usize {
+    xr_add as *const () as usize + unsafe { xr_offsets[1] }
+}
+
+/// `xr_keep`'s `ret`.
+fn keep_ret() -> usize {
+    xr_keep as *const () as usize + unsafe { xr_offsets[2] }
 }
 
 static ENTRIES: AtomicU64 = AtomicU64::new(0);
@@ -126,11 +147,11 @@ isolated!(a_return_probe_exit_is_fast_and_pairs_on_two_threads, {
     let id = attach_returns(f);
     assert_eq!(probert::probe_mode(f), Ok(Mode::Fast), "the entry");
     assert_eq!(
-        probert::probe_mode(at(unsafe { &xr_add_ret })),
+        probert::probe_mode(add_ret()),
         Ok(Mode::Fast),
         "the exit: its run's jump"
     );
-    let exit = at(unsafe { &xr_add_exit });
+    let exit = add_exit();
     assert_eq!(bytes(exit, 1), [0xE9], "the jump at the exit run");
     assert_eq!(&bytes(f, 16)[14..], &before[14..], "nothing past the ret");
     let threads: Vec<_> = (0..2u64)
@@ -164,10 +185,7 @@ isolated!(a_return_probe_exit_is_fast_and_pairs_on_two_threads, {
 isolated!(registers_the_epilogue_restores_reach_the_caller, {
     let f = xr_keep as *const () as usize;
     let id = attach_returns(f);
-    assert_eq!(
-        probert::probe_mode(at(unsafe { &xr_keep_ret })),
-        Ok(Mode::Fast)
-    );
+    assert_eq!(probert::probe_mode(keep_ret()), Ok(Mode::Fast));
     let (rbx, r12, out): (u64, u64, u64);
     unsafe {
         std::arch::asm!(
@@ -207,8 +225,8 @@ isolated!(a_trap_pin_at_the_ret_goes_through_the_exit_stub, {
         Action::Continue as u32
     }
     let f = xr_add as *const () as usize;
-    let ret = at(unsafe { &xr_add_ret });
-    let exit = at(unsafe { &xr_add_exit });
+    let ret = add_ret();
+    let exit = add_exit();
     let before = bytes(f, 16);
     let id = attach_returns(f);
     let pin = unsafe { probert::attach_ex(ret, at_ret, std::ptr::null_mut(), Mode::Trap) }.unwrap();
@@ -234,7 +252,7 @@ isolated!(a_trap_pin_at_the_ret_goes_through_the_exit_stub, {
 isolated!(a_probe_inside_an_exit_run_is_refused_until_it_goes, {
     static HITS: AtomicU64 = AtomicU64::new(0);
     let f = xr_add as *const () as usize;
-    let exit = at(unsafe { &xr_add_exit });
+    let exit = add_exit();
     let id = attach_returns(f);
     match unsafe { probert::attach(exit + 4, count, counter(&HITS)) } {
         Err(Error::UnsupportedInstruction { reason, .. }) => {
@@ -254,7 +272,7 @@ isolated!(a_probe_inside_an_exit_run_is_refused_until_it_goes, {
     assert_eq!(HITS.load(Ordering::SeqCst), 1);
     // The other order: the exit takes the trap path at its `ret`.
     let id = attach_returns(f);
-    let ret = at(unsafe { &xr_add_ret });
+    let ret = add_ret();
     assert_eq!(probert::probe_mode(ret), Ok(Mode::Trap));
     assert_eq!(unsafe { xr_add(2, 3) }, 6);
     assert_eq!(HITS.load(Ordering::SeqCst), 2);

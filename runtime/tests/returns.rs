@@ -1098,6 +1098,18 @@ fn dlsym<T: Copy>(h: *mut std::ffi::c_void, name: &str) -> T {
     unsafe { std::mem::transmute_copy(&p) }
 }
 
+/// `addr` as `file+offset`, for messages.
+fn in_module(addr: usize) -> String {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    if unsafe { libc::dladdr(addr as *const libc::c_void, &mut info) } == 0
+        || info.dli_fname.is_null()
+    {
+        return "not in a module".into();
+    }
+    let name = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) }.to_string_lossy();
+    format!("{name}+{:#x}", addr - info.dli_fbase as usize)
+}
+
 /// Checks the totals after a workload: every entry returned or was
 /// abandoned, nothing else.
 fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
@@ -1110,8 +1122,10 @@ fn check_totals(ids: &[(probert::ConsumerId, usize)], what: &str) {
         // invocation returns (a function that tail-jumps to its own entry,
         // as sqlite3WhereSplit does, too).
         assert_eq!(
-            s.abandoned, 0,
-            "{what}: {s:?} abandoned in the function at {start:#x}"
+            s.abandoned,
+            0,
+            "{what}: {s:?} abandoned in the function at {start:#x} ({})",
+            in_module(start)
         );
         hits += s.hits;
         returns += s.returns;

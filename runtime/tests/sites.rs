@@ -124,6 +124,68 @@ s_switch_c2: .quad .Ls_sw_c2
     pop rbp
     ret
     SEND s_demote
+
+    // A tail call through a function pointer in memory: (*s_tail_slot)(rdi
+    // + 1). The entry's run is the lea and the mov, 7 bytes.
+    SFUNC s_tail
+    lea rax, [rdi + 1]              // +0, 4 bytes
+    mov rdi, rax                    // +4, 3 bytes
+    jmp qword ptr [rip + s_tail_slot]
+    SEND s_tail
+
+    // The same jump, through a slot that holds an address inside the
+    // entry's run (named by a relocation): max(rdi + 1, 3), looping back
+    // through the slot.
+    SFUNC s_tail_into
+    mov rax, rdi                    // +0, 3 bytes
+.Ls_tail_into_mid:
+    add rax, 1                      // +3, 4 bytes: inside the entry's run
+    cmp rax, 3
+    jae 1f
+    jmp qword ptr [rip + s_tail_into_slot]
+1:  ret
+    SEND s_tail_into
+
+    // A computed goto the PIC way: its own label's address plus an offset
+    // from data (no relocation names the target), stored and loaded back,
+    // then jumped through. Returns 2 from the block at s_goto_base + 4,
+    // inside the 6-byte run of the probe at s_goto_base.
+    SFUNC s_goto
+    lea rax, [rip + .Ls_goto_base]
+    add rax, qword ptr [rip + s_goto_delta]
+    mov qword ptr [rip + s_goto_cell], rax
+    mov eax, 1
+    mov rdx, qword ptr [rip + s_goto_cell]
+    jmp rdx
+.Ls_goto_base:
+    xor eax, eax                    // 2 bytes
+    inc eax                         // 2 bytes
+.Ls_goto_target:
+    inc eax                         // 2 bytes
+    ret
+    SEND s_goto
+
+    // Shorter than the jump: rdi + 1. The alignment of the next function
+    // pads it with nops nothing executes.
+    SFUNC s_short
+    lea eax, [rdi + 1]              // 3 bytes
+    ret
+    SEND s_short
+    SFUNC s_after_short
+    lea eax, [rdi + 2]
+    ret
+    SEND s_after_short
+
+    .pushsection .data
+    .p2align 3
+    .globl s_tail_slot
+s_tail_slot: .quad 0
+s_tail_into_slot: .quad .Ls_tail_into_mid
+s_goto_delta: .quad .Ls_goto_target - .Ls_goto_base
+s_goto_cell: .quad 0
+    .globl s_goto_base
+s_goto_base: .quad .Ls_goto_base
+    .popsection
 "#
 );
 
@@ -136,6 +198,13 @@ extern "C" {
     fn s_endbr(x: u64) -> u64;
     fn s_run(x: u64) -> u64;
     fn s_demote(x: u64) -> u64;
+    fn s_tail(x: u64) -> u64;
+    static mut s_tail_slot: usize;
+    fn s_tail_into(x: u64) -> u64;
+    fn s_goto() -> u64;
+    fn s_short(x: u64) -> u64;
+    fn s_after_short(x: u64) -> u64;
+    static s_goto_base: usize;
 }
 
 /// The address of a target.
@@ -889,3 +958,171 @@ isolated!(a_probe_inside_a_run_demotes_its_site, {
     probert::detach_batch(&[entry, inner]).unwrap();
     assert_eq!(bytes(f, 16), before);
 });
+
+extern "C" fn times_ten(x: u64) -> u64 {
+    x * 10
+}
+
+isolated!(a_tail_call_through_a_function_pointer_goes_fast, {
+    // In position-independent code every code address data can hold is
+    // named by a dynamic relocation, so a jump through a loaded pointer
+    // lands on a function start or one of those: the entry may be
+    // displaced whole.
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    unsafe { *std::ptr::addr_of_mut!(s_tail_slot) = times_ten as *const () as usize };
+    let f = at!(s_tail);
+    let before = bytes(f, 16);
+    let id = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
+    assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));
+    assert_eq!(probert::fast_refusal(f), Ok(None));
+    assert_eq!(bytes(f, 1), [0xE9]);
+    for x in 0..100 {
+        assert_eq!(unsafe { s_tail(x) }, (x + 1) * 10);
+    }
+    assert_eq!(HITS.load(Ordering::SeqCst), 100);
+    probert::detach(id).unwrap();
+    assert_eq!(bytes(f, 16), before);
+});
+
+isolated!(
+    a_pointer_a_relocation_names_inside_the_run_keeps_the_trap_path,
+    {
+        // The slot holds the address 3 bytes into the function: the jump
+        // through it would land inside a 5-byte jump at the entry.
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let f = at!(s_tail_into);
+        let before = bytes(f, 16);
+        let why = fast_refusal(f);
+        assert!(why.contains("lands inside the displaced range"), "{why}");
+        let id = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
+        assert_eq!(probert::probe_mode(f), Ok(Mode::Trap));
+        assert_eq!(unsafe { s_tail_into(0) }, 3, "twice through the slot");
+        assert_eq!(unsafe { s_tail_into(7) }, 8);
+        assert_eq!(HITS.load(Ordering::SeqCst), 2, "entered twice");
+        probert::detach(id).unwrap();
+        assert_eq!(bytes(f, 16), before);
+    }
+);
+
+isolated!(a_computed_goto_is_not_taken_for_a_tail_call, {
+    // Its target is its own label plus an offset no relocation names: a
+    // function that takes its own code's address and jumps through a
+    // pointer is not proven.
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let block = unsafe { s_goto_base };
+    let before = bytes(block, 8);
+    let why = fast_refusal(block);
+    assert!(why.contains("takes addresses of its own code"), "{why}");
+    let id = unsafe { probert::attach(block, count, counter(&HITS)) }.unwrap();
+    assert_eq!(probert::probe_mode(block), Ok(Mode::Trap));
+    assert_eq!(
+        unsafe { s_goto() },
+        2,
+        "it jumped past the probed block's start"
+    );
+    assert_eq!(HITS.load(Ordering::SeqCst), 0);
+    probert::detach(id).unwrap();
+    assert_eq!(bytes(block, 8), before);
+});
+
+isolated!(
+    sqlite_mutex_methods_tail_called_through_its_config_go_fast,
+    {
+        // Real code: SQLite's `sqlite3_mutex_enter` is `test rdi, rdi; je
+        // out; mov rax, [rip + config]; jmp [rax + 0x80]`, a tail call through
+        // the mutex methods it was configured with.
+        let lib = c"libsqlite3.so.0";
+        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            eprintln!("no libsqlite3.so.0: skipped");
+            return;
+        }
+        let sym = |name: &std::ffi::CStr| {
+            let p = unsafe { libc::dlsym(h, name.as_ptr()) } as usize;
+            assert_ne!(p, 0, "{name:?}");
+            p
+        };
+        type Alloc = unsafe extern "C" fn(i32) -> *mut libc::c_void;
+        type Op = unsafe extern "C" fn(*mut libc::c_void);
+        type Try = unsafe extern "C" fn(*mut libc::c_void) -> i32;
+        let alloc: Alloc = unsafe { std::mem::transmute(sym(c"sqlite3_mutex_alloc")) };
+        let (enter, leave) = (sym(c"sqlite3_mutex_enter"), sym(c"sqlite3_mutex_leave"));
+        let try_enter: Try = unsafe { std::mem::transmute(sym(c"sqlite3_mutex_try")) };
+        let free: Op = unsafe { std::mem::transmute(sym(c"sqlite3_mutex_free")) };
+        let m = unsafe { alloc(1) }; // SQLITE_MUTEX_RECURSIVE
+        assert!(!m.is_null());
+        static ENTERS: AtomicU64 = AtomicU64::new(0);
+        static LEAVES: AtomicU64 = AtomicU64::new(0);
+        let before = (bytes(enter, 16), bytes(leave, 16));
+        let ids = [
+            unsafe { probert::attach(enter, count, counter(&ENTERS)) }.unwrap(),
+            unsafe { probert::attach(leave, count, counter(&LEAVES)) }.unwrap(),
+        ];
+        for f in [enter, leave] {
+            assert_eq!(probert::probe_mode(f), Ok(Mode::Fast), "{f:#x}");
+            assert_eq!(probert::fast_refusal(f), Ok(None));
+        }
+        let (enter_fn, leave_fn): (Op, Op) = unsafe {
+            (
+                std::mem::transmute::<usize, Op>(enter),
+                std::mem::transmute::<usize, Op>(leave),
+            )
+        };
+        let shared = m as usize;
+        let t = std::thread::spawn(move || {
+            let m = shared as *mut libc::c_void;
+            for _ in 0..1000 {
+                unsafe { enter_fn(m) };
+                unsafe { leave_fn(m) };
+            }
+        });
+        for _ in 0..1000 {
+            unsafe { enter_fn(m) };
+            // Recursive: the lock holder may enter again.
+            unsafe { enter_fn(m) };
+            assert_eq!(unsafe { try_enter(m) }, 0, "SQLITE_OK");
+            unsafe { leave_fn(m) };
+            unsafe { leave_fn(m) };
+            unsafe { leave_fn(m) };
+        }
+        t.join().unwrap();
+        unsafe { enter_fn(std::ptr::null_mut()) }; // the je: no mutex, no call
+        assert_eq!(ENTERS.load(Ordering::SeqCst), 3001);
+        assert_eq!(LEAVES.load(Ordering::SeqCst), 4000);
+        probert::detach_batch(&ids).unwrap();
+        assert_eq!((bytes(enter, 16), bytes(leave, 16)), before);
+        unsafe { free(m) };
+    }
+);
+
+isolated!(
+    a_function_shorter_than_the_jump_takes_the_padding_after_it,
+    {
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let f = at!(s_short);
+        assert_eq!(at!(s_after_short), f + 16);
+        let before = bytes(f, 16);
+        assert_eq!(before[4], 0x66, "a long nop after the ret: {before:x?}");
+        let id = unsafe { probert::attach(f, count, counter(&HITS)) }.unwrap();
+        assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));
+        assert_eq!(bytes(f, 1), [0xE9]);
+        assert_eq!(
+            &bytes(f, 16)[5..],
+            &before[5..],
+            "only the jump's bytes change"
+        );
+        for x in 0..100 {
+            assert_eq!(unsafe { s_short(x) }, x + 1);
+            assert_eq!(unsafe { s_after_short(x) }, x + 2);
+        }
+        assert_eq!(HITS.load(Ordering::SeqCst), 100);
+        // The next function, probed too, right after the padding.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let next = unsafe { probert::attach(f + 16, count, counter(&NEXT)) }.unwrap();
+        assert_eq!(unsafe { s_after_short(1) }, 3);
+        assert_eq!(NEXT.load(Ordering::SeqCst), 1);
+        probert::detach_batch(&[id, next]).unwrap();
+        assert_eq!(bytes(f, 16), before, "the padding byte restored too");
+        assert_eq!(unsafe { s_short(1) }, 2);
+    }
+);

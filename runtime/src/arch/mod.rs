@@ -53,7 +53,10 @@
 //!
 //! **Emulation.** [`emulate`] applies a displaced instruction the trap path
 //! emulates (branches, `call` with the original return address, `push`,
-//! `ret`) to the registers, in signal context.
+//! `ret`) to the registers, in signal context; its memory accesses are the
+//! instruction's own ([`Access::Direct`], a fault a nested signal) or
+//! system calls ([`Access::Careful`], for a trap served on an alternate
+//! stack with no room for a second frame).
 //!
 //! **The patch sequence of a site.** A fast site's [`JUMP_LEN`]-byte jump
 //! ([`jump_to`]) replaces the trap in steps ([`TO_JUMP`], and [`TO_TRAP`]
@@ -141,8 +144,8 @@ pub use x86_64::{
     emit_out_of_line_slot, emit_site_stub, emit_trampoline, emulate, errno_get, errno_offset,
     errno_set, far_exit, fast_eligible, fault_origin, function_exits, handler_restorer,
     interrupted_pc, interrupted_sp, jump_to, link_module, recover_emulator_fault, restorer_address,
-    resume_out_of_line, stub_entry, stub_resume, thread_id, thread_pointer, tid_offset, Clobbers,
-    CpuState, Displaced, EmuFault, Emulated, FastFrame, FunctionFlow, InlineLayout,
+    resume_out_of_line, stub_entry, stub_resume, thread_id, thread_pointer, tid_offset, Access,
+    Clobbers, CpuState, Displaced, EmuFault, Emulated, FastFrame, FunctionFlow, InlineLayout,
     KernelSigaction, PointerJumps, Refusal, Reg, Regs, SwitchStep, TrapContext, TrapSite, HEAD,
     JUMP_LEN, MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP,
     TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,

@@ -18,12 +18,14 @@
 //!   its landing pads decoded from the LSDA ([`super::lsda`]);
 //! - the defined function symbols (`STT_FUNC`, `STT_GNU_IFUNC`) of
 //!   `.symtab` and `.dynsym`, with binding, visibility and, for `.dynsym`,
-//!   whether their version is the default one (`.gnu.version`).
+//!   whether their version is the default one (`.gnu.version`);
+//! - for a position-independent object, the addresses its dynamic
+//!   relocations name ([`ElfImage::code_pointers`]).
 //!
 //! String tables are read whole, once, rather than a name at a time.
 
 use object::elf;
-use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::read::elf::{ElfFile64, FileHeader, ProgramHeader, Rela, SectionHeader, Sym};
 use object::read::SymbolIndex;
 use object::{Endianness, Object, ReadRef};
 
@@ -55,6 +57,16 @@ pub(crate) struct ElfImage {
     /// FDEs that did not parse.
     pub fdes_skipped: usize,
     pub symbols: Vec<SymbolIn>,
+    /// The addresses the dynamic relocations name: `RELATIVE` and
+    /// `IRELATIVE` addends, defined symbols plus addends, the words `RELR`
+    /// relocates. In a position-independent object (`ET_DYN`: a shared
+    /// library or a PIE) every absolute address its data holds is one of
+    /// these, since the load address is known only at run time. `None`
+    /// where that is not known: an `ET_EXEC` executable (its data holds
+    /// absolute addresses with no relocation), a file without section
+    /// headers, relocations of a kind not read here (`REL`, `CREL`) or that
+    /// do not read.
+    pub code_pointers: Option<Vec<u64>>,
 }
 
 impl ElfImage {
@@ -121,6 +133,7 @@ pub(crate) fn read_elf<'data, R: ReadRef<'data>>(data: R) -> Result<ElfImage, El
         .map(|(a, d)| (a, d.to_vec()));
     read_frames(&bytes, &mut image);
     read_symbols(&file, data, &mut image.symbols);
+    image.code_pointers = read_code_pointers(&bytes);
     image.loads = loads;
     Ok(image)
 }
@@ -292,6 +305,61 @@ fn read_symbols<'data, R: ReadRef<'data>>(file: &File<'data, R>, data: R, out: &
     }
 }
 
+/// [`ElfImage::code_pointers`]: every address the dynamic relocations of a
+/// position-independent object name (unsorted, link-time).
+fn read_code_pointers<'data, R: ReadRef<'data>>(bytes: &Bytes<'_, 'data, R>) -> Option<Vec<u64>> {
+    let (file, data, endian) = (bytes.file, bytes.data, bytes.endian());
+    let sections = file.elf_section_table();
+    if file.elf_header().e_type(endian) != elf::ET_DYN || sections.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for sh in sections.iter() {
+        match sh.sh_type(endian) {
+            elf::SHT_RELA => {
+                let (relas, link) = sh.rela(endian, data).ok()??;
+                let symbols = sections.symbol_table_by_index(endian, data, link).ok();
+                for r in relas {
+                    // Thread-local offsets and module ids are not addresses.
+                    if matches!(
+                        r.r_type(endian, false),
+                        elf::R_X86_64_NONE
+                            | elf::R_X86_64_COPY
+                            | elf::R_X86_64_DTPMOD64
+                            | elf::R_X86_64_DTPOFF64
+                            | elf::R_X86_64_TPOFF64
+                            | elf::R_X86_64_TLSDESC
+                    ) {
+                        continue;
+                    }
+                    let addend = r.r_addend(endian) as u64;
+                    let value = match r.symbol(endian, false) {
+                        None => addend,
+                        Some(i) => {
+                            let sym = symbols.as_ref()?.symbol(i).ok()?;
+                            if sym.st_shndx(endian) == elf::SHN_UNDEF {
+                                continue;
+                            }
+                            sym.st_value(endian).wrapping_add(addend)
+                        }
+                    };
+                    out.push(value);
+                }
+            }
+            elf::SHT_RELR => {
+                for at in sh.relr(endian, data).ok()?? {
+                    // The addend is the word at the relocated place.
+                    let word = bytes.bytes_at(at)?.get(..8)?;
+                    out.push(u64::from_le_bytes(word.try_into().ok()?));
+                }
+            }
+            elf::SHT_REL | elf::SHT_CREL => return None,
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
 /// The NUL-terminated string at `off` of a string table.
 fn c_name(strings: &[u8], off: u32) -> Option<&[u8]> {
     let s = strings.get(usize::try_from(off).ok()?..)?;
@@ -310,6 +378,50 @@ mod tests {
             Err(ElfError::Object(_))
         ));
         assert!(matches!(read_elf(&[0u8; 16][..]), Err(ElfError::Object(_))));
+    }
+
+    #[inline(never)]
+    extern "C" fn pointed_at_by_data() -> u32 {
+        7
+    }
+
+    /// A code pointer in data: a `RELATIVE` relocation in this PIE.
+    #[used]
+    static CODE_POINTER: extern "C" fn() -> u32 = pointed_at_by_data;
+
+    #[test]
+    fn a_pie_names_the_code_its_data_points_at_and_a_fixed_executable_does_not() {
+        assert_eq!(std::hint::black_box(&CODE_POINTER)(), 7);
+        let f = std::fs::File::open("/proc/self/exe").expect("open");
+        let img = read_elf(&object::ReadCache::new(f)).expect("read");
+        let sym = img
+            .symbols
+            .iter()
+            .find(|s| s.name.contains("pointed_at_by_data"))
+            .expect("the symbol");
+        let pointers = img.code_pointers.expect("a PIE's relocations read");
+        assert!(pointers.contains(&sym.value), "{:#x}", sym.value);
+
+        // A non-PIE executable holds absolute addresses nobody lists.
+        let dir = std::env::temp_dir().join(format!("probert-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let (c, exe) = (dir.join("fixed.c"), dir.join("fixed"));
+        std::fs::write(&c, "int main(void) { return 0; }\n").expect("write");
+        match std::process::Command::new("cc")
+            .args(["-O2", "-no-pie", "-fno-pie", "-o"])
+            .arg(&exe)
+            .arg(&c)
+            .status()
+        {
+            Ok(s) => {
+                assert!(s.success(), "cc: {s}");
+                let f = std::fs::File::open(&exe).expect("open");
+                let img = read_elf(&object::ReadCache::new(f)).expect("read");
+                assert!(img.code_pointers.is_none());
+            }
+            Err(e) => println!("no C compiler ({e}): ET_EXEC not tested"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -294,6 +294,12 @@ pub(crate) struct FunctionTable {
     pads: Box<[u32]>,
     /// FDE ranges with an unreadable LSDA, sorted.
     unknown_pads: Box<[(u32, u32)]>,
+    /// The addresses inside executable segments that the module's data
+    /// names ([`super::elf::ElfImage::code_pointers`]), sorted; `None` if
+    /// not known.
+    code_pointers: Option<Box<[u32]>>,
+    /// Executable segments, offsets.
+    exec: Box<[(u32, u32)]>,
     /// Executable bytes, for [`TableStats`].
     #[cfg(test)]
     executable: u64,
@@ -405,9 +411,36 @@ impl FunctionTable {
             names: names.into(),
             pads: pads.into(),
             unknown_pads: unknown_pads.into(),
+            code_pointers: None,
             #[cfg(test)]
             executable: exec_off.iter().map(|&(s, e)| u64::from(e - s)).sum(),
+            exec: exec_off.into(),
         })
+    }
+
+    /// The table, knowing which link-time addresses the module's data names
+    /// (those inside its executable segments are kept), or that this is
+    /// not known (`None`).
+    pub(crate) fn with_code_pointers(mut self, pointers: Option<&[u64]>) -> FunctionTable {
+        self.code_pointers = pointers.map(|all| {
+            let mut v: Vec<u32> = all
+                .iter()
+                .filter_map(|&a| u32::try_from(a.checked_sub(self.base)?).ok())
+                .filter(|&o| self.exec.iter().any(|&(s, e)| s <= o && o < e))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v.into()
+        });
+        self
+    }
+
+    /// The run-time addresses inside executable code that the module's
+    /// data names, sorted, for a module at `bias`; `None` if not known.
+    pub(crate) fn code_pointers(&self, bias: usize) -> Option<Vec<usize>> {
+        let load = bias.wrapping_add(self.base as usize);
+        let v = self.code_pointers.as_ref()?;
+        Some(v.iter().map(|&o| load + o as usize).collect())
     }
 
     /// Deduplicates symbols on `(value, name)` (a symbol in both tables is
@@ -563,7 +596,11 @@ impl FunctionTable {
                 + std::mem::size_of_val(&*self.by_name)
                 + self.names.len()
                 + std::mem::size_of_val(&*self.pads)
-                + std::mem::size_of_val(&*self.unknown_pads),
+                + std::mem::size_of_val(&*self.unknown_pads)
+                + self
+                    .code_pointers
+                    .as_ref()
+                    .map_or(0, |v| std::mem::size_of_val(&**v)),
         }
     }
 

@@ -101,7 +101,9 @@ pub(crate) fn load_table(m: &Image<'_>) -> Option<Arc<FunctionTable>> {
             None => read_file(m, &map_files_path(m)?)?,
         },
     };
-    let table = FunctionTable::build(image.base, &image.exec(), &image.fdes, image.symbols).ok()?;
+    let table = FunctionTable::build(image.base, &image.exec(), &image.fdes, image.symbols)
+        .ok()?
+        .with_code_pointers(image.code_pointers.as_deref());
     Some(Arc::new(table))
 }
 

@@ -195,6 +195,7 @@ pub struct ModuleLayout {
     /// Its extents, in address order.
     pub extents: Vec<Extent>,
     symbol_starts: Vec<usize>,
+    code_pointers: Option<Vec<usize>>,
 }
 
 impl ModuleLayout {
@@ -205,6 +206,27 @@ impl ModuleLayout {
         let a = self.symbol_starts.partition_point(|&s| s <= start);
         let b = self.symbol_starts.partition_point(|&s| s < end);
         self.symbol_starts[a..b.max(a)].iter().copied()
+    }
+
+    /// Whether every code address the module's data can hold is known: a
+    /// position-independent module, whose data names code only through its
+    /// dynamic relocations ([`Self::code_pointers_inside`]).
+    pub fn code_pointers_known(&self) -> bool {
+        self.code_pointers.is_some()
+    }
+
+    /// The code addresses the module's dynamic relocations name strictly
+    /// inside `(start, end)` (none if they are not known): places a jump
+    /// through a pointer loaded from the module's data may arrive at.
+    pub fn code_pointers_inside(
+        &self,
+        start: usize,
+        end: usize,
+    ) -> impl Iterator<Item = usize> + '_ {
+        let all = self.code_pointers.as_deref().unwrap_or_default();
+        let a = all.partition_point(|&s| s <= start);
+        let b = all.partition_point(|&s| s < end);
+        all[a..b.max(a)].iter().copied()
     }
 }
 
@@ -220,6 +242,7 @@ pub fn module_layout(addr: usize) -> Option<ModuleLayout> {
         Some(ModuleLayout {
             extents: table.extents(bias),
             symbol_starts: table.symbol_starts(bias),
+            code_pointers: table.code_pointers(bias),
             table: TableRef {
                 table,
                 bias,

@@ -8,6 +8,11 @@
 //! headers and notes of loaded modules, which another thread may `dlclose`
 //! at any moment. Normal context only (the fallback opens a file).
 //!
+//! The `_raw` functions are one raw system call each, for the signal path:
+//! the emulator's careful accesses (`arch::Access::Careful`) read and write
+//! the interrupted thread's memory with them, where a fault must not be a
+//! nested signal.
+//!
 //! # Safety
 //!
 //! `process_vm_readv` is given one local buffer, the caller's `&mut [u8]`,
@@ -90,6 +95,70 @@ pub fn read_memory_raw(
         Ok(_) => Err(libc::EFAULT),
         Err(e) => Err(e),
     }
+}
+
+/// Copies `bytes` to address `addr` of this process with one raw
+/// `process_vm_writev`: `Err(errno)`, with nothing written, if the first
+/// byte is not mapped writable (a range crossing into a page that is not
+/// may be written in part: the caller checks such pages first).
+///
+/// # Signal safety
+/// One raw system call; `errno` untouched.
+pub fn write_memory_raw(
+    _cx: crate::sigctx::SignalContext,
+    addr: usize,
+    bytes: &[u8],
+) -> Result<(), i32> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: the kernel only reads the local buffer, `bytes`; the remote
+    // range is written as a store by this thread would write it, and the
+    // caller's contract (an emulated store) says it may be.
+    let ret = unsafe {
+        let pid = super::raw::syscall0(libc::SYS_getpid);
+        super::raw::syscall6(
+            libc::SYS_process_vm_writev,
+            pid,
+            &local as *const libc::iovec as i64,
+            1,
+            &remote as *const libc::iovec as i64,
+            1,
+            0,
+        )
+    };
+    match super::raw::check(ret) {
+        Ok(n) if n as usize == bytes.len() => Ok(()),
+        Ok(_) => Err(libc::EFAULT),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether anything is mapped at the page `page` (any protection): one raw
+/// `madvise(MADV_NORMAL)`, which fails with `ENOMEM` for an unmapped range
+/// and changes nothing.
+///
+/// # Signal safety
+/// One raw system call; `errno` untouched.
+pub fn is_mapped_raw(_cx: crate::sigctx::SignalContext, page: usize) -> bool {
+    // SAFETY: MADV_NORMAL is the default advice: it changes no mapping.
+    let ret = unsafe {
+        super::raw::syscall3(
+            libc::SYS_madvise,
+            page as i64,
+            4096,
+            i64::from(libc::MADV_NORMAL),
+        )
+    };
+    super::raw::check(ret) != Err(libc::ENOMEM)
 }
 
 /// The fallback: `pread` on `/proc/self/mem`.

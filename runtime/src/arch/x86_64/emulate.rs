@@ -15,6 +15,7 @@
 use super::insn::{LoopKind, Target};
 use super::{Displaced, Reg, Regs};
 use crate::sigctx::SignalContext;
+use crate::sys::peek;
 
 /// RFLAGS bits that condition codes read.
 const CF: u64 = 1 << 0;
@@ -45,8 +46,15 @@ const OF: u64 = 1 << 11;
 /// Register arithmetic plus at most one 8-byte load and one 8-byte store
 /// through raw pointers; no allocation, lock, formatting or panic (wrapping
 /// arithmetic only, no slice indexing).
-pub fn emulate(_cx: SignalContext, d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> Emulated {
-    match emulate_inner(d, addr, len, regs) {
+pub fn emulate(
+    _cx: SignalContext,
+    d: &Displaced,
+    addr: u64,
+    len: u8,
+    regs: &mut Regs,
+    access: Access,
+) -> Emulated {
+    match emulate_inner(d, addr, len, regs, access) {
         Ok(true) => Emulated::Done,
         Ok(false) => Emulated::Refused,
         Err(f) => Emulated::Faulted(f),
@@ -57,25 +65,31 @@ pub fn emulate(_cx: SignalContext, d: &Displaced, addr: u64, len: u8, regs: &mut
 ///
 /// # Signal safety
 /// As [`emulate`].
-fn emulate_inner(d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> Result<bool, EmuFault> {
+fn emulate_inner(
+    d: &Displaced,
+    addr: u64,
+    len: u8,
+    regs: &mut Regs,
+    access: Access,
+) -> Result<bool, EmuFault> {
     let next = addr.wrapping_add(u64::from(len));
     match *d {
         Displaced::Skip => regs.rip = next,
         Displaced::Call(target) => {
             // The operand is evaluated before rsp moves: `call rsp` and
             // `call [rsp + 8]` see the old rsp.
-            let Some(to) = branch_target(&target, regs)? else {
+            let Some(to) = branch_target(&target, regs, access)? else {
                 return Ok(false);
             };
             let sp = regs.get(Reg::Rsp).wrapping_sub(8);
             // SAFETY: `call` itself would have stored its return address at
             // the new rsp; a bad stack faults as the original would.
-            unsafe { store_u64(sp, next) }?;
+            unsafe { store_u64(sp, next, access) }?;
             regs.set(Reg::Rsp, sp);
             regs.rip = to;
         }
         Displaced::Jmp(target) => {
-            let Some(to) = branch_target(&target, regs)? else {
+            let Some(to) = branch_target(&target, regs, access)? else {
                 return Ok(false);
             };
             regs.rip = to;
@@ -115,14 +129,14 @@ fn emulate_inner(d: &Displaced, addr: u64, len: u8, regs: &mut Regs) -> Result<b
             let value = regs.get(reg);
             let sp = regs.get(Reg::Rsp).wrapping_sub(8);
             // SAFETY: `push` itself would have stored there.
-            unsafe { store_u64(sp, value) }?;
+            unsafe { store_u64(sp, value, access) }?;
             regs.set(Reg::Rsp, sp);
             regs.rip = next;
         }
         Displaced::Ret { pop } => {
             let sp = regs.get(Reg::Rsp);
             // SAFETY: `ret` itself would have loaded its target from there.
-            regs.rip = unsafe { load_u64(sp) }?;
+            regs.rip = unsafe { load_u64(sp, access) }?;
             regs.set(Reg::Rsp, sp.wrapping_add(8).wrapping_add(u64::from(pop)));
         }
         Displaced::OutOfLine | Displaced::Deferred => return Ok(false),
@@ -152,7 +166,7 @@ fn cond_holds(cond: u8, rflags: u64) -> bool {
 ///
 /// # Signal safety
 /// At most one load; no allocation, lock or panic.
-fn branch_target(target: &Target, regs: &Regs) -> Result<Option<u64>, EmuFault> {
+fn branch_target(target: &Target, regs: &Regs, access: Access) -> Result<Option<u64>, EmuFault> {
     let gpr = |r: Reg| match r {
         Reg::Rip | Reg::Rflags => None,
         r => Some(regs.get(r)),
@@ -172,7 +186,7 @@ fn branch_target(target: &Target, regs: &Regs) -> Result<Option<u64>, EmuFault> 
             let ea = base.wrapping_add(index).wrapping_add(m.disp as u64);
             // SAFETY: the original instruction would have read the same
             // 8 bytes to find its target.
-            unsafe { load_u64(ea) }?
+            unsafe { load_u64(ea, access) }?
         }
     }))
 }
@@ -188,6 +202,85 @@ pub struct EmuFault {
     pub code: i32,
     pub addr: u64,
 }
+
+/// How the emulator reaches memory.
+#[derive(Clone, Copy, Debug)]
+pub enum Access {
+    /// With the instruction's own loads and stores: a fault is a nested
+    /// signal, which [`recover_emulator_fault`] turns into the fault
+    /// returned. The trap path's way: one instruction each.
+    Direct,
+    /// Through system calls (`process_vm_readv`, `process_vm_writev`),
+    /// which report a fault as an error: no nested signal frame. For a trap
+    /// served on an alternate stack because the thread's own stack had no
+    /// room for its frame, where a second frame (several KiB with AVX-512
+    /// state) may not fit either.
+    Careful(SignalContext),
+}
+
+/// [`store_u64`] through `process_vm_writev`; nothing is written if any
+/// byte faults.
+///
+/// # Signal safety
+/// Raw system calls only.
+fn careful_store(cx: SignalContext, addr: u64, value: u64) -> Result<(), EmuFault> {
+    let page = PAGE as u64;
+    let split = (addr | (page - 1)).wrapping_add(1);
+    if split.wrapping_sub(addr) < 8 {
+        // It straddles two pages: if the second faults, the first must not
+        // be written. Write the second's bytes back first, unchanged (the
+        // thread's own stack: nobody else writes it).
+        let mut tail = [0u8; 8];
+        let n = (addr + 8 - split) as usize;
+        let tail = &mut tail[..n];
+        let ok = peek::read_memory_raw(cx, split as usize, tail).is_ok()
+            && peek::write_memory_raw(cx, split as usize, tail).is_ok();
+        if !ok {
+            return Err(careful_fault(cx, split, n, true));
+        }
+    }
+    peek::write_memory_raw(cx, addr as usize, &value.to_le_bytes())
+        .map_err(|_| careful_fault(cx, addr, 8, true))
+}
+
+/// The fault the kernel would report for an access of `len` bytes at
+/// `addr` that a system call found faulting: `SIGSEGV` at its first bad
+/// byte's page (or `addr` itself, in the first page), `SEGV_MAPERR` if
+/// nothing is mapped there, `SEGV_ACCERR` otherwise.
+///
+/// # Signal safety
+/// Raw system calls only.
+fn careful_fault(cx: SignalContext, addr: u64, len: usize, write: bool) -> EmuFault {
+    let page = PAGE as u64;
+    let first = addr & !(page - 1);
+    let ok = |a: u64| {
+        let mut b = [0u8; 1];
+        peek::read_memory_raw(cx, a as usize, &mut b).is_ok()
+            && (!write || peek::write_memory_raw(cx, a as usize, &b).is_ok())
+    };
+    // The first byte's page works: the fault is at the next page's start.
+    let at = if ok(addr) && len > 1 {
+        first.wrapping_add(page)
+    } else {
+        addr
+    };
+    EmuFault {
+        signo: libc::SIGSEGV,
+        code: if peek::is_mapped_raw(cx, at as usize & !(PAGE - 1)) {
+            SEGV_ACCERR
+        } else {
+            SEGV_MAPERR
+        },
+        addr: at,
+    }
+}
+
+/// The page size the careful accesses assume (x86_64's base page).
+const PAGE: usize = 4096;
+/// `si_code`s of `SIGSEGV` (`<asm-generic/siginfo.h>`): nothing mapped,
+/// and mapped without the access.
+const SEGV_MAPERR: i32 = 1;
+const SEGV_ACCERR: i32 = 2;
 
 /// What [`emulate`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,7 +382,14 @@ pub fn recover_emulator_fault(
 ///
 /// # Signal safety
 /// One load; no allocation, lock or panic.
-unsafe fn load_u64(addr: u64) -> Result<u64, EmuFault> {
+unsafe fn load_u64(addr: u64, access: Access) -> Result<u64, EmuFault> {
+    if let Access::Careful(cx) = access {
+        let mut b = [0u8; 8];
+        return match peek::read_memory_raw(cx, addr as usize, &mut b) {
+            Ok(()) => Ok(u64::from_le_bytes(b)),
+            Err(_) => Err(careful_fault(cx, addr, 8, false)),
+        };
+    }
     let mut fault = EmuFault::default();
     // SAFETY: the accessor reads `addr`; a fault returns through
     // `recover_emulator_fault`, which writes `fault`.
@@ -311,7 +411,10 @@ unsafe fn load_u64(addr: u64) -> Result<u64, EmuFault> {
 ///
 /// # Signal safety
 /// One store; no allocation, lock or panic.
-unsafe fn store_u64(addr: u64, value: u64) -> Result<(), EmuFault> {
+unsafe fn store_u64(addr: u64, value: u64, access: Access) -> Result<(), EmuFault> {
+    if let Access::Careful(cx) = access {
+        return careful_store(cx, addr, value);
+    }
     let mut fault = EmuFault::default();
     // SAFETY: as `load_u64`.
     unsafe { __probert_emu_store64(addr, value, &mut fault) };
@@ -347,7 +450,7 @@ mod tests {
     }
 
     fn run(d: Displaced, len: u8, regs: &mut Regs) -> bool {
-        emulate(cx(), &d, ADDR, len, regs) == Emulated::Done
+        emulate(cx(), &d, ADDR, len, regs, Access::Direct) == Emulated::Done
     }
 
     #[test]
@@ -566,6 +669,100 @@ mod tests {
         assert_eq!((r.rip, r.get(Reg::Rsp)), (0xc000, sp + 24));
     }
 
+    /// Careful accesses: through system calls, a fault is returned, never
+    /// raised (no handler is installed here: a real access to these pages
+    /// would kill the test).
+    #[test]
+    fn careful_accesses_report_faults_without_a_signal() {
+        let careful = |d: Displaced, len: u8, r: &mut Regs| {
+            emulate(cx(), &d, ADDR, len, r, Access::Careful(cx()))
+        };
+        // SAFETY: fresh anonymous pages; the second is made inaccessible,
+        // the third unmapped.
+        let base = unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                3 * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED);
+            assert_eq!(
+                libc::mprotect(p.cast::<u8>().add(PAGE).cast(), PAGE, libc::PROT_NONE),
+                0
+            );
+            assert_eq!(libc::munmap(p.cast::<u8>().add(2 * PAGE).cast(), PAGE), 0);
+            std::ptr::write_bytes(p.cast::<u8>(), 0xAA, PAGE);
+            p as u64
+        };
+        let (guard, gone) = (base + PAGE as u64, base + 2 * PAGE as u64);
+        // The last bytes below the inaccessible page, from `guard - n`.
+        let last = |n: u64| {
+            let mut v = [0u8; 8];
+            // SAFETY: `n` ≤ 8 bytes of the accessible page.
+            unsafe {
+                std::ptr::copy_nonoverlapping((guard - n) as *const u8, v.as_mut_ptr(), n as usize)
+            };
+            u64::from_le_bytes(v)
+        };
+        let mut r = Regs::default();
+        r.set(Reg::Rbp, 0x1122_3344_5566_7788);
+
+        // A push that fits.
+        r.set(Reg::Rsp, guard);
+        assert_eq!(
+            careful(Displaced::Push(Reg::Rbp), 1, &mut r),
+            Emulated::Done
+        );
+        assert_eq!(
+            (r.get(Reg::Rsp), last(8)),
+            (guard - 8, 0x1122_3344_5566_7788)
+        );
+        // A pop (`ret`) back.
+        assert_eq!(
+            careful(Displaced::Ret { pop: 0 }, 1, &mut r),
+            Emulated::Done
+        );
+        assert_eq!((r.rip, r.get(Reg::Rsp)), (0x1122_3344_5566_7788, guard));
+
+        // A push onto the inaccessible page: its address, SEGV_ACCERR.
+        r.set(Reg::Rsp, guard + 8);
+        let before = r;
+        let fault = EmuFault {
+            signo: libc::SIGSEGV,
+            code: SEGV_ACCERR,
+            addr: guard,
+        };
+        assert_eq!(
+            careful(Displaced::Push(Reg::Rbp), 1, &mut r),
+            Emulated::Faulted(fault)
+        );
+        assert_eq!(r, before);
+        // Across the boundary: the fault at the page, nothing written below.
+        r.set(Reg::Rsp, guard + 4);
+        let before = r;
+        let untouched = last(4);
+        assert_eq!(
+            careful(Displaced::Push(Reg::Rbp), 1, &mut r),
+            Emulated::Faulted(fault)
+        );
+        assert_eq!((r, last(4)), (before, untouched));
+        // A `ret` reading unmapped memory: SEGV_MAPERR.
+        r.set(Reg::Rsp, gone + 16);
+        assert_eq!(
+            careful(Displaced::Ret { pop: 0 }, 1, &mut r),
+            Emulated::Faulted(EmuFault {
+                signo: libc::SIGSEGV,
+                code: SEGV_MAPERR,
+                addr: gone + 16,
+            })
+        );
+        // SAFETY: the two pages still mapped.
+        unsafe { libc::munmap(base as *mut libc::c_void, 2 * PAGE) };
+    }
+
     #[test]
     fn out_of_line_is_not_emulated() {
         let mut stack = [0; 8];
@@ -590,7 +787,10 @@ mod tests {
             let d = crate::arch::analyze(code, a).unwrap();
             let d2 = Displaced::decode(d.displaced.encode()).unwrap();
             let mut r = regs_on(&mut stack);
-            assert_eq!(emulate(cx(), &d2, ADDR, d.len, &mut r), Emulated::Done);
+            assert_eq!(
+                emulate(cx(), &d2, ADDR, d.len, &mut r, Access::Direct),
+                Emulated::Done
+            );
             assert_eq!(r.rip, rip, "{code:02x?}");
         }
     }

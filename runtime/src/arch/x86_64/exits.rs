@@ -19,8 +19,9 @@
 //!
 //! An indirect jump that is a bounded jump table stays inside the function
 //! ([`super::FunctionFlow`] proved that); any other indirect jump (through
-//! a register, or memory the code computes) may go anywhere: the function's
-//! exits cannot all be known, and it is refused.
+//! a register, or memory the code computes — a code pointer, even where
+//! the flow knows it lands on an entry point) may go anywhere: the
+//! function's exits cannot all be known, and it is refused.
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
 
@@ -116,6 +117,10 @@ pub fn function_exits(code: &[u8], flow: &FunctionFlow) -> Result<Exits, ExitsUn
                     && i.memory_index() == Register::None;
                 if slot {
                     exits.slots.push(i.ip_rel_memory_address() as usize);
+                } else if flow.jumps_through_pointer(at) {
+                    // A tail call through a pointer: to a function nobody
+                    // can name here.
+                    return Err(ExitsUnknown::IndirectJump { at });
                 } else if unbounded.is_some() {
                     // The flow could not bound some indirect jump of the
                     // function (the first one it met is named).
@@ -212,6 +217,31 @@ mod tests {
             function_exits(&code, &flow(&code)),
             Err(ExitsUnknown::IndirectJump { at: A + 3 })
         );
+    }
+
+    #[test]
+    fn a_tail_call_through_a_pointer_is_refused_where_the_flow_is_proven() {
+        // test rdi, rdi; je +7 (the ret); mov rax, [rdi]; jmp [rax + 0x78];
+        // ret — SQLite's sqlite3_mutex_free. Where pointers only reach entry
+        // points the flow is proven, yet the jump still leaves for a
+        // function nobody names.
+        let code = [
+            0x48, 0x85, 0xff, // test rdi, rdi
+            0x74, 0x06, // je A+11
+            0x48, 0x8b, 0x07, // mov rax, [rdi]
+            0xff, 0x60, 0x78, // jmp [rax + 0x78]
+            0xc3, // ret
+        ];
+        for pointers in [PointerJumps::Anywhere, PointerJumps::ToEntries] {
+            let f = FunctionFlow::analyze(&code, A, &[], &|_, _| false, pointers);
+            assert_eq!(f.unproven().is_none(), pointers == PointerJumps::ToEntries);
+            assert!(f.jumps_through_pointer(A + 8));
+            assert_eq!(
+                function_exits(&code, &f),
+                Err(ExitsUnknown::IndirectJump { at: A + 8 }),
+                "{pointers:?}"
+            );
+        }
     }
 
     #[test]

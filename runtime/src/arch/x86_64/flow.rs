@@ -227,7 +227,10 @@ pub enum PointerJumps {
     /// inside the function that data names (the module's dynamic
     /// relocations and symbols, true of position-independent code), and
     /// [`link_module`] adds those other functions' code takes. Then a loaded
-    /// pointer is a function start, a return address, or one of those.
+    /// pointer is a function start, a return address, or one of those —
+    /// unless the function takes an address of its own code, which it may
+    /// offset before it jumps (a computed goto): such a function stays
+    /// unproven.
     ToEntries,
 }
 
@@ -304,6 +307,14 @@ pub struct FunctionFlow {
     entries: Box<[Entry]>,
     /// What most functions do not have.
     rare: Option<Box<Rare>>,
+    /// Whether the last instruction ends at the function's end and never
+    /// falls through it (`ret`, `jmp`): then alignment padding after the
+    /// function is never executed.
+    last_stops: bool,
+    /// The ends, from the function's end, of the first padding
+    /// instructions after it ([`set_padding`](Self::set_padding)), 0 past
+    /// the last: where a run at the function's end may stop.
+    pad_ends: [u8; 4],
 }
 
 /// The parts of a [`FunctionFlow`] most functions leave empty, kept behind
@@ -325,6 +336,9 @@ struct Rare {
     /// `(target, source)` of branches, table entries and addresses taken
     /// that leave the function, until taken.
     foreign: Vec<(usize, usize)>,
+    /// Offsets of the indirect jumps through code pointers (not tables),
+    /// sorted: they may leave the function.
+    pointer_jumps: Box<[u32]>,
 }
 
 impl Rare {
@@ -335,6 +349,7 @@ impl Rare {
             && self.windows.is_empty()
             && self.unproven.is_none()
             && self.foreign.is_empty()
+            && self.pointer_jumps.is_empty()
     }
 }
 
@@ -360,6 +375,7 @@ impl FunctionFlow {
         let mut decoder = Decoder::with_ip(64, code, start as u64, DecoderOptions::NONE);
         let mut undecodable = None;
         let mut decoded = 0;
+        let mut last_stops = false;
         while decoder.can_decode() {
             let i = decoder.decode();
             if i.is_invalid() {
@@ -367,6 +383,12 @@ impl FunctionFlow {
                 break;
             }
             decoded += i.len();
+            last_stops = matches!(
+                i.flow_control(),
+                FlowControl::Return
+                    | FlowControl::UnconditionalBranch
+                    | FlowControl::IndirectBranch
+            );
             instrs.push(i);
         }
 
@@ -396,12 +418,13 @@ impl FunctionFlow {
         }
 
         let mut unproven = undecodable.map(|at| Refusal::Undecodable { at: start + at });
-        let mut windows = Vec::new();
+        let (mut windows, mut pointer_jumps) = (Vec::new(), Vec::new());
         if !indirect.is_empty() {
             let r = resolve_indirect(&instrs, start, &mut b, &indirect, read, pointers);
             b.foreign.extend(r.outside);
             windows = r.windows;
             unproven = unproven.or(r.unproven);
+            pointer_jumps = r.pointers;
         }
 
         let mut entries = b.entries;
@@ -414,6 +437,7 @@ impl FunctionFlow {
             windows: windows.into(),
             unproven,
             foreign: b.foreign,
+            pointer_jumps: pointer_jumps.into(),
         };
         let mut flow = FunctionFlow {
             start,
@@ -422,9 +446,48 @@ impl FunctionFlow {
             bits: bits.into(),
             entries: entries.into(),
             rare: (!rare.is_empty()).then(|| Box::new(rare)),
+            last_stops: last_stops && decoded == len,
+            pad_ends: [0; 4],
         };
         flow.check_entries(&[]);
         flow
+    }
+
+    /// How many bytes after the function's end are padding a run may use.
+    fn padding_len(&self) -> usize {
+        self.pad_ends
+            .iter()
+            .map(|&e| usize::from(e))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Gives the bytes between the function's end and the next function
+    /// (the caller found nothing there: no symbol, no FDE). Where they
+    /// begin with padding — `nop`s of any length, `int3` — and the
+    /// function's last instruction never falls through, a site near the
+    /// end may displace its last instructions with those padding
+    /// instructions: the jump then overwrites padding nothing executes
+    /// (a 4-byte `mov eax, [rdi - 8]; ret` is probed fast).
+    pub fn set_padding(&mut self, bytes: &[u8]) {
+        if !self.last_stops {
+            return;
+        }
+        let end = self.end() as u64;
+        let mut decoder = Decoder::with_ip(64, bytes, end, DecoderOptions::NONE);
+        let (mut n, mut at) = (0, 0usize);
+        while n < self.pad_ends.len() && at < JUMP_LEN - 1 && decoder.can_decode() {
+            let i = decoder.decode();
+            if i.is_invalid() || !matches!(i.mnemonic(), Mnemonic::Nop | Mnemonic::Int3) {
+                break;
+            }
+            at += i.len();
+            match u8::try_from(at) {
+                Ok(e) => self.pad_ends[n] = e,
+                Err(_) => break,
+            }
+            n += 1;
+        }
     }
 
     /// The function's first byte.
@@ -470,6 +533,16 @@ impl FunctionFlow {
         self.rare.as_ref()?.unproven.as_ref()
     }
 
+    /// Whether the indirect jump at `addr` is one through a code pointer (a
+    /// tail call through a function pointer, say), which may leave the
+    /// function, rather than a bounded jump table.
+    pub fn jumps_through_pointer(&self, addr: usize) -> bool {
+        let (Some(r), Some(o)) = (&self.rare, addr.checked_sub(self.start)) else {
+            return false;
+        };
+        u32::try_from(o).is_ok_and(|o| r.pointer_jumps.binary_search(&o).is_ok())
+    }
+
     /// [`displaceable`](Self::displaceable) at the function's entry. When it
     /// starts with `endbr64`, the jump goes after it.
     pub fn site_for_entry(&self) -> Result<Site, Refusal> {
@@ -512,12 +585,32 @@ impl FunctionFlow {
         // The run: instruction starts `jump = b[0] < b[1] < ... < end`.
         let decoded = self.decoded as usize;
         if jump + JUMP_LEN > decoded {
-            return Err(match self.unproven() {
-                Some(u @ Refusal::Undecodable { .. }) => u.clone(),
-                _ => Refusal::TooShort {
-                    addr: self.start + jump,
-                },
-            });
+            // Into the padding after the function, if there is enough.
+            let pad = self
+                .pad_ends
+                .iter()
+                .map(|&e| usize::from(e))
+                .take_while(|&e| e > 0)
+                .find(|&e| decoded + e >= jump + JUMP_LEN);
+            // Only in a proven function: nothing jumps into the padding.
+            let proven = self.unproven().is_none();
+            let Some(pad) = pad.filter(|_| proven && decoded == self.len as usize) else {
+                return Err(match self.unproven() {
+                    Some(u @ Refusal::Undecodable { .. }) => u.clone(),
+                    _ => Refusal::TooShort {
+                        addr: self.start + jump,
+                    },
+                });
+            };
+            let mut insns = [0usize; JUMP_LEN];
+            let mut n = 0;
+            let mut at = jump;
+            while at < decoded {
+                insns[n] = at;
+                n += 1;
+                at = self.next_boundary(at);
+            }
+            return self.check_run(site, jump, &insns[..n], decoded + pad);
         }
         let mut insns = [0usize; JUMP_LEN];
         let mut n = 0;
@@ -782,7 +875,8 @@ impl FunctionFlow {
 /// Makes every branch, jump-table or `lea` target one function of a module
 /// has strictly inside another function an entry point of that one (gcc's
 /// `foo.cold` jumps back into `foo`; hand-written code jumps between its
-/// entries). Takes every flow's foreign targets. Call it once every function
+/// entries), and takes the padding after a function from runs where one
+/// lands there. Takes every flow's foreign targets. Call it once every function
 /// of the module is analysed, before asking for runs.
 pub fn link_module(flows: &mut [FunctionFlow]) {
     let mut order: Vec<usize> = (0..flows.len()).collect();
@@ -794,8 +888,12 @@ pub fn link_module(flows: &mut [FunctionFlow]) {
             let Some(&j) = p.checked_sub(1).and_then(|p| order.get(p)) else {
                 continue;
             };
-            if target != flows[j].start && target < flows[j].end() {
+            let f = &mut flows[j];
+            if target != f.start && target < f.end() {
                 found.push((j, target, from));
+            } else if target >= f.end() && target < f.end() + f.padding_len() {
+                // Something arrives in the padding after `f`: not padding.
+                f.pad_ends = [0; 4];
             }
         }
     }
@@ -814,6 +912,8 @@ struct Resolution {
     windows: Vec<(u32, u32)>,
     /// Why the function is unproven, if it is.
     unproven: Option<Refusal>,
+    /// The jumps classified as through code pointers.
+    pointers: Vec<u32>,
 }
 
 /// The most rounds of indirect-jump analysis: each round knows the tables
@@ -833,6 +933,12 @@ fn resolve_indirect(
     pointers: PointerJumps,
 ) -> Resolution {
     let words = b.len.div_ceil(64);
+    // A function that takes the address of its own code and jumps through a
+    // pointer may jump to that address plus an offset (GNU C's `goto
+    // *(&&base + offset[i])`, the computed goto for position-independent
+    // code, whose offsets need no relocation): its pointers are not only
+    // entry points.
+    let takes_own = b.entries.iter().any(|e| e.kind() == Kind::AddressTaken);
     for _ in 0..MAX_ROUNDS {
         let (mut known, mut opaque) = (vec![0u64; words], vec![0u64; words]);
         let mut sources = Vec::new();
@@ -851,7 +957,7 @@ fn resolve_indirect(
         sources.dedup();
         let mut slicer = Slicer::new(instrs, start, &known, &opaque, &sources);
         let (mut outside, mut windows, mut unproven) = (Vec::new(), Vec::new(), None);
-        let mut new = Vec::new();
+        let (mut new, mut through_pointers) = (Vec::new(), Vec::new());
         for &k in indirect {
             let at = instrs[k].ip() as usize;
             match slicer.classify(k, read) {
@@ -872,8 +978,15 @@ fn resolve_indirect(
                             }
                         }
                         Indirect::Pointer(why) => {
+                            through_pointers.push((at - start) as u32);
                             if pointers == PointerJumps::Anywhere {
                                 unproven.get_or_insert(Refusal::UnboundedJump { at, why });
+                            } else if takes_own {
+                                unproven.get_or_insert(Refusal::UnboundedJump {
+                                    at,
+                                    why: "it jumps through a pointer, and the function takes \
+                                          addresses of its own code (a computed goto?)",
+                                });
                             }
                         }
                     }
@@ -888,6 +1001,7 @@ fn resolve_indirect(
                 outside,
                 windows,
                 unproven,
+                pointers: through_pointers,
             };
         }
         new.sort_unstable();
@@ -902,6 +1016,7 @@ fn resolve_indirect(
         outside: Vec::new(),
         windows: Vec::new(),
         unproven: Some(Refusal::UnboundedJump { at, why }),
+        pointers: Vec::new(),
     }
 }
 
@@ -1483,6 +1598,58 @@ mod tests {
         );
         assert!(flows[0].take_foreign().is_empty());
         assert!(flows[0].heap_bytes() < 64, "{}", flows[0].heap_bytes());
+    }
+
+    #[test]
+    fn a_short_function_displaces_the_padding_after_it() {
+        // mov eax, [rdi - 8]; ret — then what gcc aligns the next function
+        // with: a 10-byte nop, or int3s.
+        const SHORT: [u8; 4] = [0x8B, 0x47, 0xF8, 0xC3];
+        const NOP10: [u8; 10] = [0x66, 0x2E, 0x0F, 0x1F, 0x84, 0, 0, 0, 0, 0];
+        let read = &no_memory;
+        let flow = || FunctionFlow::analyze(&SHORT, A, &[], read, PointerJumps::ToEntries);
+        let too_short = Err(Refusal::TooShort { addr: A });
+        assert_eq!(flow().site_for_entry(), too_short, "no padding given");
+        let mut f = flow();
+        f.set_padding(&NOP10);
+        assert_eq!(f.site_for_entry(), site(0, 0, 14), "the whole nop");
+        assert_eq!(f.end(), A + 4, "the function is as long as it was");
+        assert!(!f.is_boundary(A + 4));
+        let mut f = flow();
+        f.set_padding(&[0xCC; 12]);
+        assert_eq!(f.site_for_entry(), site(0, 0, 5), "one int3");
+        // At the `ret`: four padding bytes.
+        assert_eq!(f.displaceable(A + 3), site(3, 3, 8));
+        // Code, not padding, after the function.
+        let mut f = flow();
+        f.set_padding(&[0x55, 0x48, 0x89, 0xE5]);
+        assert_eq!(f.site_for_entry(), too_short);
+        // Too little of it before the next function: enough for the entry,
+        // not for the `ret`.
+        let mut f = flow();
+        f.set_padding(&[0x90]);
+        assert_eq!(f.site_for_entry(), site(0, 0, 5));
+        assert_eq!(
+            f.displaceable(A + 3),
+            Err(Refusal::TooShort { addr: A + 3 })
+        );
+        // A last instruction that falls through: the padding may run.
+        let falls = [0x8B, 0x47, 0xF8, 0x90];
+        let mut f = FunctionFlow::analyze(&falls, A, &[], read, PointerJumps::ToEntries);
+        f.set_padding(&NOP10);
+        assert_eq!(f.site_for_entry(), too_short);
+        // A branch of another function into the padding.
+        let g_at = A + 0x100;
+        let mut g = vec![0xE9];
+        g.extend_from_slice(&rel32(g_at + 5, A + 6));
+        let mut f = flow();
+        f.set_padding(&NOP10);
+        let mut flows = [
+            f,
+            FunctionFlow::analyze(&g, g_at, &[], read, PointerJumps::ToEntries),
+        ];
+        link_module(&mut flows);
+        assert_eq!(flows[0].site_for_entry(), too_short);
     }
 
     #[test]
