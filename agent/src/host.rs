@@ -240,21 +240,7 @@ const OK: u32 = 0;
 const INVALID: u32 = 1;
 
 fn status(e: &probert::Error) -> u32 {
-    use probert::Error as E;
-    match e {
-        E::InvalidArgument(_) => 1,
-        E::NoRegion { .. } => 2,
-        E::RegionOverlap { .. } => 3,
-        E::UnsupportedInstruction { .. } => 4,
-        E::NotFound => 5,
-        E::Conflict { .. } => 6,
-        E::Protect { .. } => 7,
-        E::NoMemory(_) => 8,
-        E::Signal(_) => 9,
-        E::Misaligned { .. } => 10,
-        E::CodeChanged { .. } => 11,
-        E::Internal(_) => 255,
-    }
+    e.status_code()
 }
 
 /// Reads `probert_attach_opts` of the size the caller gives.

@@ -107,20 +107,9 @@ impl probert_status {
 
 impl From<&Error> for probert_status {
     fn from(e: &Error) -> Self {
-        match e {
-            Error::InvalidArgument(_) => PROBERT_ERR_INVALID_ARGUMENT,
-            Error::NoRegion { .. } => PROBERT_ERR_NO_REGION,
-            Error::RegionOverlap { .. } => PROBERT_ERR_REGION_OVERLAP,
-            Error::UnsupportedInstruction { .. } => PROBERT_ERR_UNSUPPORTED_INSN,
-            Error::NotFound => PROBERT_ERR_NOT_FOUND,
-            Error::Conflict { .. } => PROBERT_ERR_CONFLICT,
-            Error::Protect { .. } => PROBERT_ERR_PROTECT,
-            Error::NoMemory(_) => PROBERT_ERR_NO_MEMORY,
-            Error::Signal(_) => PROBERT_ERR_SIGNAL,
-            Error::Misaligned { .. } => PROBERT_ERR_MISALIGNED,
-            Error::CodeChanged { .. } => PROBERT_ERR_CODE_CHANGED,
-            Error::Internal(_) => PROBERT_ERR_INTERNAL,
-        }
+        // Every number `status_code` gives is a status here (the tests
+        // check each variant).
+        probert_status::from_raw(e.status_code()).unwrap_or(PROBERT_ERR_INTERNAL)
     }
 }
 
@@ -207,6 +196,54 @@ mod tests {
         }
         for n in [12, 13, 254, 256, u32::MAX] {
             assert_eq!(probert_status::from_raw(n), None);
+        }
+    }
+
+    #[test]
+    fn every_error_has_its_status() {
+        use std::borrow::Cow;
+        let errors = [
+            (
+                Error::InvalidArgument(Cow::Borrowed("")),
+                PROBERT_ERR_INVALID_ARGUMENT,
+            ),
+            (Error::NoRegion { addr: 0 }, PROBERT_ERR_NO_REGION),
+            (
+                Error::RegionOverlap {
+                    start: 0,
+                    end: 1,
+                    other_start: 0,
+                    other_end: 1,
+                },
+                PROBERT_ERR_REGION_OVERLAP,
+            ),
+            (
+                Error::UnsupportedInstruction {
+                    addr: 0,
+                    reason: Cow::Borrowed(""),
+                },
+                PROBERT_ERR_UNSUPPORTED_INSN,
+            ),
+            (Error::NotFound, PROBERT_ERR_NOT_FOUND),
+            (Error::Conflict { addr: 0 }, PROBERT_ERR_CONFLICT),
+            (
+                Error::Protect {
+                    addr: 0,
+                    reason: Cow::Borrowed(""),
+                },
+                PROBERT_ERR_PROTECT,
+            ),
+            (Error::NoMemory(Cow::Borrowed("")), PROBERT_ERR_NO_MEMORY),
+            (Error::Signal(Cow::Borrowed("")), PROBERT_ERR_SIGNAL),
+            (
+                Error::Misaligned { addr: 1, func: 0 },
+                PROBERT_ERR_MISALIGNED,
+            ),
+            (Error::CodeChanged { addr: 0 }, PROBERT_ERR_CODE_CHANGED),
+            (Error::Internal(Cow::Borrowed("")), PROBERT_ERR_INTERNAL),
+        ];
+        for (e, s) in errors {
+            assert_eq!(probert_status::from(&e), s, "{e:?}");
         }
     }
 

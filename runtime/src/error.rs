@@ -7,8 +7,8 @@ use std::borrow::Cow;
 /// Everything that can go wrong in a probert call.
 ///
 /// Errors are produced in normal context only; the trap path never builds one.
-/// Deliberately exhaustive: each variant is one C status code, and the C ABI
-/// maps them with a `match` that has no wildcard arm.
+/// Deliberately exhaustive: each variant is one C status code
+/// ([`Error::status_code`], a `match` with no wildcard arm).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// A null pointer, zero length, out-of-range enum or similar misuse.
@@ -91,6 +91,26 @@ pub enum Error {
 }
 
 impl Error {
+    /// The error's number in the C ABI (`probert_status` in `probert.h`,
+    /// where numbers are never reused), for embedders that report errors
+    /// in that numbering: probert's C library and its command's agent.
+    pub fn status_code(&self) -> u32 {
+        match self {
+            Error::InvalidArgument(_) => 1,
+            Error::NoRegion { .. } => 2,
+            Error::RegionOverlap { .. } => 3,
+            Error::UnsupportedInstruction { .. } => 4,
+            Error::NotFound => 5,
+            Error::Conflict { .. } => 6,
+            Error::Protect { .. } => 7,
+            Error::NoMemory(_) => 8,
+            Error::Signal(_) => 9,
+            Error::Misaligned { .. } => 10,
+            Error::CodeChanged { .. } => 11,
+            Error::Internal(_) => 255,
+        }
+    }
+
     /// An [`Error::UnsupportedInstruction`] at `addr`.
     pub(crate) fn unsupported(addr: usize, reason: impl Into<Cow<'static, str>>) -> Self {
         Error::UnsupportedInstruction {
