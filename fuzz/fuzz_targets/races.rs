@@ -415,11 +415,14 @@ impl Mine {
 }
 
 fn check_attach_error(e: &Error, mode: Mode, site: &Site, what: &str) {
-    // A FAST consumer at an entry keeps its run: a probe inside the run is
-    // refused, in any mode.
+    // A FAST consumer keeps its run: a probe inside the run is refused, in
+    // any mode — and so is a return probe whose `ret` is inside one (a run
+    // at the function's last instructions may reach past its end, into the
+    // padding after it).
     let inside_fast_run = |e: &Error| {
         matches!(e, Error::UnsupportedInstruction { reason, .. }
-            if site.addr != site.func && reason.contains("a FAST probe at"))
+            if reason.contains("a FAST probe at")
+                && (site.addr != site.func || reason.contains("its return at")))
     };
     // A return probe's exit run holds the instructions before its `ret`: a
     // probe there is refused until the return probe goes.

@@ -108,6 +108,7 @@ impl Layouts {
                     PointerJumps::Anywhere
                 };
                 let extents = &module.extents;
+                let exec = module.table.exec();
                 let mut flows: Vec<FunctionFlow> = extents
                     .iter()
                     .enumerate()
@@ -121,7 +122,11 @@ impl Layouts {
                         // The gap to the next function, if no code pointer
                         // names a place in it: alignment padding, perhaps.
                         let next = extents.get(i + 1).map_or(e.end, |n| n.start);
-                        let gap = next.min(e.end + PADDING_READ);
+                        let segment_end = exec
+                            .iter()
+                            .find(|&&(s, end)| s <= e.start && e.end <= end)
+                            .map_or(e.end, |&(_, end)| end);
+                        let gap = next.min(e.end + PADDING_READ).min(segment_end);
                         if gap > e.end
                             && module.code_pointers_inside(e.end - 1, gap).next().is_none()
                         {

@@ -631,7 +631,11 @@ isolated!(a_stub_is_not_reused_while_a_thread_is_inside_it, {
     static HITS: AtomicU64 = AtomicU64::new(0);
     let mut fds = [0i32; 2];
     assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    let id = unsafe { probert::attach(addr!(t_read_syscall), count, counter(&HITS)) }.unwrap();
+    // On the trap path (the `syscall; ret` and the alignment after it could
+    // be displaced by a jump): its out-of-line stub is what this is about.
+    let id =
+        unsafe { probert::attach_ex(addr!(t_read_syscall), count, counter(&HITS), Mode::Trap) }
+            .unwrap();
     assert_eq!(probert::probe_mode(addr!(t_read_syscall)), Ok(Mode::Trap));
     let reader = std::thread::spawn(move || {
         let mut byte = 0u8;

@@ -59,7 +59,8 @@ pub(crate) struct ElfImage {
     pub symbols: Vec<SymbolIn>,
     /// The addresses the dynamic relocations name: `RELATIVE` and
     /// `IRELATIVE` addends, defined symbols plus addends, the words `RELR`
-    /// relocates. In a position-independent object (`ET_DYN`: a shared
+    /// relocates and those lazily bound PLT slots hold in the file; and
+    /// every defined dynamic symbol. In a position-independent object (`ET_DYN`: a shared
     /// library or a PIE) every absolute address its data holds is one of
     /// these, since the load address is known only at run time. `None`
     /// where that is not known: an `ET_EXEC` executable (its data holds
@@ -306,7 +307,8 @@ fn read_symbols<'data, R: ReadRef<'data>>(file: &File<'data, R>, data: R, out: &
 }
 
 /// [`ElfImage::code_pointers`]: every address the dynamic relocations of a
-/// position-independent object name (unsorted, link-time).
+/// position-independent object name, the words its lazily bound PLT slots
+/// hold in the file, and its defined dynamic symbols (unsorted, link-time).
 fn read_code_pointers<'data, R: ReadRef<'data>>(bytes: &Bytes<'_, 'data, R>) -> Option<Vec<u64>> {
     let (file, data, endian) = (bytes.file, bytes.data, bytes.endian());
     let sections = file.elf_section_table();
@@ -314,7 +316,21 @@ fn read_code_pointers<'data, R: ReadRef<'data>>(bytes: &Bytes<'_, 'data, R>) -> 
         return None;
     }
     let mut out = Vec::new();
-    for sh in sections.iter() {
+    // Every defined dynamic symbol in code, of any type: another module may
+    // take its address (a `NOTYPE` label of assembly code, say).
+    let dynsym = file.elf_dynamic_symbol_table();
+    out.extend(
+        dynsym
+            .iter()
+            .filter(|s| s.st_shndx(endian) != elf::SHN_UNDEF && s.st_shndx(endian) != elf::SHN_ABS)
+            .map(|s| s.st_value(endian)),
+    );
+    // The dynamic relocations (allocated sections: `--emit-relocs` leaves
+    // the static ones, whose addends are not addresses, in others).
+    for sh in sections
+        .iter()
+        .filter(|sh| sh.sh_flags(endian) & u64::from(elf::SHF_ALLOC) != 0)
+    {
         match sh.sh_type(endian) {
             elf::SHT_RELA => {
                 let (relas, link) = sh.rela(endian, data).ok()??;
@@ -331,6 +347,15 @@ fn read_code_pointers<'data, R: ReadRef<'data>>(bytes: &Bytes<'_, 'data, R>) -> 
                             | elf::R_X86_64_TLSDESC
                     ) {
                         continue;
+                    }
+                    if r.r_type(endian, false) == elf::R_X86_64_JUMP_SLOT {
+                        // With lazy binding the slot holds its value from
+                        // the file (its PLT entry's second half) until the
+                        // first call resolves it.
+                        if let Some(w) = bytes.bytes_at(r.r_offset(endian)).and_then(|b| b.get(..8))
+                        {
+                            out.push(u64::from_le_bytes(w.try_into().ok()?));
+                        }
                     }
                     let addend = r.r_addend(endian) as u64;
                     let value = match r.symbol(endian, false) {

@@ -39,7 +39,7 @@ pub fn read_memory(addr: usize, buf: &mut [u8]) -> Result<(), i32> {
     };
     // SAFETY: see the module's safety paragraph: the kernel writes at most
     // `buf.len()` bytes into `buf` and only reads the remote range.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    let n = unsafe { libc::process_vm_readv(libc::gettid(), &local, 1, &remote, 1, 0) };
     if n >= 0 {
         // A short copy means the range ran into an unreadable page.
         return if n as usize == buf.len() {
@@ -77,9 +77,11 @@ pub fn read_memory_raw(
         iov_base: addr as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    // SAFETY: as in `read_memory`; getpid has no effects.
+    // SAFETY: as in `read_memory`; gettid has no effects. The calling
+    // thread's id names this process even after its main thread exited
+    // (its group leader then has no memory to read through).
     let ret = unsafe {
-        let pid = super::raw::syscall0(libc::SYS_getpid);
+        let pid = super::raw::syscall0(libc::SYS_gettid);
         super::raw::syscall6(
             libc::SYS_process_vm_readv,
             pid,
@@ -122,9 +124,10 @@ pub fn write_memory_raw(
     };
     // SAFETY: the kernel only reads the local buffer, `bytes`; the remote
     // range is written as a store by this thread would write it, and the
-    // caller's contract (an emulated store) says it may be.
+    // caller's contract (an emulated store) says it may be. The thread's
+    // id: see `read_memory_raw`.
     let ret = unsafe {
-        let pid = super::raw::syscall0(libc::SYS_getpid);
+        let pid = super::raw::syscall0(libc::SYS_gettid);
         super::raw::syscall6(
             libc::SYS_process_vm_writev,
             pid,
@@ -143,19 +146,20 @@ pub fn write_memory_raw(
 }
 
 /// Whether anything is mapped at the page `page` (any protection): one raw
-/// `madvise(MADV_NORMAL)`, which fails with `ENOMEM` for an unmapped range
-/// and changes nothing.
+/// `mincore`, which fails with `ENOMEM` for an unmapped range and changes
+/// nothing.
 ///
 /// # Signal safety
 /// One raw system call; `errno` untouched.
 pub fn is_mapped_raw(_cx: crate::sigctx::SignalContext, page: usize) -> bool {
-    // SAFETY: MADV_NORMAL is the default advice: it changes no mapping.
+    let mut resident = 0u8;
+    // SAFETY: mincore writes one byte per page of the range: one, here.
     let ret = unsafe {
         super::raw::syscall3(
-            libc::SYS_madvise,
+            libc::SYS_mincore,
             page as i64,
             4096,
-            i64::from(libc::MADV_NORMAL),
+            &mut resident as *mut u8 as i64,
         )
     };
     super::raw::check(ret) != Err(libc::ENOMEM)

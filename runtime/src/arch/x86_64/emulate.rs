@@ -211,7 +211,8 @@ pub enum Access {
     /// returned. The trap path's way: one instruction each.
     Direct,
     /// Through system calls (`process_vm_readv`, `process_vm_writev`),
-    /// which report a fault as an error: no nested signal frame. For a trap
+    /// which report a fault as an error (`EFAULT`): no nested signal frame
+    /// (where they are unavailable, as `Direct`). For a trap
     /// served on an alternate stack because the thread's own stack had no
     /// room for its frame, where a second frame (several KiB with AVX-512
     /// state) may not fit either.
@@ -219,28 +220,35 @@ pub enum Access {
 }
 
 /// [`store_u64`] through `process_vm_writev`; nothing is written if any
-/// byte faults.
+/// byte faults. `None` if the system call is unavailable (a seccomp
+/// filter): then the caller stores directly.
 ///
 /// # Signal safety
-/// Raw system calls only.
-fn careful_store(cx: SignalContext, addr: u64, value: u64) -> Result<(), EmuFault> {
+/// Raw system calls only; wrapping arithmetic, no indexing.
+fn careful_store(cx: SignalContext, addr: u64, value: u64) -> Option<Result<(), EmuFault>> {
     let page = PAGE as u64;
     let split = (addr | (page - 1)).wrapping_add(1);
-    if split.wrapping_sub(addr) < 8 {
+    let first = split.wrapping_sub(addr);
+    if first < 8 {
         // It straddles two pages: if the second faults, the first must not
         // be written. Write the second's bytes back first, unchanged (the
         // thread's own stack: nobody else writes it).
         let mut tail = [0u8; 8];
-        let n = (addr + 8 - split) as usize;
-        let tail = &mut tail[..n];
-        let ok = peek::read_memory_raw(cx, split as usize, tail).is_ok()
-            && peek::write_memory_raw(cx, split as usize, tail).is_ok();
-        if !ok {
-            return Err(careful_fault(cx, split, n, true));
+        let n = (8 - first) as usize;
+        let tail = tail.get_mut(..n)?;
+        let r = peek::read_memory_raw(cx, split as usize, tail)
+            .and_then(|()| peek::write_memory_raw(cx, split as usize, tail));
+        match r {
+            Ok(()) => {}
+            Err(libc::EFAULT) => return Some(Err(careful_fault(cx, split, n, true))),
+            Err(_) => return None,
         }
     }
-    peek::write_memory_raw(cx, addr as usize, &value.to_le_bytes())
-        .map_err(|_| careful_fault(cx, addr, 8, true))
+    match peek::write_memory_raw(cx, addr as usize, &value.to_le_bytes()) {
+        Ok(()) => Some(Ok(())),
+        Err(libc::EFAULT) => Some(Err(careful_fault(cx, addr, 8, true))),
+        Err(_) => None,
+    }
 }
 
 /// The fault the kernel would report for an access of `len` bytes at
@@ -385,10 +393,12 @@ pub fn recover_emulator_fault(
 unsafe fn load_u64(addr: u64, access: Access) -> Result<u64, EmuFault> {
     if let Access::Careful(cx) = access {
         let mut b = [0u8; 8];
-        return match peek::read_memory_raw(cx, addr as usize, &mut b) {
-            Ok(()) => Ok(u64::from_le_bytes(b)),
-            Err(_) => Err(careful_fault(cx, addr, 8, false)),
-        };
+        match peek::read_memory_raw(cx, addr as usize, &mut b) {
+            Ok(()) => return Ok(u64::from_le_bytes(b)),
+            Err(libc::EFAULT) => return Err(careful_fault(cx, addr, 8, false)),
+            // Unavailable (a seccomp filter): the instruction's own load.
+            Err(_) => {}
+        }
     }
     let mut fault = EmuFault::default();
     // SAFETY: the accessor reads `addr`; a fault returns through
@@ -413,7 +423,10 @@ unsafe fn load_u64(addr: u64, access: Access) -> Result<u64, EmuFault> {
 /// One store; no allocation, lock or panic.
 unsafe fn store_u64(addr: u64, value: u64, access: Access) -> Result<(), EmuFault> {
     if let Access::Careful(cx) = access {
-        return careful_store(cx, addr, value);
+        if let Some(r) = careful_store(cx, addr, value) {
+            return r;
+        }
+        // Unavailable (a seccomp filter): the instruction's own store.
     }
     let mut fault = EmuFault::default();
     // SAFETY: as `load_u64`.

@@ -756,6 +756,7 @@ impl FunctionFlow {
                 + size_of_val(&*r.reads)
                 + size_of_val(&*r.endbr)
                 + size_of_val(&*r.windows)
+                + size_of_val(&*r.pointer_jumps)
                 + r.foreign.capacity() * size_of::<(usize, usize)>()
         });
         (size_of_val(&*self.bits), size_of_val(&*self.entries), rare)
