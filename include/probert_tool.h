@@ -24,9 +24,9 @@
  * Any function pointer may be NULL except start.
  *
  * Handlers run in signal context (see probert.h): they may call only
- * host->emit, host->now_ns, host->is_agent_thread and the libprobert
- * functions marked async-signal-safe (probert_regs_*). They never allocate,
- * lock or print.
+ * host->emit, host->now_ns, host->is_agent_thread, host->is_agent_call and
+ * the libprobert functions marked async-signal-safe (probert_regs_*). They
+ * never allocate, lock or print.
  *
  * A tool is built without -lprobert: the agent already contains probert, and
  * a second copy would install a second SIGTRAP handler. Build with e.g.
@@ -111,6 +111,12 @@ typedef struct probert_tool_host {
      aligned). NULL when no counter is left. Normal context (attach); a
      forked child gets its own copies, with the parent's values. */
   uint64_t *(*shared_counter)(probert_tool_ctx *ctx, const probert_tool_match *m, const char *what);
+  /* For a hit at a function's entry (a match with is_entry), from its
+     handler: 1 if the function was called from the agent's own code (its
+     runtime allocates at a thread's exit, say) or on a thread of the
+     agent's — is_agent_thread, plus the calls it cannot see. Handlers
+     should ignore such hits. Async-signal-safe. */
+  int (*is_agent_call)(const probert_regs *regs);
 } probert_tool_host;
 
 typedef struct probert_tool {

@@ -11,6 +11,7 @@
 #![allow(non_camel_case_types)]
 
 use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use probert::{AttachOptions, AttachReq, ConsumerId, Handler, Mode, Reg, Regs};
@@ -100,6 +101,7 @@ pub struct ToolHost {
     pub not_attached: unsafe extern "C" fn(*mut ToolCtx, *const ToolMatch, *const c_char),
     pub shared_counter:
         unsafe extern "C" fn(*mut ToolCtx, *const ToolMatch, *const c_char) -> *mut u64,
+    pub is_agent_call: unsafe extern "C" fn(*const Regs) -> c_int,
 }
 
 /// `probert_tool`.
@@ -461,6 +463,73 @@ extern "C" fn is_agent_thread() -> c_int {
     c_int::from(crate::agent_thread())
 }
 
+/// Where the agent's own code is (its executable segments), set at start.
+static AGENT_CODE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// Finds the agent's executable segment (the one holding this function):
+/// normal context, at start, before any probe exists.
+pub fn find_agent_code() {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: the loader's description of one module, valid during the
+        // callback; `data` is the (here, start, end) triple below.
+        let (info, found) = unsafe { (&*info, &mut *data.cast::<(usize, usize, usize)>()) };
+        for i in 0..usize::from(info.dlpi_phnum) {
+            // SAFETY: `dlpi_phnum` program headers at `dlpi_phdr`.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_X == 0 {
+                continue;
+            }
+            let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
+            let end = start.wrapping_add(ph.p_memsz as usize);
+            if (start..end).contains(&found.0) {
+                (found.1, found.2) = (start, end);
+                return 1;
+            }
+        }
+        0
+    }
+    let mut found = (find_agent_code as *const () as usize, 0usize, 0usize);
+    // SAFETY: a callback of the right type; `found` outlives the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(each),
+            (&mut found as *mut (usize, usize, usize)).cast(),
+        )
+    };
+    // Ordering: Relaxed — set before any probe exists (attaching orders it).
+    AGENT_CODE[0].store(found.1, Ordering::Relaxed);
+    AGENT_CODE[1].store(found.2, Ordering::Relaxed);
+}
+
+/// For a hit at a function's entry: 1 if the function was called from the
+/// agent's own code (an allocation of its runtime at a thread's exit, say)
+/// or on a thread of the agent's.
+///
+/// # Signal safety
+/// Atomic loads and one load from the stack the hit's registers name.
+unsafe extern "C" fn is_agent_call(regs: *const Regs) -> c_int {
+    if crate::agent_thread() {
+        return 1;
+    }
+    // SAFETY: the handler's registers, or NULL.
+    let Some(regs) = (unsafe { regs.as_ref() }) else {
+        return 0;
+    };
+    // Ordering: Relaxed — see find_agent_code.
+    let (start, end) = (
+        AGENT_CODE[0].load(Ordering::Relaxed),
+        AGENT_CODE[1].load(Ordering::Relaxed),
+    );
+    // SAFETY: at a function's entry the stack pointer points at the return
+    // address its call pushed: mapped, the thread's own stack.
+    let ret = unsafe { std::ptr::read_volatile(regs.sp() as *const usize) };
+    c_int::from((start..end).contains(&ret))
+}
+
 unsafe extern "C" fn print(ctx: *mut ToolCtx, text: *const c_char) {
     // SAFETY: the tool's own context; a NUL-terminated string.
     if let (Some(ctx), false) = (unsafe { ctx.as_ref() }, text.is_null()) {
@@ -523,5 +592,6 @@ pub fn host(json: bool) -> ToolHost {
         last_error,
         not_attached,
         shared_counter,
+        is_agent_call,
     }
 }

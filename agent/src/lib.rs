@@ -71,6 +71,15 @@ fn agent_work() -> AgentWork {
     AgentWork(None)
 }
 
+/// Gives back the mark of a thread of the agent's that has exited (its
+/// `pthread_t` may name a new thread now).
+fn release_agent_thread(t: libc::pthread_t) {
+    for slot in &AGENT_THREADS {
+        // Ordering: Relaxed — see agent_thread.
+        let _ = slot.compare_exchange(t as usize, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 impl Drop for AgentWork {
     fn drop(&mut self) {
         if let Some(i) = self.0 {
@@ -320,6 +329,7 @@ fn init_agent() {
         return;
     };
     let _work = agent_work();
+    host::find_agent_code();
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let cfg = Config {
         sock,
@@ -524,7 +534,10 @@ type DrainArgs = (crossbeam_channel::Receiver<()>, Option<f64>);
 /// agent's before anything else runs on it (a std thread's start-up
 /// allocates, and those calls would count as the program's).
 extern "C" fn drain_main(arg: *mut c_void) -> *mut c_void {
-    let _work = agent_work();
+    // The agent's for its whole life, its thread-local destructors included
+    // (seize's gives the thread's id back, and allocates doing so): the
+    // mark is released once the thread is joined (`at_exit`).
+    std::mem::forget(agent_work());
     // SAFETY: the Box start_drain leaked for this thread, ours alone now.
     let args = unsafe { Box::from_raw(arg.cast::<DrainArgs>()) };
     let _ = std::panic::catch_unwind(move || drain_loop(args.0, args.1));
@@ -693,6 +706,7 @@ extern "C" fn at_exit() {
         let _ = tx.send(());
         // SAFETY: the drain thread, joined once (taken out of STOP).
         unsafe { libc::pthread_join(h, std::ptr::null_mut()) };
+        release_agent_thread(h);
     }
     let mut g = AGENT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(agent) = g.as_mut() {

@@ -29,6 +29,26 @@ struct Probe {
     limit: u64,
     covered: AtomicBool,
     block: (usize, usize, usize), // (start, len, module base)
+    /// At a function's entry: its caller can be told from the stack.
+    entry: bool,
+}
+
+impl Probe {
+    /// Whether the hit is the agent's own (`is_agent_thread`, or for an
+    /// entry `is_agent_call`): not the program's, not counted.
+    ///
+    /// # Signal safety
+    /// The host's signal-safe entry points.
+    fn agents(&self, hit: &Hit) -> bool {
+        // SAFETY: the host table lives for the process.
+        let host = unsafe { &*self.host };
+        if self.entry && !hit.is_return() {
+            // SAFETY: the hit's own registers.
+            unsafe { (host.is_agent_call)(hit.regs) != 0 }
+        } else {
+            (host.is_agent_thread)() != 0
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -57,9 +77,8 @@ enum Kind {
 /// Atomic loads and adds through the host's signal-safe entry points.
 unsafe extern "C" fn count_hit(hit: *mut Hit) -> u32 {
     // SAFETY: the dispatcher's hit; user_data is a live `Probe`.
-    let p = unsafe { &*((*hit).user_data as *const Probe) };
-    // SAFETY: the host table lives for the process.
-    if (unsafe { &*p.host }.is_agent_thread)() == 0 {
+    let (p, hit) = unsafe { (&*((*hit).user_data as *const Probe), &*hit) };
+    if !p.agents(hit) {
         // Ordering: Relaxed — a counter read at report time.
         p.hits.fetch_add(1, Ordering::Relaxed);
     }
@@ -85,7 +104,7 @@ unsafe extern "C" fn latency_hit(hit: *mut Hit) -> u32 {
         unsafe { (host.emit)(p.ctx, rec.as_ptr().cast(), rec.len()) };
         return CONTINUE;
     }
-    if (host.is_agent_thread)() != 0 {
+    if p.agents(hit) {
         return NO_RETURN;
     }
     if let Some(s) = hit.session() {
@@ -103,7 +122,7 @@ unsafe extern "C" fn args_hit(hit: *mut Hit) -> u32 {
     let p = unsafe { &*(hit.user_data as *const Probe) };
     // SAFETY: the host table lives for the process.
     let host = unsafe { &*p.host };
-    if (host.is_agent_thread)() != 0 {
+    if p.agents(hit) {
         return CONTINUE;
     }
     // Ordering: Relaxed — counts calls; the order of records is the drain's.
@@ -352,6 +371,7 @@ unsafe extern "C" fn attach(state: *mut c_void, ms: *const ToolMatch, n: usize) 
                 limit,
                 covered: AtomicBool::new(false),
                 block,
+                entry: m.is_entry != 0,
             })
         };
         let mut sites: Vec<(usize, Box<Probe>)> = Vec::new();

@@ -544,3 +544,45 @@ fn counts_equal_an_ld_preload_interposer() {
         assert_eq!(hits(&r, "readdir"), vec![want], "{prog:?}: {r}");
     }
 }
+
+#[test]
+fn the_agents_own_calls_are_not_counted() {
+    // malloc, which the agent calls too (its runtime, at a thread's exit,
+    // after the report began...): the program's calls only, as an
+    // interposer counts them (cli/tests/c/count_malloc.c).
+    let so = cc(
+        "cli/tests/c/count_malloc.c",
+        "count_malloc.so",
+        &["-shared", "-fPIC", "-ldl"],
+    );
+    let w = workload();
+    for (i, args) in [&["5"][..], &["5", "3"][..], &["40", "10"][..]]
+        .iter()
+        .enumerate()
+    {
+        let file = tmp().join(format!("malloc-{i}"));
+        let _ = std::fs::remove_file(&file);
+        let st = Command::new(&w)
+            .args(*args)
+            .env("LD_PRELOAD", &so)
+            .env("COUNT_FILE", &file)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.code().is_some(), "{args:?}");
+        let want: u64 = std::fs::read_to_string(&file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(want >= 1, "{args:?}: {want}");
+        let t = probert()
+            .args(["trace", "-p", "libc.so.6:malloc", "--"])
+            .arg(&w)
+            .args(*args)
+            .output()
+            .unwrap();
+        let r = text(&t.stderr);
+        assert_eq!(hits(&r, "malloc"), vec![want], "{args:?}: {r}");
+    }
+}

@@ -4,6 +4,7 @@
    Run:
      probert trace --tool ./calls.so -p 'libc.so.6:str*' -- ls */
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -13,7 +14,13 @@ struct site {
   atomic_ulong hits;
   const char *name;
   const probert_tool_host *host;
+  int entry; /* at a function's entry: the caller can be told */
 };
+
+/* Whether the host table is new enough to have `is_agent_call`. */
+static int has_agent_call(const probert_tool_host *host) {
+  return host->size >= offsetof(probert_tool_host, is_agent_call) + sizeof host->is_agent_call;
+}
 
 struct state {
   const probert_tool_host *host;
@@ -25,7 +32,11 @@ struct state {
 /* A handler: async-signal-safe (one atomic add). */
 static probert_action on_hit(probert_hit *hit) {
   struct site *s = hit->user_data;
-  if (!s->host->is_agent_thread()) atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
+  /* The agent's own calls (its thread, or its code calling the function)
+     are not the program's. */
+  int agents = s->entry && has_agent_call(s->host) ? s->host->is_agent_call(hit->regs)
+                                                   : s->host->is_agent_thread();
+  if (!agents) atomic_fetch_add_explicit(&s->hits, 1, memory_order_relaxed);
   return PROBERT_CONTINUE;
 }
 
@@ -52,6 +63,7 @@ static int attach(void *state, const probert_tool_match *m, size_t n) {
     struct site *s = &st->sites[st->n];
     s->name = m[i].symbol ? m[i].symbol : "?";
     s->host = st->host;
+    s->entry = m[i].is_entry != 0;
     probert_consumer c;
     if (st->host->attach_ex((const void *)m[i].addr, on_hit, s, NULL, &c) == PROBERT_OK)
       st->n++;
