@@ -330,6 +330,7 @@ extern "C" fn on_fault(signo: libc::c_int, info: *mut libc::siginfo_t, uc: *mut 
             if signo == libc::SIGSEGV
                 && code == arch::TRAP_SI_CODE
                 && addr == 0
+                && ctx.raised_by_trap_instruction()
                 && INDEX.read_speculative(cx, ctx.trap_address(), |found| found.is_some())
             {
                 // The kernel could not push the frame of a trap at one of

@@ -58,6 +58,17 @@ f_push_end:
     ret
     END f_push
 
+    FUNC f_gp                // push rbx; a load from rdi; pop rbx; ret
+    push rbx
+    .globl f_gp_load
+f_gp_load:
+    mov rax, qword ptr [rdi]
+    .globl f_gp_after
+f_gp_after:
+    pop rbx
+    ret
+    END f_gp
+
     FUNC f_call_on           // calls rsi with rsp = rdi
     push rbx
     mov rbx, rsp
@@ -79,6 +90,9 @@ extern "C" {
     fn f_push() -> u64;
     fn f_push_end();
     fn f_call_on(sp: usize, target: usize) -> u64;
+    fn f_gp(p: usize) -> u64;
+    fn f_gp_load();
+    fn f_gp_after();
 }
 
 fn addr_of(f: unsafe extern "C" fn()) -> usize {
@@ -327,6 +341,37 @@ isolated!(
             3,
             "the first call, and the retried push twice"
         );
+        probert::detach(id).unwrap();
+    }
+);
+
+isolated!(
+    a_general_protection_fault_right_after_a_one_byte_site_is_the_hosts,
+    {
+        // A non-canonical load faults with #GP: SIGSEGV, SI_KERNEL, address
+        // 0 — as the kernel reports a trap whose frame did not fit. At the
+        // instruction right after a probed 1-byte `push`, it must not be
+        // taken for the trap again (its handlers would run twice and the
+        // push be emulated twice).
+        install_host_handler(libc::SIGSEGV);
+        probert::init().unwrap();
+        static HITS: AtomicU64 = AtomicU64::new(0);
+        let site = f_gp as *const () as usize;
+        assert_eq!(addr_of(f_gp_load), site + 1);
+        let id = unsafe { probert::attach_ex(site, record, counter(&HITS), Mode::Trap) }.unwrap();
+        ACTION.store(SKIP, Ordering::SeqCst);
+        SKIP_TO.store(addr_of(f_gp_after), Ordering::SeqCst);
+        let bad = 0x8000_0000_0000_0000usize;
+        assert_eq!(unsafe { f_gp(bad) }, SKIPPED, "skipped, popped, returned");
+        assert_eq!(FAULTS.load(Ordering::SeqCst), 1);
+        assert_eq!(SEEN_SIG.load(Ordering::SeqCst), libc::SIGSEGV as usize);
+        assert_eq!(SEEN[16].load(Ordering::SeqCst) as usize, addr_of(f_gp_load));
+        assert_eq!(
+            SEEN[7].load(Ordering::SeqCst),
+            AT_PROBE[7].load(Ordering::SeqCst) - 8,
+            "rsp: one push"
+        );
+        assert_eq!(HITS.load(Ordering::SeqCst), 1, "the probe ran once");
         probert::detach(id).unwrap();
     }
 );

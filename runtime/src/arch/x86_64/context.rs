@@ -80,6 +80,19 @@ impl TrapContext<'_> {
         self.pc().wrapping_sub(TRAP_INSN.len())
     }
 
+    /// Whether the exception the kernel last took for the thread was the
+    /// trap instruction's (`#BP`, vector 3, in the saved `trapno`): so for a
+    /// `SIGSEGV` the kernel forced when it could not push a trap's frame,
+    /// not for a fault of the instruction after a 1-byte site (a `#GP`,
+    /// vector 13, also `SI_KERNEL` with address 0).
+    ///
+    /// # Signal safety
+    /// A load.
+    #[inline(always)]
+    pub fn raised_by_trap_instruction(&self) -> bool {
+        self.mc.gregs[libc::REG_TRAPNO as usize] == 3
+    }
+
     /// The program counter the thread resumes at.
     ///
     /// # Signal safety
