@@ -5,12 +5,18 @@ use std::process::{Command, Output};
 
 fn probert() -> Command {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_probert"));
-    // The agent built beside it if there is one (`cargo build -p
-    // probert-agent`), else the copy the command carries (built from the
-    // same sources by its build script).
+    // The copy the command carries (built from the same sources by its
+    // build script), unless an agent built beside it (`cargo build -p
+    // probert-agent`) is at least as new as the command: an older one is
+    // from other sources (`cargo test` does not build the cdylib).
     let agent = bin.with_file_name("libprobert_agent.so");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = matches!(
+        (modified(&agent), modified(&bin)),
+        (Some(a), Some(b)) if a >= b
+    );
     let mut c = Command::new(bin);
-    if agent.is_file() {
+    if fresh {
         c.env("PROBERT_AGENT", agent);
     }
     c
