@@ -511,7 +511,7 @@ pub fn find_agent_code() {
 ///
 /// # Signal safety
 /// Atomic loads and one load from the stack the hit's registers name.
-unsafe extern "C" fn is_agent_call(regs: *const Regs) -> c_int {
+pub(crate) unsafe extern "C" fn is_agent_call(regs: *const Regs) -> c_int {
     if crate::agent_thread() {
         return 1;
     }

@@ -40,13 +40,16 @@ impl Probe {
     /// # Signal safety
     /// The host's signal-safe entry points.
     fn agents(&self, hit: &Hit) -> bool {
-        // SAFETY: the host table lives for the process.
-        let host = unsafe { &*self.host };
+        // The host's functions called directly, not through the table as a
+        // plug-in does: probert's analysis of a handler follows direct
+        // calls, so the fast path saves only what these change (a call
+        // through a pointer may change anything: every vector register
+        // saved on every hit).
         if self.entry && !hit.is_return() {
             // SAFETY: the hit's own registers.
-            unsafe { (host.is_agent_call)(hit.regs) != 0 }
+            unsafe { crate::host::is_agent_call(hit.regs) != 0 }
         } else {
-            (host.is_agent_thread)() != 0
+            crate::agent_thread()
         }
     }
 }
