@@ -1,6 +1,10 @@
 //! The built-in tools — count, latency, args, drcov — written against the
 //! plug-in ABI (`include/probert_tool.h`) like any other tool: they attach
-//! through the host table and report through `host.print`.
+//! through the host table and report through `host.print`. One exception:
+//! their handlers ask whether a hit is the agent's own by calling the
+//! host's functions directly, which probert's analysis of a handler can
+//! follow (a call through the table's pointers could change any register,
+//! and the fast path would save the vector state on every hit).
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
