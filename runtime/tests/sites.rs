@@ -1025,20 +1025,31 @@ isolated!(a_computed_goto_is_not_taken_for_a_tail_call, {
     assert_eq!(bytes(block, 8), before);
 });
 
+/// Debian's libsqlite3, loaded: the address of a symbol (0 if none), or
+/// `None` (said on stderr) where the library is not installed.
+fn sqlite_symbols() -> Option<impl Fn(&std::ffi::CStr) -> usize> {
+    let lib = c"libsqlite3.so.0";
+    let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) } as usize;
+    if h == 0 {
+        eprintln!("no libsqlite3.so.0: skipped");
+        return None;
+    }
+    Some(move |name: &std::ffi::CStr| unsafe {
+        libc::dlsym(h as *mut libc::c_void, name.as_ptr()) as usize
+    })
+}
+
 isolated!(
     sqlite_mutex_methods_tail_called_through_its_config_go_fast,
     {
         // Real code: SQLite's `sqlite3_mutex_enter` is `test rdi, rdi; je
         // out; mov rax, [rip + config]; jmp [rax + 0x80]`, a tail call through
         // the mutex methods it was configured with.
-        let lib = c"libsqlite3.so.0";
-        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        if h.is_null() {
-            eprintln!("no libsqlite3.so.0: skipped");
+        let Some(sqlite) = sqlite_symbols() else {
             return;
-        }
+        };
         let sym = |name: &std::ffi::CStr| {
-            let p = unsafe { libc::dlsym(h, name.as_ptr()) } as usize;
+            let p = sqlite(name);
             assert_ne!(p, 0, "{name:?}");
             p
         };
@@ -1126,3 +1137,38 @@ isolated!(
         assert_eq!(unsafe { s_short(1) }, 2);
     }
 );
+
+isolated!(sqlite_functions_shorter_than_the_jump_go_fast, {
+    // Real code: `sqlite3BitvecSize` is `mov eax, [rdi]; ret` (3 bytes),
+    // `sqlite3NoopDestructor` a lone `ret`; gcc pads both to 16 bytes with
+    // long nops.
+    let Some(sym) = sqlite_symbols() else {
+        return;
+    };
+    let (size, noop) = (sym(c"sqlite3BitvecSize"), sym(c"sqlite3NoopDestructor"));
+    if size == 0 || noop == 0 {
+        eprintln!("this libsqlite3 exports neither: skipped");
+        return;
+    }
+    static SIZE: AtomicU64 = AtomicU64::new(0);
+    static NOOP: AtomicU64 = AtomicU64::new(0);
+    let before = (bytes(size, 16), bytes(noop, 16));
+    let ids = [
+        unsafe { probert::attach(size, count, counter(&SIZE)) }.unwrap(),
+        unsafe { probert::attach(noop, count, counter(&NOOP)) }.unwrap(),
+    ];
+    for f in [size, noop] {
+        assert_eq!(probert::probe_mode(f), Ok(Mode::Fast), "{f:#x}");
+        assert_eq!(bytes(f, 1), [0xE9]);
+    }
+    let size_fn: unsafe extern "C" fn(*const u32) -> u32 = unsafe { std::mem::transmute(size) };
+    let noop_fn: unsafe extern "C" fn(*mut libc::c_void) = unsafe { std::mem::transmute(noop) };
+    for x in 0..500u32 {
+        assert_eq!(unsafe { size_fn(&x) }, x);
+        unsafe { noop_fn(std::ptr::null_mut()) };
+    }
+    assert_eq!(SIZE.load(Ordering::SeqCst), 500);
+    assert_eq!(NOOP.load(Ordering::SeqCst), 500);
+    probert::detach_batch(&ids).unwrap();
+    assert_eq!((bytes(size, 16), bytes(noop, 16)), before);
+});

@@ -66,36 +66,15 @@ pub fn read_memory_raw(
     addr: usize,
     buf: &mut [u8],
 ) -> Result<(), i32> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: as in `read_memory`; gettid has no effects. The calling
-    // thread's id names this process even after its main thread exited
-    // (its group leader then has no memory to read through).
-    let ret = unsafe {
-        let pid = super::raw::syscall0(libc::SYS_gettid);
-        super::raw::syscall6(
+    // SAFETY: as in `read_memory`: the kernel writes at most `buf.len()`
+    // bytes into `buf` and only reads the remote range.
+    unsafe {
+        vm_copy_raw(
             libc::SYS_process_vm_readv,
-            pid,
-            &local as *const libc::iovec as i64,
-            1,
-            &remote as *const libc::iovec as i64,
-            1,
-            0,
+            buf.as_mut_ptr(),
+            buf.len(),
+            addr,
         )
-    };
-    match super::raw::check(ret) {
-        Ok(n) if n as usize == buf.len() => Ok(()),
-        Ok(_) => Err(libc::EFAULT),
-        Err(e) => Err(e),
     }
 }
 
@@ -111,26 +90,49 @@ pub fn write_memory_raw(
     addr: usize,
     bytes: &[u8],
 ) -> Result<(), i32> {
-    if bytes.is_empty() {
+    // SAFETY: the kernel only reads the local buffer, `bytes`; the remote
+    // range is written as a store by this thread would write it, and the
+    // caller's contract (an emulated store) says it may be.
+    unsafe {
+        vm_copy_raw(
+            libc::SYS_process_vm_writev,
+            bytes.as_ptr().cast_mut(),
+            bytes.len(),
+            addr,
+        )
+    }
+}
+
+/// One raw `process_vm_readv` or `process_vm_writev` (`nr`) of `len` bytes
+/// between the local buffer `local` and address `remote` of this process,
+/// named by the calling thread's id (it names the process even after the
+/// main thread exited, when the group leader has no memory left). A short
+/// copy is `EFAULT`.
+///
+/// # Safety
+/// `local` is valid for `len` bytes, for writing if `nr` reads.
+///
+/// # Signal safety
+/// Two raw system calls; `errno` untouched.
+unsafe fn vm_copy_raw(nr: i64, local: *mut u8, len: usize, remote: usize) -> Result<(), i32> {
+    if len == 0 {
         return Ok(());
     }
     let local = libc::iovec {
-        iov_base: bytes.as_ptr().cast_mut().cast(),
-        iov_len: bytes.len(),
+        iov_base: local.cast(),
+        iov_len: len,
     };
     let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: bytes.len(),
+        iov_base: remote as *mut libc::c_void,
+        iov_len: len,
     };
-    // SAFETY: the kernel only reads the local buffer, `bytes`; the remote
-    // range is written as a store by this thread would write it, and the
-    // caller's contract (an emulated store) says it may be. The thread's
-    // id: see `read_memory_raw`.
+    // SAFETY: gettid has no effects; the caller vouches for `local`, and
+    // the kernel checks the remote range.
     let ret = unsafe {
-        let pid = super::raw::syscall0(libc::SYS_gettid);
+        let tid = super::raw::syscall0(libc::SYS_gettid);
         super::raw::syscall6(
-            libc::SYS_process_vm_writev,
-            pid,
+            nr,
+            tid,
             &local as *const libc::iovec as i64,
             1,
             &remote as *const libc::iovec as i64,
@@ -139,7 +141,7 @@ pub fn write_memory_raw(
         )
     };
     match super::raw::check(ret) {
-        Ok(n) if n as usize == bytes.len() => Ok(()),
+        Ok(n) if n as usize == len => Ok(()),
         Ok(_) => Err(libc::EFAULT),
         Err(e) => Err(e),
     }
