@@ -122,6 +122,19 @@ const EMPTY: Stack = Stack {
 
 static TABLE: [Stack; THREADS] = [EMPTY; THREADS];
 
+/// The stacks of spawn children, by their parent's spawn slot: a child runs
+/// with its parent's thread pointer, and its frames must neither mix with
+/// the parent's (a `ret` in the child would take the parent's frames for
+/// deeper ones) nor outlive its `execve`.
+static CHILDREN: [Stack; crate::sys::spawn::SLOTS] = [EMPTY; crate::sys::spawn::SLOTS];
+
+/// The spawn child of `slot` has exec'd or exited: its pending invocations
+/// (an `execve` that succeeded) are abandoned. Called by the parent.
+pub(crate) fn child_gone(slot: usize) {
+    // The child's writes precede the return of the parent's `clone`.
+    reset(&CHILDREN[slot]);
+}
+
 /// [`arch::tid_offset`], found in normal context before any return probe
 /// is attached (`u32::MAX`: unknown, ask the kernel).
 static TID_OFFSET: AtomicU32 = AtomicU32::new(u32::MAX);
@@ -186,13 +199,19 @@ fn map_frames() -> *mut Frame {
 }
 
 /// The calling thread's stack, claimed if it has none and `claim`; `None`
-/// when it has none (and may not or cannot claim one).
+/// when it has none (and may not or cannot claim one). A spawn child
+/// (`sys::spawn`) gets its own.
 ///
 /// # Signal safety
 /// Loads, at most one CAS per probed entry, and on a thread's first use a
 /// raw `mmap`.
 pub(crate) fn mine(_cx: SignalContext, claim: bool) -> Option<Mine> {
     let tp = arch::thread_pointer();
+    if let Some(slot) = crate::sys::spawn::spawning_slot(tp) {
+        // A spawn child, running with its suspended parent's thread
+        // pointer: it gets a stack of its own (see `child_gone`).
+        return mapped(&CHILDREN[slot]);
+    }
     let home = tp.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - THREADS.trailing_zeros());
     for k in 0..THREADS {
         let s = &TABLE[(home + k) % THREADS];

@@ -1,12 +1,13 @@
 /*
- * C tests of the host-integration part of libprobert (issue 13, items 4–6):
- * dispositions probert did not set, a host SIGTRAP handler installed after
- * probert, the scan signal, quiescent points. Built and run like
+ * C tests of the host-integration part of libprobert (issue 13, items 3–6):
+ * spawn children, dispositions probert did not set, a host SIGTRAP handler
+ * installed after probert, the scan signal, quiescent points. Built and run like
  * test_probert.c (tests/c/Makefile); each case in a process of its own.
  */
 #define _GNU_SOURCE
 
 #include <pthread.h>
+#include <spawn.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/resource.h>
@@ -225,8 +226,48 @@ static void t_quiescent_points(void) {
   CHECK_EQ(atomic_load(&rt_deliveries), 0);
 }
 
+/* ---- children that share memory ----------------------------------------- */
+
+extern char **environ;
+
+/* posix_spawn and system() with the C library's execve and dup2 on the trap
+   path: glibc's own child would die on them; libprobert's serves them. */
+static void t_spawn_children_serve_trap_probes(void) {
+  static atomic_ulong execs, dups;
+  CHECK_OK(probert_init());
+  probert_attach_opts opts = {sizeof opts, PROBERT_MODE_TRAP, NULL};
+  const void *execve_at, *dup2_at;
+  CHECK_OK(probert_symbol_addr("libc.so.6", "execve", &execve_at));
+  CHECK_OK(probert_symbol_addr("libc.so.6", "dup2", &dup2_at));
+  probert_consumer ce, cd;
+  CHECK_OK(probert_attach_ex(execve_at, count_hit, &execs, &opts, &ce));
+  CHECK_OK(probert_attach_ex(dup2_at, count_hit, &dups, &opts, &cd));
+
+  posix_spawn_file_actions_t fa;
+  CHECK_EQ(posix_spawn_file_actions_init(&fa), 0);
+  CHECK_EQ(posix_spawn_file_actions_adddup2(&fa, 1, 9), 0);
+  char *argv[] = {"sh", "-c", "exit 7", NULL};
+  pid_t pid;
+  CHECK_EQ(posix_spawn(&pid, "/bin/sh", &fa, NULL, argv, environ), 0);
+  posix_spawn_file_actions_destroy(&fa);
+  int st;
+  CHECK(waitpid(pid, &st, 0) == pid);
+  CHECK(WIFEXITED(st));
+  CHECK_EQ(WEXITSTATUS(st), 7);
+  CHECK_EQ(atomic_load(&execs), 1);
+  CHECK_EQ(atomic_load(&dups), 1);
+
+  st = system("exit 3");
+  CHECK(WIFEXITED(st));
+  CHECK_EQ(WEXITSTATUS(st), 3);
+  CHECK_EQ(atomic_load(&execs), 2);
+  CHECK_OK(probert_detach(ce));
+  CHECK_OK(probert_detach(cd));
+}
+
 #define T(name) {#name, t_##name}
 static const struct test_case TESTS[] = {
+    T(spawn_children_serve_trap_probes),
     T(ignored_sigtrap_survives_kill),
     T(default_sigtrap_kill_still_kills),
     T(chaining_host_handler),

@@ -18,7 +18,9 @@
 //!   (`quiescent`) instead; `tasks`: listing the threads through a cached
 //!   `/proc/self/task` descriptor; `sigframes`: contexts saved in signal
 //!   frames deeper on a thread's stack; `thread_exit`: a destructor run
-//!   by every exiting thread.
+//!   by every exiting thread;
+//! - `masks`: keeping `SIGTRAP` out of the masks a host sets; `spawn`:
+//!   `posix_spawn`/`system` children that serve probes.
 
 pub mod cfi;
 pub mod code;
@@ -36,6 +38,7 @@ pub mod raw;
 pub mod scan_mode;
 pub mod sigframes;
 pub mod signal;
+pub mod spawn;
 pub mod symbols;
 pub mod tasks;
 pub mod thread_exit;

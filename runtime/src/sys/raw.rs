@@ -193,6 +193,53 @@ mod imp {
         }
         ret
     }
+
+    /// `clone(CLONE_VM | CLONE_VFORK | SIGCHLD)` onto `stack_top`, the child
+    /// calling `child(arg)` there (it must never return: it ends with
+    /// `execve` or `_exit`). Returns the child's pid to the parent once the
+    /// child has exec'd or exited, or `-errno`.
+    ///
+    /// # Safety
+    /// `stack_top` is the 16-byte-aligned end of a writable mapping large
+    /// enough for `child`, which shares the caller's memory while the caller
+    /// is suspended (see `sys::spawn`).
+    pub unsafe fn clone_vfork(
+        stack_top: *mut u8,
+        child: unsafe extern "C" fn(*const u8) -> !,
+        arg: *const u8,
+    ) -> i64 {
+        let ret: i64;
+        let flags = i64::from(libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD);
+        // SAFETY: the kernel's clone ABI (flags, stack, parent_tid, child_tid,
+        // tls); the child starts with the caller's registers but rax = 0 and
+        // rsp = `stack_top`, so it finds `child` and `arg` in r12/r13 (kept
+        // by the syscall), clears the frame pointer (the end of its stack)
+        // and calls `child` with rsp 16-byte aligned. It never comes back
+        // into this block; the parent continues at `2:` with the pid.
+        unsafe {
+            asm!(
+                "syscall",
+                "test rax, rax",
+                "jnz 2f",
+                "xor ebp, ebp",
+                "mov rdi, r13",
+                "call r12",
+                "ud2",
+                "2:",
+                inlateout("rax") libc::SYS_clone => ret,
+                in("rdi") flags,
+                in("rsi") stack_top,
+                in("rdx") 0i64,
+                in("r10") 0i64,
+                in("r8") 0i64,
+                in("r12") child,
+                in("r13") arg,
+                lateout("rcx") _,
+                lateout("r11") _,
+            );
+        }
+        ret
+    }
 }
 
 #[allow(dead_code)]
@@ -269,10 +316,22 @@ mod imp {
         // SAFETY: the caller vouches for the call.
         raw(unsafe { libc::syscall(nr, a1, a2, a3, a4, a5, a6) })
     }
+
+    /// Not available here: the caller falls back to the C library's spawn.
+    ///
+    /// # Safety
+    /// None needed: it does nothing.
+    pub unsafe fn clone_vfork(
+        _stack_top: *mut u8,
+        _child: unsafe extern "C" fn(*const u8) -> !,
+        _arg: *const u8,
+    ) -> i64 {
+        -i64::from(libc::ENOSYS)
+    }
 }
 
 #[allow(unused_imports)] // see `imp`: not every arity has a caller yet
-pub use imp::{syscall0, syscall1, syscall2, syscall3, syscall4, syscall5, syscall6};
+pub use imp::{clone_vfork, syscall0, syscall1, syscall2, syscall3, syscall4, syscall5, syscall6};
 
 #[cfg(test)]
 mod tests {

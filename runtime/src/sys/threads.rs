@@ -560,14 +560,22 @@ fn scan_round(
             }
             all_done &= p.done;
         }
-        if all_done {
+        // A spawn child shares our memory but is not one of our threads: the
+        // round is not over until it has exec'd or exited (`sys::spawn`).
+        let child = super::spawn::children_in_flight();
+        if all_done && !child {
             return true;
         }
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
-        futex_wait(&ACK_EVENTS, events, (deadline - now).min(MAX_SLEEP));
+        let nap = if child {
+            Duration::from_micros(50)
+        } else {
+            MAX_SLEEP
+        };
+        futex_wait(&ACK_EVENTS, events, (deadline - now).min(nap));
     }
 }
 
