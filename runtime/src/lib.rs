@@ -178,11 +178,13 @@
 //!   [`barrier_mechanism`]), or initialisation fails.
 //! - `SIGTRAP` is kept out of the signal masks set through the C library
 //!   (probert defines `sigprocmask`, `pthread_sigmask` and `sigaction`), and
-//!   `posix_spawn`, `posix_spawnp` and `system` run a child of probert's
-//!   that serves probes until its `execve` (glibc's runs in the parent's
-//!   memory with every handler reset: a trap site there would kill it).
-//!   Not covered: masks set by raw system calls, `pthread_create`'s
-//!   all-blocked window, `popen`'s child. A program's own `vfork` child
+//!   `posix_spawn`, `posix_spawnp`, `system` and `popen` run a child of
+//!   probert's that serves probes until its `execve` (glibc's runs in the
+//!   parent's memory with every handler reset: a trap site there would kill
+//!   it). Probes on the C library's own definitions of these functions (and
+//!   of `pclose`) see only the calls that still reach them. Not covered:
+//!   masks set by raw system calls, `pthread_create`'s all-blocked window.
+//!   A program's own `vfork` child
 //!   inherits probert's handler and works, but thread scans do not wait for
 //!   it and its return probes share its parent's shadow stack.
 //!

@@ -399,3 +399,67 @@ isolated!(a_vfork_child_runs_trap_served_probes, {
     assert_eq!(EXECVE.load(Ordering::SeqCst) - before, 1);
     detach_all(ids);
 });
+
+isolated!(popen_reads_and_writes_through_trap_served_probes, {
+    use std::io::Read;
+    let ids = probe_the_spawn_path();
+    let before = EXECVE.load(Ordering::SeqCst);
+    unsafe {
+        let r = libc::popen(c"echo out; exit 2".as_ptr(), c"r".as_ptr());
+        assert!(!r.is_null());
+        let mut buf = [0u8; 16];
+        let n = libc::fread(buf.as_mut_ptr().cast(), 1, buf.len(), r);
+        assert_eq!(&buf[..n], b"out\n");
+        exited(libc::pclose(r), 2);
+
+        // A writer.
+        let path = std::env::temp_dir().join(format!("probert-popen-{}", std::process::id()));
+        let cmd = std::ffi::CString::new(format!("cat > {}", path.display())).unwrap();
+        let w = libc::popen(cmd.as_ptr(), c"w".as_ptr());
+        assert!(!w.is_null());
+        assert_eq!(
+            libc::fcntl(libc::fileno(w), libc::F_GETFD) & libc::FD_CLOEXEC,
+            0
+        );
+        assert!(libc::fputs(c"written\n".as_ptr(), w) >= 0);
+        exited(libc::pclose(w), 0);
+        let mut got = String::new();
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "written\n");
+        std::fs::remove_file(&path).unwrap();
+
+        // A later shell does not inherit an earlier stream (POSIX), even one
+        // without close-on-exec: the earlier `cat` would never see the end
+        // of its input otherwise.
+        let held = libc::popen(c"cat".as_ptr(), c"w".as_ptr());
+        assert!(!held.is_null());
+        let fd = libc::fileno(held);
+        let probe = std::ffi::CString::new(format!(
+            "[ -e /proc/$$/fd/{fd} ] && echo inherited || echo closed"
+        ))
+        .unwrap();
+        let r = libc::popen(probe.as_ptr(), c"re".as_ptr());
+        assert!(!r.is_null());
+        assert_eq!(
+            libc::fcntl(libc::fileno(r), libc::F_GETFD) & libc::FD_CLOEXEC,
+            libc::FD_CLOEXEC
+        );
+        let n = libc::fread(buf.as_mut_ptr().cast(), 1, buf.len(), r);
+        assert_eq!(&buf[..n], b"closed\n");
+        exited(libc::pclose(r), 0);
+        exited(libc::pclose(held), 0);
+
+        // Bad modes.
+        for mode in [c"", c"rw", c"x", c"re+"] {
+            *libc::__errno_location() = 0;
+            assert!(libc::popen(c"true".as_ptr(), mode.as_ptr()).is_null());
+            assert_eq!(*libc::__errno_location(), libc::EINVAL, "{mode:?}");
+        }
+    }
+    // One execve per shell.
+    assert_eq!(EXECVE.load(Ordering::SeqCst) - before, 4);
+    detach_all(ids);
+});

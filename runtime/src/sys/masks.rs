@@ -22,12 +22,10 @@
 //! - masks set by raw system calls (`syscall(SYS_rt_sigprocmask)`, Go's
 //!   runtime, a statically linked libc inside a sandboxed helper);
 //! - the C library's own all-signals-blocked windows: `pthread_create`
-//!   around `clone` (and the new thread until it restores its mask),
-//!   `popen` around its child (`posix_spawn`, `posix_spawnp` and `system`
-//!   run a child of probert's: [`super::spawn`]). Probes in code that runs
-//!   there (`clone`, the child's `dup2`, `close`, `execve`) kill the process
-//!   if they are served by a trap; fast (jump) sites need no signal and
-//!   work there;
+//!   around `clone` (and the new thread until it restores its mask). Probes
+//!   in code that runs there (`clone`) kill the process if they are served
+//!   by a trap; fast (jump) sites need no signal and work there. (The spawn
+//!   functions run a child of probert's: [`super::spawn`].)
 //! - temporary masks of `sigsuspend`, `pselect`, `ppoll`, `epoll_pwait`,
 //!   `signalfd` readers that set a mask by `ppoll`: a handler interrupting
 //!   those runs with the temporary mask.

@@ -20,7 +20,7 @@
 //!   frames deeper on a thread's stack; `thread_exit`: a destructor run
 //!   by every exiting thread;
 //! - `masks`: keeping `SIGTRAP` out of the masks a host sets; `spawn`:
-//!   `posix_spawn`/`system` children that serve probes.
+//!   `posix_spawn`/`system`/`popen` children that serve probes.
 
 pub mod cfi;
 pub mod code;

@@ -1,13 +1,13 @@
 //! Children that share memory (issue 13, item 3): `posix_spawn`,
-//! `posix_spawnp` and `system` run their child with probert's `SIGTRAP`
-//! handler.
+//! `posix_spawnp`, `system` and `popen` run their child with probert's
+//! `SIGTRAP` handler.
 //!
 //! The C library's spawn runs its child with `clone(CLONE_VM | CLONE_VFORK)`
 //! in the parent's memory, every signal blocked, and then resets every
 //! handler to the default: a trap site the child executes on its way to
 //! `execve` (`dup2`, `close`, `execve` itself, anything a file action or
 //! the exec calls) kills it with `SIGTRAP`. glibc's child is internal (not
-//! interposable), so probert defines the three functions itself (every
+//! interposable), so probert defines those functions (and `pclose`) itself (every
 //! binary or shared object linking probert defines them, as it defines the
 //! signal-mask functions of [`super::masks`]) and runs a child of its own:
 //! the same steps in the same order as glibc 2.36's, through the same
@@ -42,12 +42,16 @@
 //!   with (as with every mask set through the C library, see
 //!   [`super::masks`]); its disposition after `execve` is the default even
 //!   where it was ignored before probert installed its handler;
-//! - `system` is not a cancellation point: it waits for the shell with a
-//!   raw `wait4` (a cancelled Rust frame cannot unwind), and runs
-//!   `/bin/sh -c command` as glibc 2.36 does;
-//! - `popen` (glibc's internal spawn) and a program's own `vfork` are not
-//!   taken over: a `vfork` child inherits probert's handler and works, but
-//!   neither return probes nor scans know it (the crate docs say so).
+//! - `system` and `pclose` are not cancellation points: they wait for the
+//!   shell with a raw `wait4` (a cancelled Rust frame cannot unwind); both
+//!   run `/bin/sh -c command` as glibc 2.36 does; `popen`'s child closes
+//!   the streams of earlier `popen` calls, as glibc's;
+//! - probes on the C library's own definitions of these functions see only
+//!   the calls that still reach them (the C library's internal ones, a
+//!   `dlsym(RTLD_NEXT, …)`): the others run probert's;
+//! - a program's own `vfork` is not taken over: its child inherits
+//!   probert's handler and works, but neither return probes nor scans know
+//!   it (the crate docs say so).
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, CStr, CString};
@@ -900,6 +904,181 @@ pub unsafe extern "C" fn system(command: *const c_char) -> c_int {
         }
     }
     status
+}
+
+/// A stream of [`popen`]'s and the shell behind it.
+struct Piped {
+    file: usize,
+    fd: c_int,
+    pid: libc::pid_t,
+}
+
+/// The streams [`popen`] opened and [`pclose`] has not closed.
+static PIPED: Mutex<Vec<Piped>> = Mutex::new(Vec::new());
+
+fn set_errno(e: c_int) {
+    // SAFETY: this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// `popen(3)`: `/bin/sh -c command` spawned with probert's child (see the
+/// module docs), with its standard output (`"r"`) or input (`"w"`) a pipe
+/// to the stream returned; `"e"` makes the stream's descriptor
+/// close-on-exec.
+///
+/// # Safety
+/// As `popen(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn popen(command: *const c_char, mode: *const c_char) -> *mut libc::FILE {
+    if command.is_null() || mode.is_null() {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the caller's NUL-terminated mode.
+    let m = unsafe { CStr::from_ptr(mode) }.to_bytes();
+    let (mut read, mut write, mut cloexec) = (false, false, false);
+    for &c in m {
+        match c {
+            b'r' => read = true,
+            b'w' => write = true,
+            b'e' => cloexec = true,
+            _ => {
+                set_errno(libc::EINVAL);
+                return std::ptr::null_mut();
+            }
+        }
+    }
+    if read == write {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
+    let mut fds = [0; 2];
+    // SAFETY: a two-descriptor array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return std::ptr::null_mut();
+    }
+    let (ours, theirs, std_fd) = if read {
+        (fds[0], fds[1], 1)
+    } else {
+        (fds[1], fds[0], 0)
+    };
+    let close_both = || {
+        // SAFETY: the pipe's descriptors, ours to close.
+        unsafe {
+            libc::close(ours);
+            libc::close(theirs);
+        }
+    };
+    let mut piped = PIPED.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: an all-zero object, initialised by glibc below.
+    let mut fa: libc::posix_spawn_file_actions_t = unsafe { std::mem::zeroed() };
+    // SAFETY: glibc initialises the local object.
+    unsafe { libc::posix_spawn_file_actions_init(&mut fa) };
+    // POSIX: streams of earlier popen calls are closed in the child.
+    for p in piped.iter().filter(|p| p.fd != std_fd) {
+        // SAFETY: as above.
+        unsafe { libc::posix_spawn_file_actions_addclose(&mut fa, p.fd) };
+    }
+    // dup2 onto the standard descriptor clears close-on-exec, also when the
+    // pipe end already is that descriptor.
+    // SAFETY: as above.
+    unsafe { libc::posix_spawn_file_actions_adddup2(&mut fa, theirs, std_fd) };
+    let argv = [c"sh".as_ptr(), c"-c".as_ptr(), command, std::ptr::null()];
+    let mut pid = 0;
+    // SAFETY: valid actions, argument vector and environment.
+    let ret = unsafe {
+        posix_spawn(
+            &mut pid,
+            c"/bin/sh".as_ptr(),
+            &fa,
+            std::ptr::null(),
+            argv.as_ptr().cast(),
+            environ,
+        )
+    };
+    // SAFETY: initialised above.
+    unsafe { libc::posix_spawn_file_actions_destroy(&mut fa) };
+    if ret != 0 {
+        close_both();
+        set_errno(ret);
+        return std::ptr::null_mut();
+    }
+    // SAFETY: the child's end, no longer ours; our end, ours.
+    let file = unsafe {
+        libc::close(theirs);
+        if !cloexec {
+            libc::fcntl(ours, libc::F_SETFD, 0);
+        }
+        libc::fdopen(ours, if read { c"r".as_ptr() } else { c"w".as_ptr() })
+    };
+    if file.is_null() {
+        let e = errno();
+        // SAFETY: our end, and the child we spawned (it sees end of file).
+        unsafe {
+            libc::close(ours);
+            let mut status = 0;
+            let _ = raw::check_retry(|| {
+                raw::syscall4(
+                    libc::SYS_wait4,
+                    i64::from(pid),
+                    &mut status as *mut c_int as i64,
+                    0,
+                    0,
+                )
+            });
+        }
+        set_errno(e);
+        return std::ptr::null_mut();
+    }
+    piped.push(Piped {
+        file: file as usize,
+        fd: ours,
+        pid,
+    });
+    file
+}
+
+/// `pclose(3)`: closes a stream of [`popen`]'s and waits for its shell; a
+/// stream of the C library's `popen` goes to its `pclose`.
+///
+/// # Safety
+/// As `pclose(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn pclose(file: *mut libc::FILE) -> c_int {
+    let found = {
+        let mut piped = PIPED.lock().unwrap_or_else(|e| e.into_inner());
+        let at = piped.iter().position(|p| p.file == file as usize);
+        at.map(|i| piped.swap_remove(i))
+    };
+    let Some(p) = found else {
+        let f = next(c"pclose");
+        if f == 0 {
+            set_errno(libc::ENOSYS);
+            return -1;
+        }
+        type PcloseFn = unsafe extern "C" fn(*mut libc::FILE) -> c_int;
+        // SAFETY: the C library's `pclose`, with the caller's stream.
+        return unsafe { std::mem::transmute::<usize, PcloseFn>(f)(file) };
+    };
+    // SAFETY: the caller's stream, ours.
+    unsafe { libc::fclose(file) };
+    let mut status = 0;
+    // SAFETY: our child; the raw call is not a cancellation point.
+    match raw::check_retry(|| unsafe {
+        raw::syscall4(
+            libc::SYS_wait4,
+            i64::from(p.pid),
+            &mut status as *mut c_int as i64,
+            0,
+            0,
+        )
+    }) {
+        Ok(_) => status,
+        Err(e) => {
+            set_errno(e);
+            -1
+        }
+    }
 }
 
 #[cfg(test)]
