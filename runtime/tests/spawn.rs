@@ -183,6 +183,9 @@ isolated!(posix_spawnp_searches_the_path_through_trap_served_probes, {
     assert_eq!(EXECVE.load(Ordering::SeqCst) - before, 2);
     let (rc, _) = spawn_sh(libc::posix_spawnp, c"no-such-program-here", c"");
     assert_eq!(rc, libc::ENOENT);
+    // No search for an empty name, as execvp.
+    let (rc, _) = spawn_sh(libc::posix_spawnp, c"", c"");
+    assert_eq!(rc, libc::ENOENT);
     detach_all(ids);
 });
 
@@ -462,4 +465,157 @@ isolated!(popen_reads_and_writes_through_trap_served_probes, {
     // One execve per shell.
     assert_eq!(EXECVE.load(Ordering::SeqCst) - before, 4);
     detach_all(ids);
+});
+
+/// Makes `close_range` fail with `ENOSYS` in every thread of this process,
+/// as an older kernel or a seccomp sandbox does.
+fn forbid_close_range() {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        ins(LD_W_ABS, 0, 0, 4),
+        ins(JEQ_K, 1, 0, 0xc000_003e), // AUDIT_ARCH_X86_64
+        ins(RET_K, 0, 0, 0x7fff_0000), // allow
+        ins(LD_W_ABS, 0, 0, 0),
+        ins(JEQ_K, 0, 1, libc::SYS_close_range as u32),
+        ins(RET_K, 0, 0, 0x0005_0000 | libc::ENOSYS as u32), // errno
+        ins(RET_K, 0, 0, 0x7fff_0000),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        // SECCOMP_SET_MODE_FILTER with SECCOMP_FILTER_FLAG_TSYNC.
+        assert_eq!(libc::syscall(libc::SYS_seccomp, 1, 1, &prog), 0);
+    }
+}
+
+isolated!(closefrom_without_close_range_closes_through_proc_self_fd, {
+    forbid_close_range();
+    let ids = probe_the_spawn_path();
+    unsafe {
+        for fd in [40, 41, 300] {
+            assert_eq!(libc::dup2(2, fd), fd);
+        }
+        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        libc::posix_spawn_file_actions_init(&mut fa);
+        libc::posix_spawn_file_actions_addclosefrom_np(&mut fa, 41);
+        let script = c"[ -e /proc/$$/fd/40 ] || exit 1; [ -e /proc/$$/fd/41 ] && exit 2; [ -e /proc/$$/fd/300 ] && exit 3; exit 0";
+        let argv = [
+            c"sh".as_ptr(),
+            c"-c".as_ptr(),
+            script.as_ptr(),
+            std::ptr::null(),
+        ];
+        let mut pid = 0;
+        let rc = libc::posix_spawn(
+            &mut pid,
+            c"/bin/sh".as_ptr(),
+            &fa,
+            std::ptr::null(),
+            argv.as_ptr().cast(),
+            environ,
+        );
+        libc::posix_spawn_file_actions_destroy(&mut fa);
+        assert_eq!(rc, 0);
+        exited(wait(pid), 0);
+    }
+    detach_all(ids);
+});
+
+std::arch::global_asm!(
+    ".text",
+    ".p2align 4",
+    ".globl sp_two",
+    ".type sp_two,@function",
+    "sp_two:",
+    "push rbp",
+    "mov rbp, rsp",
+    "lea rax, [rdi + 2]",
+    "pop rbp",
+    "ret",
+    ".size sp_two, .-sp_two",
+);
+
+extern "C" {
+    fn sp_two(x: u64) -> u64;
+}
+
+/// A child blocked in a file action (opening a FIFO nobody writes yet),
+/// while fast multi-instruction sites come and go: their thread scans see
+/// the child through procfs and finish.
+fn fast_probes_while_a_child_blocks(check: impl Fn()) {
+    let fifo = std::env::temp_dir().join(format!("probert-fifo-{}", std::process::id()));
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let spawner = {
+        let path = path.clone();
+        std::thread::spawn(move || unsafe {
+            let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+            libc::posix_spawn_file_actions_init(&mut fa);
+            libc::posix_spawn_file_actions_addopen(&mut fa, 0, path.as_ptr(), libc::O_RDONLY, 0);
+            let argv = [c"true".as_ptr(), std::ptr::null()];
+            let mut pid = 0;
+            let rc = libc::posix_spawn(
+                &mut pid,
+                c"/bin/true".as_ptr(),
+                &fa,
+                std::ptr::null(),
+                argv.as_ptr().cast(),
+                environ,
+            );
+            libc::posix_spawn_file_actions_destroy(&mut fa);
+            assert_eq!(rc, 0);
+            pid
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    check();
+    // Let the child go: a writer opens the FIFO.
+    let w = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY) };
+    assert!(w >= 0);
+    let pid = spawner.join().unwrap();
+    unsafe { libc::close(w) };
+    exited(wait(pid), 0);
+    std::fs::remove_file(&fifo).unwrap();
+}
+
+fn fast_site_comes_and_goes() {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..3 {
+        let id = unsafe {
+            probert::attach_ex(
+                sp_two as *const () as usize,
+                count,
+                counter(&HITS),
+                Mode::Fast,
+            )
+        }
+        .expect("a fast site (its scan finished)");
+        assert_eq!(unsafe { sp_two(1) }, 3);
+        probert::detach(id).expect("detach (its scan finished)");
+    }
+    assert_eq!(HITS.load(Ordering::SeqCst), 3);
+}
+
+isolated!(scans_finish_while_a_spawn_child_blocks, {
+    probert::init().unwrap();
+    fast_probes_while_a_child_blocks(fast_site_comes_and_goes);
+});
+
+isolated!(fast_sites_work_in_a_fork_taken_during_a_spawn, {
+    probert::init().unwrap();
+    fast_probes_while_a_child_blocks(|| {
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // The spawning thread is not here: nothing to wait for.
+            let ok = std::panic::catch_unwind(fast_site_comes_and_goes).is_ok();
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        exited(wait(pid), 0);
+    });
 });

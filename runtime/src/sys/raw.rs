@@ -214,7 +214,8 @@ mod imp {
         // tls); the child starts with the caller's registers but rax = 0 and
         // rsp = `stack_top`, so it finds `child` and `arg` in r12/r13 (kept
         // by the syscall), clears the frame pointer (the end of its stack)
-        // and calls `child` with rsp 16-byte aligned. It never comes back
+        // and enters `child` as a call would, with a null return address
+        // (rsp ≡ 8 mod 16). It never comes back
         // into this block; the parent continues at `2:` with the pid.
         unsafe {
             asm!(
@@ -223,8 +224,9 @@ mod imp {
                 "jnz 2f",
                 "xor ebp, ebp",
                 "mov rdi, r13",
-                "call r12",
-                "ud2",
+                // A null return address ends an unwinder's walk here.
+                "push 0",
+                "jmp r12",
                 "2:",
                 inlateout("rax") libc::SYS_clone => ret,
                 in("rdi") flags,

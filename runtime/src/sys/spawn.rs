@@ -10,17 +10,23 @@
 //! interposable), so probert defines those functions (and `pclose`) itself (every
 //! binary or shared object linking probert defines them, as it defines the
 //! signal-mask functions of [`super::masks`]) and runs a child of its own:
-//! the same steps in the same order as glibc 2.36's, through the same
-//! public C library functions, except that `SIGTRAP` keeps probert's
-//! handler and stays unblocked until `execve` (which resets the handler).
-//! Probes in the child are served on both paths, and its hits count —
-//! a probe on `execve` sees every spawn.
+//! the same steps in the same order as glibc 2.36's, except that `SIGTRAP`
+//! keeps probert's handler and stays unblocked until `execve` (which
+//! resets the handler). Probes in the child are served on both paths, and
+//! its hits count — a probe on `execve` sees every spawn. For that the
+//! child calls the C library's public functions (`dup2`, `close`, `open`,
+//! `execve`, …) where glibc's calls internal aliases: a wrapper another
+//! library interposes on those (a sanitizer's descriptor tracking) runs in
+//! the child too, and must not take locks there. The parent allocates (the
+//! file actions, `posix_spawnp`'s candidates) before the child starts: the
+//! functions are not async-signal-safe, as POSIX allows.
 //!
 //! While the child runs (it shares the parent's memory and thread
 //! pointer, and the parent thread is suspended in `clone`):
 //!
-//! - thread scans wait for it to exec or exit ([`children_in_flight`]): it
-//!   is not a thread of this process, so neither the scan signal nor
+//! - thread scans look at it as at a thread that cannot take the scan
+//!   signal, through `/proc/<pid>` ([`children_outside`]): it is not a
+//!   thread of this process, so neither the scan signal nor
 //!   `/proc/self/task` sees it, and it may be inside a range being switched
 //!   or a stub being reused;
 //! - return probes keep its frames on a shadow stack of its own
@@ -55,7 +61,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int, CStr, CString};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use super::raw;
@@ -83,6 +89,8 @@ const SETSCHEDULER: i16 = 0x20;
 const KNOWN_FLAGS: i16 = 0xff;
 const SETSID: i16 = 0x80;
 
+/// The guard page below a child's stack.
+const GUARD: usize = 4096;
 /// The exit status of a child that could not exec (POSIX).
 const SPAWN_ERROR: c_int = 127;
 /// glibc's internal signals (cancellation, set-id broadcast): ignored in
@@ -195,27 +203,49 @@ unsafe fn read_attr(attr: *const libc::posix_spawnattr_t) -> Option<Attr> {
 
 // ---- children in flight
 
-/// Threads whose spawn child may be running (their thread pointers).
+/// Threads whose spawn child may be running: their thread pointers, and
+/// the child's pid once it has started (0 before).
 pub const SLOTS: usize = 64;
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 #[allow(clippy::declare_interior_mutable_const)] // an array initialiser
 const NOBODY: AtomicUsize = AtomicUsize::new(0);
 static SPAWNING: [AtomicUsize; SLOTS] = [NOBODY; SLOTS];
+#[allow(clippy::declare_interior_mutable_const)] // an array initialiser
+const NO_PID: AtomicI32 = AtomicI32::new(0);
+static CHILD_PID: [AtomicI32; SLOTS] = [NO_PID; SLOTS];
 
-/// Whether a spawn child may be running now: a thread scan is not complete
-/// until it has exec'd or exited.
-///
-/// # Signal safety
-/// One load.
-pub fn children_in_flight() -> bool {
-    // Ordering: SeqCst — the scan publishes its ranges, then reads this;
-    // the spawner sets it, then clones: one of them sees the other (pairs
-    // with the fetch_add in `InFlight::enter`).
-    IN_FLIGHT.load(Ordering::SeqCst) != 0
+/// Whether every spawn child running now is outside what the caller
+/// asks, by `outside(pid)` (a thread scan: the child shares our memory but
+/// is not one of our threads, so neither the scan signal nor
+/// `/proc/self/task` sees it). A child that has not said its pid yet may
+/// be anywhere: `false`. Normal context.
+pub fn children_outside(mut outside: impl FnMut(i32) -> bool) -> bool {
+    // Ordering: SeqCst — the scan made its ranges unreachable and published
+    // them, then reads this; the spawner raises it, then clones: either
+    // the scan sees the child, or the child starts after the ranges were
+    // unreachable (pairs with the fetch_add in `InFlight::enter`).
+    fence(Ordering::SeqCst);
+    if IN_FLIGHT.load(Ordering::SeqCst) == 0 {
+        return true;
+    }
+    SPAWNING.iter().zip(&CHILD_PID).all(|(tp, pid)| {
+        // Ordering: Acquire — a slot's pid is stored after its claim.
+        if tp.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        // Ordering: Relaxed — stored by the child; 0 until then.
+        match pid.load(Ordering::Relaxed) {
+            0 => false,
+            pid => outside(pid),
+        }
+    })
 }
 
 /// The spawn slot of the thread with thread pointer `tp` while it is
-/// suspended in a spawn (so the code running with it is its child).
+/// suspended in a spawn (so the code running with it is its child). A
+/// handler in the child that spawns again registers the same thread
+/// pointer twice; the first slot is the outer child's, which is not
+/// running then.
 ///
 /// # Signal safety
 /// Loads.
@@ -227,7 +257,20 @@ pub fn spawning_slot(tp: usize) -> Option<usize> {
     }
     SPAWNING
         .iter()
-        .position(|s| s.load(Ordering::Relaxed) == tp)
+        .rposition(|s| s.load(Ordering::Relaxed) == tp)
+}
+
+/// In the child of a `fork`: the threads that were spawning are gone, and
+/// so are their children (for this process).
+pub fn fork_child() {
+    for (slot, (tp, pid)) in SPAWNING.iter().zip(&CHILD_PID).enumerate() {
+        // Ordering: Relaxed — the only thread of the new process.
+        if tp.swap(0, Ordering::Relaxed) != 0 {
+            crate::shadow::child_gone(slot);
+        }
+        pid.store(0, Ordering::Relaxed);
+    }
+    IN_FLIGHT.store(0, Ordering::SeqCst);
 }
 
 /// This thread's registration while its child runs.
@@ -236,12 +279,13 @@ struct InFlight(usize);
 impl InFlight {
     fn enter() -> InFlight {
         let tp = crate::arch::thread_pointer();
-        // Ordering: SeqCst — see `children_in_flight`.
+        // Ordering: SeqCst — see `children_outside`.
         IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
         loop {
             for (i, s) in SPAWNING.iter().enumerate() {
-                // Ordering: Relaxed — see `is_spawning`.
-                if s.compare_exchange(0, tp, Ordering::Relaxed, Ordering::Relaxed)
+                // Ordering: Acquire — the slot's child stack, reset by the
+                // last owner (pairs with the Release store in `drop`).
+                if s.compare_exchange(0, tp, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
                     return InFlight(i);
@@ -251,13 +295,24 @@ impl InFlight {
             std::thread::yield_now();
         }
     }
+
+    /// Called by the child first: says where a scan finds it.
+    fn started(slot: usize) {
+        // SAFETY: getpid has no arguments (in the child: the child's pid).
+        let pid = unsafe { raw::syscall0(libc::SYS_getpid) } as i32;
+        // Ordering: Relaxed — see `children_outside`.
+        CHILD_PID[slot].store(pid, Ordering::Relaxed);
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         crate::shadow::child_gone(self.0);
-        // Ordering: Relaxed, SeqCst — see `enter`.
-        SPAWNING[self.0].store(0, Ordering::Relaxed);
+        // Ordering: Relaxed — the child is gone.
+        CHILD_PID[self.0].store(0, Ordering::Relaxed);
+        // Ordering: Release — the reset stack, for the next claim; SeqCst,
+        // see `enter`.
+        SPAWNING[self.0].store(0, Ordering::Release);
         IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -286,6 +341,8 @@ struct Child<'a> {
     old_mask: u64,
     /// The child's `errno` if it could not exec (0: it exec'd, or died).
     err: AtomicI32,
+    /// Its parent's spawn slot.
+    slot: usize,
 }
 
 fn errno() -> c_int {
@@ -312,6 +369,7 @@ struct KernelSigaction {
 unsafe extern "C" fn child_main(arg: *const u8) -> ! {
     // SAFETY: the caller's contract.
     let c = unsafe { &*arg.cast::<Child<'_>>() };
+    InFlight::started(c.slot);
     // SAFETY: the child's own process.
     let e = unsafe { run_child(c) };
     // Ordering: Relaxed — the parent reads it after the `clone` returned,
@@ -447,18 +505,7 @@ unsafe fn run_child(c: &Child<'_>) -> c_int {
                 Action::Dup2(fd, new) => libc::dup2(fd, new) == new,
                 Action::Chdir(path) => libc::chdir(path) == 0,
                 Action::Fchdir(fd) => libc::fchdir(fd) == 0,
-                Action::CloseFrom(low) => {
-                    let r = raw::syscall3(
-                        libc::SYS_close_range,
-                        i64::from(low),
-                        i64::from(u32::MAX),
-                        0,
-                    );
-                    if r < 0 {
-                        libc::__errno_location().write(-r as c_int);
-                    }
-                    r == 0
-                }
+                Action::CloseFrom(low) => close_from(low),
                 Action::Tcsetpgrp(fd) => {
                     let pgrp = if a.flags & SETPGROUP != 0 && a.pgrp != 0 {
                         a.pgrp
@@ -520,6 +567,92 @@ unsafe fn run_child(c: &Child<'_>) -> c_int {
             }
             Exec::Fail(e) => e,
         }
+    }
+}
+
+/// `closefrom(low)` as glibc's spawn child does it: `close_range`, or
+/// where that fails (kernels before 5.9, a seccomp filter) every descriptor
+/// `/proc/self/fd` lists from `low` up, until a pass finds none. Raw system
+/// calls and a stack buffer: the child allocates nothing. `false` with
+/// `errno` set on failure.
+///
+/// # Safety
+/// Runs in the spawn child only (it closes descriptors).
+unsafe fn close_from(low: c_int) -> bool {
+    let fail = |e: i64| {
+        // SAFETY: this thread's errno slot.
+        unsafe { *libc::__errno_location() = -e as c_int };
+        false
+    };
+    // SAFETY: system calls on the child's descriptors and
+    // a buffer on its stack.
+    unsafe {
+        if raw::syscall3(
+            libc::SYS_close_range,
+            i64::from(low),
+            i64::from(u32::MAX),
+            0,
+        ) == 0
+        {
+            return true;
+        }
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let dir = raw::syscall4(
+            libc::SYS_openat,
+            i64::from(libc::AT_FDCWD),
+            c"/proc/self/fd".as_ptr() as i64,
+            i64::from(flags),
+            0,
+        );
+        if dir < 0 {
+            return fail(dir);
+        }
+        #[repr(C, align(8))]
+        struct Buf([u8; 1024]);
+        let mut buf = Buf([0; 1024]);
+        loop {
+            let mut closed = false;
+            raw::syscall3(libc::SYS_lseek, dir, 0, i64::from(libc::SEEK_SET));
+            loop {
+                let n = raw::syscall3(
+                    libc::SYS_getdents64,
+                    dir,
+                    buf.0.as_mut_ptr() as i64,
+                    buf.0.len() as i64,
+                );
+                if n < 0 {
+                    raw::syscall1(libc::SYS_close, dir);
+                    return fail(n);
+                }
+                if n == 0 {
+                    break;
+                }
+                // linux_dirent64: ino u64, off i64, reclen u16, type u8, name.
+                let mut at = 0usize;
+                while at + 19 < n as usize {
+                    let reclen = u16::from_ne_bytes([buf.0[at + 16], buf.0[at + 17]]) as usize;
+                    let name = &buf.0[at + 19..(at + reclen).min(n as usize)];
+                    let mut fd: i64 = -1;
+                    for &c in name.iter().take_while(|&&c| c != 0) {
+                        fd = if fd != i64::MIN && c.is_ascii_digit() && fd < i64::from(i32::MAX) {
+                            fd.max(0) * 10 + i64::from(c - b'0')
+                        } else {
+                            i64::MIN
+                        };
+                    }
+                    if fd >= i64::from(low) && fd != dir {
+                        raw::syscall1(libc::SYS_close, fd);
+                        closed = true;
+                    }
+                    at += reclen.max(1);
+                }
+            }
+            if !closed {
+                break;
+            }
+        }
+        raw::syscall1(libc::SYS_close, dir);
+        true
     }
 }
 
@@ -590,7 +723,8 @@ unsafe fn spawn(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> Option<c_int> {
-    if !cfg!(target_arch = "x86_64") || file.is_null() || argv.is_null() {
+    // glibc's layouts only (musl's file actions are a list of its own).
+    if !cfg!(all(target_arch = "x86_64", target_env = "gnu")) || file.is_null() || argv.is_null() {
         return None;
     }
     // SAFETY: the caller's initialised objects.
@@ -606,7 +740,10 @@ unsafe fn spawn(
     // SAFETY: the caller's NUL-terminated name.
     let name = unsafe { CStr::from_ptr(file) };
     let candidates;
-    let exec = if !search || name.to_bytes().contains(&b'/') {
+    let exec = if search && name.is_empty() {
+        // As execvp: no search for an empty name.
+        Exec::Fail(libc::ENOENT)
+    } else if !search || name.to_bytes().contains(&b'/') {
         Exec::Path(file)
     } else {
         match search_path(name, path_variable()) {
@@ -620,7 +757,9 @@ unsafe fn spawn(
 
     // The child's stack: room for the C library calls it makes and for
     // probert's trap handler (which runs on it), touched only as used.
-    let size = (256 << 10) + ((argc * 8 + 512 + 4095) & !4095);
+    // Its lowest page is a guard: an overflow faults instead of writing
+    // into the mapping below, which is the parent's.
+    let size = GUARD + (256 << 10) + ((argc * 8 + 512 + 4095) & !4095);
     // SAFETY: a fresh anonymous mapping.
     let stack = unsafe {
         raw::syscall6(
@@ -637,6 +776,20 @@ unsafe fn spawn(
     };
     if stack < 0 {
         return Some(-stack as c_int);
+    }
+    // SAFETY: the first page of the mapping just made.
+    let r = unsafe {
+        raw::syscall3(
+            libc::SYS_mprotect,
+            stack,
+            GUARD as i64,
+            i64::from(libc::PROT_NONE),
+        )
+    };
+    if r < 0 {
+        // SAFETY: the mapping just made.
+        unsafe { raw::syscall2(libc::SYS_munmap, stack, size as i64) };
+        return Some(-r as c_int);
     }
     let mut cancel = 0;
     // SAFETY: this thread's cancellation state (restored below).
@@ -656,6 +809,7 @@ unsafe fn spawn(
         )
     };
 
+    let in_flight = InFlight::enter();
     let child = Child {
         exec,
         argv: argv.cast(),
@@ -664,20 +818,18 @@ unsafe fn spawn(
         attr,
         old_mask,
         err: AtomicI32::new(0),
+        slot: in_flight.0,
     };
-    let ret = {
-        let _in_flight = InFlight::enter();
-        // SAFETY: the top of the fresh mapping (page-aligned); `child`
-        // lives until the call returns, which is after the child exec'd or
-        // exited.
-        unsafe {
-            raw::clone_vfork(
-                (stack as usize + size) as *mut u8,
-                child_main,
-                (&child as *const Child<'_>).cast(),
-            )
-        }
+    // SAFETY: the top of the fresh mapping (page-aligned); `child` lives
+    // until the call returns, which is after the child exec'd or exited.
+    let ret = unsafe {
+        raw::clone_vfork(
+            (stack as usize + size) as *mut u8,
+            child_main,
+            (&child as *const Child<'_>).cast(),
+        )
     };
+    drop(in_flight);
     let ec = if ret > 0 {
         // Ordering: Relaxed — see `child_main`.
         let e = child.err.load(Ordering::Relaxed);
@@ -891,18 +1043,22 @@ pub unsafe extern "C" fn system(command: *const c_char) -> c_int {
         // The shell could not be run.
         127 << 8
     };
-    let mut g = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(state) = g.as_mut() {
-        state.calls -= 1;
-        if state.calls == 0 {
-            // SAFETY: the dispositions and mask saved above.
-            unsafe {
-                libc::sigaction(libc::SIGINT, &state.intr, std::ptr::null_mut());
-                libc::sigaction(libc::SIGQUIT, &state.quit, std::ptr::null_mut());
-                libc::sigprocmask(libc::SIG_SETMASK, &omask, std::ptr::null_mut());
+    {
+        let mut g = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(state) = g.as_mut() {
+            state.calls -= 1;
+            if state.calls == 0 {
+                // SAFETY: the dispositions saved above.
+                unsafe {
+                    libc::sigaction(libc::SIGINT, &state.intr, std::ptr::null_mut());
+                    libc::sigaction(libc::SIGQUIT, &state.quit, std::ptr::null_mut());
+                }
             }
         }
     }
+    // This thread's mask, whatever other calls still run (glibc's BZ 30163).
+    // SAFETY: the mask saved above.
+    unsafe { libc::sigprocmask(libc::SIG_SETMASK, &omask, std::ptr::null_mut()) };
     status
 }
 

@@ -330,7 +330,9 @@ pub fn quiescent_at(ranges: &[(usize, usize)], timeout: Duration, depth: Depth) 
     }
     let deadline = Instant::now() + timeout;
     if scan_mode::freeze()? == ScanMode::QuiescentPoints {
-        return Ok(super::quiescent::wait(Some(deadline)));
+        return Ok(
+            super::quiescent::wait(Some(deadline)) && children_outside(&ranges, depth, deadline)
+        );
     }
     if super::signal::restorers_lost() {
         // A signal frame could go unrecognised: no thread can be proven out.
@@ -421,6 +423,7 @@ pub fn fork_parent() {
 /// `pthread_atfork` child handler: the parent's threads are gone.
 pub fn fork_child() {
     super::tasks::fork_child();
+    super::spawn::fork_child();
     // SAFETY: see `fork_prepare`.
     if let Some(mut g) = unsafe { (*std::ptr::addr_of_mut!(FORK_SCAN)).take() } {
         g.blocked.clear();
@@ -556,26 +559,52 @@ fn scan_round(
                     state.blocked.push(p.tid);
                 }
                 p.last_proc = Some(Instant::now());
-                p.done = asleep_outside(p.tid, ranges, depth);
+                p.done = asleep_outside(Task::Thread(p.tid), ranges, depth);
             }
             all_done &= p.done;
         }
-        // A spawn child shares our memory but is not one of our threads: the
-        // round is not over until it has exec'd or exited (`sys::spawn`).
-        let child = super::spawn::children_in_flight();
-        if all_done && !child {
-            return true;
+        if all_done {
+            return children_outside(ranges, depth, deadline);
         }
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
-        let nap = if child {
-            Duration::from_micros(50)
-        } else {
-            MAX_SLEEP
-        };
-        futex_wait(&ACK_EVENTS, events, (deadline - now).min(nap));
+        futex_wait(&ACK_EVENTS, events, (deadline - now).min(MAX_SLEEP));
+    }
+}
+
+/// Waits until every spawn child (`sys::spawn`) is outside `ranges` as
+/// [`asleep_outside`] tells, or gone; `false` at the deadline. A child
+/// shares our memory but is not one of our threads, and blocks every
+/// signal but `SIGTRAP`: procfs is the only way to see it.
+fn children_outside(ranges: &[(usize, usize)], depth: Depth, deadline: Instant) -> bool {
+    loop {
+        let outside = |pid| asleep_outside(Task::Child(pid), ranges, depth);
+        if super::spawn::children_outside(outside) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// A task procfs shows: one of our threads, or a spawn child (a process of
+/// its own, in our memory).
+#[derive(Clone, Copy, Debug)]
+enum Task {
+    Thread(i32),
+    Child(i32),
+}
+
+impl Task {
+    fn proc_dir(self) -> String {
+        match self {
+            Task::Thread(tid) => format!("/proc/self/task/{tid}"),
+            Task::Child(pid) => format!("/proc/{pid}/task/{pid}"),
+        }
     }
 }
 
@@ -584,8 +613,8 @@ fn scan_round(
 /// `ranges` (no ranges: a barrier round, which only needs it asleep; see the
 /// module docs). The stack is walked while the thread sleeps, then its state
 /// is read again: unchanged, the walk read a stack that did not move.
-fn asleep_outside(tid: i32, ranges: &[(usize, usize)], depth: Depth) -> bool {
-    let (sp, pc) = match proc_state(tid) {
+fn asleep_outside(task: Task, ranges: &[(usize, usize)], depth: Depth) -> bool {
+    let (sp, pc) = match proc_state(task) {
         ProcState::Gone => return true,
         ProcState::Running => return false,
         ProcState::Blocked { sp, pc } => (sp, pc),
@@ -613,7 +642,7 @@ fn asleep_outside(tid: i32, ranges: &[(usize, usize)], depth: Depth) -> bool {
         Saved::Unknown if depth == Depth::FramesRequired => return false,
         Saved::Unknown | Saved::Outside => {}
     }
-    match proc_state(tid) {
+    match proc_state(task) {
         ProcState::Gone => true,
         ProcState::Blocked { sp: sp2, pc: pc2 } => (sp2, pc2) == (sp, pc),
         ProcState::Running => false,
@@ -917,8 +946,9 @@ enum ProcState {
 }
 
 /// Reads `/proc/self/task/<tid>/{stat,syscall}`.
-fn proc_state(tid: i32) -> ProcState {
-    let stat = match std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) {
+fn proc_state(task: Task) -> ProcState {
+    let dir = task.proc_dir();
+    let stat = match std::fs::read_to_string(format!("{dir}/stat")) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return ProcState::Gone,
         Err(_) => return ProcState::Running,
@@ -931,7 +961,7 @@ fn proc_state(tid: i32) -> ProcState {
     if matches!(state, Some('Z' | 'X')) {
         return ProcState::Gone;
     }
-    match std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")) {
+    match std::fs::read_to_string(format!("{dir}/syscall")) {
         Ok(s) => parse_syscall_file(&s),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => ProcState::Gone,
         Err(_) => ProcState::Running,
