@@ -77,19 +77,23 @@ extern "C" {
     static environ: *const *mut c_char;
 }
 
-/// `sh -c script` through `spawn`, with a `dup2` and a `close` action.
-fn spawn_sh(spawn: SpawnFn, file: &CStr, script: &CStr) -> (i32, libc::pid_t) {
+/// Spawns `argv` from `file` through `spawn` with the file actions `add`
+/// adds; the return code and the pid.
+fn spawn_with(
+    spawn: SpawnFn,
+    file: &CStr,
+    argv: &[&CStr],
+    add: impl FnOnce(&mut libc::posix_spawn_file_actions_t),
+) -> (i32, libc::pid_t) {
+    let argv: Vec<*const c_char> = argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
     unsafe {
         let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
         libc::posix_spawn_file_actions_init(&mut fa);
-        libc::posix_spawn_file_actions_adddup2(&mut fa, 2, 9);
-        libc::posix_spawn_file_actions_addclose(&mut fa, 9);
-        let argv = [
-            c"sh".as_ptr(),
-            c"-c".as_ptr(),
-            script.as_ptr(),
-            std::ptr::null(),
-        ];
+        add(&mut fa);
         let mut pid = 0;
         let rc = spawn(
             &mut pid,
@@ -102,6 +106,14 @@ fn spawn_sh(spawn: SpawnFn, file: &CStr, script: &CStr) -> (i32, libc::pid_t) {
         libc::posix_spawn_file_actions_destroy(&mut fa);
         (rc, pid)
     }
+}
+
+/// `sh -c script` through `spawn`, with a `dup2` and a `close` action.
+fn spawn_sh(spawn: SpawnFn, file: &CStr, script: &CStr) -> (i32, libc::pid_t) {
+    spawn_with(spawn, file, &[c"sh", c"-c", script], |fa| unsafe {
+        libc::posix_spawn_file_actions_adddup2(fa, 2, 9);
+        libc::posix_spawn_file_actions_addclose(fa, 9);
+    })
 }
 
 isolated!(the_c_librarys_own_spawn_child_dies_on_a_trap_site, {
@@ -141,28 +153,17 @@ isolated!(posix_spawn_runs_a_child_through_trap_served_probes, {
     assert!(CLOSE.load(Ordering::SeqCst) >= 1);
 
     // An action that fails is reported, and its child collected.
-    unsafe {
-        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
-        libc::posix_spawn_file_actions_init(&mut fa);
+    let (rc, _) = spawn_with(libc::posix_spawn, c"/bin/true", &[c"true"], |fa| unsafe {
         libc::posix_spawn_file_actions_addopen(
-            &mut fa,
+            fa,
             5,
             c"/nonexistent/dir/file".as_ptr(),
             libc::O_RDONLY,
             0,
         );
-        let argv = [c"true".as_ptr(), std::ptr::null()];
-        let mut pid = 0;
-        let rc = libc::posix_spawn(
-            &mut pid,
-            c"/bin/true".as_ptr(),
-            &fa,
-            std::ptr::null(),
-            argv.as_ptr().cast(),
-            environ,
-        );
-        assert_eq!(rc, libc::ENOENT);
-        libc::posix_spawn_file_actions_destroy(&mut fa);
+    });
+    assert_eq!(rc, libc::ENOENT);
+    unsafe {
         assert_eq!(libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG), -1);
         assert_eq!(*libc::__errno_location(), libc::ECHILD, "no zombie left");
     }
@@ -467,63 +468,23 @@ isolated!(popen_reads_and_writes_through_trap_served_probes, {
     detach_all(ids);
 });
 
-/// Makes `close_range` fail with `ENOSYS` in every thread of this process,
-/// as an older kernel or a seccomp sandbox does.
-fn forbid_close_range() {
-    const LD_W_ABS: u16 = 0x20;
-    const JEQ_K: u16 = 0x15;
-    const RET_K: u16 = 0x06;
-    let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let filter = [
-        ins(LD_W_ABS, 0, 0, 4),
-        ins(JEQ_K, 1, 0, 0xc000_003e), // AUDIT_ARCH_X86_64
-        ins(RET_K, 0, 0, 0x7fff_0000), // allow
-        ins(LD_W_ABS, 0, 0, 0),
-        ins(JEQ_K, 0, 1, libc::SYS_close_range as u32),
-        ins(RET_K, 0, 0, 0x0005_0000 | libc::ENOSYS as u32), // errno
-        ins(RET_K, 0, 0, 0x7fff_0000),
-    ];
-    let prog = libc::sock_fprog {
-        len: filter.len() as u16,
-        filter: filter.as_ptr() as *mut libc::sock_filter,
-    };
-    unsafe {
-        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        // SECCOMP_SET_MODE_FILTER with SECCOMP_FILTER_FLAG_TSYNC.
-        assert_eq!(libc::syscall(libc::SYS_seccomp, 1, 1, &prog), 0);
-    }
-}
-
 isolated!(closefrom_without_close_range_closes_through_proc_self_fd, {
-    forbid_close_range();
+    common::forbid_syscall(libc::SYS_close_range);
     let ids = probe_the_spawn_path();
-    unsafe {
-        for fd in [40, 41, 300] {
-            assert_eq!(libc::dup2(2, fd), fd);
-        }
-        let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
-        libc::posix_spawn_file_actions_init(&mut fa);
-        libc::posix_spawn_file_actions_addclosefrom_np(&mut fa, 41);
-        let script = c"[ -e /proc/$$/fd/40 ] || exit 1; [ -e /proc/$$/fd/41 ] && exit 2; [ -e /proc/$$/fd/300 ] && exit 3; exit 0";
-        let argv = [
-            c"sh".as_ptr(),
-            c"-c".as_ptr(),
-            script.as_ptr(),
-            std::ptr::null(),
-        ];
-        let mut pid = 0;
-        let rc = libc::posix_spawn(
-            &mut pid,
-            c"/bin/sh".as_ptr(),
-            &fa,
-            std::ptr::null(),
-            argv.as_ptr().cast(),
-            environ,
-        );
-        libc::posix_spawn_file_actions_destroy(&mut fa);
-        assert_eq!(rc, 0);
-        exited(wait(pid), 0);
+    for fd in [40, 41, 300] {
+        assert_eq!(unsafe { libc::dup2(2, fd) }, fd);
     }
+    let script = c"[ -e /proc/$$/fd/40 ] || exit 1; [ -e /proc/$$/fd/41 ] && exit 2; [ -e /proc/$$/fd/300 ] && exit 3; exit 0";
+    let (rc, pid) = spawn_with(
+        libc::posix_spawn,
+        c"/bin/sh",
+        &[c"sh", c"-c", script],
+        |fa| unsafe {
+            libc::posix_spawn_file_actions_addclosefrom_np(fa, 41);
+        },
+    );
+    assert_eq!(rc, 0);
+    exited(wait(pid), 0);
     detach_all(ids);
 });
 
@@ -554,21 +515,10 @@ fn fast_probes_while_a_child_blocks(check: impl Fn()) {
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
     let spawner = {
         let path = path.clone();
-        std::thread::spawn(move || unsafe {
-            let mut fa: libc::posix_spawn_file_actions_t = std::mem::zeroed();
-            libc::posix_spawn_file_actions_init(&mut fa);
-            libc::posix_spawn_file_actions_addopen(&mut fa, 0, path.as_ptr(), libc::O_RDONLY, 0);
-            let argv = [c"true".as_ptr(), std::ptr::null()];
-            let mut pid = 0;
-            let rc = libc::posix_spawn(
-                &mut pid,
-                c"/bin/true".as_ptr(),
-                &fa,
-                std::ptr::null(),
-                argv.as_ptr().cast(),
-                environ,
-            );
-            libc::posix_spawn_file_actions_destroy(&mut fa);
+        std::thread::spawn(move || {
+            let (rc, pid) = spawn_with(libc::posix_spawn, c"/bin/true", &[c"true"], |fa| unsafe {
+                libc::posix_spawn_file_actions_addopen(fa, 0, path.as_ptr(), libc::O_RDONLY, 0);
+            });
             assert_eq!(rc, 0);
             pid
         })

@@ -880,11 +880,7 @@ pub unsafe extern "C" fn posix_spawn(
     envp: *const *mut c_char,
 ) -> c_int {
     // SAFETY: the caller's contract.
-    if let Some(ec) = unsafe { spawn(pid, path, false, fa, attr, argv, envp) } {
-        return ec;
-    }
-    // SAFETY: the caller's arguments, passed to the C library's function.
-    unsafe { call_next(c"posix_spawn", pid, path, fa, attr, argv, envp) }
+    unsafe { spawn_or_next(c"posix_spawn", false, pid, path, fa, attr, argv, envp) }
 }
 
 /// `posix_spawnp(3)`, with a child that serves probes (see the module
@@ -902,19 +898,18 @@ pub unsafe extern "C" fn posix_spawnp(
     envp: *const *mut c_char,
 ) -> c_int {
     // SAFETY: the caller's contract.
-    if let Some(ec) = unsafe { spawn(pid, file, true, fa, attr, argv, envp) } {
-        return ec;
-    }
-    // SAFETY: the caller's arguments, passed to the C library's function.
-    unsafe { call_next(c"posix_spawnp", pid, file, fa, attr, argv, envp) }
+    unsafe { spawn_or_next(c"posix_spawnp", true, pid, file, fa, attr, argv, envp) }
 }
 
-/// Calls the C library's `name` (`posix_spawn` or `posix_spawnp`).
+/// [`spawn`], or the C library's `name` (`posix_spawn`, or `posix_spawnp`
+/// if `search`) for arguments it leaves to it.
 ///
 /// # Safety
 /// As `posix_spawn(3)`.
-unsafe fn call_next(
+#[allow(clippy::too_many_arguments)]
+unsafe fn spawn_or_next(
     name: &CStr,
+    search: bool,
     pid: *mut libc::pid_t,
     file: *const c_char,
     fa: *const libc::posix_spawn_file_actions_t,
@@ -922,6 +917,10 @@ unsafe fn call_next(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
+    // SAFETY: the caller's contract.
+    if let Some(ec) = unsafe { spawn(pid, file, search, fa, attr, argv, envp) } {
+        return ec;
+    }
     let f = next(name);
     if f == 0 {
         return libc::ENOSYS;

@@ -105,3 +105,30 @@ pub fn has_wx_mapping() -> Option<String> {
         })
         .map(str::to_owned)
 }
+
+/// Makes system call `nr` fail with `ENOSYS` in every thread of this
+/// process, as a seccomp sandbox (or an older kernel) does.
+pub fn forbid_syscall(nr: libc::c_long) {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let ins = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        ins(LD_W_ABS, 0, 0, 4),
+        ins(JEQ_K, 1, 0, 0xc000_003e), // AUDIT_ARCH_X86_64
+        ins(RET_K, 0, 0, 0x7fff_0000), // allow
+        ins(LD_W_ABS, 0, 0, 0),
+        ins(JEQ_K, 0, 1, nr as u32),
+        ins(RET_K, 0, 0, 0x0005_0000 | libc::ENOSYS as u32), // errno
+        ins(RET_K, 0, 0, 0x7fff_0000),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        // SECCOMP_SET_MODE_FILTER with SECCOMP_FILTER_FLAG_TSYNC.
+        assert_eq!(libc::syscall(libc::SYS_seccomp, 1, 1, &prog), 0);
+    }
+}
