@@ -56,6 +56,13 @@ impl<T: Zeroable> Arena<T> {
         Ok(())
     }
 
+    /// Where the base pointer lies (null until [`Arena::init`]), for
+    /// generated code that finds a record by its index (the fast path's
+    /// trampoline).
+    pub(crate) fn base_address(&self) -> usize {
+        std::ptr::addr_of!(self.base) as usize
+    }
+
     /// The number of records.
     pub(crate) fn capacity(&self) -> usize {
         self.cap

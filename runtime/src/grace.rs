@@ -366,8 +366,8 @@ fn home(tp: usize) -> usize {
 /// Where generated code finds a thread's home slot, for the fast-path
 /// trampoline's inline case (`arch::x86_64::fast`), which repeats in
 /// assembly the fast path of [`enter`] (home slot, not nested), of
-/// [`Section::exit`] for it, and of [`Section::count_hit`] (the way holds the
-/// consumer).
+/// [`Section::exit`] for it, and of [`Section::count_hit`] (with
+/// `replace_hit_entry`).
 #[derive(Debug)]
 pub(crate) struct SlotLayout {
     /// Address of slot 0.

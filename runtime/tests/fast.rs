@@ -418,3 +418,101 @@ isolated!(a_stale_stub_calls_no_consumer_of_its_records_next_probe, {
     assert_eq!(FIRST.load(Ordering::SeqCst), 1);
     probert::detach(other).unwrap();
 });
+
+/// `n` functions `nop5; lea rax, [rdi + 1]; ret` (5-byte NOP sites, fast
+/// without a proof), 16 bytes apart in one page registered as a region.
+fn nop5_functions(n: usize) -> Vec<usize> {
+    const F: [u8; 10] = [0x0F, 0x1F, 0x44, 0x00, 0x00, 0x48, 0x8D, 0x47, 0x01, 0xC3];
+    assert!(n * 16 <= 4096);
+    let mut page = region::alloc(4096, region::Protection::READ_WRITE).expect("alloc");
+    let p = page.as_mut_ptr::<u8>();
+    unsafe {
+        std::ptr::write_bytes(p, 0xCC, 4096);
+        for i in 0..n {
+            std::ptr::copy_nonoverlapping(F.as_ptr(), p.add(16 * i), F.len());
+        }
+        region::protect(p, 4096, region::Protection::READ_EXECUTE).expect("protect");
+    }
+    std::mem::forget(page);
+    probert::region_add(probert::RegionDesc {
+        start: p as usize,
+        len: 4096,
+        name: "nop5 functions".into(),
+        write: None,
+    })
+    .expect("region_add");
+    (0..n).map(|i| p as usize + 16 * i).collect()
+}
+
+fn call_at(addr: usize, x: u64) -> u64 {
+    let f: extern "C" fn(u64) -> u64 = unsafe { std::mem::transmute(addr) };
+    f(x)
+}
+
+isolated!(hit_counts_stay_exact_when_consumers_share_hit_cache_ways, {
+    // Real code sends its hits to thousands of consumers in turn, more than
+    // a thread's hit cache has ways: the trampoline's inline case takes a
+    // way over and flushes the count it held into its consumer's record.
+    // Here 24 fast sites, one consumer each (three per way), are called in
+    // turn by two threads; then half the consumers are replaced (their
+    // records go to the new ones) and the calls go on. Every consumer's
+    // statistics must equal its handler's count, and no count may reach a
+    // record's next consumer.
+    const N: usize = 24;
+    static CALLS: [AtomicU64; 2 * N] = [const { AtomicU64::new(0) }; 2 * N];
+    let sites = nop5_functions(N);
+    let attach = |i: usize| {
+        let id = unsafe { probert::attach_ex(sites[i % N], count, counter(&CALLS[i]), Mode::Fast) }
+            .unwrap();
+        assert_eq!(probert::probe_mode(sites[i % N]), Ok(Mode::Fast));
+        id
+    };
+    let rounds = |n: u64| {
+        let sites = sites.clone();
+        let run = move || {
+            for r in 0..n {
+                for &s in &sites {
+                    assert_eq!(call_at(s, r), r + 1);
+                }
+            }
+        };
+        let other = std::thread::spawn(run.clone());
+        run();
+        other.join().unwrap();
+    };
+    let mut ids: Vec<_> = (0..N).map(attach).collect();
+    rounds(1000);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            CALLS[i].load(Ordering::SeqCst),
+            2000,
+            "consumer {i}'s handler"
+        );
+        assert_eq!(
+            probert::stats(*id).unwrap().hits,
+            2000,
+            "consumer {i}'s statistics"
+        );
+    }
+    for (i, id) in ids.iter_mut().enumerate().take(N / 2) {
+        probert::detach(*id).unwrap();
+        *id = attach(N + i);
+    }
+    rounds(500);
+    for (i, id) in ids.iter().enumerate() {
+        let (calls, want) = if i < N / 2 {
+            (CALLS[N + i].load(Ordering::SeqCst), 1000)
+        } else {
+            (CALLS[i].load(Ordering::SeqCst), 3000)
+        };
+        assert_eq!(calls, want, "site {i}'s handler");
+        assert_eq!(
+            probert::stats(*id).unwrap().hits,
+            want,
+            "site {i}'s statistics"
+        );
+    }
+    for id in ids {
+        probert::detach(id).unwrap();
+    }
+});

@@ -1172,3 +1172,106 @@ isolated!(sqlite_functions_shorter_than_the_jump_go_fast, {
     probert::detach_batch(&ids).unwrap();
     assert_eq!((bytes(size, 16), bytes(noop, 16)), before);
 });
+
+isolated!(sqlite_switch_functions_go_fast_with_exact_counts, {
+    // Real code whose jump tables took the last refinements of the
+    // indirect-jump analysis: `sqlite3_str_vappendf` (printf; its table
+    // base is set once before the format loop) and `sqlite3Parser` (the
+    // parser's reduce switch, whose index is compared through a copy).
+    // Their entries are served by trap first (the exact reference), then
+    // must go fast in AUTO with the same counts and results.
+    let Some(sym) = sqlite_symbols() else {
+        return;
+    };
+    let (printf, parser) = (sym(c"sqlite3_str_vappendf"), sym(c"sqlite3Parser"));
+    if printf == 0 || parser == 0 {
+        eprintln!("this libsqlite3 exports neither: skipped");
+        return;
+    }
+    type Exec = unsafe extern "C" fn(
+        *mut libc::c_void,
+        *const libc::c_char,
+        Option<unsafe extern "C" fn(*mut libc::c_void, i32, *mut *mut i8, *mut *mut i8) -> i32>,
+        *mut libc::c_void,
+        *mut *mut i8,
+    ) -> i32;
+    let open: unsafe extern "C" fn(*const libc::c_char, *mut *mut libc::c_void) -> i32 =
+        unsafe { std::mem::transmute(sym(c"sqlite3_open")) };
+    let exec: Exec = unsafe { std::mem::transmute(sym(c"sqlite3_exec")) };
+    let close: unsafe extern "C" fn(*mut libc::c_void) -> i32 =
+        unsafe { std::mem::transmute(sym(c"sqlite3_close")) };
+    unsafe extern "C" fn row(
+        out: *mut libc::c_void,
+        n: i32,
+        vals: *mut *mut i8,
+        _: *mut *mut i8,
+    ) -> i32 {
+        let out = unsafe { &mut *(out as *mut String) };
+        for i in 0..n as usize {
+            let v = unsafe { *vals.add(i) };
+            if !v.is_null() {
+                out.push_str(&unsafe { std::ffi::CStr::from_ptr(v) }.to_string_lossy());
+            }
+            out.push('|');
+        }
+        0
+    }
+    let workload = || {
+        let mut db = std::ptr::null_mut();
+        assert_eq!(unsafe { open(c":memory:".as_ptr(), &mut db) }, 0);
+        let mut out = String::new();
+        let sql = c"CREATE TABLE t(a INTEGER, b TEXT);
+            WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 200)
+              INSERT INTO t SELECT x, printf('%05d-%s-%.2f', x, hex(x), x / 7.0) FROM c;
+            SELECT count(*), sum(a), max(b) FROM t WHERE b LIKE '%-C%';
+            SELECT printf('%-8s|%x|%c', b, a, 65 + a % 26) FROM t WHERE a % 50 = 0;";
+        let rc = unsafe {
+            exec(
+                db,
+                sql.as_ptr(),
+                Some(row),
+                (&mut out as *mut String).cast(),
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0);
+        assert_eq!(unsafe { close(db) }, 0);
+        out
+    };
+    let reference = workload();
+    static PRINTF: AtomicU64 = AtomicU64::new(0);
+    static PARSER: AtomicU64 = AtomicU64::new(0);
+    let before = (bytes(printf, 16), bytes(parser, 16));
+    let attach = |mode| {
+        [
+            unsafe { probert::attach_ex(printf, count, counter(&PRINTF), mode) }.unwrap(),
+            unsafe { probert::attach_ex(parser, count, counter(&PARSER), mode) }.unwrap(),
+        ]
+    };
+    let ids = attach(Mode::Trap);
+    assert_eq!(workload(), reference);
+    let trap = (
+        PRINTF.swap(0, Ordering::SeqCst),
+        PARSER.swap(0, Ordering::SeqCst),
+    );
+    assert!(
+        trap.0 > 200 && trap.1 > 4,
+        "the workload reaches both: {trap:?}"
+    );
+    probert::detach_batch(&ids).unwrap();
+    let ids = attach(Mode::Auto);
+    probert::sync().unwrap();
+    for f in [printf, parser] {
+        assert_eq!(
+            probert::probe_mode(f),
+            Ok(Mode::Fast),
+            "{f:#x}: {:?}",
+            probert::fast_refusal(f)
+        );
+    }
+    assert_eq!(workload(), reference);
+    let fast = (PRINTF.load(Ordering::SeqCst), PARSER.load(Ordering::SeqCst));
+    assert_eq!(fast, trap, "the fast path's counts");
+    probert::detach_batch(&ids).unwrap();
+    assert_eq!((bytes(printf, 16), bytes(parser, 16)), before);
+});

@@ -36,12 +36,15 @@
 //!   own and not in a section; the probe record is still the site's; its
 //!   consumer list says it may be dispatched inline (one consumer of the
 //!   plain kind — the writer decides, so a new kind of consumer needs no
-//!   change here), whose classes were saved, attached, and whose way of the
-//!   slot's hit cache is already its own. It enters the section, calls the
-//!   handler, counts the hit and leaves — the fast path of `grace::enter`,
-//!   `probe::dispatch` and `Section::count_hit`/`exit`, repeated over the
-//!   layout in [`InlineLayout`]. A handler that returns `Remove` or moves RIP
-//!   or RSP sends it to `after`, still inside the section.
+//!   change here), whose classes were saved, and attached. It enters the
+//!   section, calls the handler, counts the hit (taking over the consumer's
+//!   way of the slot's hit cache when another consumer holds it, whose count
+//!   it flushes into that consumer's record) and leaves — the fast path of
+//!   `grace::enter`, `probe::dispatch` and `Section::count_hit`/`exit`,
+//!   repeated over the layout in [`InlineLayout`]. A handler that returns
+//!   `Remove` or moves RIP or RSP sends it to `after`, still inside the
+//!   section. Real code, whose hits go to thousands of consumers in turn,
+//!   stays inline: the eight ways are taken over all the time.
 //! - **Anything else** (first hit of a thread, recursion, several
 //!   consumers, a stale stub...): `dispatch(record, site, frame)`, the
 //!   general dispatcher in Rust, which enters a section of its own.
@@ -292,6 +295,13 @@ pub struct InlineLayout {
     /// A consumer record's state, and the value that means attached.
     pub consumer_state: usize,
     pub state_active: u32,
+    /// Where an evicted hit-cache entry's count goes (`probe::flush_hits`):
+    /// the address of the consumer arena's base pointer, its capacity, a
+    /// record's size and its `hits` counter.
+    pub consumers_base: usize,
+    pub consumers_cap: usize,
+    pub consumer_size: usize,
+    pub consumer_hits: usize,
     /// `errno` relative to the thread pointer, for [`Clobbers::ERRNO`].
     pub errno_offset: i32,
     /// The general dispatcher, `extern "C" fn(record, site, frame, saved)
@@ -462,7 +472,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         disp(l.first_tag)?,
         disp(l.first_clobbers)?,
     );
-    let state = disp(l.consumer_state)?;
+    let (state, c_hits) = (disp(l.consumer_state)?, disp(l.consumer_hits)?);
     let slow = (Clobbers::VECTOR.0 | Clobbers::OPMASK.0 | Clobbers::X87.0) as i32;
     let mut a = VecAssembler::<X64Relocation>::new(at);
 
@@ -563,14 +573,17 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov rax, [r14 + record]
         ; cmp DWORD [rax + state], l.state_active as i32
         ; jne >leave_general
+        // rbx held the site for the general path until here: from now on
+        // the hit is the inline case's (a way held by another consumer is
+        // taken over below, at `evict`).
         ; mov rax, [r14 + tag]
         ; mov ecx, eax
         ; and ecx, (l.hit_ways - 1) as i32
         ; shl ecx, 4
-        ; cmp [r12 + rcx + hits], rax
-        ; jne >leave_general
-        // rbx held the site for the general path until here.
         ; lea rbx, [r12 + rcx + hits]
+        ; cmp [rbx], rax
+        ; jne >evict
+        ; counted:
         // The call: regs.rip = the probed address; the Hit in the frame.
         ; mov rax, [r13 + p_report]
         ; mov r13d, esi
@@ -618,6 +631,30 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; call rax
         ; mov r8d, eax
         ; jmp <leave
+        // The way holds another consumer (or none): `replace_hit_entry` —
+        // its tag cleared first, its count flushed into its record (the
+        // record index is the tag's low word minus one), then this
+        // consumer's tag with a count of 0 (the call above adds the hit).
+        ; evict:
+        ; mov rdx, [rbx]
+        ; mov r8, [rbx + 8]
+        ; mov QWORD [rbx], 0
+        ; test r8, r8
+        ; jz >fresh
+        ; mov ecx, edx
+        ; sub rcx, 1
+        ; cmp rcx, disp(l.consumers_cap)?
+        ; jae >fresh
+        ; imul rcx, rcx, disp(l.consumer_size)?
+        ; mov rdx, QWORD l.consumers_base as i64
+        ; mov rdx, [rdx]
+        ; test rdx, rdx
+        ; jz >fresh
+        ; lock add [rdx + rcx + c_hits], r8
+        ; fresh:
+        ; mov QWORD [rbx + 8], 0
+        ; mov [rbx], rax
+        ; jmp <counted
         // Anything else: leave the section, and run the general dispatcher.
         ; leave_general:
         ; mov rcx, [r12 + seq]
@@ -1057,6 +1094,10 @@ mod tests {
             first_clobbers: 48,
             consumer_state: 0,
             state_active: 1,
+            consumers_base: 0x1000,
+            consumers_cap: 1 << 20,
+            consumer_size: 64,
+            consumer_hits: 8,
             errno_offset: -128,
             dispatch: 0x5555_0000_1234,
             after: 0x5555_0000_5678,

@@ -956,12 +956,12 @@ fn resolve_indirect(
         }
         sources.sort_unstable();
         sources.dedup();
-        let mut slicer = Slicer::new(instrs, start, &known, &opaque, &sources);
+        let mut slicer = Slicer::new(instrs, start, &known, &opaque, &sources, read);
         let (mut outside, mut windows, mut unproven) = (Vec::new(), Vec::new(), None);
         let (mut new, mut through_pointers) = (Vec::new(), Vec::new());
         for &k in indirect {
             let at = instrs[k].ip() as usize;
-            match slicer.classify(k, read) {
+            match slicer.classify(k) {
                 Ok(c) => {
                     windows.extend(c.relied);
                     match c.kind {
@@ -1521,6 +1521,131 @@ mod tests {
                 by: EntrySource::JumpTable(A + 0x15),
             })
         );
+    }
+
+    /// `lea reg, [rip + T]` (7 bytes) assembled at `a`'s current offset.
+    // dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
+    #[allow(clippy::useless_conversion)]
+    fn lea_t(a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>, reg: u8) {
+        use dynasmrt::{dynasm, DynasmApi};
+        let disp = T as i64 - (A + a.offset().0 + 7) as i64;
+        dynasm!(a ; .arch x64 ; lea Rq(reg), [rip + disp as i32]);
+    }
+
+    /// A three-way switch on `edi` whose index reaches the jump through
+    /// `setup`, with `between` instructions between the table's `lea` and
+    /// the switch; returns the code and its table (targets: the cases).
+    fn switch_with(
+        setup: &dyn Fn(&mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>),
+        between: usize,
+    ) -> (Vec<u8>, Vec<u8>, [usize; 3]) {
+        use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi};
+        let mut a = dynasmrt::VecAssembler::<dynasmrt::x64::X64Relocation>::new(A);
+        lea_t(&mut a, 15);
+        for _ in 0..between {
+            dynasm!(a ; .arch x64 ; add esi, 1);
+        }
+        setup(&mut a);
+        dynasm!(a
+            ; .arch x64
+            ; ja >default
+            ; movsxd rax, DWORD [r15 + r12 * 4]
+            ; add rax, r15
+            ; jmp rax
+        );
+        let mut cases = [0; 3];
+        for (i, c) in cases.iter_mut().enumerate() {
+            *c = A + a.offset().0;
+            dynasm!(a ; .arch x64 ; mov eax, i as i32 ; ret);
+        }
+        dynasm!(a ; .arch x64 ; default: ; xor eax, eax ; ret);
+        let code = a.finalize().unwrap();
+        let table = cases
+            .iter()
+            .flat_map(|&c| ((c as i64 - T as i64) as i32).to_le_bytes())
+            .collect();
+        (code, table, cases)
+    }
+
+    #[test]
+    fn table_bounds_through_a_copy_compared_and_a_base_kept_across_a_loop() {
+        use dynasmrt::{dynasm, DynasmApi};
+        // sqlite3Parser: the index is copied (`mov rax, r12`) and the copy
+        // compared (`cmp eax, 2; ja`).
+        let copied = |a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>| {
+            dynasm!(a ; .arch x64 ; mov r12d, edi ; mov rax, r12 ; cmp eax, 2);
+        };
+        let (code, table, cases) = switch_with(&copied, 0);
+        let f = flow_with_table(&code, &table, PointerJumps::Anywhere);
+        assert_eq!(f.unproven(), None);
+        assert!(matches!(
+            f.displaceable(cases[1] - 1),
+            Err(Refusal::BranchInside { target, by: EntrySource::JumpTable(_) }) if target == cases[1]
+        ));
+        // The copy's compare says nothing once the copy is overwritten.
+        let clobbered = |a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>| {
+            dynasm!(a ; .arch x64 ; mov r12d, edi ; mov rax, r12 ; mov eax, esi ; cmp eax, 2);
+        };
+        let (code, table, _) = switch_with(&clobbered, 0);
+        let f = flow_with_table(&code, &table, PointerJumps::ToEntries);
+        assert!(matches!(
+            f.unproven(),
+            Some(Refusal::UnboundedJump { why, .. }) if why.contains("bound")
+        ));
+        // sqlite3_str_vappendf: the table's base is set once, far before
+        // the switch: finding it walks the whole function, and the bound
+        // still has a budget of its own.
+        let direct = |a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>| {
+            dynasm!(a ; .arch x64 ; mov r12d, edi ; cmp r12d, 2);
+        };
+        let (code, table, _) = switch_with(&direct, 1500);
+        let f = flow_with_table(&code, &table, PointerJumps::Anywhere);
+        assert_eq!(f.unproven(), None);
+    }
+
+    #[test]
+    fn a_jump_through_a_register_set_to_one_label_is_a_direct_jump() {
+        use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi};
+        // glibc's vfprintf: `lea rax, [rip + label]; ...; jmp rax`.
+        let mut a = dynasmrt::VecAssembler::<dynasmrt::x64::X64Relocation>::new(A);
+        dynasm!(a
+            ; .arch x64
+            ; lea rax, [>label]
+            ; test edi, edi
+            ; jmp rax
+            ; nop
+            ; label:
+            ; mov eax, 1
+            ; ret
+        );
+        let code = a.finalize().unwrap();
+        let f = flow(&code);
+        assert_eq!(f.unproven(), None);
+        let label = A + code.len() - 6;
+        assert!(matches!(
+            f.displaceable(label - 1),
+            Err(Refusal::BranchInside { target, .. }) if target == label
+        ));
+        assert!(f.displaceable(label).is_ok());
+        // Two labels on two paths: not one target, a pointer.
+        let mut a = dynasmrt::VecAssembler::<dynasmrt::x64::X64Relocation>::new(A);
+        dynasm!(a
+            ; .arch x64
+            ; lea rax, [>one]
+            ; test edi, edi
+            ; jz >go
+            ; lea rax, [>two]
+            ; go:
+            ; jmp rax
+            ; one:
+            ; mov eax, 1
+            ; ret
+            ; two:
+            ; xor eax, eax
+            ; ret
+        );
+        let code = a.finalize().unwrap();
+        assert!(flow(&code).unproven().is_some());
     }
 
     #[test]

@@ -68,7 +68,9 @@ use iced_x86::{
 
 /// The longest table read: more entries than any real `switch` table.
 const MAX_ENTRIES: u64 = 1 << 14;
-/// How many instructions one classification may examine, over all paths.
+/// How many instructions one question of a classification (a register's
+/// definitions, a table's address or anchor, an index's bound) may
+/// examine, over all paths.
 const BUDGET: usize = 1024;
 /// How many register copies a table base may be followed through.
 const MAX_COPIES: u32 = 6;
@@ -185,6 +187,8 @@ pub(super) struct Slicer<'a> {
     /// `(target offset, source instruction index)` of direct branches,
     /// sorted.
     sources: &'a [(u32, u32)],
+    /// Reads memory (tables) without faulting; `false` if it cannot.
+    read: &'a dyn Fn(usize, &mut [u8]) -> bool,
     info: InstructionInfoFactory,
     budget: usize,
     relied: Vec<usize>,
@@ -194,13 +198,15 @@ pub(super) struct Slicer<'a> {
 
 impl<'a> Slicer<'a> {
     /// A slicer over `instrs` (the whole function, in order, starting at
-    /// `start`) and the entry points known so far.
+    /// `start`) and the entry points known so far, reading tables with
+    /// `read`.
     pub fn new(
         instrs: &'a [Instruction],
         start: usize,
         entries: &'a [u64],
         opaque: &'a [u64],
         sources: &'a [(u32, u32)],
+        read: &'a dyn Fn(usize, &mut [u8]) -> bool,
     ) -> Self {
         Slicer {
             instrs,
@@ -208,6 +214,7 @@ impl<'a> Slicer<'a> {
             entries,
             opaque,
             sources,
+            read,
             info: InstructionInfoFactory::new(),
             budget: 0,
             relied: Vec::new(),
@@ -215,13 +222,9 @@ impl<'a> Slicer<'a> {
         }
     }
 
-    /// Classifies the indirect `jmp` at index `j`, reading tables with
-    /// `read`.
-    pub fn classify(
-        &mut self,
-        j: usize,
-        read: &dyn Fn(usize, &mut [u8]) -> bool,
-    ) -> Result<Classified, Unbounded> {
+    /// Classifies the indirect `jmp` at index `j`.
+    pub fn classify(&mut self, j: usize) -> Result<Classified, Unbounded> {
+        let read = self.read;
         self.budget = BUDGET;
         self.relied.clear();
         let jmp = self.instrs[j];
@@ -282,6 +285,13 @@ impl<'a> Slicer<'a> {
                 return self.relative_table(*d, x, y, read);
             }
         }
+        // A constant: `lea rax, [rip + label]; ...; jmp rax`, a direct jump
+        // the compiler wrote as an indirect one (GNU C's `goto *ptr` where
+        // every path sets `ptr` to the same label).
+        self.budget = BUDGET;
+        if let Some(target) = self.lea_value(j, reg, 0) {
+            return Ok(Indirect::Table(vec![target as usize]));
+        }
         self.pointer(j, reg, &mut HashSet::new())?;
         Ok(Indirect::Pointer(
             "it jumps through a loaded or received pointer (a tail call?)",
@@ -308,12 +318,18 @@ impl<'a> Slicer<'a> {
             if li.code() != Code::Movsxd_r64_rm32 || li.op1_kind() != OpKind::Memory {
                 continue;
             }
+            // Each question has a budget of its own: following a base kept
+            // in a register across a loop may walk the whole function
+            // before the only-`lea` answer, which must not starve the bound.
+            self.budget = BUDGET;
             let table = self
                 .table_address(*l, &li, 4)
                 .ok_or("the jump table's address is not found")?;
+            self.budget = BUDGET;
             let anchor = self
                 .lea_value(d, base, 0)
                 .ok_or("the jump table's base is not found")?;
+            self.budget = BUDGET;
             let max = self
                 .bound(*l, li.memory_index())
                 .ok_or("the jump table's bound is not found (no cmp/ja on its index)")?;
@@ -336,6 +352,7 @@ impl<'a> Slicer<'a> {
         let Some(table) = self.table_address(at, m, 8) else {
             return Ok(unbounded);
         };
+        self.budget = BUDGET;
         let Some(max) = self.bound(at, m.memory_index()) else {
             return Ok(unbounded);
         };
@@ -582,6 +599,18 @@ impl<'a> Slicer<'a> {
         }
         if let Some(loc) = st.mem {
             return self.visit_for_memory(i, &ins, loc);
+        }
+        // `mov x, cur` (64-bit) then `cmp x, N; ja`: x is cur's copy, and
+        // neither changed until the compare (a write of x would have dropped
+        // the pending bound, one of cur would have been met before).
+        if matches!(ins.code(), Code::Mov_r64_rm64 | Code::Mov_rm64_r64)
+            && ins.op1_kind() == OpKind::Register
+            && gpr64(ins.op1_register()) == Some(st.cur)
+        {
+            let x = gpr64(ins.op0_register());
+            if let Some(&(_, n)) = st.pending.iter().find(|&&(p, _)| Some(p) == x) {
+                return Step::Found(n);
+            }
         }
         st.pending.retain(|&(x, _)| !self.writes(&ins, x));
         if !self.defines(i, st.cur) {
