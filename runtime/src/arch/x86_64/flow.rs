@@ -1527,8 +1527,14 @@ mod tests {
     // dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
     #[allow(clippy::useless_conversion)]
     fn lea_t(a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>, reg: u8) {
+        lea_at(a, reg, T);
+    }
+
+    /// `lea reg, [rip + to]` (7 bytes) assembled at `a`'s current offset.
+    #[allow(clippy::useless_conversion)]
+    fn lea_at(a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>, reg: u8, to: usize) {
         use dynasmrt::{dynasm, DynasmApi};
-        let disp = T as i64 - (A + a.offset().0 + 7) as i64;
+        let disp = to as i64 - (A + a.offset().0 + 7) as i64;
         dynasm!(a ; .arch x64 ; lea Rq(reg), [rip + disp as i32]);
     }
 
@@ -1601,6 +1607,86 @@ mod tests {
         let (code, table, _) = switch_with(&direct, 1500);
         let f = flow_with_table(&code, &table, PointerJumps::Anywhere);
         assert_eq!(f.unproven(), None);
+    }
+
+    /// glibc's vfprintf dispatch: `c = r9b` is checked as `(c - 0x20) mod
+    /// 256 <= 2` on a copy, then `table[class[c - 0x20]]` jumps, `class`
+    /// (bytes at `T + 0x100`) naming one of three cases. The arguments
+    /// break one link of the proof or another: the compare's offset, the
+    /// index's, and the largest class.
+    fn class_switch(
+        lea_disp: i32,
+        sub: i32,
+        in_low_byte: bool,
+        class_max: u8,
+    ) -> (FunctionFlow, usize) {
+        use dynasmrt::{dynasm, DynasmApi, DynasmLabelApi};
+        let mut a = dynasmrt::VecAssembler::<dynasmrt::x64::X64Relocation>::new(A);
+        dynasm!(a
+            ; .arch x64
+            ; movzx r9d, WORD [rdi]
+            ; lea eax, [r9 + lea_disp]
+            ; cmp al, 2
+            ; ja >default
+        );
+        if in_low_byte {
+            dynasm!(a ; .arch x64 ; movzx eax, r9b ; sub eax, sub);
+        } else {
+            // The index is the low byte of the difference: not `v + d`.
+            dynasm!(a ; .arch x64 ; mov eax, r9d ; sub eax, sub ; movzx eax, al);
+        }
+        lea_t(&mut a, 7); // rdi = T: the jump table
+        lea_at(&mut a, 6, T + 0x100); // rsi: the class table
+        dynasm!(a ; .arch x64 ; cdqe);
+        dynasm!(a
+            ; .arch x64
+            ; movzx eax, BYTE [rsi + rax]
+            ; movsxd rax, DWORD [rdi + rax * 4]
+            ; add rax, rdi
+            ; jmp rax
+        );
+        let mut cases = [0; 3];
+        for (i, c) in cases.iter_mut().enumerate() {
+            *c = A + a.offset().0;
+            dynasm!(a ; .arch x64 ; mov eax, i as i32 ; ret);
+        }
+        dynasm!(a ; .arch x64 ; default: ; xor eax, eax ; ret);
+        let code = a.finalize().unwrap();
+        let mut table = vec![0u8; 0x103];
+        for (i, c) in cases.iter().enumerate() {
+            table[4 * i..4 * i + 4].copy_from_slice(&((*c as i64 - T as i64) as i32).to_le_bytes());
+        }
+        // After the three entries, one into the first case's `mov`: a
+        // table read too far lands inside an instruction.
+        let inside = (cases[0] + 1) as i64 - T as i64;
+        table[12..16].copy_from_slice(&(inside as i32).to_le_bytes());
+        table[0x100..].copy_from_slice(&[class_max, 0, 1]);
+        (
+            flow_with_table(&code, &table, PointerJumps::ToEntries),
+            cases[0],
+        )
+    }
+
+    #[test]
+    fn class_tables_and_a_byte_compared_through_an_offset_bound_the_index() {
+        let (f, case0) = class_switch(-0x20, 0x20, true, 2);
+        assert_eq!(f.unproven(), None);
+        assert!(f.displaceable(case0).is_ok(), "{:?}", f.displaceable(case0));
+        let (f, _) = class_switch(-0x20, 0x20, true, 3);
+        assert!(
+            matches!(f.unproven(), Some(r) if r.to_string().contains("inside an instruction")),
+            "a class naming a 4th entry: {:?}",
+            f.unproven()
+        );
+        for (d, sub, low, max) in [
+            (-0x21, 0x20, true, 2), // the compare's offset is not the index's
+            (-0x20, 0x1F, true, 2),
+            (-0x20, 0x20, false, 2), // movzx after the sub
+            (0x20, -0x20, true, 2),  // a positive offset: v + d may pass 255
+        ] {
+            let (f, _) = class_switch(d, sub, low, max);
+            assert!(f.unproven().is_some(), "{d} {sub} {low} {max}");
+        }
     }
 
     #[test]

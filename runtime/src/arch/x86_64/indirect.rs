@@ -21,7 +21,15 @@
 //! [rbx + 0x65]`, no store that may touch it in between); the check may be
 //! a `jbe`/`jb` to the table's block, and a few flag-preserving instructions
 //! may separate the `cmp` from its branch; an `and idx, M` bounds the index
-//! as well. A base the walk cannot follow (kept in a callee-saved register
+//! as well. The compare may be of a copy made after the index (`mov rax,
+//! r12; cmp eax, N`, sqlite3Parser). An index loaded from a *class table*
+//! (`movzx eax, byte [rip-table + i]`, `i` bounded) is at most the largest
+//! byte of the entries `i` can read; and an `add`/`sub` of an immediate is
+//! followed, with glibc vfprintf's byte check: `lea eax, [r9 - 0x20]; cmp
+//! al, 0x5a; ja; movzx eax, r9b; sub eax, 0x20; cdqe` bounds the index by
+//! 0x5a (see `visit_cur`). A compare narrower than the index (`cmp al` of
+//! a 64-bit `rax`) bounds nothing. A `jmp reg` whose register holds one
+//! `lea` of a label on every path is a direct jump there. A base the walk cannot follow (kept in a callee-saved register
 //! across a loop) is accepted when one `lea` is the only instruction of the
 //! function writing that register (`pop` aside). A *pointer* jump is one whose target was loaded from memory, returned by a
 //! call or received from the caller, through register copies and glibc's
@@ -131,6 +139,8 @@ struct Defs {
 enum Step {
     /// The bound on this path.
     Found(u64),
+    /// The bound of the index itself (not of `cur`: no offset to add).
+    Exact(u64),
     /// Nothing decided yet: keep walking.
     Continue,
     /// No bound on this path (but see `IndexState::loose`).
@@ -141,14 +151,49 @@ enum Step {
 #[derive(Clone, Debug)]
 struct IndexState {
     cur: Register,
-    /// `cmp x, N; ja` seen for an `x` other than `cur`: valid for `cur` if
-    /// `mov cur, x` comes before it with `x` unchanged in between.
-    pending: Vec<(Register, u64)>,
-    /// A bound from `movzx` (255 or 65535), used if no tighter one is found.
+    /// `cmp x, N; ja` seen for an `x` other than `cur` (with the width of
+    /// the compare, bytes): valid for `cur` if `mov cur, x` comes before it
+    /// with `x` unchanged in between.
+    pending: Vec<(Register, u64, u8)>,
+    /// A bound of the index from `movzx` (255 or 65535, plus `off`), used if
+    /// no tighter one is found.
     loose: Option<u64>,
+    /// The index is `cur`'s value plus this (an `add`/`sub` of an immediate
+    /// passed on the way back: `sub eax, 0x20; cdqe`).
+    off: i64,
+    /// The bytes of `cur` the index is made of: 1 or 2 once a `movzx` of
+    /// its low byte or word is passed, else 8. A compare narrower than that
+    /// (but 32 bits, which the compilers use for 64-bit indexes whose upper
+    /// half they zeroed) bounds nothing.
+    width: u8,
     /// The memory the index was loaded from, once the load is passed:
     /// `cmp byte [rbx + 0x65], 8; ja` bounds `movzx eax, byte [rbx + 0x65]`.
     mem: Option<MemLoc>,
+}
+
+impl IndexState {
+    fn new(cur: Register) -> IndexState {
+        IndexState {
+            cur,
+            pending: Vec::new(),
+            loose: None,
+            off: 0,
+            width: 8,
+            mem: None,
+        }
+    }
+
+    /// The index's bound when `cur`'s value is at most `n`: `None` when the
+    /// offset could make it negative (a read before the table).
+    fn adjust(&self, n: u64) -> Option<u64> {
+        let off = u64::try_from(self.off).ok()?;
+        n.checked_add(off).filter(|&b| b < MAX_ENTRIES)
+    }
+
+    /// Whether a compare of `w` bytes of `cur` bounds the index.
+    fn covers(&self, w: u8) -> bool {
+        w >= self.width.min(4)
+    }
 }
 
 /// A memory operand `[base + index*scale + disp]` of `size` bytes.
@@ -524,12 +569,7 @@ impl<'a> Slicer<'a> {
     /// `at`, from unsigned compares guarding every path (or a `movzx` or
     /// `and` on it).
     fn bound(&mut self, at: usize, idx: Register) -> Option<u64> {
-        let st = IndexState {
-            cur: gpr64(idx)?,
-            pending: Vec::new(),
-            loose: None,
-            mem: None,
-        };
+        let st = IndexState::new(gpr64(idx)?);
         let mut visiting = HashSet::new();
         self.bound_into(at, st, &mut visiting).ok().flatten()
     }
@@ -540,10 +580,13 @@ impl<'a> Slicer<'a> {
         &mut self,
         mut k: usize,
         mut st: IndexState,
-        visiting: &mut HashSet<(usize, Register, Option<MemLoc>)>,
+        visiting: &mut HashSet<(usize, Register, Option<MemLoc>, i64, u8)>,
     ) -> Result<Option<u64>, ()> {
         loop {
-            if visiting.contains(&(k, st.cur, st.mem)) {
+            // A loop that changes the offset asks a new question each
+            // time round (until the budget ends it): only an unchanged
+            // index keeps the value it entered the loop with.
+            if visiting.contains(&(k, st.cur, st.mem, st.off, st.width)) {
                 return Ok(None);
             }
             let Some(preds) = self.preds(k).filter(|p| !p.from_caller) else {
@@ -551,13 +594,13 @@ impl<'a> Slicer<'a> {
             };
             if let [Pred::Fall(p)] = preds.list[..] {
                 match self.visit(p, false, &mut st) {
-                    Step::Found(n) => return Ok(Some(n)),
+                    Step::Found(n) | Step::Exact(n) => return Ok(Some(n)),
                     Step::Fail => return st.loose.map(Some).ok_or(()),
                     Step::Continue => k = p,
                 }
                 continue;
             }
-            visiting.insert((k, st.cur, st.mem));
+            visiting.insert((k, st.cur, st.mem, st.off, st.width));
             let mut best: Option<u64> = None;
             for pred in preds.list {
                 let (i, taken) = match pred {
@@ -566,28 +609,40 @@ impl<'a> Slicer<'a> {
                 };
                 let mut s = st.clone();
                 let r = match self.visit(i, taken, &mut s) {
-                    Step::Found(n) => Some(n),
+                    Step::Found(n) | Step::Exact(n) => Some(n),
                     Step::Fail => Some(s.loose.ok_or(())?),
                     Step::Continue => self.bound_into(i, s, visiting)?,
                 };
                 best = best.max(r);
             }
-            visiting.remove(&(k, st.cur, st.mem));
+            visiting.remove(&(k, st.cur, st.mem, st.off, st.width));
             return Ok(best);
         }
     }
 
     /// Instruction `i` on a path back to the index load, `taken` if it is a
-    /// branch taken on that path.
+    /// branch taken on that path: `Found` is the index's bound.
     fn visit(&mut self, i: usize, taken: bool, st: &mut IndexState) -> Step {
+        match self.visit_cur(i, taken, st) {
+            Step::Found(n) => st.adjust(n).map_or(Step::Fail, Step::Found),
+            Step::Exact(n) => Step::Found(n),
+            step => step,
+        }
+    }
+
+    /// [`Slicer::visit`], where `Found` bounds `cur`'s value (its low
+    /// `width` bytes).
+    fn visit_cur(&mut self, i: usize, taken: bool, st: &mut IndexState) -> Step {
         let ins = self.instrs[i];
         match ins.flow_control() {
             FlowControl::ConditionalBranch => {
-                if let Some((g, n)) = self.guard(i, taken) {
+                if let Some((g, n, w)) = self.guard(i, taken) {
                     match (g, st.mem) {
                         (Guarded::Mem(m), Some(loc)) if m == loc => return Step::Found(n),
-                        (Guarded::Reg(x), None) if x == st.cur => return Step::Found(n),
-                        (Guarded::Reg(x), None) => st.pending.push((x, n)),
+                        (Guarded::Reg(x), None) if x == st.cur && st.covers(w) => {
+                            return Step::Found(n)
+                        }
+                        (Guarded::Reg(x), None) if x != st.cur => st.pending.push((x, n, w)),
                         _ => {}
                     }
                 }
@@ -608,11 +663,37 @@ impl<'a> Slicer<'a> {
             && gpr64(ins.op1_register()) == Some(st.cur)
         {
             let x = gpr64(ins.op0_register());
-            if let Some(&(_, n)) = st.pending.iter().find(|&&(p, _)| Some(p) == x) {
+            let covers = |w| st.covers(w);
+            if let Some(&(_, n, _)) = st
+                .pending
+                .iter()
+                .find(|&&(p, _, w)| Some(p) == x && covers(w))
+            {
                 return Step::Found(n);
             }
         }
-        st.pending.retain(|&(x, _)| !self.writes(&ins, x));
+        // glibc's vfprintf: `lea eax, [r9 - 0x20]; cmp al, 0x5a; ja default;
+        // movzx eax, r9b; sub eax, 0x20` — the compare is of a byte, `x`,
+        // computed from cur's low byte `v` by the same offset `d` the index
+        // adds: `(v + d) mod 256 <= n` and the index is `v + d` (exact:
+        // `v` is zero-extended). With `n - 256 < d <= 0`, the `v` that give
+        // a negative index have `(v + d) mod 256 >= 256 + d > n`: none pass
+        // the compare, so the index is within `0..=n`.
+        if st.width == 1 && ins.code() == Code::Lea_r32_m {
+            let (base, x) = (gpr64(ins.memory_base()), gpr64(ins.op0_register()));
+            let d = ins.memory_displacement64() as i64 as i32 as i64;
+            let pending = st.pending.iter().find(|&&(p, _, w)| Some(p) == x && w == 1);
+            if let (Some(&(_, n, _)), true) = (pending, base == Some(st.cur)) {
+                if ins.memory_index() == Register::None
+                    && d == st.off
+                    && d <= 0
+                    && d > n as i64 - 256
+                {
+                    return Step::Exact(n);
+                }
+            }
+        }
+        st.pending.retain(|&(x, _, _)| !self.writes(&ins, x));
         if !self.defines(i, st.cur) {
             return Step::Continue;
         }
@@ -621,8 +702,9 @@ impl<'a> Slicer<'a> {
                 return Step::Fail;
             };
             st.cur = src;
-            match st.pending.iter().find(|&&(x, _)| x == src) {
-                Some(&(_, n)) => Step::Found(n),
+            let covers = |w| st.covers(w);
+            match st.pending.iter().find(|&&(x, _, w)| x == src && covers(w)) {
+                Some(&(_, n, _)) => Step::Found(n),
                 None => Step::Continue,
             }
         };
@@ -631,14 +713,20 @@ impl<'a> Slicer<'a> {
                 if ins.op0_kind() == OpKind::Register =>
             {
                 if ins.mnemonic() == Mnemonic::Movzx {
-                    let bits = if ins.memory_size().size() == 1
-                        || (k == OpKind::Register && ins.op1_register().size() == 1)
-                    {
-                        0xFF
-                    } else {
-                        0xFFFF
-                    };
-                    st.loose = Some(st.loose.map_or(bits, |l| l.min(bits)));
+                    let byte = ins.memory_size().size() == 1
+                        || (k == OpKind::Register && ins.op1_register().size() == 1);
+                    let (bits, width) = if byte { (0xFF, 1) } else { (0xFFFF, 2) };
+                    if let Some(b) = st.adjust(bits) {
+                        st.loose = Some(st.loose.map_or(b, |l| l.min(b)));
+                    }
+                    st.width = st.width.min(width);
+                    // A class table: `movzx eax, byte [table + i]` with
+                    // `i` bounded reads one of the bytes `table[0..=i]`.
+                    if k == OpKind::Memory {
+                        if let Some(max) = self.class_table(i, &ins) {
+                            return Step::Found(max);
+                        }
+                    }
                 }
                 match k {
                     OpKind::Register => copy(st, ins.op1_register()),
@@ -653,7 +741,37 @@ impl<'a> Slicer<'a> {
                     _ => Step::Fail,
                 }
             }
-            (Mnemonic::And, k) if is_immediate(k) && ins.op0_kind() == OpKind::Register => {
+            // `cdqe`: the index is eax's value, which the bound will show
+            // non-negative (as for `movsxd`).
+            (Mnemonic::Cdqe, _) => Step::Continue,
+            // `sub eax, 0x20`: the index is the value before it, minus 0x20.
+            // (Not once a `movzx` of cur's low byte is passed: the index
+            // is then the low byte of the difference.)
+            (Mnemonic::Add | Mnemonic::Sub, k)
+                if is_immediate(k)
+                    && ins.op0_kind() == OpKind::Register
+                    && ins.op0_register().size() >= 4
+                    && st.width >= 4 =>
+            {
+                let imm = ins.immediate(1) as i64;
+                let d = if ins.mnemonic() == Mnemonic::Add {
+                    imm
+                } else {
+                    -imm
+                };
+                match st.off.checked_add(d) {
+                    Some(off) if off.abs() < MAX_ENTRIES as i64 => {
+                        st.off = off;
+                        Step::Continue
+                    }
+                    _ => Step::Fail,
+                }
+            }
+            (Mnemonic::And, k)
+                if is_immediate(k)
+                    && ins.op0_kind() == OpKind::Register
+                    && st.covers(ins.op0_register().size() as u8) =>
+            {
                 let m = ins.immediate(1) & size_mask(ins.op0_register());
                 if m < MAX_ENTRIES {
                     Step::Found(m)
@@ -663,6 +781,25 @@ impl<'a> Slicer<'a> {
             }
             _ => Step::Fail,
         }
+    }
+
+    /// The largest value `movzx r, byte/word [table + i*size]` at `at` can
+    /// load: `table` a constant (`lea`), `i` bounded, the entries readable.
+    fn class_table(&mut self, at: usize, m: &Instruction) -> Option<u64> {
+        let size = m.memory_size().size();
+        if !matches!(size, 1 | 2) {
+            return None;
+        }
+        let table = self.table_address(at, m, size as u32)?;
+        let max = self.bound(at, m.memory_index())?;
+        let mut bytes = vec![0u8; (max as usize + 1) * size];
+        if !(self.read)(table as usize, &mut bytes) {
+            return None;
+        }
+        bytes
+            .chunks_exact(size)
+            .map(|c| c.iter().rev().fold(0u64, |v, &b| v << 8 | u64::from(b)))
+            .max()
     }
 
     /// Instruction `ins` (at `i`) on a path back from the load of the index
@@ -711,7 +848,7 @@ impl<'a> Slicer<'a> {
     /// (`cmp x, imm` before it on every path, with nothing in between that
     /// changes the flags or `x`) that bounds `x` on the way it leaves
     /// (`taken` or not): what is compared, and the bound.
-    fn guard(&mut self, k: usize, taken: bool) -> Option<(Guarded, u64)> {
+    fn guard(&mut self, k: usize, taken: bool) -> Option<(Guarded, u64, u8)> {
         let jcc = self.instrs[k];
         if !jcc.is_jcc_short_or_near() {
             return None;
@@ -735,6 +872,15 @@ impl<'a> Slicer<'a> {
             return None;
         }
         let (what, mask) = match cmp.op0_kind() {
+            // ah..bh compare bits 8..15: not a bound of the register.
+            OpKind::Register
+                if matches!(
+                    cmp.op0_register(),
+                    Register::AH | Register::BH | Register::CH | Register::DH
+                ) =>
+            {
+                return None
+            }
             OpKind::Register => (
                 Guarded::Reg(gpr64(cmp.op0_register())?),
                 size_mask(cmp.op0_register()),
@@ -775,7 +921,11 @@ impl<'a> Slicer<'a> {
         }
         // The bound relies on `c + 1 ..= k` being entered only from `c`.
         self.relied.extend(c + 1..=k);
-        Some((what, max))
+        let width = match what {
+            Guarded::Reg(_) => cmp.op0_register().size(),
+            Guarded::Mem(loc) => loc.size,
+        };
+        Some((what, max, width as u8))
     }
 
     /// Every way into instruction `k`; `None` if some are unknown or the
