@@ -1598,6 +1598,24 @@ mod tests {
             f.unproven(),
             Some(Refusal::UnboundedJump { why, .. }) if why.contains("bound")
         ));
+        // sqlite3VdbeSerialGet: `movzx eax, byte [rdx]; cmp al, 2; ja` —
+        // the byte compare covers the index the movzx made; not one of a
+        // word's low byte.
+        let byte = |a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>| {
+            dynasm!(a ; .arch x64 ; movzx r12d, BYTE [rdx] ; cmp r12b, 2);
+        };
+        let (code, table, _) = switch_with(&byte, 0);
+        assert_eq!(
+            flow_with_table(&code, &table, PointerJumps::ToEntries).unproven(),
+            None
+        );
+        let word = |a: &mut dynasmrt::VecAssembler<dynasmrt::x64::X64Relocation>| {
+            dynasm!(a ; .arch x64 ; movzx r12d, WORD [rdx] ; cmp r12b, 2);
+        };
+        let (code, table, _) = switch_with(&word, 0);
+        assert!(flow_with_table(&code, &table, PointerJumps::ToEntries)
+            .unproven()
+            .is_some());
         // sqlite3_str_vappendf: the table's base is set once, far before
         // the switch: finding it walks the whole function, and the bound
         // still has a budget of its own.

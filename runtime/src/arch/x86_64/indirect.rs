@@ -164,8 +164,13 @@ struct IndexState {
     /// The bytes of `cur` the index is made of: 1 or 2 once a `movzx` of
     /// its low byte or word is passed, else 8. A compare narrower than that
     /// (but 32 bits, which the compilers use for 64-bit indexes whose upper
-    /// half they zeroed) bounds nothing.
+    /// half they zeroed) bounds nothing by itself: see `narrow`.
     width: u8,
+    /// Compares of fewer bytes of `cur` than the index is made of, met
+    /// before (nearer the jump) the `movzx` that will show whether they
+    /// cover it (`movzx eax, byte [rdx]; cmp al, 8; ja`): the bound, the
+    /// bytes compared, the offset then.
+    narrow: Vec<(u64, u8, i64)>,
     /// The memory the index was loaded from, once the load is passed:
     /// `cmp byte [rbx + 0x65], 8; ja` bounds `movzx eax, byte [rbx + 0x65]`.
     mem: Option<MemLoc>,
@@ -179,6 +184,7 @@ impl IndexState {
             loose: None,
             off: 0,
             width: 8,
+            narrow: Vec::new(),
             mem: None,
         }
     }
@@ -642,6 +648,7 @@ impl<'a> Slicer<'a> {
                         (Guarded::Reg(x), None) if x == st.cur && st.covers(w) => {
                             return Step::Found(n)
                         }
+                        (Guarded::Reg(x), None) if x == st.cur => st.narrow.push((n, w, st.off)),
                         (Guarded::Reg(x), None) if x != st.cur => st.pending.push((x, n, w)),
                         _ => {}
                     }
@@ -702,6 +709,7 @@ impl<'a> Slicer<'a> {
                 return Step::Fail;
             };
             st.cur = src;
+            st.narrow.clear();
             let covers = |w| st.covers(w);
             match st.pending.iter().find(|&&(x, _, w)| x == src && covers(w)) {
                 Some(&(_, n, _)) => Step::Found(n),
@@ -716,6 +724,17 @@ impl<'a> Slicer<'a> {
                     let byte = ins.memory_size().size() == 1
                         || (k == OpKind::Register && ins.op1_register().size() == 1);
                     let (bits, width) = if byte { (0xFF, 1) } else { (0xFFFF, 2) };
+                    // The index's bytes are now the `movzx`'s: a compare of
+                    // at least those, at this offset, bounds it.
+                    let narrow = st
+                        .narrow
+                        .iter()
+                        .filter(|&&(_, w, off)| w >= width && off == st.off)
+                        .map(|&(n, _, _)| n)
+                        .min();
+                    if let Some(n) = narrow {
+                        return Step::Found(n);
+                    }
                     if let Some(b) = st.adjust(bits) {
                         st.loose = Some(st.loose.map_or(b, |l| l.min(b)));
                     }
@@ -762,6 +781,7 @@ impl<'a> Slicer<'a> {
                 match st.off.checked_add(d) {
                     Some(off) if off.abs() < MAX_ENTRIES as i64 => {
                         st.off = off;
+                        st.narrow.clear();
                         Step::Continue
                     }
                     _ => Step::Fail,
