@@ -253,6 +253,7 @@ mod region;
 mod shadow;
 mod sigctx;
 mod site;
+mod slab_map;
 mod sync;
 mod sys;
 mod trap;
@@ -312,7 +313,11 @@ pub mod __fuzz {
     pub fn analyze(code: &[u8], addr: usize) -> crate::Result<(usize, bool, String)> {
         let d = crate::arch::analyze(code, addr)?;
         let ool = d.displaced == crate::arch::Displaced::OutOfLine;
-        Ok((usize::from(d.len), ool, d.text))
+        Ok((
+            usize::from(d.len),
+            ool,
+            crate::arch::disassemble(code, addr),
+        ))
     }
 
     /// The bytes of an out-of-line stub for `code` (at `addr`) placed at `stub`.

@@ -308,6 +308,64 @@ impl Index {
         self.len.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Stores every `(key, value)` of `entries` (inserting or overwriting),
+    /// `added` of whose keys are not in the index yet, in one latch step per
+    /// copy. Writer only. Returns tables to free after a grace period if
+    /// the index grew.
+    ///
+    /// The entries are applied in the order of their home buckets, so a
+    /// large batch walks each table once instead of missing the cache at
+    /// every key.
+    pub(crate) fn insert_all(
+        &self,
+        entries: &mut [(usize, usize)],
+        added: usize,
+    ) -> Option<RetiredTables> {
+        if entries.is_empty() {
+            return None;
+        }
+        debug_assert!(entries.iter().all(|&(k, _)| k != EMPTY));
+        let retired = self.reserve(self.len() + added);
+        self.sort_by_home(entries, |e| e.0);
+        self.update(|t| {
+            for &(k, v) in entries.iter() {
+                t.insert(k, v);
+            }
+        });
+        // Ordering: Relaxed — writer only.
+        self.len.fetch_add(added, Ordering::Relaxed);
+        retired
+    }
+
+    /// Removes every key of `keys`, each present, in one latch step per
+    /// copy, in the order of their home buckets ([`Index::insert_all`]).
+    /// Writer only.
+    pub(crate) fn remove_all(&self, keys: &mut [usize]) {
+        if keys.is_empty() {
+            return;
+        }
+        self.sort_by_home(keys, |&k| k);
+        self.update(|t| {
+            for &k in keys.iter() {
+                t.remove(k);
+            }
+        });
+        // Ordering: Relaxed — writer only.
+        self.len.fetch_sub(keys.len(), Ordering::Relaxed);
+    }
+
+    /// Sorts `items` by the home bucket of their key in the current tables
+    /// (both copies have the same capacity). Writer only.
+    fn sort_by_home<T>(&self, items: &mut [T], key: impl Fn(&T) -> usize) {
+        // Ordering: Relaxed — only the writer stores the pointers.
+        let t = self.copies[0].load(Ordering::Relaxed);
+        if !t.is_null() && items.len() > 1 {
+            // SAFETY: the writer owns the tables.
+            let t = unsafe { &*t };
+            items.sort_unstable_by_key(|x| t.home(key(x)));
+        }
+    }
+
     /// Makes room for `n` entries (load factor ≤ 1/2), replacing both copies
     /// if needed. Writer only.
     pub(crate) fn reserve(&self, n: usize) -> Option<RetiredTables> {
@@ -323,6 +381,7 @@ impl Index {
             return None;
         }
         let new_cap = (n * 2).next_power_of_two().max(MIN_CAPACITY);
+
         let mut old = Vec::new();
         for _ in 0..2 {
             self.latch_bump();
@@ -395,6 +454,51 @@ mod tests {
             }
         }
         assert_eq!(ix.len(), model.len());
+    }
+
+    #[test]
+    fn batches_insert_overwrite_and_remove_against_a_model() {
+        let ix = Index::new();
+        let mut model = HashMap::new();
+        let mut rng = 0x0bad_cafe_f00d_1234u64;
+        for round in 0..300usize {
+            // A batch of new keys and keys already present (overwritten),
+            // clustered like code addresses, growing the tables on the way.
+            let mut batch = Vec::new();
+            let mut added = 0;
+            for _ in 0..(rng % 64) as usize + 1 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let key = 0x40_0000 + (rng % 4096) as usize * 5;
+                if batch.iter().any(|&(k, _)| k == key) {
+                    continue;
+                }
+                added += usize::from(!model.contains_key(&key));
+                model.insert(key, round);
+                batch.push((key, round));
+            }
+            if let Some(t) = ix.insert_all(&mut batch, added) {
+                drop(t);
+            }
+            // Then remove about a third of what is there.
+            let mut gone: Vec<usize> = model
+                .keys()
+                .copied()
+                .filter(|k| (k ^ round) % 3 == 0)
+                .take(20)
+                .collect();
+            for k in &gone {
+                model.remove(k);
+            }
+            ix.remove_all(&mut gone);
+            assert_eq!(ix.len(), model.len(), "round {round}");
+            if round % 10 == 0 {
+                for k in (0x40_0000..0x40_0000 + 4096 * 5).step_by(5) {
+                    assert_eq!(lookup(&ix, k), model.get(&k).copied(), "key {k:#x}");
+                }
+            }
+        }
     }
 
     #[test]

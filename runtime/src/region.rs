@@ -174,6 +174,18 @@ pub(crate) struct Regions {
     next_id: u64,
     /// The targets of module segments seen so far, by bounds.
     segments: std::cell::RefCell<std::collections::HashMap<(usize, usize), Arc<Target>>>,
+    /// The module function the last lookup of this writer operation found
+    /// (see [`Regions::forget_lookups`]): a batch probes many addresses of
+    /// one function in a row.
+    last: std::cell::RefCell<Option<LastFunction>>,
+}
+
+/// A module function [`Regions::resolve`] found, with its segment's target.
+struct LastFunction {
+    start: usize,
+    end: usize,
+    probert_symbol: bool,
+    target: Arc<Target>,
 }
 
 impl fmt::Debug for Regions {
@@ -341,8 +353,18 @@ impl Regions {
                 });
             }
         }
-        let (start, end) = modules::segment_bounds(addr).ok_or(Error::NoRegion { addr })?;
-        let func = modules::function_extent(addr);
+        if let Some(f) = &*self.last.borrow() {
+            if (f.start..f.end).contains(&addr) {
+                return Ok(Resolved {
+                    target: f.target.clone(),
+                    func_start: Some(f.start),
+                    probert_symbol: f.probert_symbol,
+                    signal_callee: signal_path_callee(addr),
+                });
+            }
+        }
+        let ((start, end), func) =
+            modules::segment_and_function(addr).ok_or(Error::NoRegion { addr })?;
         let target = self
             .segments
             .borrow_mut()
@@ -357,14 +379,29 @@ impl Regions {
                 })
             })
             .clone();
+        let probert_symbol = func
+            .as_ref()
+            .and_then(|f| f.name())
+            .is_some_and(is_probert_symbol);
+        *self.last.borrow_mut() = func.as_ref().map(|f| LastFunction {
+            start: f.start,
+            end: f.end,
+            probert_symbol,
+            target: target.clone(),
+        });
         Ok(Resolved {
             target,
             func_start: func.as_ref().map(|f| f.start),
-            probert_symbol: func
-                .as_ref()
-                .and_then(|f| f.name())
-                .is_some_and(is_probert_symbol),
+            probert_symbol,
             signal_callee: signal_path_callee(addr),
         })
+    }
+
+    /// Forgets the module function remembered by the last lookup: called
+    /// at the edges of every writer operation, as modules may be loaded and
+    /// unloaded between them (within one, the writer's reads of code
+    /// assume they are not).
+    pub(crate) fn forget_lookups(&self) {
+        self.last.borrow_mut().take();
     }
 }

@@ -174,12 +174,12 @@ fn with_state<R>(f: impl FnOnce(&mut WriterState) -> Result<R>) -> Result<R> {
     st.reap();
     // Code read in an earlier operation may have changed since (a host
     // rewrites its own code between calls).
-    st.sites.forget_reads();
+    st.forget_reads();
     st.verify_modules();
     st.retry_fast(false);
     let r = f(st);
     st.retire_lost();
-    st.sites.forget_reads();
+    st.forget_reads();
     r
 }
 
@@ -603,14 +603,17 @@ impl WriterState {
         // 3. Fill the records, index them, write the traps (empty consumer
         //    lists: a thread that traps now only runs the displaced
         //    instructions).
+        let mut entries = Vec::with_capacity(built.len());
+        let mut added = 0;
         for (b, &rec_idx) in built.iter().zip(&recs) {
             fill_record(b, rec_idx).map_err(|e| (0, e))?;
             let p = &b.prepared;
-            if self.tombstones.remove(&p.patch).is_some() {
-                INDEX.replace(p.patch, rec_idx as usize);
-            } else if let Some(t) = INDEX.insert(p.patch, rec_idx as usize) {
-                self.deferred.push(Deferred::Tables(t));
-            }
+            // A tombstone's key is still indexed: it is overwritten.
+            added += usize::from(self.tombstones.remove(&p.patch).is_none());
+            entries.push((p.patch, rec_idx as usize));
+        }
+        if let Some(t) = INDEX.insert_all(&mut entries, added) {
+            self.deferred.push(Deferred::Tables(t));
         }
         debug_assert!(
             self.pool.is_flushed(),
@@ -673,8 +676,8 @@ impl WriterState {
                 .map_err(|e| (ids.len(), e))?;
             if let Some(s) = self.sites.get_mut(r.addr) {
                 s.consumers.push(idx);
-                s.pins += usize::from(mode == Mode::Trap);
-                s.fast_pins += usize::from(mode == Mode::Fast);
+                s.pins += u32::from(mode == Mode::Trap);
+                s.fast_pins += u32::from(mode == Mode::Fast);
             }
             ids.push(id);
             idxs.push(idx);
@@ -784,20 +787,21 @@ impl WriterState {
         // The sites this detach leaves without consumers are restored first:
         // one whose write fails keeps its consumers, attached and called, and
         // its code as it was (the caller gets the error and may try again).
-        let mut leaving: AddrMap<usize, usize> = AddrMap::default();
-        for &i in idxs {
-            if let Some(a) = self.consumers.addr_of(i) {
-                *leaving.entry(a).or_insert(0) += 1;
-            }
-        }
-        let emptied: Vec<usize> = leaving
+        // In address order: the sites are then visited in the order they
+        // are stored (a hash order would miss the cache at every site).
+        let mut leaving: Vec<usize> = idxs
             .iter()
-            .filter(|(a, &n)| {
+            .filter_map(|&i| self.consumers.addr_of(i))
+            .collect();
+        leaving.sort_unstable();
+        let emptied: Vec<usize> = leaving
+            .chunk_by(|a, b| a == b)
+            .filter(|run| {
                 self.sites
-                    .get(**a)
-                    .is_some_and(|s| s.consumers.iter().count() <= n)
+                    .get(run[0])
+                    .is_some_and(|s| s.consumers.iter().count() <= run.len())
             })
-            .map(|(&a, _)| a)
+            .map(|run| run[0])
             .collect();
         let (removed, kept) = self.sites.disarm(&mut self.pool, &emptied);
         self.finish_removed(removed);
@@ -831,8 +835,8 @@ impl WriterState {
             };
             if let Some(s) = self.sites.get_mut(a.addr) {
                 s.consumers.remove(idx);
-                s.pins -= usize::from(a.mode == Mode::Trap);
-                s.fast_pins -= usize::from(a.mode == Mode::Fast);
+                s.pins -= u32::from(a.mode == Mode::Trap);
+                s.fast_pins -= u32::from(a.mode == Mode::Fast);
                 touched.push(a.addr);
             }
             self.deferred.push(Deferred::ConsumerRecord(idx, tag));
@@ -902,11 +906,9 @@ impl WriterState {
     /// The index entries and records of probes [`Sites::disarm`] removed:
     /// tombstoned, unpublished, deferred.
     fn finish_removed(&mut self, removed: Vec<(u32, usize)>) {
-        let mut recs = Vec::with_capacity(removed.len());
-        for (rec_idx, patch) in removed {
-            self.tombstone(patch);
-            recs.push(rec_idx);
-        }
+        let patches: Vec<usize> = removed.iter().map(|&(_, patch)| patch).collect();
+        self.tombstone_all(&patches);
+        let recs = removed.into_iter().map(|(rec_idx, _)| rec_idx);
         for rec_idx in recs {
             if let Some(rec) = PROBES.get(rec_idx as usize) {
                 // Ordering: Release — unpublishes the list; the dispatchers
@@ -945,9 +947,31 @@ impl WriterState {
     /// Replaces the index entry of a probe whose code is restored by a
     /// tombstone ([`trap::TOMBSTONE`]): a trap that happened before the
     /// restore and looks up only now re-executes the instruction.
+    /// Forgets what this writer operation read of code and modules (at its
+    /// edges: the host may change both between operations).
+    fn forget_reads(&mut self) {
+        self.sites.forget_reads();
+        self.regions.forget_lookups();
+    }
+
     fn tombstone(&mut self, addr: usize) {
-        INDEX.replace(addr, trap::TOMBSTONE);
-        self.tombstones.insert(addr, self.pool.scans());
+        self.tombstone_all(&[addr]);
+    }
+
+    /// [`WriterState::tombstone`] for every address of `addrs`, in one
+    /// latch step per copy of the index.
+    fn tombstone_all(&mut self, addrs: &[usize]) {
+        let scans = self.pool.scans();
+        let mut entries: Vec<(usize, usize)> =
+            addrs.iter().map(|&a| (a, trap::TOMBSTONE)).collect();
+        // Overwrites: every address is indexed (as a probe or a tombstone),
+        // so the index does not grow.
+        if let Some(t) = INDEX.insert_all(&mut entries, 0) {
+            self.deferred.push(Deferred::Tables(t));
+        }
+        for &a in addrs {
+            self.tombstones.insert(a, scans);
+        }
     }
 
     /// Drops the tombstones that a thread scan has made unneeded; scans for
@@ -959,13 +983,15 @@ impl WriterState {
         }
         let scans = self.pool.scans();
         let before = self.tombstones.len();
+        let mut expired = Vec::new();
         self.tombstones.retain(|&addr, &mut at| {
             let keep = at >= scans;
             if !keep {
-                INDEX.remove(addr);
+                expired.push(addr);
             }
             keep
         });
+        INDEX.remove_all(&mut expired);
         if self.tombstones.len() < before / 4 {
             self.tombstones.shrink_to_fit();
         }
@@ -1043,7 +1069,7 @@ fn fill_record(b: &BuiltSite, rec_idx: u32) -> Result<()> {
     // replace's) latch bump (Release); a fast stub naming this record checks
     // `addr`, which is set last (`fast_dispatch`).
     rec.report.store(p.probe, Ordering::Relaxed);
-    rec.len.store(p.len as usize, Ordering::Relaxed);
+    rec.len.store(u32::from(p.len), Ordering::Relaxed);
     for (w, v) in rec.displaced.iter().zip(words) {
         w.store(v, Ordering::Relaxed);
     }
@@ -1315,7 +1341,7 @@ pub(crate) fn attach_batch_with(
         .as_mut()
         .ok_or((0, Error::Internal("state vanished".into())))?;
     st.reap();
-    st.sites.forget_reads();
+    st.forget_reads();
     st.verify_modules();
     st.retry_fast(false);
     ensure_handler().map_err(|e| (0, e))?;
@@ -1324,7 +1350,7 @@ pub(crate) fn attach_batch_with(
     }
     let r = st.attach_batch(reqs, opts, owners);
     st.retire_lost();
-    st.sites.forget_reads();
+    st.forget_reads();
     r
 }
 

@@ -205,7 +205,11 @@ pub(crate) struct Snapshot {
 /// The stub pool. Writer only (under the writer lock).
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
+    /// In the order they were mapped: the newest, likeliest to have room,
+    /// last.
     chunks: Vec<Chunk>,
+    /// `(base, index in chunks)`, by base: which chunk holds an address.
+    by_base: Vec<(usize, usize)>,
     /// Free slots, per size class.
     free: [Vec<usize>; 2],
     /// Retired, waiting for a read-side grace period.
@@ -229,9 +233,7 @@ fn within_reach(a: usize, b: usize) -> bool {
 impl Pool {
     /// Whether `addr` lies in a stub chunk (probes there are refused).
     pub(crate) fn contains(&self, addr: usize) -> bool {
-        self.chunks
-            .iter()
-            .any(|c| (c.base..c.base + CHUNK).contains(&addr))
+        self.chunk_of(addr).is_some()
     }
 
     /// Builds and writes the out-of-line stub for the instruction `code` at
@@ -430,6 +432,8 @@ impl Pool {
         let cpu = *self.cpu.get_or_insert_with(CpuState::detect);
         let tramp = arch::emit_trampoline(base, &fast::inline_layout(), cpu)?;
         code::write_code(base, &tramp)?;
+        let at = self.by_base.partition_point(|&(b, _)| b < base);
+        self.by_base.insert(at, (base, self.chunks.len()));
         self.chunks.push(Chunk {
             base,
             used: TRAMPOLINE_SIZE,
@@ -440,9 +444,12 @@ impl Pool {
     }
 
     fn chunk_of(&self, slot: usize) -> Option<&Chunk> {
-        self.chunks
-            .iter()
-            .find(|c| (c.base..c.base + CHUNK).contains(&slot))
+        let i = self
+            .by_base
+            .partition_point(|&(b, _)| b <= slot)
+            .checked_sub(1)?;
+        let c = &self.chunks[self.by_base[i].1];
+        (c.base..c.base + CHUNK).contains(&slot).then_some(c)
     }
 
     fn take_free(&mut self, near: usize, class: u8) -> Option<(Stub, usize)> {
@@ -455,9 +462,11 @@ impl Pool {
 
     fn bump(&mut self, near: usize, class: u8) -> Option<(Stub, usize)> {
         let len = SIZES[usize::from(class)];
+        // Newest first: older chunks are mostly full.
         let c = self
             .chunks
             .iter_mut()
+            .rev()
             .find(|c| c.used + len <= CHUNK && within_reach(c.base + c.used, near))?;
         let addr = c.base + c.used;
         if let Some(k) = c

@@ -1275,3 +1275,169 @@ isolated!(sqlite_switch_functions_go_fast_with_exact_counts, {
     probert::detach_batch(&ids).unwrap();
     assert_eq!((bytes(printf, 16), bytes(parser, 16)), before);
 });
+
+isolated!(
+    every_instruction_of_zlib_in_batches_counts_exactly_and_restores_its_code,
+    {
+        // The control plane at scale, on real code: every instruction boundary
+        // of Debian's zlib (about 18,000) attached in batches — first all on the
+        // trap path, the exact reference, then in AUTO, where the sites that can
+        // be fast are — each with a counter of its own; a small compress and
+        // uncompress gives the same bytes and every boundary the same count
+        // both times; one `detach_batch` puts back every byte of the library's
+        // code.
+        let lib = c"libz.so.1";
+        let h = unsafe { libc::dlopen(lib.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            eprintln!("no libz.so.1: skipped");
+            return;
+        }
+        let sym = |name: &std::ffi::CStr| {
+            let p = unsafe { libc::dlsym(h, name.as_ptr()) } as usize;
+            assert_ne!(p, 0, "{name:?}");
+            p
+        };
+        type Compress =
+            unsafe extern "C" fn(*mut u8, *mut libc::c_ulong, *const u8, libc::c_ulong, i32) -> i32;
+        type Uncompress =
+            unsafe extern "C" fn(*mut u8, *mut libc::c_ulong, *const u8, libc::c_ulong) -> i32;
+        let compress: Compress = unsafe { std::mem::transmute(sym(c"compress2")) };
+        let uncompress: Uncompress = unsafe { std::mem::transmute(sym(c"uncompress")) };
+        let workload = || {
+            let text: Vec<u8> = (0..600u32)
+                .map(|i| b"probert zlib "[(i % 13) as usize] ^ (i / 97) as u8)
+                .collect();
+            let mut packed = vec![0u8; 1024];
+            let mut n = packed.len() as libc::c_ulong;
+            assert_eq!(
+                unsafe {
+                    compress(
+                        packed.as_mut_ptr(),
+                        &mut n,
+                        text.as_ptr(),
+                        text.len() as _,
+                        6,
+                    )
+                },
+                0
+            );
+            packed.truncate(n as usize);
+            let mut back = vec![0u8; text.len()];
+            let mut m = back.len() as libc::c_ulong;
+            assert_eq!(
+                unsafe {
+                    uncompress(
+                        back.as_mut_ptr(),
+                        &mut m,
+                        packed.as_ptr(),
+                        packed.len() as _,
+                    )
+                },
+                0
+            );
+            assert_eq!(back, text);
+            packed
+        };
+        let reference = workload();
+        let funcs = probert::functions("libz.so.1").unwrap();
+        let mut bounds = Vec::new();
+        for f in &funcs {
+            if let Ok(insns) = probert::instructions(f.start) {
+                bounds.extend(insns.into_iter().filter(|&a| a < f.end));
+            }
+        }
+        bounds.sort_unstable();
+        bounds.dedup();
+        assert!(bounds.len() > 10_000, "{} boundaries", bounds.len());
+        let (lo, hi) = (
+            funcs.iter().map(|f| f.start).min().unwrap(),
+            funcs.iter().map(|f| f.end).max().unwrap(),
+        );
+        let code = bytes(lo, hi - lo);
+        let counts: &'static [AtomicU64] =
+            Box::leak((0..bounds.len()).map(|_| AtomicU64::new(0)).collect());
+        let attach_all = |mode: Mode| {
+            let mut ids = Vec::new();
+            let mut at = Vec::new();
+            for (k, chunk) in bounds.chunks(4096).enumerate() {
+                let reqs: Vec<(usize, probert::AttachReq)> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &addr)| {
+                        let c = &counts[k * 4096 + i];
+                        (
+                            k * 4096 + i,
+                            probert::AttachReq {
+                                addr,
+                                handler: count,
+                                user_data: counter(c),
+                            },
+                        )
+                    })
+                    .collect();
+                // A batch is all or nothing: an address it refuses is set
+                // aside and the batch tried again without it.
+                let mut todo = reqs;
+                loop {
+                    let plain: Vec<probert::AttachReq> = todo.iter().map(|r| r.1).collect();
+                    let opts = probert::AttachOptions {
+                        mode,
+                        ..Default::default()
+                    };
+                    match probert::attach_batch_with(&plain, opts) {
+                        Ok(got) => {
+                            ids.extend(got);
+                            at.extend(todo.iter().map(|r| r.0));
+                            break;
+                        }
+                        Err((i, _)) => {
+                            todo.remove(i);
+                        }
+                    }
+                }
+            }
+            (ids, at)
+        };
+        let (ids, trap_at) = attach_all(Mode::Trap);
+        assert!(
+            ids.len() * 100 >= bounds.len() * 99,
+            "{} of {} attached",
+            ids.len(),
+            bounds.len()
+        );
+        assert_eq!(workload(), reference);
+        let trap: Vec<u64> = counts.iter().map(|c| c.swap(0, Ordering::SeqCst)).collect();
+        assert!(
+            trap.iter().sum::<u64>() > 10_000,
+            "the workload runs probed instructions"
+        );
+        probert::detach_batch(&ids).unwrap();
+        assert_eq!(probert::probe_count(), 0);
+        assert!(
+            bytes(lo, hi - lo) == code,
+            "every byte restored after the trap pass"
+        );
+        let (ids, auto_at) = attach_all(Mode::Auto);
+        assert_eq!(auto_at, trap_at, "the same boundaries attach");
+        probert::sync().unwrap();
+        let fast = auto_at
+            .iter()
+            .filter(|&&k| probert::probe_mode(bounds[k]) == Ok(Mode::Fast))
+            .count();
+        assert!(fast > 1000, "{fast} sites fast");
+        assert_eq!(workload(), reference);
+        for &k in &auto_at {
+            assert_eq!(
+                counts[k].load(Ordering::SeqCst),
+                trap[k],
+                "hits at {:#x} ({:?})",
+                bounds[k],
+                probert::probe_mode(bounds[k])
+            );
+        }
+        probert::detach_batch(&ids).unwrap();
+        assert_eq!(probert::probe_count(), 0);
+        assert!(bytes(lo, hi - lo) == code, "every byte restored");
+        assert_eq!(workload(), reference);
+    }
+);

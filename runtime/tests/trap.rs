@@ -783,7 +783,11 @@ isolated!(hammering_threads_get_exact_counts_while_others_churn, {
     churn.join().unwrap();
     let cycles = CYCLES.load(Ordering::SeqCst);
     assert!(cycles >= MIN_CYCLES);
-    assert_eq!(STEADY.load(Ordering::SeqCst), calls, "exactly once per call");
+    assert_eq!(
+        STEADY.load(Ordering::SeqCst),
+        calls,
+        "exactly once per call"
+    );
     assert_eq!(probert::stats(steady).unwrap().hits, calls);
     probert::detach(steady).unwrap();
     assert_eq!(probert::probe_count(), 0);

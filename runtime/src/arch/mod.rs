@@ -140,7 +140,7 @@
 mod x86_64;
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
-    analyze, check_boundary, classify_trap_site, emit_exit_stub, emit_out_of_line,
+    analyze, check_boundary, classify_trap_site, disassemble, emit_exit_stub, emit_out_of_line,
     emit_out_of_line_slot, emit_site_stub, emit_trampoline, emulate, errno_get, errno_offset,
     errno_set, far_exit, fast_eligible, fault_origin, function_exits, handler_restorer,
     interrupted_pc, interrupted_sp, jump_to, link_module, recover_emulator_fault, restorer_address,

@@ -126,14 +126,6 @@ pub fn module_containing(addr: usize) -> Option<Module> {
     })
 }
 
-/// The executable segment of a loaded module holding `addr`,
-/// `[start, end)`; [`module_containing`] without the path.
-///
-/// Normal context only.
-pub fn segment_bounds(addr: usize) -> Option<(usize, usize)> {
-    with_snapshot(|s| s.segment_at(addr).map(|(_, seg)| (seg.0, seg.1)))
-}
-
 /// The function around `addr`, which lies in a loaded module's executable
 /// segment: bounds from the tightest of the FDEs and sized symbols that
 /// contain it, and the symbol naming it ([`super::extents`] has the rules).
@@ -147,6 +139,19 @@ pub fn function_extent(addr: usize) -> Option<Extent> {
     with_snapshot(|s| {
         let (m, _) = s.segment_at(addr)?;
         m.table()?.extent(m.info.bias, addr)
+    })
+}
+
+/// The executable segment holding `addr` (`[start, end)`) and
+/// [`function_extent`], in one look at the loader
+/// (an attach asks both of every address).
+pub fn segment_and_function(addr: usize) -> Option<((usize, usize), Option<Extent>)> {
+    with_snapshot(|s| {
+        let (m, seg) = s.segment_at(addr)?;
+        Some((
+            (seg.0, seg.1),
+            m.table().and_then(|t| t.extent(m.info.bias, addr)),
+        ))
     })
 }
 

@@ -111,8 +111,6 @@ pub struct Decoded {
     pub len: u8,
     /// How the trap path handles it.
     pub displaced: Displaced,
-    /// Its disassembly (for messages and debugging).
-    pub text: String,
 }
 
 // Word layout of `Displaced::encode`:
@@ -319,6 +317,19 @@ impl Displaced {
 /// at the end of a region).
 pub fn analyze(code: &[u8], addr: usize) -> Result<Decoded> {
     let (instr, displaced) = decode_and_classify(code, addr)?;
+    Ok(Decoded {
+        // At most 15: the decoder never returns a longer valid instruction.
+        len: instr.len() as u8,
+        displaced,
+    })
+}
+
+/// The disassembly of the first instruction of `code`, mapped at `addr`
+/// (Intel syntax, for messages and debugging): not on the attach path,
+/// which would format every instruction it probes for nothing.
+pub fn disassemble(code: &[u8], addr: usize) -> String {
+    let mut decoder = Decoder::with_ip(64, code, addr as u64, DecoderOptions::NONE);
+    let instr = decoder.decode();
     let mut formatter = IntelFormatter::new();
     let options = formatter.options_mut();
     options.set_space_after_operand_separator(true);
@@ -327,12 +338,7 @@ pub fn analyze(code: &[u8], addr: usize) -> Result<Decoded> {
     options.set_branch_leading_zeros(false);
     let mut text = String::new();
     formatter.format(&instr, &mut text);
-    Ok(Decoded {
-        // At most 15: the decoder never returns a longer valid instruction.
-        len: instr.len() as u8,
-        displaced,
-        text,
-    })
+    text
 }
 
 /// Decodes forward from `func_start` (whose bytes are `code`) and fails with
@@ -670,11 +676,10 @@ mod tests {
         let d = analyze(&[0x55], A).unwrap();
         assert_eq!(d.len, 1);
         assert_eq!(d.displaced, Displaced::Push(Reg::Rbp));
-        assert_eq!(d.text, "push rbp");
-        let d = analyze(&with32(&[0xe8], 0x100), A).unwrap();
-        assert_eq!(d.text, "call 0x401105");
-        let d = analyze(&[0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0, 0, 0], A).unwrap();
-        assert_eq!(d.text, "mov rax, fs:[0x28]");
+        assert_eq!(disassemble(&[0x55], A), "push rbp");
+        assert_eq!(disassemble(&with32(&[0xe8], 0x100), A), "call 0x401105");
+        let code = [0x64, 0x48, 0x8b, 0x04, 0x25, 0x28, 0, 0, 0];
+        assert_eq!(disassemble(&code, A), "mov rax, fs:[0x28]");
         assert_eq!(kind(&[0x41, 0x57]), Displaced::Push(Reg::R15));
         assert_eq!(kind(&[0x54]), Displaced::Push(Reg::Rsp));
         // push imm / push [mem] run out of line.
@@ -861,10 +866,7 @@ mod tests {
             assert_eq!(d.displaced, Displaced::OutOfLine, "{code:02x?}");
             assert_eq!(usize::from(d.len), code.len(), "{code:02x?}");
         }
-        assert!(analyze(&with32(&[0x48, 0x8b, 0x05], 0x10), A)
-            .unwrap()
-            .text
-            .starts_with("mov rax,"));
+        assert!(disassemble(&with32(&[0x48, 0x8b, 0x05], 0x10), A).starts_with("mov rax,"));
     }
 
     #[test]

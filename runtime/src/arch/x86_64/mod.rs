@@ -51,7 +51,7 @@ pub use fast::{
 pub use faultmap::fault_origin;
 #[allow(unused_imports)] // wired into sites next
 pub use flow::{link_module, EntrySource, FunctionFlow, PointerJumps, Refusal, Site};
-pub use insn::{analyze, check_boundary, Displaced};
+pub use insn::{analyze, check_boundary, disassemble, Displaced};
 pub use patch::{
     classify_trap_site, fast_eligible, jump_to, SwitchStep, TrapSite, HEAD, JUMP_LEN, TAIL,
     TO_JUMP, TO_TRAP, TRAP_SI_CODE,

@@ -1,0 +1,145 @@
+//! An address-ordered map whose values live in a slab.
+//!
+//! The writer keeps one [`crate::site::Site`] per probe and asks both for
+//! one address and for the sites near an address (a range). A `BTreeMap`
+//! holding the sites themselves answers both, but stores them in its nodes:
+//! probes attached in address order (the usual batch) leave every node half
+//! full, so each site costs about twice its size, and every search walks
+//! nodes of ~1.5 KB. Here the tree maps an address to a slot index (12 bytes
+//! an entry, small nodes that stay in cache) and the values sit densely in
+//! a `Vec`, their slots reused through a free list.
+
+use std::collections::BTreeMap;
+use std::ops::RangeBounds;
+
+/// Address → value, ordered by address. Writer only.
+#[derive(Debug)]
+pub(crate) struct SlabMap<V> {
+    order: BTreeMap<usize, u32>,
+    slots: Vec<Option<V>>,
+    free: Vec<u32>,
+}
+
+impl<V> Default for SlabMap<V> {
+    fn default() -> Self {
+        SlabMap {
+            order: BTreeMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<V> SlabMap<V> {
+    pub(crate) fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub(crate) fn contains_key(&self, key: &usize) -> bool {
+        self.order.contains_key(key)
+    }
+
+    pub(crate) fn get(&self, key: &usize) -> Option<&V> {
+        let &i = self.order.get(key)?;
+        self.slots[i as usize].as_ref()
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &usize) -> Option<&mut V> {
+        let &i = self.order.get(key)?;
+        self.slots[i as usize].as_mut()
+    }
+
+    /// Inserts or replaces; returns the value replaced.
+    pub(crate) fn insert(&mut self, key: usize, value: V) -> Option<V> {
+        if let Some(&i) = self.order.get(&key) {
+            return self.slots[i as usize].replace(value);
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(value);
+                i
+            }
+            None => {
+                // At most `u32::MAX` values: far beyond the probe arena's
+                // capacity, which bounds the sites.
+                self.slots.push(Some(value));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.order.insert(key, i);
+        None
+    }
+
+    pub(crate) fn remove(&mut self, key: &usize) -> Option<V> {
+        let i = self.order.remove(key)?;
+        let v = self.slots[i as usize].take();
+        if self.order.is_empty() {
+            // Nothing left: give the memory back rather than keep the slots
+            // of the largest batch ever attached.
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        } else {
+            self.free.push(i);
+        }
+        v
+    }
+
+    /// The entries with keys in `range`, in address order.
+    pub(crate) fn range(
+        &self,
+        range: impl RangeBounds<usize>,
+    ) -> impl DoubleEndedIterator<Item = (&usize, &V)> + '_ {
+        self.order
+            .range(range)
+            .filter_map(|(k, &i)| Some((k, self.slots[i as usize].as_ref()?)))
+    }
+
+    /// Every entry, in address order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&usize, &V)> + '_ {
+        self.range(..)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn behaves_as_an_ordered_map_and_reuses_slots() {
+        let mut m = SlabMap::default();
+        let mut model = BTreeMap::new();
+        // A deterministic mix of inserts, replaces and removes.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = (x % 512) as usize;
+            if x % 3 == 0 {
+                assert_eq!(m.remove(&key), model.remove(&key));
+            } else {
+                assert_eq!(m.insert(key, x), model.insert(key, x));
+            }
+            assert_eq!(m.len(), model.len());
+            assert_eq!(m.get(&key), model.get(&key));
+        }
+        let lo = 100;
+        let got: Vec<_> = m.range(lo..300).map(|(&k, &v)| (k, v)).collect();
+        let want: Vec<_> = model.range(lo..300).map(|(&k, &v)| (k, v)).collect();
+        assert_eq!(got, want);
+        let back: Vec<_> = m.range(..=lo).rev().map(|(&k, _)| k).collect();
+        let want: Vec<_> = model.range(..=lo).rev().map(|(&k, _)| k).collect();
+        assert_eq!(back, want);
+        assert!(m.slots.len() <= 512, "slots are reused");
+        if let Some(v) = m.get_mut(&got[0].0) {
+            *v = 7;
+        }
+        assert_eq!(m.get(&got[0].0), Some(&7));
+        let keys: Vec<usize> = m.iter().map(|(&k, _)| k).collect();
+        for k in keys {
+            m.remove(&k);
+        }
+        assert_eq!(m.len(), 0);
+        assert!(m.slots.is_empty() && m.free.is_empty(), "memory given back");
+    }
+}
