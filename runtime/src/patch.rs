@@ -60,9 +60,11 @@ pub(crate) enum Skipped {
 /// What [`write_all`] did with each patch.
 #[derive(Default)]
 pub(crate) struct Written {
-    /// Patches written, each with the bytes it replaced (an undo patch:
-    /// writing it puts them back).
-    pub done: Vec<Patch>,
+    /// Patches written, by tag.
+    pub done: Vec<usize>,
+    /// With [`write_all_undoable`]: each patch written, with the bytes it
+    /// replaced (an undo patch: writing it puts them back).
+    pub undo: Vec<Patch>,
     /// Patches left unwritten, by tag.
     pub skipped: Vec<(usize, Skipped)>,
     /// Patches whose write failed, by tag.
@@ -138,6 +140,16 @@ impl Patch {
 /// tried, whatever happens to the others; the report says what became of
 /// each.
 pub(crate) fn write_all(patches: &mut [Patch]) -> Written {
+    write(patches, false)
+}
+
+/// [`write_all`], keeping an undo patch of each patch written
+/// ([`Written::undo`]).
+pub(crate) fn write_all_undoable(patches: &mut [Patch]) -> Written {
+    write(patches, true)
+}
+
+fn write(patches: &mut [Patch], keep_undo: bool) -> Written {
     patches.sort_unstable_by_key(|p| p.addr);
     let mut out = Written::default();
     // Which patches that place bytes may: one pass over the mappings.
@@ -224,21 +236,26 @@ pub(crate) fn write_all(patches: &mut [Patch]) -> Written {
         };
         let from = group[a].addr;
         let to = group[a..=b].iter().map(Patch::end).max().unwrap_or(from);
-        let mut undo = Vec::with_capacity(accepted.len());
+        let mut undo = Vec::with_capacity(if keep_undo { accepted.len() } else { 0 });
         for &k in &accepted {
             let p = &group[k];
             let at = p.addr - lo..p.end() - lo;
-            undo.push(Patch::new(
-                &p.target,
-                p.addr,
-                &span[at.clone()],
-                p.bytes(),
-                p.tag,
-            ));
+            if keep_undo {
+                undo.push(Patch::new(
+                    &p.target,
+                    p.addr,
+                    &span[at.clone()],
+                    p.bytes(),
+                    p.tag,
+                ));
+            }
             span[at].copy_from_slice(p.bytes());
         }
         match first.target.write(from, &span[from - lo..to - lo]) {
-            Ok(()) => out.done.extend(undo),
+            Ok(()) => {
+                out.done.extend(accepted.iter().map(|&k| group[k].tag));
+                out.undo.extend(undo);
+            }
             Err(e) => out
                 .failed
                 .extend(accepted.iter().map(|&k| (group[k].tag, e.clone()))),

@@ -1075,12 +1075,12 @@ impl Sites {
                 Patch::new(&p.target, p.patch, TRAP_INSN, head, p.patch).placing()
             })
             .collect();
-        let written = patch::write_all(&mut patches);
+        let written = patch::write_all_undoable(&mut patches);
         if written.complete() {
             return Ok(());
         }
         // All or nothing: the traps written go again.
-        let _ = patch::write_all(&mut written.done.clone());
+        let _ = patch::write_all(&mut written.undo.clone());
         let (failed, e) = match (written.failed.first(), written.skipped.first()) {
             (Some((at, e)), _) => (*at, e.clone()),
             (None, Some(&(at, why))) => (
@@ -1612,8 +1612,8 @@ impl Sites {
         }
         let result = written.result();
         let done = written.done;
-        for d in &done {
-            if let Some(s) = self.by_probe.get_mut(&d.tag) {
+        for tag in &done {
+            if let Some(s) = self.by_probe.get_mut(tag) {
                 match part {
                     JumpPart::Head => s.jump.head = jump,
                     JumpPart::Tail => s.jump.tail = jump,
