@@ -438,9 +438,10 @@ impl WriterState {
             return Err((0, Error::NoMemory("too many consumers".into())));
         }
         // 1. Prepare new sites (nothing built or visible yet).
-        let mut prepared: Vec<PreparedSite> = Vec::new();
+        let mut prepared: Vec<PreparedSite> = Vec::with_capacity(reqs.len());
         // Address → index in `prepared`, so a large batch stays linear.
-        let mut prepared_at: AddrMap<usize, usize> = AddrMap::default();
+        let mut prepared_at: AddrMap<usize, usize> =
+            AddrMap::with_capacity_and_hasher(reqs.len(), Default::default());
         // A return probe's exits, where not asked to be traps, get exit runs
         // where they can: their hits then take no signal.
         let mut all: Vec<usize> = reqs.iter().map(|r| r.addr).collect();
