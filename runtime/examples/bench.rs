@@ -2025,6 +2025,19 @@ fn reason_kind(msg: &str) -> String {
     out
 }
 
+/// Every instruction boundary of `funcs`, sorted.
+fn boundaries(funcs: &[probert::Function]) -> Vec<usize> {
+    let mut bounds = Vec::new();
+    for f in funcs {
+        if let Ok(insns) = probert::instructions(f.start) {
+            bounds.extend(insns.into_iter().filter(|&a| a < f.end));
+        }
+    }
+    bounds.sort_unstable();
+    bounds.dedup();
+    bounds
+}
+
 /// Attaches `cov_count` at every address, `CHUNK` at a time; an address
 /// the batch refuses is set aside with its reason and the rest retried.
 fn cov_attach(addrs: &[usize]) -> (Vec<(usize, ConsumerId)>, Vec<String>) {
@@ -2237,15 +2250,7 @@ fn cov_lib(cfg: &Cfg, lib: &CovLib) -> Option<CovRow> {
     } else {
         None
     };
-    let bfuncs = copy.as_ref().map_or(&funcs, |c| &c.1);
-    let mut bounds = Vec::new();
-    for f in bfuncs {
-        if let Ok(insns) = probert::instructions(f.start) {
-            bounds.extend(insns.into_iter().filter(|&a| a < f.end));
-        }
-    }
-    bounds.sort_unstable();
-    bounds.dedup();
+    let bounds = boundaries(copy.as_ref().map_or(&funcs, |c| &c.1));
     let mut rounds: Vec<Vec<usize>> = Vec::new();
     for &a in &bounds {
         match rounds
@@ -2667,9 +2672,6 @@ struct Scale {
     runs: usize,
 }
 
-/// The batch size of the scale runs.
-const SCALE_BATCH: usize = 4096;
-
 /// Runs [`scale_child`] in fresh processes (so that the resident memory it
 /// adds is probert's, not what an earlier section left in the allocator)
 /// and keeps the fastest run's times.
@@ -2728,7 +2730,7 @@ fn scale(cfg: &Cfg) -> Result<Scale, String> {
 }
 
 /// The child of [`scale`]: attaches an empty consumer at every instruction
-/// boundary of SQLite in batches of [`SCALE_BATCH`], then detaches them all
+/// boundary of SQLite in batches of [`CHUNK`], then detaches them all
 /// with one `detach_batch`; prints `probes attach-ns detach-ns rss-B
 /// peak-B` (per probe) on one line.
 fn scale_child() {
@@ -2737,44 +2739,10 @@ fn scale_child() {
     let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     assert!(!h.is_null(), "dlopen libsqlite3.so.0");
     let funcs = probert::functions("libsqlite3.so.0").expect("functions");
-    let mut bounds = Vec::new();
-    for f in &funcs {
-        if let Ok(insns) = probert::instructions(f.start) {
-            bounds.extend(insns.into_iter().filter(|&a| a < f.end));
-        }
-    }
-    bounds.sort_unstable();
-    bounds.dedup();
+    let bounds = boundaries(&funcs);
     let (rss0, peak0) = (status_kib("VmRSS:"), status_kib("VmHWM:"));
     let t = Instant::now();
-    let mut ids: Vec<ConsumerId> = Vec::with_capacity(bounds.len());
-    for chunk in bounds.chunks(SCALE_BATCH) {
-        let mut todo = chunk;
-        while !todo.is_empty() {
-            let reqs: Vec<AttachReq> = todo
-                .iter()
-                .map(|&addr| AttachReq {
-                    addr,
-                    handler: cov_count,
-                    user_data: std::ptr::null_mut(),
-                })
-                .collect();
-            match probert::attach_batch(&reqs) {
-                Ok(got) => {
-                    ids.extend(got);
-                    todo = &[];
-                }
-                // All or nothing: the requests before the refused one
-                // (the coverage table says why) go again as a batch.
-                Err((i, _)) => {
-                    if i > 0 {
-                        ids.extend(probert::attach_batch(&reqs[..i]).expect("attach_batch"));
-                    }
-                    todo = &todo[i + 1..];
-                }
-            }
-        }
-    }
+    let ids: Vec<ConsumerId> = cov_attach(&bounds).0.into_iter().map(|p| p.1).collect();
     let attach = t.elapsed();
     probert::sync().expect("sync");
     let (rss1, peak1) = (status_kib("VmRSS:"), status_kib("VmHWM:"));
@@ -2821,7 +2789,7 @@ fn report_scale(w: &mut String, scale: &Result<Scale, String>) {
     let rows = [
         (
             format!(
-                "attach ({} probes, `attach_batch` of {SCALE_BATCH})",
+                "attach ({} probes, `attach_batch` of {CHUNK})",
                 s.probes
             ),
             dur(s.attach),
