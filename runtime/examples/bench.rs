@@ -2788,10 +2788,7 @@ fn report_scale(w: &mut String, scale: &Result<Scale, String>) {
     let _ = writeln!(w, "|---|---:|---|---|");
     let rows = [
         (
-            format!(
-                "attach ({} probes, `attach_batch` of {CHUNK})",
-                s.probes
-            ),
+            format!("attach ({} probes, `attach_batch` of {CHUNK})", s.probes),
             dur(s.attach),
             "≤ 1 µs",
             s.attach <= 1e3,

@@ -308,25 +308,35 @@ impl Index {
         self.len.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Stores every `(key, value)` of `entries` (inserting or overwriting),
-    /// `added` of whose keys are not in the index yet, in one latch step per
-    /// copy. Writer only. Returns tables to free after a grace period if
-    /// the index grew.
+    /// Whether `key` is in the index. Writer only (the writer's own view:
+    /// both copies agree outside its updates).
+    pub(crate) fn contains(&self, key: usize) -> bool {
+        // Ordering: Relaxed — only the writer stores the pointers and the
+        // buckets.
+        let t = self.copies[0].load(Ordering::Relaxed);
+        // SAFETY: the writer owns the tables.
+        !t.is_null() && unsafe { &*t }.get_speculative(key).is_some()
+    }
+
+    /// Stores every `(key, value)` of `entries` (distinct keys; inserting
+    /// or overwriting) in one latch step per copy. Writer only. Returns
+    /// tables to free after a grace period if the index grew.
     ///
     /// The entries are applied in the order of their home buckets, so a
     /// large batch walks each table once instead of missing the cache at
     /// every key.
-    pub(crate) fn insert_all(
-        &self,
-        entries: &mut [(usize, usize)],
-        added: usize,
-    ) -> Option<RetiredTables> {
+    pub(crate) fn insert_all(&self, entries: &mut [(usize, usize)]) -> Option<RetiredTables> {
         if entries.is_empty() {
             return None;
         }
         debug_assert!(entries.iter().all(|&(k, _)| k != EMPTY));
-        let retired = self.reserve(self.len() + added);
         self.sort_by_home(entries, |e| e.0);
+        let added = entries.iter().filter(|e| !self.contains(e.0)).count();
+        let retired = self.reserve(self.len() + added);
+        if retired.is_some() {
+            // New tables, new homes.
+            self.sort_by_home(entries, |e| e.0);
+        }
         self.update(|t| {
             for &(k, v) in entries.iter() {
                 t.insert(k, v);
@@ -465,7 +475,6 @@ mod tests {
             // A batch of new keys and keys already present (overwritten),
             // clustered like code addresses, growing the tables on the way.
             let mut batch = Vec::new();
-            let mut added = 0;
             for _ in 0..(rng % 64) as usize + 1 {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
@@ -474,11 +483,10 @@ mod tests {
                 if batch.iter().any(|&(k, _)| k == key) {
                     continue;
                 }
-                added += usize::from(!model.contains_key(&key));
                 model.insert(key, round);
                 batch.push((key, round));
             }
-            if let Some(t) = ix.insert_all(&mut batch, added) {
+            if let Some(t) = ix.insert_all(&mut batch) {
                 drop(t);
             }
             // Then remove about a third of what is there.
@@ -493,6 +501,7 @@ mod tests {
             }
             ix.remove_all(&mut gone);
             assert_eq!(ix.len(), model.len(), "round {round}");
+            assert!(model.keys().all(|&k| ix.contains(k)));
             if round % 10 == 0 {
                 for k in (0x40_0000..0x40_0000 + 4096 * 5).step_by(5) {
                     assert_eq!(lookup(&ix, k), model.get(&k).copied(), "key {k:#x}");

@@ -174,18 +174,11 @@ pub(crate) struct Regions {
     next_id: u64,
     /// The targets of module segments seen so far, by bounds.
     segments: std::cell::RefCell<std::collections::HashMap<(usize, usize), Arc<Target>>>,
-    /// The module function the last lookup of this writer operation found
-    /// (see [`Regions::forget_lookups`]): a batch probes many addresses of
-    /// one function in a row.
-    last: std::cell::RefCell<Option<LastFunction>>,
-}
-
-/// A module function [`Regions::resolve`] found, with its segment's target.
-struct LastFunction {
-    start: usize,
-    end: usize,
-    probert_symbol: bool,
-    target: Arc<Target>,
+    /// The module segment the last lookup of this writer operation found,
+    /// with its target (see [`Regions::forget_lookups`]): a batch probes
+    /// many addresses of one module in a row, and the loader need not be
+    /// asked again for each.
+    last: std::cell::RefCell<Option<(modules::SegmentLookup, Arc<Target>)>>,
 }
 
 impl fmt::Debug for Regions {
@@ -353,55 +346,106 @@ impl Regions {
                 });
             }
         }
-        if let Some(f) = &*self.last.borrow() {
-            if (f.start..f.end).contains(&addr) {
-                return Ok(Resolved {
-                    target: f.target.clone(),
-                    func_start: Some(f.start),
-                    probert_symbol: f.probert_symbol,
-                    signal_callee: signal_path_callee(addr),
-                });
-            }
-        }
-        let ((start, end), func) =
-            modules::segment_and_function(addr).ok_or(Error::NoRegion { addr })?;
-        let target = self
-            .segments
-            .borrow_mut()
-            .entry((start, end))
-            .or_insert_with(|| {
-                Arc::new(Target {
-                    start,
-                    end,
-                    region: None,
-                    write: None,
-                    any_prot: false,
-                })
-            })
-            .clone();
-        let probert_symbol = func
+        let cached = self
+            .last
+            .borrow()
             .as_ref()
-            .and_then(|f| f.name())
-            .is_some_and(is_probert_symbol);
-        *self.last.borrow_mut() = func.as_ref().map(|f| LastFunction {
-            start: f.start,
-            end: f.end,
-            probert_symbol,
-            target: target.clone(),
-        });
+            .filter(|(seg, _)| (seg.start..seg.end).contains(&addr))
+            .cloned();
+        let (seg, target) = match cached {
+            Some(c) => c,
+            None => {
+                let seg = modules::segment_lookup(addr).ok_or(Error::NoRegion { addr })?;
+                let target = self
+                    .segments
+                    .borrow_mut()
+                    .entry((seg.start, seg.end))
+                    .or_insert_with(|| {
+                        Arc::new(Target {
+                            start: seg.start,
+                            end: seg.end,
+                            region: None,
+                            write: None,
+                            any_prot: false,
+                        })
+                    })
+                    .clone();
+                *self.last.borrow_mut() = Some((seg.clone(), target.clone()));
+                (seg, target)
+            }
+        };
+        let func = seg.function_extent(addr);
         Ok(Resolved {
             target,
             func_start: func.as_ref().map(|f| f.start),
-            probert_symbol,
+            probert_symbol: func
+                .as_ref()
+                .and_then(|f| f.name())
+                .is_some_and(is_probert_symbol),
             signal_callee: signal_path_callee(addr),
         })
     }
 
-    /// Forgets the module function remembered by the last lookup: called
+    /// Forgets the module segment remembered by the last lookup: called
     /// at the edges of every writer operation, as modules may be loaded and
     /// unloaded between them (within one, the writer's reads of code
     /// assume they are not).
     pub(crate) fn forget_lookups(&self) {
         self.last.borrow_mut().take();
+    }
+}
+
+#[cfg(test)]
+#[allow(unsafe_code)] // `global_asm!`
+mod tests {
+    use super::*;
+
+    // A function with an alternate entry nested in it: sized symbols only
+    // (no CFI), the inner one inside the outer one.
+    std::arch::global_asm!(
+        ".pushsection .text.region_test_nested,\"ax\",@progbits",
+        ".p2align 4",
+        ".globl region_test_outer",
+        ".hidden region_test_outer",
+        ".type region_test_outer, @function",
+        "region_test_outer:",
+        "nop",
+        "nop",
+        "nop",
+        "nop",
+        ".globl region_test_inner",
+        ".hidden region_test_inner",
+        ".type region_test_inner, @function",
+        "region_test_inner:",
+        "nop",
+        "nop",
+        "ret",
+        ".size region_test_inner, 3",
+        "ret",
+        ".size region_test_outer, 8",
+        ".popsection",
+    );
+
+    extern "C" {
+        fn region_test_outer();
+        fn region_test_inner();
+    }
+
+    #[test]
+    fn a_function_nested_in_another_resolves_to_itself_after_the_outer_one() {
+        // Within one writer operation lookups reuse what the loader said of
+        // a module; an alternate entry nested in a larger function must
+        // still resolve to its own start, whatever was resolved before it.
+        let (outer, inner) = (
+            region_test_outer as *const () as usize,
+            region_test_inner as *const () as usize,
+        );
+        let regions = Regions::default();
+        let fresh = regions.resolve(inner).unwrap().func_start;
+        assert_eq!(fresh, Some(inner));
+        regions.forget_lookups();
+        assert_eq!(regions.resolve(outer).unwrap().func_start, Some(outer));
+        assert_eq!(regions.resolve(inner + 1).unwrap().func_start, fresh);
+        assert_eq!(regions.resolve(outer + 7).unwrap().func_start, Some(outer));
     }
 }

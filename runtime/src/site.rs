@@ -189,9 +189,7 @@ impl JumpPart {
 pub(crate) struct ConsumerIds {
     /// The first, if any.
     first: Option<u32>,
-    /// The others (a boxed slice: 8 bytes less than a `Vec` in every site,
-    /// for the rare site with several consumers).
-    rest: Box<[u32]>,
+    rest: Vec<u32>,
 }
 
 impl ConsumerIds {
@@ -199,15 +197,23 @@ impl ConsumerIds {
         if self.first.is_none() {
             self.first = Some(id);
         } else {
-            self.rest = self.rest.iter().copied().chain([id]).collect();
+            self.rest.push(id);
         }
     }
 
     /// Removes `id` (every occurrence), keeping the others in order.
     pub(crate) fn remove(&mut self, id: u32) {
-        let mut all: Vec<u32> = self.iter().copied().filter(|&c| c != id).collect();
-        self.first = (!all.is_empty()).then(|| all.remove(0));
-        self.rest = all.into_boxed_slice();
+        self.rest.retain(|&c| c != id);
+        if self.first == Some(id) {
+            self.first = if self.rest.is_empty() {
+                None
+            } else {
+                Some(self.rest.remove(0))
+            };
+        }
+        if self.rest.is_empty() {
+            self.rest = Vec::new();
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {

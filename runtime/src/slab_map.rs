@@ -7,10 +7,15 @@
 //! full, so each site costs about twice its size, and every search walks
 //! nodes of ~1.5 KB. Here the tree maps an address to a slot index (12 bytes
 //! an entry, small nodes that stay in cache) and the values sit densely in
-//! a `Vec`, their slots reused through a free list.
+//! a `Vec`, their slots reused through a free list and compacted after a
+//! large removal.
 
 use std::collections::BTreeMap;
 use std::ops::RangeBounds;
+
+/// Free slots at which a remove may compact the slab (below that, the
+/// slots are kept for reuse).
+const COMPACT_AT: usize = 64;
 
 /// Address → value, ordered by address. Writer only.
 #[derive(Debug)]
@@ -73,15 +78,24 @@ impl<V> SlabMap<V> {
     pub(crate) fn remove(&mut self, key: &usize) -> Option<V> {
         let i = self.order.remove(key)?;
         let v = self.slots[i as usize].take();
-        if self.order.is_empty() {
-            // Nothing left: give the memory back rather than keep the slots
-            // of the largest batch ever attached.
-            self.slots = Vec::new();
-            self.free = Vec::new();
-        } else {
-            self.free.push(i);
+        self.free.push(i);
+        if self.free.len() >= COMPACT_AT && self.free.len() * 2 > self.slots.len() {
+            self.compact();
         }
         v
+    }
+
+    /// Moves the values into as many slots as there are values, in address
+    /// order: memory goes back after a large detach (amortised: at least as
+    /// many removes as values moved came before).
+    fn compact(&mut self) {
+        let mut slots = Vec::with_capacity(self.order.len());
+        for i in self.order.values_mut() {
+            slots.push(self.slots[*i as usize].take());
+            *i = (slots.len() - 1) as u32;
+        }
+        self.slots = slots;
+        self.free = Vec::new();
     }
 
     /// The entries with keys in `range`, in address order.
@@ -140,6 +154,30 @@ mod tests {
             m.remove(&k);
         }
         assert_eq!(m.len(), 0);
-        assert!(m.slots.is_empty() && m.free.is_empty(), "memory given back");
+        assert!(m.slots.len() < COMPACT_AT, "memory given back");
+    }
+
+    #[test]
+    fn a_large_remove_gives_the_slots_back_and_keeps_the_values() {
+        let mut m = SlabMap::default();
+        for k in 0..10_000usize {
+            m.insert(k * 8, k);
+        }
+        // Keep every tenth.
+        for k in (0..10_000usize).filter(|k| k % 10 != 0) {
+            assert_eq!(m.remove(&(k * 8)), Some(k));
+        }
+        assert_eq!(m.len(), 1_000);
+        assert!(
+            m.slots.len() < 2 * 1_000 + COMPACT_AT,
+            "{} slots",
+            m.slots.len()
+        );
+        let got: Vec<(usize, usize)> = m.iter().map(|(&k, &v)| (k, v)).collect();
+        let want: Vec<(usize, usize)> = (0..10_000).step_by(10).map(|k| (k * 8, k)).collect();
+        assert_eq!(got, want);
+        for k in (0..10_000usize).step_by(10) {
+            assert_eq!(m.get(&(k * 8)), Some(&k));
+        }
     }
 }

@@ -605,16 +605,16 @@ impl WriterState {
         //    lists: a thread that traps now only runs the displaced
         //    instructions).
         let mut entries = Vec::with_capacity(built.len());
-        let mut added = 0;
         for (b, &rec_idx) in built.iter().zip(&recs) {
             fill_record(b, rec_idx).map_err(|e| (0, e))?;
-            let p = &b.prepared;
-            // A tombstone's key is still indexed: it is overwritten.
-            added += usize::from(self.tombstones.remove(&p.patch).is_none());
-            entries.push((p.patch, rec_idx as usize));
+            entries.push((b.prepared.patch, rec_idx as usize));
         }
-        if let Some(t) = INDEX.insert_all(&mut entries, added) {
+        // (A tombstone's key is still indexed: it is overwritten.)
+        if let Some(t) = INDEX.insert_all(&mut entries) {
             self.deferred.push(Deferred::Tables(t));
+        }
+        for &(patch, _) in &entries {
+            self.tombstones.remove(&patch);
         }
         debug_assert!(
             self.pool.is_flushed(),
@@ -945,9 +945,6 @@ impl WriterState {
         self.retire_lost();
     }
 
-    /// Replaces the index entry of a probe whose code is restored by a
-    /// tombstone ([`trap::TOMBSTONE`]): a trap that happened before the
-    /// restore and looks up only now re-executes the instruction.
     /// Forgets what this writer operation read of code and modules (at its
     /// edges: the host may change both between operations).
     fn forget_reads(&mut self) {
@@ -955,6 +952,9 @@ impl WriterState {
         self.regions.forget_lookups();
     }
 
+    /// Replaces the index entry of a probe whose code is restored by a
+    /// tombstone ([`trap::TOMBSTONE`]): a trap that happened before the
+    /// restore and looks up only now re-executes the instruction.
     fn tombstone(&mut self, addr: usize) {
         self.tombstone_all(&[addr]);
     }
@@ -965,9 +965,9 @@ impl WriterState {
         let scans = self.pool.scans();
         let mut entries: Vec<(usize, usize)> =
             addrs.iter().map(|&a| (a, trap::TOMBSTONE)).collect();
-        // Overwrites: every address is indexed (as a probe or a tombstone),
-        // so the index does not grow.
-        if let Some(t) = INDEX.insert_all(&mut entries, 0) {
+        // Nearly always overwrites (the probe's entry), but a retired site's
+        // tombstone may have expired before its consumers are detached.
+        if let Some(t) = INDEX.insert_all(&mut entries) {
             self.deferred.push(Deferred::Tables(t));
         }
         for &a in addrs {

@@ -142,16 +142,36 @@ pub fn function_extent(addr: usize) -> Option<Extent> {
     })
 }
 
-/// The executable segment holding `addr` (`[start, end)`) and
-/// [`function_extent`], in one look at the loader
-/// (an attach asks both of every address).
-pub fn segment_and_function(addr: usize) -> Option<((usize, usize), Option<Extent>)> {
+/// A loaded module's executable segment, `[start, end)`, with what
+/// [`function_extent`] needs to answer for addresses inside it without
+/// another look at the loader.
+#[derive(Clone)]
+pub struct SegmentLookup {
+    pub start: usize,
+    pub end: usize,
+    table: Option<Arc<FunctionTable>>,
+    bias: usize,
+}
+
+impl SegmentLookup {
+    /// [`function_extent`] of `addr`, which lies in this segment, as of the
+    /// look at the loader that found it.
+    pub fn function_extent(&self, addr: usize) -> Option<Extent> {
+        debug_assert!((self.start..self.end).contains(&addr));
+        self.table.as_ref()?.extent(self.bias, addr)
+    }
+}
+
+/// The executable segment holding `addr`, in one look at the loader.
+pub fn segment_lookup(addr: usize) -> Option<SegmentLookup> {
     with_snapshot(|s| {
         let (m, seg) = s.segment_at(addr)?;
-        Some((
-            (seg.0, seg.1),
-            m.table().and_then(|t| t.extent(m.info.bias, addr)),
-        ))
+        Some(SegmentLookup {
+            start: seg.0,
+            end: seg.1,
+            table: m.table(),
+            bias: m.info.bias,
+        })
     })
 }
 
