@@ -152,6 +152,16 @@ impl Consumers {
         Ok(idx)
     }
 
+    /// The slot of a consumer attached by the caller, whatever its state:
+    /// [`Consumers::lookup`] without the check that its handler has not
+    /// returned `Remove` (it may have, as soon as its list is published;
+    /// the writer still has to finish its bookkeeping).
+    pub(crate) fn slot_of(&self, id: ConsumerId) -> Option<u32> {
+        let (idx, gen) = id.parts()?;
+        let slot = self.slots.get(idx as usize)?;
+        (slot.gen == gen && slot.attachment.is_some()).then_some(idx)
+    }
+
     /// The address the attached consumer `idx` is attached at.
     pub(crate) fn addr_of(&self, idx: u32) -> Option<usize> {
         self.slots

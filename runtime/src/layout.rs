@@ -59,6 +59,9 @@ struct ModuleFlows {
 pub(crate) struct Layouts {
     modules: Vec<ModuleFlows>,
     regions: std::collections::HashMap<RegionId, Flows>,
+    /// The loader's generation as this writer operation first asked it
+    /// (see [`Layouts::forget_generation`]): a batch asks for every probe.
+    generation: Option<Option<(u64, u64)>>,
 }
 
 /// How much of the gap after a function is read for padding: more than
@@ -71,6 +74,13 @@ fn read(addr: usize, buf: &mut [u8]) -> bool {
 }
 
 impl Layouts {
+    /// Forgets the loader generation this operation saw: called at the
+    /// edges of every writer operation (modules may be loaded and unloaded
+    /// between them; within one, the writer's reads of code assume not).
+    pub(crate) fn forget_generation(&mut self) {
+        self.generation = None;
+    }
+
     /// The flow of the function of module code around `addr`; `original`
     /// reads code with probert's own patches undone (`None` where it cannot
     /// be read). `None` outside any known function.
@@ -81,7 +91,7 @@ impl Layouts {
     ) -> Option<&FunctionFlow> {
         // The common case, one loader call: nothing was loaded or unloaded
         // since this module's flows were last confirmed.
-        let generation = modules::generation();
+        let generation = *self.generation.get_or_insert_with(modules::generation);
         if let Some(i) = self.modules.iter().position(|m| {
             generation.is_some()
                 && m.generation == generation

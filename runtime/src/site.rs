@@ -615,6 +615,7 @@ impl Sites {
     /// Forgets the code read so far (at the edges of a writer operation).
     pub(crate) fn forget_reads(&mut self) {
         self.reads.get_mut().pages.clear();
+        self.layouts.forget_generation();
     }
 
     /// Forgets a region's layout (the region is gone).

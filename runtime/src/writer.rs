@@ -392,8 +392,11 @@ impl WriterState {
                 (user, e)
             })?;
         // Bookkeeping: every exit consumer's users; wider classes republished.
+        // The handlers may already have run (the lists are published), and
+        // a consumer whose handler returned `Remove` is still counted: its
+        // reaping, later, is what lets its exits go.
         for (&ret, &k) in &new_exits {
-            if let Ok(idx) = self.consumers.lookup(ids[k]) {
+            if let Some(idx) = self.consumers.slot_of(ids[k]) {
                 self.exit_uses.insert(ret, ExitUse { idx, users: 0 });
             }
         }
@@ -402,7 +405,7 @@ impl WriterState {
             if exits.is_empty() && !kinds[i].1.returns() {
                 continue;
             }
-            let Ok(idx) = self.consumers.lookup(ids[i]) else {
+            let Some(idx) = self.consumers.slot_of(ids[i]) else {
                 continue;
             };
             for &ret in &exits {

@@ -1504,3 +1504,49 @@ isolated!(every_function_of_liblua_with_errors_and_yields, {
         assert_eq!(lua_workload(h), want);
     }
 });
+
+isolated!(
+    a_return_consumer_removed_by_its_first_hit_takes_its_exits_with_it,
+    {
+        // A return consumer's entry handler returns `Remove` on its first hit,
+        // which another thread makes as soon as the probe's list is published —
+        // before the writer has counted the consumer among its exits' users.
+        // The exits must still go when the consumer is reaped: nothing stays
+        // patched, no exit consumer lingers.
+        unsafe extern "C" fn remove(_hit: *mut Hit) -> u32 {
+            Action::Remove as u32
+        }
+        unsafe extern "C" fn ret(_hit: *mut Hit) -> u32 {
+            Action::Continue as u32
+        }
+        static STOP: AtomicBool = AtomicBool::new(false);
+        let f = addr(rt_leaf);
+        let before = common::bytes(f, 16);
+        let hammer = std::thread::spawn(|| {
+            let mut n = 0u64;
+            while !STOP.load(Ordering::Relaxed) {
+                assert_eq!(unsafe { rt_leaf(n) }, n + 100);
+                n += 1;
+            }
+        });
+        let opts = AttachOptions {
+            mode: Mode::Auto,
+            on_return: Some(ret),
+        };
+        for _ in 0..200 {
+            let id =
+                unsafe { probert::attach_with(f, remove, std::ptr::null_mut(), opts) }.unwrap();
+            // Until its handler has asked to be removed (its stale handle).
+            while probert::stats(id).is_ok() {
+                std::thread::yield_now();
+            }
+            probert::sync().unwrap();
+            assert_eq!(probert::probe_count(), 0, "a probe outlived its consumer");
+        }
+        STOP.store(true, Ordering::Relaxed);
+        hammer.join().unwrap();
+        probert::sync().unwrap();
+        assert_eq!(probert::probe_count(), 0);
+        assert_eq!(common::bytes(f, 16), before, "the code is restored");
+    }
+);
