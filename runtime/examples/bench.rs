@@ -1288,11 +1288,7 @@ fn xray(cfg: &Cfg) -> Result<XRay, String> {
 /// path (the caller removes it).
 fn build_xray(clang: &str, src: &str, flags: &[&str]) -> Result<std::path::PathBuf, String> {
     use std::process::Command;
-    let exe = std::env::temp_dir().join(format!(
-        "probert-xray-bench-{}-{}",
-        std::process::id(),
-        flags.len()
-    ));
+    let exe = std::env::temp_dir().join(format!("probert-xray-bench-{}", std::process::id()));
     let built = Command::new(clang)
         .args(["-std=c11", "-O2", "-fxray-instrument", "-fxray-modes=none"])
         .args(flags)

@@ -391,7 +391,6 @@ impl Index {
             return None;
         }
         let new_cap = (n * 2).next_power_of_two().max(MIN_CAPACITY);
-
         let mut old = Vec::new();
         for _ in 0..2 {
             self.latch_bump();

@@ -631,8 +631,9 @@ impl WriterState {
                 .position(|b| b.prepared.patch == failed)
                 .and_then(|k| reqs.iter().position(|r| r.addr == built[k].prepared.probe))
                 .unwrap_or(0);
+            let patches: Vec<usize> = built.iter().map(|b| b.prepared.patch).collect();
+            self.tombstone(&patches);
             for (b, rec_idx) in built.into_iter().zip(recs) {
-                self.tombstone(b.prepared.patch);
                 if let Some(rec) = PROBES.get(rec_idx as usize) {
                     // Ordering: Relaxed — the record is no longer indexed.
                     rec.addr.store(0, Ordering::Relaxed);
@@ -911,9 +912,8 @@ impl WriterState {
     /// tombstoned, unpublished, deferred.
     fn finish_removed(&mut self, removed: Vec<(u32, usize)>) {
         let patches: Vec<usize> = removed.iter().map(|&(_, patch)| patch).collect();
-        self.tombstone_all(&patches);
-        let recs = removed.into_iter().map(|(rec_idx, _)| rec_idx);
-        for rec_idx in recs {
+        self.tombstone(&patches);
+        for (rec_idx, _) in removed {
             if let Some(rec) = PROBES.get(rec_idx as usize) {
                 // Ordering: Release — unpublishes the list; the dispatchers
                 // that loaded it are covered by the grace period.
@@ -929,9 +929,8 @@ impl WriterState {
     /// Tombstones the index entries of sites found retired (their code
     /// changed or is gone) and retires their stubs.
     fn retire_lost(&mut self) {
-        for patch in self.sites.retire_lost(&mut self.pool) {
-            self.tombstone(patch);
-        }
+        let patches = self.sites.retire_lost(&mut self.pool);
+        self.tombstone(&patches);
     }
 
     /// After the loader loaded or unloaded a module: retires the probes in
@@ -955,16 +954,11 @@ impl WriterState {
         self.regions.forget_lookups();
     }
 
-    /// Replaces the index entry of a probe whose code is restored by a
-    /// tombstone ([`trap::TOMBSTONE`]): a trap that happened before the
-    /// restore and looks up only now re-executes the instruction.
-    fn tombstone(&mut self, addr: usize) {
-        self.tombstone_all(&[addr]);
-    }
-
-    /// [`WriterState::tombstone`] for every address of `addrs`, in one
-    /// latch step per copy of the index.
-    fn tombstone_all(&mut self, addrs: &[usize]) {
+    /// Replaces the index entries of probes whose code is restored by
+    /// tombstones ([`trap::TOMBSTONE`]), in one latch step per copy of the
+    /// index: a trap that happened before the restore and looks up only now
+    /// re-executes the instruction.
+    fn tombstone(&mut self, addrs: &[usize]) {
         let scans = self.pool.scans();
         let mut entries: Vec<(usize, usize)> =
             addrs.iter().map(|&a| (a, trap::TOMBSTONE)).collect();
@@ -1069,8 +1063,8 @@ fn fill_record(b: &BuiltSite, rec_idx: u32) -> Result<()> {
         .ok_or(Error::Internal("probe record out of range".into()))?;
     let p = &b.prepared;
     let words = b.displaced().encode();
-    // Ordering (all): Relaxed — published by the index insert's (or
-    // replace's) latch bump (Release); a fast stub naming this record checks
+    // Ordering (all): Relaxed — published by the index update's latch bump
+    // (Release); a fast stub naming this record checks
     // `addr`, which is set last (`fast_dispatch`).
     rec.report.store(p.probe, Ordering::Relaxed);
     rec.len.store(u32::from(p.len), Ordering::Relaxed);

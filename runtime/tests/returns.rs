@@ -1519,34 +1519,61 @@ isolated!(
         unsafe extern "C" fn ret(_hit: *mut Hit) -> u32 {
             Action::Continue as u32
         }
-        static STOP: AtomicBool = AtomicBool::new(false);
-        let f = addr(rt_leaf);
-        let before = common::bytes(f, 16);
-        let hammer = std::thread::spawn(|| {
-            let mut n = 0u64;
-            while !STOP.load(Ordering::Relaxed) {
-                assert_eq!(unsafe { rt_leaf(n) }, n + 100);
-                n += 1;
+        // On the project's own leaf, then on real code: zlib's `adler32_combine`
+        // (its own `ret`s, no tail call).
+        fn churn(f: usize, call: fn(u64) -> u64) {
+            static STOP: AtomicBool = AtomicBool::new(false);
+            STOP.store(false, Ordering::SeqCst);
+            let before = common::bytes(f, 16);
+            let want = call(7);
+            let hammer = std::thread::spawn(move || {
+                while !STOP.load(Ordering::Relaxed) {
+                    assert_eq!(call(7), want);
+                }
+            });
+            let opts = AttachOptions {
+                mode: Mode::Auto,
+                on_return: Some(ret),
+            };
+            for _ in 0..200 {
+                let id =
+                    unsafe { probert::attach_with(f, remove, std::ptr::null_mut(), opts) }.unwrap();
+                // Until its handler has asked to be removed (its stale handle).
+                while probert::stats(id).is_ok() {
+                    std::thread::yield_now();
+                }
+                probert::sync().unwrap();
+                assert_eq!(
+                    probert::probe_count(),
+                    0,
+                    "a probe outlived its consumer at {f:#x}"
+                );
             }
-        });
-        let opts = AttachOptions {
-            mode: Mode::Auto,
-            on_return: Some(ret),
-        };
-        for _ in 0..200 {
-            let id =
-                unsafe { probert::attach_with(f, remove, std::ptr::null_mut(), opts) }.unwrap();
-            // Until its handler has asked to be removed (its stale handle).
-            while probert::stats(id).is_ok() {
-                std::thread::yield_now();
-            }
+            STOP.store(true, Ordering::SeqCst);
+            hammer.join().unwrap();
             probert::sync().unwrap();
-            assert_eq!(probert::probe_count(), 0, "a probe outlived its consumer");
+            assert_eq!(probert::probe_count(), 0);
+            assert_eq!(
+                common::bytes(f, 16),
+                before,
+                "the code at {f:#x} is restored"
+            );
         }
-        STOP.store(true, Ordering::Relaxed);
-        hammer.join().unwrap();
-        probert::sync().unwrap();
-        assert_eq!(probert::probe_count(), 0);
-        assert_eq!(common::bytes(f, 16), before, "the code is restored");
+        churn(addr(rt_leaf), |n| unsafe { rt_leaf(n) });
+        static COMBINE: AtomicUsize = AtomicUsize::new(0);
+        let h = unsafe { libc::dlopen(c"libz.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            eprintln!("no libz.so.1: the real-code half skipped");
+            return;
+        }
+        let combine = unsafe { libc::dlsym(h, c"adler32_combine".as_ptr()) } as usize;
+        assert_ne!(combine, 0, "adler32_combine");
+        COMBINE.store(combine, Ordering::SeqCst);
+        churn(combine, |n| {
+            type Combine =
+                unsafe extern "C" fn(libc::c_ulong, libc::c_ulong, libc::c_long) -> libc::c_ulong;
+            let f: Combine = unsafe { std::mem::transmute(COMBINE.load(Ordering::Relaxed)) };
+            unsafe { f(0x1234_5678, 0x0abc_def0 + n as libc::c_ulong, 1000) }
+        });
     }
 );
