@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use common::{count, counter};
 use probert::Mode;
@@ -63,6 +63,10 @@ isolated!(
     a_sigwait_worker_with_every_signal_blocked_runs_trap_served_code,
     {
         let id = attach_trap();
+        // Set once the worker's mask is in place: SIGUSR1 sent before that
+        // would take its default action and end the process (a loaded CI
+        // machine saw it).
+        static MASKED: AtomicBool = AtomicBool::new(false);
         let worker = std::thread::spawn(|| {
             let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
             unsafe { libc::sigfillset(&mut all) };
@@ -70,6 +74,7 @@ isolated!(
                 unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut()) },
                 0
             );
+            MASKED.store(true, Ordering::SeqCst);
             assert!(!trap_blocked(), "SIGTRAP stays out of the mask");
             // Other signals are blocked as asked: SIGUSR1 waits for sigwait.
             let mut usr1: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -96,7 +101,9 @@ isolated!(
             unsafe { libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) },
             0
         );
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        while !MASKED.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
         use std::os::unix::thread::JoinHandleExt;
         assert_eq!(
             unsafe { libc::pthread_kill(worker.as_pthread_t(), libc::SIGUSR1) },
