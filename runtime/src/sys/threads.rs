@@ -464,10 +464,27 @@ struct ScanTarget {
     slot: usize,
     /// Go straight to procfs (the signal could not be sent or is blocked).
     proc_now: bool,
+    /// This round's signal was sent. It is held back while one of ours,
+    /// perhaps of an earlier round, waits in the thread's queue: that one
+    /// may be stale, which the handler ignores, so the round sends its own
+    /// once the queue is empty again (see the procfs step).
+    sent: bool,
     /// Seen outside, or gone.
     done: bool,
     /// Last procfs read.
     last_proc: Option<Instant>,
+}
+
+impl ScanTarget {
+    /// Sends this round's signal (generation `gen`) to the target.
+    fn send(&mut self, pid: i32, sig: c_int, gen: u64) {
+        match send_scan_signal(pid, self.tid, sig, gen, self.slot) {
+            Ok(()) => self.sent = true,
+            Err(libc::ESRCH) => self.done = true,
+            // EAGAIN: the queue limit (RLIMIT_SIGPENDING) is reached.
+            Err(_) => self.proc_now = true,
+        }
+    }
 }
 
 /// One round: publish `ranges`, signal `tids`, wait. `false` if a thread was
@@ -497,6 +514,7 @@ fn scan_round(
             tid,
             slot,
             proc_now: false,
+            sent: false,
             done: false,
             last_proc: None,
         };
@@ -512,12 +530,7 @@ fn scan_round(
             }
         }
         if send {
-            match send_scan_signal(pid, tid, sig, gen, slot) {
-                Ok(()) => {}
-                Err(libc::ESRCH) => p.done = true,
-                // EAGAIN: the queue limit (RLIMIT_SIGPENDING) is reached.
-                Err(_) => p.proc_now = true,
-            }
+            p.send(pid, sig, gen);
         }
         pending.push(p);
     }
@@ -537,11 +550,7 @@ fn scan_round(
                 // deadline passes. A busy thread does not fail the whole scan.
                 // Ordering: Release — as for the first arm above.
                 ACKS[p.slot].store(gen << 2 | ARMED, Ordering::Release);
-                match send_scan_signal(pid, p.tid, sig, gen, p.slot) {
-                    Ok(()) => {}
-                    Err(libc::ESRCH) => p.done = true,
-                    Err(_) => p.proc_now = true,
-                }
+                p.send(pid, sig, gen);
                 all_done = false;
                 continue;
             }
@@ -552,11 +561,17 @@ fn scan_round(
             let proc_due = (p.proc_now || start.elapsed() >= PROC_AFTER)
                 && p.last_proc.map_or(true, |t| t.elapsed() >= PROC_EVERY);
             if !p.done && proc_due {
+                let masks = sig_masks(p.tid);
                 if p.last_proc.is_none()
-                    && sig_masks(p.tid).is_some_and(|(blk, _)| blk & bit != 0)
+                    && masks.is_some_and(|(blk, _)| blk & bit != 0)
                     && !state.blocked.contains(&p.tid)
                 {
                     state.blocked.push(p.tid);
+                }
+                if !p.sent && masks.is_some_and(|(_, pnd)| pnd & bit == 0) {
+                    // What held the signal back has been delivered (and,
+                    // from an earlier round, ignored): send this round's.
+                    p.send(pid, sig, gen);
                 }
                 p.last_proc = Some(Instant::now());
                 p.done = asleep_outside(Task::Thread(p.tid), ranges, depth);
@@ -1355,6 +1370,94 @@ mod tests {
         in_own_process(
             "sys::threads::tests::blocked_sleeper_is_quiescent_via_procfs",
             blocked_sleeper_is_quiescent_via_procfs_body,
+        );
+    }
+
+    fn a_stale_queued_signal_does_not_hold_back_the_next_scan_body() {
+        // A thread that blocks the scan signal and keeps running: a first
+        // scan leaves its signal queued there (and cannot see the thread).
+        // A second scan starts while that stale signal still waits; when the
+        // thread unblocks, the stale one is delivered and ignored, and the
+        // second scan must then send its own instead of waiting for an
+        // answer that never comes.
+        let bit = 1u64 << (scan_signal() - 1);
+        let ready = Arc::new(AtomicBool::new(false));
+        let unblock = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let runner = {
+            let (ready, unblock, stop) = (ready.clone(), unblock.clone(), stop.clone());
+            std::thread::spawn(move || {
+                // SAFETY: sigset_t is plain data; it is filled before use.
+                let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+                // SAFETY: `set` is a valid sigset; pthread_sigmask only
+                // changes this thread's mask.
+                unsafe {
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, scan_signal());
+                    assert_eq!(
+                        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()),
+                        0
+                    );
+                }
+                tx.send(gettid()).expect("send");
+                // Ordering: Release — the main thread scans after this.
+                ready.store(true, Ordering::Release);
+                // Ordering: Relaxed — test flags, polled; joined below.
+                while !unblock.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+                // SAFETY: as above.
+                unsafe {
+                    assert_eq!(
+                        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()),
+                        0
+                    );
+                }
+                // Ordering: Relaxed — as above.
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let tid = rx.recv().expect("tid");
+        // Ordering: Acquire — pairs with the runner's Release store.
+        while !ready.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        let range = spin_range();
+        assert_eq!(
+            quiescent(&[range], Duration::from_millis(100)),
+            Ok(false),
+            "a running thread that blocks the signal cannot be seen"
+        );
+        let (_, pnd) = sig_masks(tid).expect("status");
+        assert_ne!(pnd & bit, 0, "the first scan's signal waits in its queue");
+        let unblocker = {
+            let unblock = unblock.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                // Ordering: Relaxed — the runner polls it.
+                unblock.store(true, Ordering::Relaxed);
+            })
+        };
+        assert_eq!(
+            quiescent(&[range], Duration::from_secs(10)),
+            Ok(true),
+            "the thread unblocked outside the range: threads {}",
+            task_states()
+        );
+        // Ordering: Relaxed — see above.
+        stop.store(true, Ordering::Relaxed);
+        unblocker.join().expect("join");
+        runner.join().expect("join");
+    }
+
+    #[test]
+    fn a_stale_queued_signal_does_not_hold_back_the_next_scan() {
+        in_own_process(
+            "sys::threads::tests::a_stale_queued_signal_does_not_hold_back_the_next_scan",
+            a_stale_queued_signal_does_not_hold_back_the_next_scan_body,
         );
     }
 
