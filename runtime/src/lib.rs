@@ -198,7 +198,12 @@
 //! following tail jumps into other functions — from the function's extent
 //! (ELF symbols and `.eh_frame`, or [`region_functions`] for JIT code), and
 //! puts an exit consumer on each, shared by every return probe that needs
-//! it. Nothing on the stack changes: unwinders, `backtrace()`,
+//! it. A tail jump through a PLT entry is followed through the slot the
+//! dynamic loader bound; one not bound yet (lazy binding, before the
+//! first call) leads into the loader's resolver, which may go anywhere, so
+//! the attach is refused (`UnsupportedInstruction`, naming the remedy:
+//! call the function once first, or `LD_BIND_NOW=1`).
+//! Nothing on the stack changes: unwinders, `backtrace()`,
 //! `__builtin_return_address` and C++ exceptions see the program as it is.
 //! A per-thread shadow stack pairs returns with entries (by stack pointer),
 //! so recursion, nesting and tail calls pair exactly, and an invocation left

@@ -84,7 +84,7 @@ use std::cell::RefCell;
 
 use crate::addr_hash::AddrMap;
 
-use crate::arch::{self, Displaced, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
+use crate::arch::{self, Displaced, LeadingJump, SwitchStep, MAX_INSN_LEN, TRAP_INSN};
 use crate::error::{Error, Result};
 use crate::grace;
 use crate::layout::Layouts;
@@ -744,9 +744,79 @@ impl Sites {
         let mut seen: Vec<usize> = Vec::new();
         let mut rets: Vec<usize> = Vec::new();
         let mut reenters = false;
+        // Follows the code-pointer slot a jump to the function at `slot`'s
+        // address goes through.
+        let through = |slot: usize, todo: &mut Vec<usize>, reenters: &mut bool| {
+            let mut word = [0u8; 8];
+            if crate::sys::peek::read_memory(slot, &mut word).is_err() {
+                return Err(Error::unsupported(
+                    entry,
+                    format!("its tail jump through {slot:#x} cannot be followed"),
+                ));
+            }
+            // A null slot is a jump never taken (it would fault, not
+            // return): the lazy-binding path of a PLT stub leaves for PLT0,
+            // whose `jmp *GOT[2]` is null when the module was bound eagerly
+            // (BIND_NOW, dlopen RTLD_NOW).
+            match usize::from_le_bytes(word) {
+                0 => {}
+                target => {
+                    *reenters |= target == entry;
+                    todo.push(target);
+                }
+            }
+            Ok(())
+        };
         while let Some(at) = todo.pop() {
             let target = regions.resolve(at)?.target;
             let found = self.with_flow(regions, &target, at, |f| (f.start(), f.end()));
+            // Code that begins with a jump out (a PLT stub) leaves at once:
+            // its exits are its target's. Its "function" is not decoded —
+            // for a stub, that would be the whole `.plt`, every other stub
+            // too.
+            let head = self
+                .original_code(at, at + 2 * MAX_INSN_LEN)
+                .and_then(|code| arch::leading_jump(&code, at))
+                .filter(|&jump| match (jump, found) {
+                    // A function entered by a jump to its own loop, say.
+                    (LeadingJump::To(t), Some((start, end))) => !(start..end).contains(&t),
+                    // `push imm; jmp` at a function's own start is its code,
+                    // not the lazy half of a PLT entry (which no function
+                    // covers, or only the `.plt`'s).
+                    (LeadingJump::Unbound, Some((start, _))) => start != at,
+                    _ => true,
+                });
+            if let Some(jump) = head {
+                if seen.contains(&at) {
+                    continue;
+                }
+                if seen.len() >= MOST_FUNCTIONS {
+                    return Err(Error::unsupported(
+                        entry,
+                        "its tail jumps reach too many functions for a return probe",
+                    ));
+                }
+                seen.push(at);
+                match jump {
+                    LeadingJump::To(t) => {
+                        reenters |= t == entry;
+                        todo.push(t);
+                    }
+                    LeadingJump::Through(slot) => through(slot, &mut todo, &mut reenters)?,
+                    LeadingJump::Unbound => {
+                        return Err(Error::unsupported(
+                            entry,
+                            format!(
+                                "a return probe must follow its tail jump to {at:#x}, a PLT \
+                                 entry the dynamic loader has not bound yet (lazy binding): \
+                                 call the function once before attaching, or run the program \
+                                 with LD_BIND_NOW=1"
+                            ),
+                        ));
+                    }
+                }
+                continue;
+            }
             let Some((start, end)) = found else {
                 return Err(Error::unsupported(
                     entry,
@@ -783,24 +853,7 @@ impl Sites {
             reenters |= exits.leaves.contains(&entry);
             todo.extend(exits.leaves);
             for slot in exits.slots {
-                let mut word = [0u8; 8];
-                if crate::sys::peek::read_memory(slot, &mut word).is_err() {
-                    return Err(Error::unsupported(
-                        entry,
-                        format!("its tail jump through {slot:#x} cannot be followed"),
-                    ));
-                }
-                // A null slot is a jump never taken (it would fault, not
-                // return): the lazy-binding path of a PLT stub leaves for
-                // PLT0, whose `jmp *GOT[2]` is null when the module was bound
-                // eagerly (BIND_NOW, dlopen RTLD_NOW).
-                match usize::from_le_bytes(word) {
-                    0 => {}
-                    target => {
-                        reenters |= target == entry;
-                        todo.push(target);
-                    }
-                }
+                through(slot, &mut todo, &mut reenters)?;
             }
         }
         rets.sort_unstable();

@@ -1577,3 +1577,83 @@ isolated!(
         });
     }
 );
+
+isolated!(
+    a_tail_call_through_the_plt_returns_when_its_callee_returns,
+    {
+        // zlib's `adler32` is `mov edx, edx; jmp adler32_z@plt`: its exits are
+        // `adler32_z`'s, reached through the PLT stub and the GOT slot it
+        // jumps through — not the next PLT entry's (whose slot points into
+        // libc), which decoding past the stub's end would follow.
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        static RETURNS: AtomicU64 = AtomicU64::new(0);
+        /// adler32(1, "probert").
+        const SUM: u64 = 0x0bfd_02ff;
+        unsafe extern "C" fn entry(_hit: *mut Hit) -> u32 {
+            CALLS.fetch_add(1, Ordering::Relaxed);
+            Action::Continue as u32
+        }
+        unsafe extern "C" fn ret(hit: *mut Hit) -> u32 {
+            // Counted only with the value the caller receives.
+            if unsafe { &*hit }.regs().get(Reg::Rax) == SUM {
+                RETURNS.fetch_add(1, Ordering::Relaxed);
+            }
+            Action::Continue as u32
+        }
+        // Bound lazily, as a program linked with zlib has it: the PLT slot
+        // holds its stub's second half until the first call binds it.
+        let h = unsafe { libc::dlopen(c"libz.so.1".as_ptr(), libc::RTLD_LAZY | libc::RTLD_LOCAL) };
+        if h.is_null() {
+            eprintln!("no libz.so.1: skipped");
+            return;
+        }
+        type Adler = unsafe extern "C" fn(libc::c_ulong, *const u8, u32) -> libc::c_ulong;
+        let adler32: Adler = dlsym(h, "adler32");
+        let adler32_z: usize = dlsym(h, "adler32_z");
+        let f = adler32 as usize;
+        let before = common::bytes(adler32_z, 64);
+        if std::env::var_os("LD_BIND_NOW").is_none_or(|v| v.is_empty()) {
+            let opts = AttachOptions {
+                mode: Mode::Auto,
+                on_return: Some(ret),
+            };
+            let e = unsafe { probert::attach_with(f, entry, std::ptr::null_mut(), opts) }
+                .expect_err("the exits of an unbound PLT entry are not known yet");
+            assert!(
+                matches!(e, Error::UnsupportedInstruction { .. })
+                    && e.to_string().contains("LD_BIND_NOW"),
+                "{e}"
+            );
+            assert_eq!(probert::probe_count(), 0);
+        }
+        let run = || unsafe { adler32(1, b"probert".as_ptr(), 7) };
+        // The first call binds the slot.
+        assert_eq!(run(), SUM as libc::c_ulong);
+        for mode in MODES {
+            CALLS.store(0, Ordering::SeqCst);
+            RETURNS.store(0, Ordering::SeqCst);
+            let id = unsafe {
+                probert::attach_with(
+                    f,
+                    entry,
+                    std::ptr::null_mut(),
+                    AttachOptions {
+                        mode,
+                        on_return: Some(ret),
+                    },
+                )
+            }
+            .unwrap_or_else(|e| panic!("{mode:?}: a return probe on adler32: {e}"));
+            for _ in 0..100 {
+                assert_eq!(run(), SUM as libc::c_ulong);
+            }
+            let s = probert::stats(id).unwrap();
+            assert_eq!((s.hits, s.returns, s.abandoned), (100, 100, 0), "{mode:?}");
+            assert_eq!(CALLS.load(Ordering::SeqCst), 100);
+            assert_eq!(RETURNS.load(Ordering::SeqCst), 100);
+            probert::detach(id).unwrap();
+            probert::sync().unwrap();
+            assert_eq!(common::bytes(adler32_z, 64), before, "{mode:?}");
+        }
+    }
+);

@@ -143,12 +143,12 @@ pub use x86_64::{
     analyze, check_boundary, classify_trap_site, disassemble, emit_exit_stub, emit_out_of_line,
     emit_out_of_line_slot, emit_site_stub, emit_trampoline, emulate, errno_get, errno_offset,
     errno_set, far_exit, fast_eligible, fault_origin, function_exits, handler_restorer,
-    interrupted_pc, interrupted_sp, jump_to, link_module, recover_emulator_fault, restorer_address,
-    resume_out_of_line, stub_entry, stub_resume, thread_id, thread_pointer, tid_offset, Access,
-    Clobbers, CpuState, Displaced, EmuFault, Emulated, FastFrame, FunctionFlow, InlineLayout,
-    KernelSigaction, PointerJumps, Refusal, Reg, Regs, SwitchStep, TrapContext, TrapSite, HEAD,
-    JUMP_LEN, MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP, STUB_SLOT, TAIL, TO_JUMP, TO_TRAP,
-    TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
+    interrupted_pc, interrupted_sp, jump_to, leading_jump, link_module, recover_emulator_fault,
+    restorer_address, resume_out_of_line, stub_entry, stub_resume, thread_id, thread_pointer,
+    tid_offset, Access, Clobbers, CpuState, Displaced, EmuFault, Emulated, FastFrame, FunctionFlow,
+    InlineLayout, KernelSigaction, LeadingJump, PointerJumps, Refusal, Reg, Regs, SwitchStep,
+    TrapContext, TrapSite, HEAD, JUMP_LEN, MAX_INSN_LEN, POISON, SIGFRAME_PC, SIGFRAME_SP,
+    STUB_SLOT, TAIL, TO_JUMP, TO_TRAP, TRAMPOLINE_SIZE, TRAP_INSN, TRAP_SI_CODE,
 };
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{function_effects, Callee, FunctionEffects, Unknowable};

@@ -147,6 +147,56 @@ pub fn function_exits(code: &[u8], flow: &FunctionFlow) -> Result<Exits, ExitsUn
     Ok(exits)
 }
 
+/// Where code that begins with a jump goes, before it does anything else
+/// ([`leading_jump`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeadingJump {
+    /// `jmp rel`: to this address.
+    To(usize),
+    /// `jmp [rip + d]`: to the address this code-pointer slot holds (a PLT
+    /// stub, bound; `.plt.got`, `.plt.sec`).
+    Through(usize),
+    /// `push imm; jmp …`: the lazy-binding half of a PLT entry, whose slot
+    /// the dynamic loader has not bound yet. Where it leads is the
+    /// loader's resolver, which jumps to the function it binds.
+    Unbound,
+}
+
+/// The jump the code at `at` (its original bytes `code`) begins with, after
+/// an optional `endbr64`: `None` if it begins with anything else.
+///
+/// An invocation entering such code leaves at once for the jump's target,
+/// so its exits are the target's alone. Following the jump, rather than
+/// decoding the function that covers `at`, matters for PLT stubs: one FDE
+/// covers the whole `.plt`, and decoding all of it would take every other
+/// stub's slot — other functions' exits — for this one's.
+pub fn leading_jump(code: &[u8], at: usize) -> Option<LeadingJump> {
+    let mut decoder = Decoder::with_ip(64, code, at as u64, DecoderOptions::NONE);
+    let mut i = decoder.decode();
+    if i.mnemonic() == Mnemonic::Endbr64 {
+        i = decoder.decode();
+    }
+    let unconditional =
+        |i: &iced_x86::Instruction| i.flow_control() == FlowControl::UnconditionalBranch;
+    match (i.mnemonic(), i.op0_kind()) {
+        (Mnemonic::Jmp, OpKind::NearBranch32 | OpKind::NearBranch64 | OpKind::NearBranch16)
+            if unconditional(&i) =>
+        {
+            Some(LeadingJump::To(i.near_branch_target() as usize))
+        }
+        (Mnemonic::Jmp, OpKind::Memory)
+            if i.memory_base() == Register::RIP && i.memory_index() == Register::None =>
+        {
+            Some(LeadingJump::Through(i.ip_rel_memory_address() as usize))
+        }
+        (Mnemonic::Push, OpKind::Immediate8to64 | OpKind::Immediate32to64) => {
+            let next = decoder.decode();
+            (next.mnemonic() == Mnemonic::Jmp && !next.is_invalid()).then_some(LeadingJump::Unbound)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::flow::PointerJumps;
@@ -207,6 +257,55 @@ mod tests {
         let e = function_exits(&code, &flow(&code)).unwrap();
         assert_eq!(e.slots, vec![A + 6 + 0x100]);
         assert!(e.rets.is_empty());
+    }
+
+    #[test]
+    fn leading_jumps_of_plt_stubs_and_other_code() {
+        // A PLT entry: jmp [rip + 0x1afca]; push 0; jmp PLT0.
+        let plt = [
+            0xff, 0x25, 0xca, 0xaf, 0x01, 0x00, // jmp [rip + 0x1afca]
+            0x68, 0x00, 0x00, 0x00, 0x00, // push 0
+            0xe9, 0xe0, 0xff, 0xff, 0xff, // jmp A+16-0x20
+        ];
+        assert_eq!(
+            leading_jump(&plt, A),
+            Some(LeadingJump::Through(A + 6 + 0x1afca))
+        );
+        // Its second half, where an unbound slot points.
+        assert_eq!(leading_jump(&plt[6..], A + 6), Some(LeadingJump::Unbound));
+        // .plt.sec: endbr64; bnd jmp [rip + 0x100].
+        let sec = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0xf2, 0xff, 0x25, 0x00, 0x01, 0x00, 0x00,
+        ];
+        assert_eq!(
+            leading_jump(&sec, A),
+            Some(LeadingJump::Through(A + 11 + 0x100))
+        );
+        // An IBT PLT entry's lazy half: endbr64; push 1; bnd jmp PLT0.
+        let lazy = [
+            0xf3, 0x0f, 0x1e, 0xfa, 0x68, 0x01, 0x00, 0x00, 0x00, 0xf2, 0xe9, 0x00, 0x00, 0x00,
+            0x00,
+        ];
+        assert_eq!(leading_jump(&lazy, A), Some(LeadingJump::Unbound));
+        // jmp rel8 and jmp rel32 to another function.
+        assert_eq!(
+            leading_jump(&[0xeb, 0x10], A),
+            Some(LeadingJump::To(A + 0x12))
+        );
+        assert_eq!(
+            leading_jump(&[0xe9, 0x00, 0x01, 0x00, 0x00], A),
+            Some(LeadingJump::To(A + 0x105))
+        );
+        // Anything else: a function to decode.
+        assert_eq!(leading_jump(&[0x89, 0xd2, 0xe9, 0, 0, 0, 0], A), None);
+        assert_eq!(leading_jump(&[0xff, 0xe0], A), None, "jmp rax");
+        assert_eq!(leading_jump(&[0x74, 0x02], A), None, "jz");
+        assert_eq!(
+            leading_jump(&[0x68, 0, 0, 0, 0, 0xc3], A),
+            None,
+            "push; ret"
+        );
+        assert_eq!(leading_jump(&[], A), None);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub use context::{
 pub use displace::{emit_exit_stub, emit_site_stub};
 pub use effects::{function_effects, Callee, Clobbers, FunctionEffects, Unknowable};
 pub use emulate::{emulate, recover_emulator_fault, Access, EmuFault, Emulated};
-pub use exits::function_exits;
+pub use exits::{function_exits, leading_jump, LeadingJump};
 pub use fast::{
     emit_trampoline, far_exit, stub_entry, stub_resume, CpuState, FastFrame, InlineLayout,
     TRAMPOLINE_SIZE,
