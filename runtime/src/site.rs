@@ -1012,35 +1012,42 @@ impl Sites {
         }
         let lowest = end.saturating_sub(PATCH_BEFORE_PROBE);
         let run = self.with_flow(regions, &plain.target, ret, |f| {
-            // The shortest run: from the last instruction start that leaves
-            // room for the jump; never the function's entry, where its entry
-            // probe goes (a probe inside an exit run is refused: see
-            // `demote`).
+            // The function's last `ret` with the padding after it, where
+            // there is enough: the `ret` alone is displaced.
+            if let Some(site) = f.exit_into_padding(ret) {
+                return Some((ret, site.end, vec![ret]));
+            }
+            // Else the shortest run: from the last instruction start that
+            // leaves room for the jump; never the function's entry, where
+            // its entry probe goes (a probe inside an exit run is refused:
+            // see `demote`).
             let x = (lowest.max(f.start() + 1)..=end.checked_sub(arch::JUMP_LEN)?)
                 .rev()
                 .find(|&x| f.is_boundary(x))?;
             let site = f.run_through(x, end).ok()?;
             let starts: Vec<usize> = (x..end).filter(|&a| f.is_boundary(a)).collect();
-            Some((site.jump, starts))
+            Some((site.jump, end, starts))
         });
-        let Some(Some((x, starts))) = run else {
+        let Some(Some((x, run_end, starts))) = run else {
             return Ok(Prepared::Site(plain));
         };
         let batch_inside = others[others.partition_point(|&a| a < x)..]
             .iter()
-            .take_while(|&&a| a < end)
+            .take_while(|&&a| a < run_end)
             .any(|&a| a != ret);
         let site_inside = self
             .by_probe
-            .range(x.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE)..end + PATCH_BEFORE_PROBE)
+            .range(
+                x.saturating_sub(arch::JUMP_LEN + PATCH_AFTER_PROBE)..run_end + PATCH_BEFORE_PROBE,
+            )
             .any(|(_, s)| {
                 let (a, b) = s
                     .run()
                     .unwrap_or((s.patch, s.patch + usize::from(s.orig_len)));
-                a < end && x < b.max(s.patch + 1)
+                a < run_end && x < b.max(s.patch + 1)
             });
         // A foreign trap in the run would trap in the stub instead.
-        let code = self.original_code(x, end).filter(|c| {
+        let code = self.original_code(x, run_end).filter(|c| {
             !starts
                 .iter()
                 .any(|&a| c.get(a - x..).is_some_and(|b| b.starts_with(TRAP_INSN)))
@@ -1056,7 +1063,7 @@ impl Sites {
             len: first.len,
             displaced: first.displaced,
             target: plain.target.clone(),
-            run: Some(end),
+            run: Some(run_end),
             trap_only: None,
             exit: Some(ret_len),
             fallback: Some(Box::new(plain)),
@@ -1073,7 +1080,10 @@ impl Sites {
         record: usize,
     ) -> Result<BuiltSite> {
         if let (Some(end), Some(ret_len)) = (p.run, p.exit) {
-            match pool.create_exit(&p.code, p.patch, ret_len, record) {
+            // The instructions up to the `ret`'s end (padding after it, where
+            // the jump took some, is not run).
+            let upto = (p.probe + ret_len - p.patch).min(p.code.len());
+            match pool.create_exit(&p.code[..upto], p.patch, ret_len, record) {
                 Ok(stub) => {
                     return Ok(BuiltSite {
                         prepared: p,

@@ -83,6 +83,14 @@ global_asm!(
     ret
     END rt_selftail
 
+    FUNC rt_small            // rdi + 7, in 10 bytes: the entry's run reaches the ret
+    push rbp
+    mov rbp, rsp
+    lea rax, [rdi + 7]
+    pop rbp
+    ret
+    END rt_small
+
     FUNC rt_call             // rt_call(f, x) = f(x) + 1
     sub rsp, 8
     mov rax, rdi
@@ -115,6 +123,7 @@ extern "C" {
     fn rt_rec(n: u64) -> u64;
     fn rt_outer(x: u64) -> u64;
     fn rt_selftail(n: u64) -> u64;
+    fn rt_small(x: u64) -> u64;
     fn rt_call(f: extern "C" fn(u64) -> u64, x: u64) -> u64;
     fn rt_nest(n: u64, cb: extern "C" fn(u64) -> u64) -> u64;
 }
@@ -304,6 +313,42 @@ isolated!(regs_after_return_and_a_rewritten_return_value, {
         assert_eq!(unsafe { rt_outer(1) }, 203);
         assert_eq!(LEAF.counts(), (5, 5, 0, 0));
     }
+});
+
+static SMALL: Spec = Spec::new(|x| x + 7);
+
+isolated!(a_small_function_returns_through_the_padding_after_it, {
+    // The entry's run (`push rbp; mov rbp, rsp; lea`) ends where an exit
+    // run before the `ret` would begin: the exit takes the padding after
+    // the function instead, and its hits take no signal either.
+    let f = addr(rt_small);
+    let ret = f + 9;
+    assert_eq!(common::bytes(ret, 1), [0xc3]);
+    let before = common::bytes(f, 16);
+    SMALL.reset();
+    let id = SMALL.attach(f, Mode::Auto);
+    assert_eq!(probert::probe_mode(f), Ok(Mode::Fast));
+    assert_eq!(
+        probert::probe_mode(ret),
+        Ok(Mode::Fast),
+        "the exit: {:?}",
+        probert::fast_refusal(ret)
+    );
+    for x in 0..100 {
+        assert_eq!(unsafe { rt_small(x) }, x + 7);
+    }
+    assert_eq!(SMALL.counts(), (100, 100, 0, 0));
+    let s = probert::stats(id).unwrap();
+    assert_eq!((s.hits, s.returns, s.abandoned), (100, 100, 0));
+    // A rewrite by the return handler is what the caller gets.
+    SMALL.rewrite.store(3, Ordering::SeqCst);
+    assert_eq!(unsafe { rt_small(1) }, 3);
+    SMALL.rewrite.store(0, Ordering::SeqCst);
+    probert::detach(id).unwrap();
+    SMALL.detached.store(true, Ordering::SeqCst);
+    assert_eq!(common::bytes(f, 16), before, "the padding is restored too");
+    assert_eq!(unsafe { rt_small(1) }, 8);
+    assert_eq!(SMALL.counts().3, 0);
 });
 
 isolated!(a_tail_call_returns_when_its_callee_returns, {

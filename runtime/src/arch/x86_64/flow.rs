@@ -657,6 +657,32 @@ impl FunctionFlow {
         self.check_run(site, off, &insns[..n], stop)
     }
 
+    /// The run of the function's last instruction, the `ret` at `ret` (the
+    /// function ends at its end), with the padding after the function
+    /// that completes the jump — or `None`. A `ret` too short for the jump
+    /// then needs no instruction before it: nothing is relocated, and the
+    /// instructions before it stay free for other probes (a function's
+    /// entry run among them, in a small function).
+    pub fn exit_into_padding(&self, ret: usize) -> Option<Site> {
+        let off = ret.checked_sub(self.start)?;
+        let decoded = self.decoded as usize;
+        if !self.is_boundary(ret)
+            || self.next_boundary(off) != decoded
+            || decoded != self.len as usize
+            || self.unproven().is_some()
+        {
+            return None;
+        }
+        // Only in a proven function: nothing jumps into the padding.
+        let pad = self
+            .pad_ends
+            .iter()
+            .map(|&e| usize::from(e))
+            .take_while(|&e| e > 0)
+            .find(|&e| decoded + e >= off + JUMP_LEN)?;
+        self.check_run(ret, off, &[off], decoded + pad).ok()
+    }
+
     /// The checks of a run: instruction starts `insns` (offsets), from
     /// `jump` to `end`.
     fn check_run(
