@@ -786,24 +786,38 @@ impl Sites {
                     (LeadingJump::Unbound, Some((start, _))) => start != at,
                     _ => true,
                 });
-            if let Some(jump) = head {
-                if seen.contains(&at) {
-                    continue;
-                }
-                if seen.len() >= MOST_FUNCTIONS {
+            let function = match (head, found) {
+                (Some(_), _) => None,
+                (None, Some(f)) => Some(f),
+                (None, None) => {
                     return Err(Error::unsupported(
                         entry,
-                        "its tail jumps reach too many functions for a return probe",
-                    ));
+                        format!(
+                            "a return probe must follow the tail jump to {at:#x}, and no \
+                             function is known there"
+                        ),
+                    ))
                 }
-                seen.push(at);
-                match jump {
-                    LeadingJump::To(t) => {
+            };
+            let key = function.map_or(at, |f| f.0);
+            if seen.contains(&key) {
+                continue;
+            }
+            if seen.len() >= MOST_FUNCTIONS {
+                return Err(Error::unsupported(
+                    entry,
+                    "its tail jumps reach too many functions for a return probe",
+                ));
+            }
+            seen.push(key);
+            let Some((start, end)) = function else {
+                match head {
+                    Some(LeadingJump::To(t)) => {
                         reenters |= t == entry;
                         todo.push(t);
                     }
-                    LeadingJump::Through(slot) => through(slot, &mut todo, &mut reenters)?,
-                    LeadingJump::Unbound => {
+                    Some(LeadingJump::Through(slot)) => through(slot, &mut todo, &mut reenters)?,
+                    Some(LeadingJump::Unbound) => {
                         return Err(Error::unsupported(
                             entry,
                             format!(
@@ -814,28 +828,10 @@ impl Sites {
                             ),
                         ));
                     }
+                    None => {}
                 }
                 continue;
-            }
-            let Some((start, end)) = found else {
-                return Err(Error::unsupported(
-                    entry,
-                    format!(
-                        "a return probe must follow the tail jump to {at:#x}, and no function \
-                         is known there"
-                    ),
-                ));
             };
-            if seen.contains(&start) {
-                continue;
-            }
-            if seen.len() >= MOST_FUNCTIONS {
-                return Err(Error::unsupported(
-                    entry,
-                    "its tail jumps reach too many functions for a return probe",
-                ));
-            }
-            seen.push(start);
             let code = self.original_code(start, end).ok_or(Error::Protect {
                 addr: start,
                 reason: "the code cannot be read".into(),
