@@ -201,12 +201,16 @@ isolated!(system_runs_the_shell_through_trap_served_probes, {
         0,
         "a shell is there"
     );
-    // SIGINT is ignored while it waits, and restored after.
+    // SIGINT is ignored while it waits, and restored after (to what the
+    // test process inherited: a shell's background job starts with it
+    // ignored).
+    let mut was: libc::sigaction = unsafe { std::mem::zeroed() };
+    unsafe { libc::sigaction(libc::SIGINT, std::ptr::null(), &mut was) };
     let out = unsafe { libc::system(c"kill -INT $PPID; exit 0".as_ptr()) };
     exited(out, 0);
     let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
     unsafe { libc::sigaction(libc::SIGINT, std::ptr::null(), &mut now) };
-    assert_eq!(now.sa_sigaction, libc::SIG_DFL);
+    assert_eq!(now.sa_sigaction, was.sa_sigaction);
     detach_all(ids);
 });
 
