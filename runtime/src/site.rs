@@ -742,6 +742,7 @@ impl Sites {
         const MOST_FUNCTIONS: usize = 512;
         let mut todo = vec![entry];
         let mut seen: Vec<usize> = Vec::new();
+        let mut seen_jumps: Vec<usize> = Vec::new();
         let mut rets: Vec<usize> = Vec::new();
         let mut reenters = false;
         // Follows the code-pointer slot a jump to the function at `slot`'s
@@ -799,17 +800,25 @@ impl Sites {
                     ))
                 }
             };
-            let key = function.map_or(at, |f| f.0);
-            if seen.contains(&key) {
+            // Stops where only the leading jump is followed are kept apart
+            // from decoded functions: a function that begins with a jump out
+            // may still be entered further in (by a jump back from its
+            // target), and must then be decoded whole.
+            let visited = seen.len() + seen_jumps.len();
+            let (list, key) = match function {
+                Some((start, _)) => (&mut seen, start),
+                None => (&mut seen_jumps, at),
+            };
+            if list.contains(&key) {
                 continue;
             }
-            if seen.len() >= MOST_FUNCTIONS {
+            if visited >= MOST_FUNCTIONS {
                 return Err(Error::unsupported(
                     entry,
                     "its tail jumps reach too many functions for a return probe",
                 ));
             }
-            seen.push(key);
+            list.push(key);
             let Some((start, end)) = function else {
                 match head {
                     Some(LeadingJump::To(t)) => {

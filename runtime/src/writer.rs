@@ -486,6 +486,41 @@ impl WriterState {
                 prepared.push(p);
             }
         }
+        // Two probes never share a patch address (the index finds a site by
+        // it): the jump or trap of an `endbr64` entry goes after the
+        // `endbr64`, where the next instruction's own probe would go — in
+        // `endbr64; ret`, the function's return.
+        let mut patches: Vec<(usize, usize)> =
+            prepared.iter().map(|p| (p.patch, p.probe)).collect();
+        patches.sort_unstable();
+        let in_batch = patches
+            .windows(2)
+            .find(|w| w[0].0 == w[1].0)
+            .map(|w| (w[1].1, w[0].1, w[0].0));
+        let existing = || {
+            prepared.iter().find_map(|p| {
+                self.sites
+                    .range(
+                        p.patch.saturating_sub(4),
+                        p.patch + crate::site::PATCH_BEFORE_PROBE + 1,
+                    )
+                    .find(|(a, s)| *a != p.probe && s.patch == p.patch)
+                    .map(|(a, _)| (p.probe, a, p.patch))
+            })
+        };
+        if let Some((probe, other, patch)) = in_batch.or_else(existing) {
+            let i = reqs.iter().position(|r| r.addr == probe).unwrap_or(0);
+            return Err((
+                i,
+                Error::unsupported(
+                    probe,
+                    format!(
+                        "its probe would patch {patch:#x}, as the probe at {other:#x} does (the \
+                         probe of an endbr64 entry goes after the endbr64)"
+                    ),
+                ),
+            ));
+        }
         // A run a jump would displace must hold no other probe of the batch
         // (nor the patch address of an existing one): those sites are trap
         // only.

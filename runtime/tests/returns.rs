@@ -91,6 +91,21 @@ global_asm!(
     ret
     END rt_small
 
+    FUNC rt_split            // rdi + 5: jumps out to its cold part, which jumps back in
+    jmp rt_split_cold
+2:  lea rax, [rdi + 5]
+    ret
+    END rt_split
+
+    FUNC rt_split_cold
+    jmp 2b
+    END rt_split_cold
+
+    FUNC rt_endbr_ret        // endbr64; ret: its entry's jump and its ret are one address
+    endbr64
+    ret
+    END rt_endbr_ret
+
     FUNC rt_call             // rt_call(f, x) = f(x) + 1
     sub rsp, 8
     mov rax, rdi
@@ -124,6 +139,8 @@ extern "C" {
     fn rt_outer(x: u64) -> u64;
     fn rt_selftail(n: u64) -> u64;
     fn rt_small(x: u64) -> u64;
+    fn rt_split(x: u64) -> u64;
+    fn rt_endbr_ret(x: u64) -> u64;
     fn rt_call(f: extern "C" fn(u64) -> u64, x: u64) -> u64;
     fn rt_nest(n: u64, cb: extern "C" fn(u64) -> u64) -> u64;
 }
@@ -314,6 +331,82 @@ isolated!(regs_after_return_and_a_rewritten_return_value, {
         assert_eq!(LEAF.counts(), (5, 5, 0, 0));
     }
 });
+
+static SPLIT: Spec = Spec::new(|x| x + 5);
+
+isolated!(a_function_that_jumps_out_first_and_back_in_returns, {
+    // `rt_split` begins with a jump to its cold part, which jumps back into
+    // it: following that first jump alone must not mark `rt_split` itself
+    // as decoded — its `ret` lies after the jump.
+    for mode in MODES {
+        SPLIT.reset();
+        let id = SPLIT.attach(addr(rt_split), mode);
+        for x in 0..100 {
+            assert_eq!(unsafe { rt_split(x) }, x + 5);
+        }
+        assert_eq!(SPLIT.counts(), (100, 100, 0, 0), "{mode:?}");
+        let s = probert::stats(id).unwrap();
+        assert_eq!((s.hits, s.returns, s.abandoned), (100, 100, 0), "{mode:?}");
+        probert::detach(id).unwrap();
+    }
+});
+
+isolated!(
+    endbr64_then_ret_refuses_a_return_probe_and_keeps_its_entry,
+    {
+        // The probe of an `endbr64` entry goes after it: in `endbr64; ret` that
+        // is the `ret`, where the return probe's exit would go too. The return
+        // probe is refused, nothing is left behind, and the entry alone still
+        // counts every call (as does a probe at the `ret` alone).
+        static N: AtomicU64 = AtomicU64::new(0);
+        let f = addr(rt_endbr_ret);
+        let before = common::bytes(f, 16);
+        for mode in MODES {
+            let e = unsafe {
+                probert::attach_with(
+                    f,
+                    common::count,
+                    common::counter(&N),
+                    AttachOptions {
+                        mode,
+                        on_return: Some(spec_return),
+                    },
+                )
+            }
+            .expect_err("entry and return at one patch address");
+            assert!(
+                matches!(e, Error::UnsupportedInstruction { .. })
+                    && e.to_string().contains("endbr64"),
+                "{mode:?}: {e}"
+            );
+            assert_eq!(probert::probe_count(), 0, "{mode:?}");
+            assert_eq!(common::bytes(f, 16), before, "{mode:?}");
+            N.store(0, Ordering::SeqCst);
+            let id = unsafe {
+                probert::attach_with(
+                    f,
+                    common::count,
+                    common::counter(&N),
+                    AttachOptions {
+                        mode,
+                        on_return: None,
+                    },
+                )
+            }
+            .unwrap();
+            for x in 0..10 {
+                unsafe { rt_endbr_ret(x) };
+            }
+            assert_eq!(N.load(Ordering::SeqCst), 10, "{mode:?}");
+            // A probe of its own at the `ret` would patch the same byte.
+            let e = unsafe { probert::attach(f + 4, common::count, common::counter(&N)) }
+                .expect_err("the ret's probe and the entry's share a patch address");
+            assert!(e.to_string().contains("endbr64"), "{e}");
+            probert::detach(id).unwrap();
+            assert_eq!(common::bytes(f, 16), before, "{mode:?}");
+        }
+    }
+);
 
 static SMALL: Spec = Spec::new(|x| x + 7);
 
