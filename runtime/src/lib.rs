@@ -202,7 +202,11 @@
 //! dynamic loader bound; one not bound yet (lazy binding, before the
 //! first call) leads into the loader's resolver, which may go anywhere, so
 //! the attach is refused (`UnsupportedInstruction`, naming the remedy:
-//! call the function once first, or `LD_BIND_NOW=1`).
+//! call the function once first, or `LD_BIND_NOW=1`). A function that is
+//! only `endbr64; ret` takes no return probe: its entry probe goes after
+//! the `endbr64`, on the `ret` its exit would patch too (refused,
+//! `UnsupportedInstruction`; so is any probe that would patch the byte
+//! another probe patches).
 //! Nothing on the stack changes: unwinders, `backtrace()`,
 //! `__builtin_return_address` and C++ exceptions see the program as it is.
 //! A per-thread shadow stack pairs returns with entries (by stack pointer),
