@@ -775,8 +775,11 @@ impl Sites {
             // its exits are its target's. Its "function" is not decoded —
             // for a stub, that would be the whole `.plt`, every other stub
             // too.
+            // (Less where the code's mapping ends sooner: a stub's jump is at
+            // most 11 bytes in.)
             let head = self
                 .original_code(at, at + 2 * MAX_INSN_LEN)
+                .or_else(|| self.original_code(at, at + 16))
                 .and_then(|code| arch::leading_jump(&code, at))
                 .filter(|&jump| match (jump, found) {
                     // A function entered by a jump to its own loop, say.

@@ -561,7 +561,11 @@ fn scan_round(
             let proc_due = (p.proc_now || start.elapsed() >= PROC_AFTER)
                 && p.last_proc.map_or(true, |t| t.elapsed() >= PROC_EVERY);
             if !p.done && proc_due {
-                let masks = sig_masks(p.tid);
+                // The masks: on the first look (is it blocking the signal?)
+                // and while this round's signal is held back.
+                let masks = (p.last_proc.is_none() || !p.sent)
+                    .then(|| sig_masks(p.tid))
+                    .flatten();
                 if p.last_proc.is_none()
                     && masks.is_some_and(|(blk, _)| blk & bit != 0)
                     && !state.blocked.contains(&p.tid)
