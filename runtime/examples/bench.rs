@@ -874,7 +874,7 @@ fn machine() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "rustc ?".into());
-    format!("{cpu}, {cpus} CPUs, Linux {kernel}, {rustc}")
+    format!("{cpu}{}, {cpus} CPUs, Linux {kernel}, {rustc}", cpu_kind())
 }
 
 /// The 1-minute load average, from `/proc/loadavg`.
@@ -2471,10 +2471,9 @@ fn report_coverage(w: &mut String, cov: &Coverage, load: &(String, String)) {
     let _ = writeln!(w, "{COV_HEADING}\n");
     let _ = writeln!(
         w,
-        "Measured {} on {}{}; 1-minute load average {} before, {} after; probert `{}`.\n",
+        "Measured {} on {}; 1-minute load average {} before, {} after; probert `{}`.\n",
         now_utc(),
         machine(),
-        cpu_kind(),
         load.0,
         load.1,
         revision()
