@@ -228,8 +228,8 @@
 //! or, for the function's last `ret`, the `ret` alone with the alignment
 //! padding after the function (nothing executes or jumps there), which
 //! leaves the instructions before it to other probes — in a small
-//! function, to the entry's own run. They are displaced into an exit stub that runs them, calls the consumers
-//! at the `ret`, and returns. Elsewhere the `ret` traps. A probe wanted
+//! function, to the entry's own run. They are displaced into an exit stub
+//! that runs them, calls the consumers at the `ret`, and returns. Elsewhere the `ret` traps. A probe wanted
 //! inside an exit run is refused (`UnsupportedInstruction`) until the return
 //! probe is detached; one attached first makes that exit take the trap
 //! path instead.

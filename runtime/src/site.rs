@@ -745,8 +745,8 @@ impl Sites {
         let mut seen_jumps: Vec<usize> = Vec::new();
         let mut rets: Vec<usize> = Vec::new();
         let mut reenters = false;
-        // Follows the code-pointer slot a jump to the function at `slot`'s
-        // address goes through.
+        // Follows a jump through the code-pointer slot at `slot` to the
+        // function it holds.
         let through = |slot: usize, todo: &mut Vec<usize>, reenters: &mut bool| {
             let mut word = [0u8; 8];
             if crate::sys::peek::read_memory(slot, &mut word).is_err() {
@@ -774,9 +774,8 @@ impl Sites {
             // Code that begins with a jump out (a PLT stub) leaves at once:
             // its exits are its target's. Its "function" is not decoded —
             // for a stub, that would be the whole `.plt`, every other stub
-            // too.
-            // (Less where the code's mapping ends sooner: a stub's jump is at
-            // most 11 bytes in.)
+            // too. (Fewer bytes where the mapping ends sooner: a stub's jump
+            // ends at most 11 bytes in.)
             let head = self
                 .original_code(at, at + 2 * MAX_INSN_LEN)
                 .or_else(|| self.original_code(at, at + 16))

@@ -351,60 +351,70 @@ isolated!(a_function_that_jumps_out_first_and_back_in_returns, {
     }
 });
 
+/// `f` is `endbr64; ret`, called by `call`: a return probe is refused in
+/// each mode, nothing is left behind, and the entry alone counts every
+/// call; a probe at the `ret` is refused beside it.
+fn endbr_ret_refuses_returns(f: usize, call: fn()) {
+    static N: AtomicU64 = AtomicU64::new(0);
+    assert_eq!(common::bytes(f, 5), [0xf3, 0x0f, 0x1e, 0xfa, 0xc3]);
+    let before = common::bytes(f, 16);
+    let attach = |mode, on_return| unsafe {
+        probert::attach_with(
+            f,
+            common::count,
+            common::counter(&N),
+            AttachOptions { mode, on_return },
+        )
+    };
+    for mode in MODES {
+        let e =
+            attach(mode, Some(common::count)).expect_err("entry and return at one patch address");
+        assert!(
+            matches!(e, Error::UnsupportedInstruction { .. }) && e.to_string().contains("endbr64"),
+            "{mode:?}: {e}"
+        );
+        assert_eq!(probert::probe_count(), 0, "{mode:?}");
+        assert_eq!(common::bytes(f, 16), before, "{mode:?}");
+        N.store(0, Ordering::SeqCst);
+        let id = attach(mode, None).unwrap();
+        for _ in 0..10 {
+            call();
+        }
+        assert_eq!(N.load(Ordering::SeqCst), 10, "{mode:?}");
+        // A probe of its own at the `ret` would patch the same byte.
+        let e = unsafe { probert::attach(f + 4, common::count, common::counter(&N)) }
+            .expect_err("the ret's probe and the entry's share a patch address");
+        assert!(e.to_string().contains("endbr64"), "{e}");
+        probert::detach(id).unwrap();
+        assert_eq!(common::bytes(f, 16), before, "{mode:?}");
+    }
+}
+
 isolated!(
     endbr64_then_ret_refuses_a_return_probe_and_keeps_its_entry,
     {
         // The probe of an `endbr64` entry goes after it: in `endbr64; ret` that
-        // is the `ret`, where the return probe's exit would go too. The return
-        // probe is refused, nothing is left behind, and the entry alone still
-        // counts every call (as does a probe at the `ret` alone).
-        static N: AtomicU64 = AtomicU64::new(0);
-        let f = addr(rt_endbr_ret);
-        let before = common::bytes(f, 16);
-        for mode in MODES {
-            let e = unsafe {
-                probert::attach_with(
-                    f,
-                    common::count,
-                    common::counter(&N),
-                    AttachOptions {
-                        mode,
-                        on_return: Some(spec_return),
-                    },
-                )
-            }
-            .expect_err("entry and return at one patch address");
-            assert!(
-                matches!(e, Error::UnsupportedInstruction { .. })
-                    && e.to_string().contains("endbr64"),
-                "{mode:?}: {e}"
-            );
-            assert_eq!(probert::probe_count(), 0, "{mode:?}");
-            assert_eq!(common::bytes(f, 16), before, "{mode:?}");
-            N.store(0, Ordering::SeqCst);
-            let id = unsafe {
-                probert::attach_with(
-                    f,
-                    common::count,
-                    common::counter(&N),
-                    AttachOptions {
-                        mode,
-                        on_return: None,
-                    },
-                )
-            }
-            .unwrap();
-            for x in 0..10 {
-                unsafe { rt_endbr_ret(x) };
-            }
-            assert_eq!(N.load(Ordering::SeqCst), 10, "{mode:?}");
-            // A probe of its own at the `ret` would patch the same byte.
-            let e = unsafe { probert::attach(f + 4, common::count, common::counter(&N)) }
-                .expect_err("the ret's probe and the entry's share a patch address");
-            assert!(e.to_string().contains("endbr64"), "{e}");
-            probert::detach(id).unwrap();
-            assert_eq!(common::bytes(f, 16), before, "{mode:?}");
+        // is the `ret`, where the return probe's exit would go too.
+        endbr_ret_refuses_returns(addr(rt_endbr_ret), || unsafe {
+            rt_endbr_ret(0);
+        });
+        // Real code of that shape: Debian's libatomic `atomic_signal_fence`.
+        static FENCE: AtomicUsize = AtomicUsize::new(0);
+        let Some(h) = dlopen("libatomic.so.1") else {
+            eprintln!("no libatomic.so.1: the real-code half skipped");
+            return;
+        };
+        let fence: usize = dlsym(h, "atomic_signal_fence");
+        if common::bytes(fence, 5) != [0xf3, 0x0f, 0x1e, 0xfa, 0xc3] {
+            eprintln!("atomic_signal_fence is not endbr64; ret here: the real-code half skipped");
+            return;
         }
+        FENCE.store(fence, Ordering::SeqCst);
+        endbr_ret_refuses_returns(fence, || {
+            let f: extern "C" fn(i32) =
+                unsafe { std::mem::transmute(FENCE.load(Ordering::SeqCst)) };
+            f(5);
+        });
     }
 );
 

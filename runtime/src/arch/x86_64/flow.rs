@@ -586,15 +586,7 @@ impl FunctionFlow {
         let decoded = self.decoded as usize;
         if jump + JUMP_LEN > decoded {
             // Into the padding after the function, if there is enough.
-            let pad = self
-                .pad_ends
-                .iter()
-                .map(|&e| usize::from(e))
-                .take_while(|&e| e > 0)
-                .find(|&e| decoded + e >= jump + JUMP_LEN);
-            // Only in a proven function: nothing jumps into the padding.
-            let proven = self.unproven().is_none();
-            let Some(pad) = pad.filter(|_| proven && decoded == self.len as usize) else {
+            let Some(pad) = self.padding_reaching(jump + JUMP_LEN) else {
                 return Err(match self.unproven() {
                     Some(u @ Refusal::Undecodable { .. }) => u.clone(),
                     _ => Refusal::TooShort {
@@ -666,21 +658,26 @@ impl FunctionFlow {
     pub fn exit_into_padding(&self, ret: usize) -> Option<Site> {
         let off = ret.checked_sub(self.start)?;
         let decoded = self.decoded as usize;
-        if !self.is_boundary(ret)
-            || self.next_boundary(off) != decoded
-            || decoded != self.len as usize
-            || self.unproven().is_some()
-        {
+        if !self.is_boundary(ret) || self.next_boundary(off) != decoded {
             return None;
         }
-        // Only in a proven function: nothing jumps into the padding.
-        let pad = self
-            .pad_ends
+        let pad = self.padding_reaching(off + JUMP_LEN)?;
+        self.check_run(ret, off, &[off], decoded + pad).ok()
+    }
+
+    /// The fewest bytes of the padding after the function, in whole
+    /// padding instructions, that reach offset `end` — only in a proven,
+    /// wholly decoded function, where nothing jumps into the padding.
+    fn padding_reaching(&self, end: usize) -> Option<usize> {
+        let decoded = self.decoded as usize;
+        if self.unproven().is_some() || decoded != self.len as usize {
+            return None;
+        }
+        self.pad_ends
             .iter()
             .map(|&e| usize::from(e))
             .take_while(|&e| e > 0)
-            .find(|&e| decoded + e >= off + JUMP_LEN)?;
-        self.check_run(ret, off, &[off], decoded + pad).ok()
+            .find(|&e| decoded + e >= end)
     }
 
     /// The checks of a run: instruction starts `insns` (offsets), from
