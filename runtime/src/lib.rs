@@ -320,6 +320,10 @@ pub mod __fuzz {
     /// The size of one trampoline slot; an out-of-line stub never exceeds it.
     pub const STUB_SLOT: usize = crate::arch::STUB_SLOT;
 
+    /// The ways of a thread's hit cache: more consumers than this, hit in
+    /// turn, share ways.
+    pub const HIT_WAYS: usize = crate::grace::HIT_WAYS;
+
     /// Decodes and classifies the instruction `code` mapped at `addr`:
     /// `(length, out_of_line, disassembly)`.
     pub fn analyze(code: &[u8], addr: usize) -> crate::Result<(usize, bool, String)> {

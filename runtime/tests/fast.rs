@@ -423,20 +423,20 @@ isolated!(a_stale_stub_calls_no_consumer_of_its_records_next_probe, {
 /// without a proof), 16 bytes apart in one page registered as a region.
 fn nop5_functions(n: usize) -> Vec<usize> {
     const F: [u8; 10] = [0x0F, 0x1F, 0x44, 0x00, 0x00, 0x48, 0x8D, 0x47, 0x01, 0xC3];
-    assert!(n * 16 <= 4096);
-    let mut page = region::alloc(4096, region::Protection::READ_WRITE).expect("alloc");
+    let len = (n * 16).next_multiple_of(4096);
+    let mut page = region::alloc(len, region::Protection::READ_WRITE).expect("alloc");
     let p = page.as_mut_ptr::<u8>();
     unsafe {
-        std::ptr::write_bytes(p, 0xCC, 4096);
+        std::ptr::write_bytes(p, 0xCC, len);
         for i in 0..n {
             std::ptr::copy_nonoverlapping(F.as_ptr(), p.add(16 * i), F.len());
         }
-        region::protect(p, 4096, region::Protection::READ_EXECUTE).expect("protect");
+        region::protect(p, len, region::Protection::READ_EXECUTE).expect("protect");
     }
     std::mem::forget(page);
     probert::region_add(probert::RegionDesc {
         start: p as usize,
-        len: 4096,
+        len,
         name: "nop5 functions".into(),
         write: None,
     })
@@ -453,12 +453,13 @@ isolated!(hit_counts_stay_exact_when_consumers_share_hit_cache_ways, {
     // Real code sends its hits to thousands of consumers in turn, more than
     // a thread's hit cache has ways: the trampoline's inline case takes a
     // way over and flushes the count it held into its consumer's record.
-    // Here 24 fast sites, one consumer each (three per way), are called in
-    // turn by two threads; then half the consumers are replaced (their
-    // records go to the new ones) and the calls go on. Every consumer's
-    // statistics must equal its handler's count, and no count may reach a
-    // record's next consumer.
-    const N: usize = 24;
+    // Here half as many fast sites again as there are ways, one consumer
+    // each (so at least half the ways are shared, whatever indices the
+    // consumers get), are called in turn by two threads; then half the
+    // consumers are replaced (their records go to the new ones) and the
+    // calls go on. Every consumer's statistics must equal its handler's
+    // count, and no count may reach a record's next consumer.
+    const N: usize = probert::__fuzz::HIT_WAYS * 3 / 2;
     static CALLS: [AtomicU64; 2 * N] = [const { AtomicU64::new(0) }; 2 * N];
     let sites = nop5_functions(N);
     let attach = |i: usize| {

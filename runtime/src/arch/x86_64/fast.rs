@@ -44,7 +44,7 @@
 //!   repeated over the layout in [`InlineLayout`]. A handler that returns
 //!   `Remove` or moves RIP or RSP sends it to `after`, still inside the
 //!   section. Real code, whose hits go to thousands of consumers in turn,
-//!   stays inline: the eight ways are taken over all the time.
+//!   stays inline: a way held by another consumer is taken over there.
 //! - **Anything else** (first hit of a thread, recursion, several
 //!   consumers, a stale stub...): `dispatch(record, site, frame)`, the
 //!   general dispatcher in Rust, which enters a section of its own.
@@ -273,7 +273,10 @@ pub struct InlineLayout {
     pub slot_size: usize,
     pub slot_owner: usize,
     pub slot_seq: usize,
-    pub slot_hits: usize,
+    /// The hit caches: slot 0's, and the distance between two (slot `i`
+    /// owns cache `i`).
+    pub hits_table: usize,
+    pub hits_size: usize,
     pub hit_ways: usize,
     pub home_mul: u64,
     pub home_shift: u32,
@@ -454,10 +457,10 @@ fn reg(kind: Register, i: u32) -> Register {
 // dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
 #[allow(clippy::useless_conversion)]
 pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec<u8>> {
-    if !l.hit_ways.is_power_of_two() {
+    if !l.hit_ways.is_power_of_two() || !l.hits_size.is_power_of_two() {
         return Err(Error::Internal("fast trampoline: bad inline layout".into()));
     }
-    let (owner, seq, hits) = (disp(l.slot_owner)?, disp(l.slot_seq)?, disp(l.slot_hits)?);
+    let (owner, seq) = (disp(l.slot_owner)?, disp(l.slot_seq)?);
     let (p_addr, p_report, p_list, p_clobbers) = (
         disp(l.probe_addr)?,
         disp(l.probe_report)?,
@@ -527,9 +530,9 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     );
 
     // ---- the inline case ---------------------------------------------------
-    // r12 = slot, r14 = list, then rbx = the hit-cache entry; esi = the
-    // classes saved (kept in r13d across the call). rbp stays the
-    // interrupted code's, for handlers that walk frame pointers.
+    // r12 = slot, rdi = its hit cache, r14 = list, then rbx = the hit-cache
+    // entry; esi = the classes saved (kept in r13d across the call). rbp
+    // stays the interrupted code's, for handlers that walk frame pointers.
     dynasm!(a
         ; .arch x64
         // `grace::enter`, fast path: the home slot is ours and not in a
@@ -538,6 +541,10 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov rcx, QWORD l.home_mul as i64
         ; imul rcx, rax
         ; shr rcx, l.home_shift as i8
+        ; mov rdi, rcx
+        ; shl rdi, l.hits_size.trailing_zeros() as i8
+        ; mov rdx, QWORD l.hits_table as i64
+        ; add rdi, rdx
     );
     if l.slot_size.is_power_of_two() {
         dynasm!(a ; .arch x64 ; shl rcx, l.slot_size.trailing_zeros() as i8);
@@ -580,7 +587,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov ecx, eax
         ; and ecx, (l.hit_ways - 1) as i32
         ; shl ecx, 4
-        ; lea rbx, [r12 + rcx + hits]
+        ; lea rbx, [rdi + rcx]
         ; cmp [rbx], rax
         ; jne >evict
         ; counted:
@@ -1078,8 +1085,9 @@ mod tests {
             slot_size: 256,
             slot_owner: 0,
             slot_seq: 8,
-            slot_hits: 16,
-            hit_ways: 8,
+            hits_table: 0x5555_0002_0000,
+            hits_size: 16 << 10,
+            hit_ways: 1024,
             home_mul: 0x9E37_79B9_7F4A_7C15,
             home_shift: 55,
             probe_addr: 0,
