@@ -1388,8 +1388,11 @@ fn report_xray(w: &mut String, r: &Results) {
          program's method; its bare call was {} ns. The handler increments a \
          global, as probert's empty consumers do. \"vs XRay\" compares the cost \
          added to each one's bare call. XRay's trampoline runs only at function \
-         entry and saves what the ABI leaves live there (no rbx, xmm8–15); \
-         probert's saves every GPR, RFLAGS and xmm0–15, at any instruction. \
+         entry and saves what the ABI leaves live there (the caller-saved \
+         GPRs, xmm0–7) and RFLAGS; probert's, at any instruction, saves RFLAGS \
+         and the caller-saved GPRs, and besides them only what its analysis \
+         of the handler's code shows the handler may change or see (for these \
+         empty handlers, nothing: the trampoline's lean case). \
          The speed of a shared guest drifts between sections of a run, and \
          the two rows above are measured minutes apart: the paired rounds run \
          XRay's program, then at once probert's NOP row and the bare call, \

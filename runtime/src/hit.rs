@@ -105,4 +105,10 @@ impl Hit {
 /// `println!`, no panics (a panic in an `extern "C"` function aborts).
 /// Handlers may call probed code: the nested hit is counted as *missed* and the
 /// consumers are not called again.
+///
+/// A handler reaches the probed code's registers through its hit only (its
+/// `regs`, or a function given the hit), never by reading its caller's
+/// stack: on the fast path a handler whose code never reaches `regs`
+/// (found by analysing it, see `arch::Clobbers::FRAME`) is called with
+/// only the registers a call may change saved.
 pub type Handler = unsafe extern "C" fn(hit: *mut Hit) -> u32;

@@ -324,6 +324,13 @@ pub mod __fuzz {
     /// turn, share ways.
     pub const HIT_WAYS: usize = crate::grace::HIT_WAYS;
 
+    /// The classes of register state the fast path saves for `handler`
+    /// (`none`: its lean case), as `Clobbers` displays them.
+    pub fn handler_classes(handler: crate::Handler) -> String {
+        let mut cache = crate::effects::EffectsCache::new();
+        crate::effects::handler_clobbers(handler as usize, &mut cache).to_string()
+    }
+
     /// Decodes and classifies the instruction `code` mapped at `addr`:
     /// `(length, out_of_line, disassembly)`.
     pub fn analyze(code: &[u8], addr: usize) -> crate::Result<(usize, bool, String)> {

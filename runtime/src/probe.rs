@@ -198,7 +198,14 @@ pub(crate) struct ConsumerList {
 impl ConsumerList {
     /// A heap list of `entries` as a raw pointer to publish: null if there
     /// are none.
+    /// Whether the trampoline's inline case may dispatch a list of
+    /// `entries` (see [`ConsumerList::inline`]).
+    pub(crate) fn inline_dispatchable(entries: &[Entry]) -> bool {
+        matches!(entries, [e] if e.kind == EntryKind::Plain)
+    }
+
     pub(crate) fn publishable(entries: Vec<Entry>) -> *mut ConsumerList {
+        let inline = ConsumerList::inline_dispatchable(&entries);
         let mut it = entries.into_iter();
         let Some(first) = it.next() else {
             return std::ptr::null_mut();
@@ -206,7 +213,7 @@ impl ConsumerList {
         let rest: Box<[Entry]> = it.collect();
         Box::into_raw(Box::new(ConsumerList {
             len: 1 + rest.len(),
-            inline: usize::from(rest.is_empty() && first.kind == EntryKind::Plain),
+            inline: usize::from(inline),
             first,
             rest,
         }))

@@ -260,6 +260,14 @@ impl WriterState {
         let classes = entries
             .iter()
             .fold(Clobbers::NONE, |acc, e| acc.union(e.clobbers));
+        // Any list the inline case does not dispatch goes to the general
+        // dispatcher, which is given the whole frame: the trampoline stores
+        // it from the start.
+        let classes = if ConsumerList::inline_dispatchable(&entries) {
+            classes
+        } else {
+            classes.union(Clobbers::FRAME)
+        };
         let rec = PROBES
             .get(site.rec as usize)
             .ok_or(Error::Internal("probe record out of range".into()))?;

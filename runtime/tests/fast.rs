@@ -72,6 +72,88 @@ isolated!(every_register_survives_a_fast_hit, {
     probert::detach(id).unwrap();
 });
 
+/// The calls of the lean handlers so far.
+fn lean_hits() -> u64 {
+    unsafe { t_lean_hits.load(Ordering::SeqCst) }
+}
+
+/// Runs `t_clobber` (through its fast site) and checks that every register
+/// the site saw reached the end as it was; `what` names the hit.
+fn clobber_round(what: &str) {
+    let mut out = [0u64; 33];
+    unsafe { t_clobber(out.as_mut_ptr()) };
+    let gpr = [0x1111, 0x2222, 0x3333, 0x4444, 0x5555, 0x6666, 0x7777];
+    assert_eq!(&out[..7], &gpr, "{what}: rax..rbp");
+    assert_eq!(out[7], 0, "{what}: rsp moved");
+    assert_eq!(
+        &out[8..15],
+        &[0x8888, 0x9999, 0xaaaa, 0xbbbb, 0xcccc, 0xdddd, 0xeeee],
+        "{what}: r8..r14"
+    );
+    for (i, x) in out[16..32].iter().enumerate() {
+        assert_eq!(*x, 0x100 + i as u64, "{what}: xmm{i}");
+    }
+    assert_eq!(
+        out[32] & 0x8D5,
+        0x800 | 0x80 | 0x10 | 0x1,
+        "{what}: status flags {:#x}",
+        out[32]
+    );
+}
+
+isolated!(every_register_survives_a_lean_fast_hit, {
+    // A handler that never uses its hit and saves nothing: the trampoline's
+    // lean case stores only the caller-saved registers and the flags. On a
+    // new thread, whose first hit goes the general way (its slot is not yet
+    // its own) and the next ones the lean way, every register survives.
+    assert_eq!(probert::__fuzz::handler_classes(t_lean_scribble), "none");
+    let site = addr!(t_clobber_site);
+    let id = unsafe { probert::attach_ex(site, t_lean_scribble, std::ptr::null_mut(), Mode::Fast) }
+        .unwrap();
+    std::thread::spawn(|| {
+        for i in 0..4 {
+            clobber_round(&format!("hit {i}"));
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(lean_hits(), 4);
+    assert_eq!(probert::stats(id).unwrap().hits, 4);
+    probert::detach(id).unwrap();
+});
+
+isolated!(a_lean_handler_that_removes_itself_is_not_called_again, {
+    // The lean case hands a `Remove` to the full case with the frame
+    // completed; the hits after it, before the writer reaps the consumer,
+    // find it removed and leave the lean case inside the section. The
+    // registers survive each of them.
+    assert_eq!(probert::__fuzz::handler_classes(t_lean_remove), "none");
+    // The thread's slot is its own first (a hit elsewhere), so that the
+    // first hit below is the lean case's.
+    let warm = unsafe {
+        probert::attach_ex(
+            addr!(t_nop5),
+            t_lean_scribble,
+            std::ptr::null_mut(),
+            Mode::Fast,
+        )
+    }
+    .unwrap();
+    assert_eq!(unsafe { t_nop5(1) }, 10);
+    assert_eq!(lean_hits(), 1);
+    let site = addr!(t_clobber_site);
+    let _id = unsafe { probert::attach_ex(site, t_lean_remove, std::ptr::null_mut(), Mode::Fast) }
+        .unwrap();
+    for i in 0..3 {
+        clobber_round(&format!("hit {i}"));
+    }
+    assert_eq!(lean_hits(), 2, "called after Remove");
+    probert::sync().unwrap();
+    clobber_round("after the reap");
+    assert_eq!(lean_hits(), 2);
+    probert::detach(warm).unwrap();
+});
+
 isolated!(red_zone_survives_a_fast_hit, {
     static HITS: AtomicU64 = AtomicU64::new(0);
     let site = addr!(t_redzone_site);

@@ -12,6 +12,8 @@ global_asm!(
 t_data: .quad 1000
     .globl t_counter
 t_counter: .quad 0
+    .globl t_lean_hits
+t_lean_hits: .quad 0
     .popsection
 
     .text
@@ -292,12 +294,47 @@ t_read_syscall:
     lea rax, [rdi + 9]
     ret
     END t_nop5
+
+    // Handlers for the fast path's lean case: leaves that never use their
+    // hit, so the trampoline saves only what a call may change. Each counts
+    // its calls in t_lean_hits, then scribbles on every caller-saved GPR and
+    // the flags, and on the stack far below.
+    .macro LEAN_SCRIBBLE
+    lock inc qword ptr [rip + t_lean_hits]
+    mov rcx, -1
+    mov rdx, -1
+    mov rsi, -1
+    mov rdi, -1
+    mov r8, -1
+    mov r9, -1
+    mov r10, -1
+    mov r11, -1
+    sub rsp, 2048
+    mov [rsp], rcx
+    mov [rsp + 1024], rcx
+    add rsp, 2048
+    .endm
+
+    FUNC t_lean_scribble     // → Continue
+    LEAN_SCRIBBLE
+    xor eax, eax
+    ret
+    END t_lean_scribble
+
+    FUNC t_lean_remove       // → Remove
+    LEAN_SCRIBBLE
+    mov eax, 1
+    ret
+    END t_lean_remove
 "#
 );
 
 extern "C" {
     pub static mut t_data: u64;
     pub static mut t_counter: u64;
+    pub static t_lean_hits: std::sync::atomic::AtomicU64;
+    pub fn t_lean_scribble(hit: *mut probert::Hit) -> u32;
+    pub fn t_lean_remove(hit: *mut probert::Hit) -> u32;
     pub fn t_push_rbp(x: u64) -> u64;
     pub fn t_endbr(x: u64) -> u64;
     pub fn t_riprel_mov(x: u64) -> u64;

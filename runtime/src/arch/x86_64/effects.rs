@@ -1,12 +1,14 @@
 //! What a handler's machine code may change besides the general-purpose
 //! registers, by class, so that the fast path saves exactly that.
 //!
-//! The trampoline always saves and restores the 16 general-purpose
-//! registers and the flags (the handler sees them all). Everything else —
-//! vector registers, opmasks, the x87 stack, MXCSR, `errno` — it saves only
-//! for the classes the probe's handlers may change: a handler that counts
-//! hits with one atomic add needs none of it, and saving all of it would
-//! cost four times an XRay handler call on this kind of machine.
+//! The trampoline always saves and restores the general-purpose registers
+//! a call may change and the flags; the other GPRs too when a handler may
+//! see its frame ([`Clobbers::FRAME`]: the handler sees them all).
+//! Everything else — vector registers, opmasks, the x87 stack, MXCSR,
+//! `errno` — it saves only for the classes the probe's handlers may change:
+//! a handler that counts hits with one atomic add needs none of it, and
+//! saving all of it would cost four times an XRay handler call on this
+//! kind of machine.
 //!
 //! # The analysis of one function
 //!
@@ -118,8 +120,25 @@ impl Clobbers {
     /// register. Reads of static TLS variables and of the stack guard
     /// (`fs:[0x28]`) are fine.
     pub const ERRNO: Clobbers = Clobbers(1 << 4);
+    /// The registers of the frame the handler is given (`hit->regs`): read
+    /// or written, the frame must hold every general-purpose register, and
+    /// the trampoline restores them all from it. Without this class it
+    /// saves only what the call itself may change (the ABI's caller-saved
+    /// registers and the flags).
+    ///
+    /// Set by any function that calls or branches out (a callee may be
+    /// passed the hit) — but not for a call that cannot return (a panic):
+    /// the probed code never resumes, so no register it would read is
+    /// missing — and by any use of `rdi` — the hit pointer at entry
+    /// — other than as the base of a load or store within the hit's fields
+    /// outside `regs` (`mov rax, [rdi + 16]`, its user data). The rule
+    /// holds for every function of the walk, so it applies to the
+    /// handler's own; it is flow-insensitive (a use of `rdi` after it was
+    /// overwritten counts too). Assumed: a handler reaches the registers
+    /// only through its hit, not by reading its caller's stack.
+    pub const FRAME: Clobbers = Clobbers(1 << 5);
     /// Everything: what an unknown handler may change.
-    pub const ALL: Clobbers = Clobbers(0x1F);
+    pub const ALL: Clobbers = Clobbers(0x3F);
 
     /// The union.
     pub const fn union(self, other: Clobbers) -> Clobbers {
@@ -135,12 +154,13 @@ impl Clobbers {
 impl fmt::Display for Clobbers {
     /// `none`, or the classes joined by `|`: `sse|vector`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const NAMES: [(Clobbers, &str); 5] = [
+        const NAMES: [(Clobbers, &str); 6] = [
             (Clobbers::SSE, "sse"),
             (Clobbers::VECTOR, "vector"),
             (Clobbers::OPMASK, "opmask"),
             (Clobbers::X87, "x87"),
             (Clobbers::ERRNO, "errno"),
+            (Clobbers::FRAME, "frame"),
         ];
         let mut sep = "";
         for (c, name) in NAMES {
@@ -276,6 +296,9 @@ pub fn function_effects(
     let mut slot_jumps = Vec::new();
     for (k, i) in instrs.iter().enumerate() {
         let at = i.ip() as usize;
+        if reaches_frame(i, &mut factory) {
+            clobbers = clobbers.union(Clobbers::FRAME);
+        }
         match instruction_clobbers(i, &mut factory) {
             Ok(c) => clobbers = clobbers.union(c),
             Err(why) => {
@@ -386,12 +409,69 @@ pub fn function_effects(
     }
     callees.sort_unstable();
     callees.dedup();
+    if !callees.is_empty() {
+        // A callee may be passed the hit (`Clobbers::FRAME`).
+        clobbers = clobbers.union(Clobbers::FRAME);
+    }
     FunctionEffects {
         clobbers,
         callees,
         noreturn_calls,
         unknown: None,
     }
+}
+
+/// The bytes of the handler's `Hit` (`crate::hit::Hit`), and where its
+/// `regs` pointer lies in it.
+const HIT_SIZE: i64 = 40;
+const HIT_REGS: std::ops::Range<i64> = 8..16;
+
+/// Whether `i` may lead to the register frame, taking `rdi` for the hit
+/// pointer (see [`Clobbers::FRAME`]): it uses `rdi` other than as the base
+/// of one memory operand, without index, within the hit and outside its
+/// `regs` field.
+fn reaches_frame(i: &Instruction, factory: &mut InstructionInfoFactory) -> bool {
+    let is_rdi = |r: Register| r.full_register() == Register::RDI;
+    let info = factory.info(i);
+    if !info.used_registers().iter().any(|u| is_rdi(u.register())) {
+        return false;
+    }
+    let mut base_use = false;
+    for k in 0..i.op_count() {
+        match i.op_kind(k) {
+            OpKind::Register
+                if is_rdi(i.op_register(k))
+                    && !matches!(info.op_access(k), OpAccess::Write | OpAccess::None) =>
+            {
+                return true;
+            }
+            OpKind::Memory if is_rdi(i.memory_base()) || is_rdi(i.memory_index()) => {
+                let d = i.memory_displacement64() as i64;
+                let end = d.saturating_add(i.memory_size().size() as i64);
+                // `lea` copies the pointer (to a field, from which `regs`
+                // is a displacement away) instead of accessing the field.
+                let inside = i.mnemonic() != Mnemonic::Lea
+                    && i.memory_base() == Register::RDI
+                    && i.memory_index() == Register::None
+                    && d >= 0
+                    && end <= HIT_SIZE
+                    && (end <= HIT_REGS.start || d >= HIT_REGS.end);
+                if !inside {
+                    return true;
+                }
+                base_use = true;
+            }
+            OpKind::Memory | OpKind::Register => {}
+            // `stos`/`movs`/`scas`... address through `rdi` implicitly.
+            OpKind::MemoryESRDI | OpKind::MemoryESEDI | OpKind::MemoryESDI => return true,
+            _ => {}
+        }
+    }
+    // Any other read of `rdi` (an implicit operand) reaches it too.
+    !base_use
+        && info.used_registers().iter().any(|u| {
+            is_rdi(u.register()) && !matches!(u.access(), OpAccess::Write | OpAccess::None)
+        })
 }
 
 /// What one instruction may change, or why it makes the function's
@@ -550,12 +630,61 @@ mod tests {
     }
 
     /// `insn; ret`, which must be knowable.
+    /// The classes of `insn; ret` but [`Clobbers::FRAME`] (which its use
+    /// of `rdi` decides: see `the_frame_class_from_uses_of_rdi`).
     fn clobbers_of(insn: &[u8]) -> Clobbers {
         let code = [insn, &[0xC3]].concat();
         let e = effects(&code);
         assert_eq!(e.unknown, None, "{insn:02x?}");
         assert_eq!(e.callees, [], "{insn:02x?}");
-        e.clobbers
+        Clobbers(e.clobbers.0 & !Clobbers::FRAME.0)
+    }
+
+    #[test]
+    fn the_frame_class_from_uses_of_rdi() {
+        let frame = |insn: &[u8]| {
+            let e = effects(&[insn, &[0xC3]].concat());
+            assert_eq!(e.unknown, None, "{insn:02x?}");
+            Clobbers::FRAME.within(e.clobbers)
+        };
+        let cases: &[(&str, &[u8], bool)] = &[
+            ("xor eax, eax", &[0x31, 0xC0], false),
+            // The hit's fields but `regs`: address, user data, session.
+            ("mov rax, [rdi]", &[0x48, 0x8B, 0x07], false),
+            ("mov rax, [rdi + 16]", &[0x48, 0x8B, 0x47, 0x10], false),
+            (
+                "lock inc qword [rdi + 16]",
+                &[0xF0, 0x48, 0xFF, 0x47, 0x10],
+                false,
+            ),
+            ("mov rdi, [rdi + 16]", &[0x48, 0x8B, 0x7F, 0x10], false),
+            ("mov edi, 1", &[0xBF, 1, 0, 0, 0], false),
+            // `regs`, or beyond what can be told.
+            ("mov rax, [rdi + 8]", &[0x48, 0x8B, 0x47, 0x08], true),
+            ("mov eax, [rdi + 12]", &[0x8B, 0x47, 0x0C], true),
+            ("mov rax, [rdi + 4]", &[0x48, 0x8B, 0x47, 0x04], true),
+            ("mov rax, [rdi + 40]", &[0x48, 0x8B, 0x47, 0x28], true),
+            ("mov rax, [rdi - 8]", &[0x48, 0x8B, 0x47, 0xF8], true),
+            ("mov rax, [rdi + rcx]", &[0x48, 0x8B, 0x04, 0x0F], true),
+            ("mov rax, [rcx + rdi]", &[0x48, 0x8B, 0x04, 0x39], true),
+            ("mov rax, rdi", &[0x48, 0x89, 0xF8], true),
+            ("push rdi", &[0x57], true),
+            ("lea rax, [rdi + 16]", &[0x48, 0x8D, 0x47, 0x10], true),
+            ("add rdi, 8", &[0x48, 0x83, 0xC7, 0x08], true),
+            ("stosb", &[0xAA], true),
+            ("movsq", &[0x48, 0xA5], true),
+        ];
+        for &(name, insn, want) in cases {
+            assert_eq!(frame(insn), want, "{name}");
+        }
+        // A call or a tail jump may pass the hit on.
+        let mut call = vec![0xE8];
+        call.extend_from_slice(&rel32(A, B));
+        call.push(0xC3);
+        assert!(Clobbers::FRAME.within(effects(&call).clobbers));
+        let mut jmp = vec![0xE9];
+        jmp.extend_from_slice(&rel32(A, B));
+        assert!(Clobbers::FRAME.within(effects(&jmp).clobbers));
     }
 
     /// The rel32 of a 5-byte branch at `at` to `to`.
@@ -718,7 +847,7 @@ mod tests {
         code.extend_from_slice(&rel32(A + 9, B + 0x40));
         let e = effects(&code);
         assert_eq!(e.unknown, None);
-        assert_eq!(e.clobbers, Clobbers::SSE);
+        assert_eq!(e.clobbers, Clobbers::SSE.union(Clobbers::FRAME));
         assert_eq!(e.callees, [Callee::Direct(B), Callee::Direct(B + 0x40)]);
         assert_eq!(e.noreturn_calls, []);
 
@@ -847,7 +976,10 @@ mod tests {
         assert_eq!(e.unknown, None);
         assert_eq!(
             (e.clobbers, e.callees),
-            (Clobbers::SSE, vec![Callee::Direct(B)])
+            (
+                Clobbers::SSE.union(Clobbers::FRAME),
+                vec![Callee::Direct(B)]
+            )
         );
         // A tail call through a slot besides the table changes nothing.
         let mut with_slot = code.clone();
@@ -872,6 +1004,9 @@ mod tests {
             Clobbers::SSE.union(Clobbers::ERRNO).to_string(),
             "sse|errno"
         );
-        assert_eq!(Clobbers::ALL.to_string(), "sse|vector|opmask|x87|errno");
+        assert_eq!(
+            Clobbers::ALL.to_string(),
+            "sse|vector|opmask|x87|errno|frame"
+        );
     }
 }
