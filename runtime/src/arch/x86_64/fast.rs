@@ -501,7 +501,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         disp(l.first_tag)?,
         disp(l.first_clobbers)?,
     );
-    let (state, c_hits) = (disp(l.consumer_state)?, disp(l.consumer_hits)?);
+    let state = disp(l.consumer_state)?;
     let slow = (Clobbers::VECTOR.0 | Clobbers::OPMASK.0 | Clobbers::X87.0) as i32;
     let mut a = VecAssembler::<X64Relocation>::new(at);
 
@@ -662,24 +662,10 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         // As the full case's `evict`, with these registers (rdx, the site,
         // is no longer needed).
         ; lean_evict:
-        ; mov rdx, [r11]
-        ; mov rsi, [r11 + 8]
-        ; mov QWORD [r11], 0
-        ; test rsi, rsi
-        ; jz >lean_fresh
-        ; mov ecx, edx
-        ; sub rcx, 1
-        ; cmp rcx, disp(l.consumers_cap)?
-        ; jae >lean_fresh
-        ; imul rcx, rcx, disp(l.consumer_size)?
-        ; mov rdx, QWORD l.consumers_base as i64
-        ; mov rdx, [rdx]
-        ; test rdx, rdx
-        ; jz >lean_fresh
-        ; lock add [rdx + rcx + c_hits], rsi
-        ; lean_fresh:
-        ; mov QWORD [r11 + 8], 0
-        ; mov [r11], rax
+    );
+    emit_evict(&mut a, l, R11, RSI)?;
+    dynasm!(a
+        ; .arch x64
         ; jmp <lean_counted
         // `Remove`: the full frame from here (the callee-saved registers are
         // still the probed code's), with the full case's registers, into its
@@ -847,24 +833,10 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         // record index is the tag's low word minus one), then this
         // consumer's tag with a count of 0 (the call above adds the hit).
         ; evict:
-        ; mov rdx, [rbx]
-        ; mov r8, [rbx + 8]
-        ; mov QWORD [rbx], 0
-        ; test r8, r8
-        ; jz >fresh
-        ; mov ecx, edx
-        ; sub rcx, 1
-        ; cmp rcx, disp(l.consumers_cap)?
-        ; jae >fresh
-        ; imul rcx, rcx, disp(l.consumer_size)?
-        ; mov rdx, QWORD l.consumers_base as i64
-        ; mov rdx, [rdx]
-        ; test rdx, rdx
-        ; jz >fresh
-        ; lock add [rdx + rcx + c_hits], r8
-        ; fresh:
-        ; mov QWORD [rbx + 8], 0
-        ; mov [rbx], rax
+    );
+    emit_evict(&mut a, l, RBX, R8)?;
+    dynasm!(a
+        ; .arch x64
         ; jmp <counted
         // Anything else: leave the section, and run the general dispatcher.
         ; leave_general:
@@ -1215,6 +1187,50 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ));
     }
     Ok(bytes)
+}
+
+/// Hardware numbers of the registers [`emit_evict`] is given.
+const RBX: u8 = 3;
+const RSI: u8 = 6;
+const R8: u8 = 8;
+const R11: u8 = 11;
+
+/// The inline cases' `replace_hit_entry`: the way at `entry` holds another
+/// consumer (or none), and rax this consumer's tag. The way's tag is
+/// cleared first, its count (loaded into `count`) flushed into its record
+/// (the record index is the tag's low word minus one), then it gets this
+/// consumer's tag with a count of 0. Also uses rcx and rdx.
+// dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
+#[allow(clippy::useless_conversion)]
+fn emit_evict(
+    a: &mut VecAssembler<X64Relocation>,
+    l: &InlineLayout,
+    entry: u8,
+    count: u8,
+) -> Result<()> {
+    let c_hits = disp(l.consumer_hits)?;
+    dynasm!(a
+        ; .arch x64
+        ; mov rdx, [Rq(entry)]
+        ; mov Rq(count), [Rq(entry) + 8]
+        ; mov QWORD [Rq(entry)], 0
+        ; test Rq(count), Rq(count)
+        ; jz >fresh
+        ; mov ecx, edx
+        ; sub rcx, 1
+        ; cmp rcx, disp(l.consumers_cap)?
+        ; jae >fresh
+        ; imul rcx, rcx, disp(l.consumer_size)?
+        ; mov rdx, QWORD l.consumers_base as i64
+        ; mov rdx, [rdx]
+        ; test rdx, rdx
+        ; jz >fresh
+        ; lock add [rdx + rcx + c_hits], Rq(count)
+        ; fresh:
+        ; mov QWORD [Rq(entry) + 8], 0
+        ; mov [Rq(entry)], rax
+    );
+    Ok(())
 }
 
 fn iced(e: iced_x86::IcedError) -> Error {
