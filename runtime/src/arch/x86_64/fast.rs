@@ -555,26 +555,9 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     // as at entry and every callee-saved register untouched; a handler that
     // returns `Remove` completes the frame and goes on as the full case's
     // inline case does (`->inline_after`).
+    emit_home(&mut a, l, R8, R9, R10)?;
     dynasm!(a
         ; .arch x64
-        ; fs mov rax, [0]
-        ; mov rcx, QWORD l.home_mul as i64
-        ; imul rcx, rax
-        ; shr rcx, l.home_shift as i8
-        ; mov r9, rcx
-        ; shl r9, l.hits_size.trailing_zeros() as i8
-        ; mov r10, QWORD l.hits_table as i64
-        ; add r9, r10
-    );
-    if l.slot_size.is_power_of_two() {
-        dynasm!(a ; .arch x64 ; shl rcx, l.slot_size.trailing_zeros() as i8);
-    } else {
-        dynasm!(a ; .arch x64 ; imul rcx, rcx, disp(l.slot_size)?);
-    }
-    dynasm!(a
-        ; .arch x64
-        ; mov r8, QWORD l.table as i64
-        ; add r8, rcx
         ; cmp [r8 + owner], rax
         ; jne ->full
         ; mov rcx, [r8 + seq]
@@ -722,28 +705,11 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     // r12 = slot, rdi = its hit cache, r14 = list, then rbx = the hit-cache
     // entry; esi = the classes saved (kept in r13d across the call). rbp
     // stays the interrupted code's, for handlers that walk frame pointers.
+    // `grace::enter`, fast path: the home slot is ours and not in a
+    // section.
+    emit_home(&mut a, l, R12, RDI, RDX)?;
     dynasm!(a
         ; .arch x64
-        // `grace::enter`, fast path: the home slot is ours and not in a
-        // section.
-        ; fs mov rax, [0]
-        ; mov rcx, QWORD l.home_mul as i64
-        ; imul rcx, rax
-        ; shr rcx, l.home_shift as i8
-        ; mov rdi, rcx
-        ; shl rdi, l.hits_size.trailing_zeros() as i8
-        ; mov rdx, QWORD l.hits_table as i64
-        ; add rdi, rdx
-    );
-    if l.slot_size.is_power_of_two() {
-        dynasm!(a ; .arch x64 ; shl rcx, l.slot_size.trailing_zeros() as i8);
-    } else {
-        dynasm!(a ; .arch x64 ; imul rcx, rcx, disp(l.slot_size)?);
-    }
-    dynasm!(a
-        ; .arch x64
-        ; mov r12, QWORD l.table as i64
-        ; add r12, rcx
         ; cmp [r12 + owner], rax
         ; jne ->general
         ; mov rcx, [r12 + seq]
@@ -1189,11 +1155,53 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     Ok(bytes)
 }
 
-/// Hardware numbers of the registers [`emit_evict`] is given.
+/// Hardware numbers of the registers [`emit_home`] and [`emit_evict`] are
+/// given.
+const RDX: u8 = 2;
 const RBX: u8 = 3;
 const RSI: u8 = 6;
+const RDI: u8 = 7;
 const R8: u8 = 8;
+const R9: u8 = 9;
+const R10: u8 = 10;
 const R11: u8 = 11;
+const R12: u8 = 12;
+
+/// The inline cases' home slot (`grace::home`): rax = the thread pointer,
+/// `slot` = its home slot, `hits` = that slot's hit cache; uses rcx and
+/// `tmp`.
+// dynasm's dynamic registers (`Rq(n)`) expand to an `.into()` of the number.
+#[allow(clippy::useless_conversion)]
+fn emit_home(
+    a: &mut VecAssembler<X64Relocation>,
+    l: &InlineLayout,
+    slot: u8,
+    hits: u8,
+    tmp: u8,
+) -> Result<()> {
+    dynasm!(a
+        ; .arch x64
+        ; fs mov rax, [0]
+        ; mov rcx, QWORD l.home_mul as i64
+        ; imul rcx, rax
+        ; shr rcx, l.home_shift as i8
+        ; mov Rq(hits), rcx
+        ; shl Rq(hits), l.hits_size.trailing_zeros() as i8
+        ; mov Rq(tmp), QWORD l.hits_table as i64
+        ; add Rq(hits), Rq(tmp)
+    );
+    if l.slot_size.is_power_of_two() {
+        dynasm!(a ; .arch x64 ; shl rcx, l.slot_size.trailing_zeros() as i8);
+    } else {
+        dynasm!(a ; .arch x64 ; imul rcx, rcx, disp(l.slot_size)?);
+    }
+    dynasm!(a
+        ; .arch x64
+        ; mov Rq(slot), QWORD l.table as i64
+        ; add Rq(slot), rcx
+    );
+    Ok(())
+}
 
 /// The inline cases' `replace_hit_entry`: the way at `entry` holds another
 /// consumer (or none), and rax this consumer's tag. The way's tag is
