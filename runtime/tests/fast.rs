@@ -580,3 +580,78 @@ isolated!(hit_counts_stay_exact_when_consumers_share_hit_cache_ways, {
         probert::detach(id).unwrap();
     }
 });
+
+isolated!(hit_counts_stay_exact_while_signals_interrupt_the_stubs, {
+    // A site's stub hands its record to the trampoline on the stack, in the
+    // 128 bytes below the stack pointer that no signal frame takes. Here one
+    // thread calls two fast sites in turn while another interrupts it with
+    // signals as fast as it can, whose handler dirties a deep stack: a
+    // signal landing between a stub's store and the trampoline's load must
+    // not change which record (and consumer) the hit goes to.
+    static CALLS: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
+    static SIGNALS: AtomicU64 = AtomicU64::new(0);
+    static TID: AtomicU64 = AtomicU64::new(0);
+    static DONE: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_usr1(_: i32) {
+        let mut junk = [0x5Au8; 4096];
+        std::hint::black_box(&mut junk);
+        SIGNALS.fetch_add(1, Ordering::Relaxed);
+    }
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_usr1 as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()), 0);
+    }
+    let sites = nop5_functions(2);
+    let ids: Vec<_> = (0..2)
+        .map(|i| {
+            let id = unsafe { probert::attach_ex(sites[i], count, counter(&CALLS[i]), Mode::Fast) }
+                .unwrap();
+            assert_eq!(probert::probe_mode(sites[i]), Ok(Mode::Fast));
+            id
+        })
+        .collect();
+    const CALLS_EACH: u64 = 2_000_000;
+    let caller = {
+        let sites = sites.clone();
+        std::thread::spawn(move || {
+            TID.store(unsafe { libc::gettid() } as u64, Ordering::SeqCst);
+            for r in 0..CALLS_EACH {
+                assert_eq!(call_at(sites[0], r), r + 1);
+                assert_eq!(call_at(sites[1], r), r + 1);
+            }
+            DONE.store(true, Ordering::SeqCst);
+        })
+    };
+    while TID.load(Ordering::SeqCst) == 0 {
+        std::hint::spin_loop();
+    }
+    let mut sent = 0u64;
+    while !DONE.load(Ordering::SeqCst) {
+        let tid = TID.load(Ordering::SeqCst) as i64;
+        let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+        if rc == 0 {
+            sent += 1;
+        }
+    }
+    caller.join().unwrap();
+    assert!(
+        SIGNALS.load(Ordering::SeqCst) > 1000,
+        "only {} of {sent} signals arrived",
+        SIGNALS.load(Ordering::SeqCst)
+    );
+    for (i, id) in ids.into_iter().enumerate() {
+        assert_eq!(
+            CALLS[i].load(Ordering::SeqCst),
+            CALLS_EACH,
+            "site {i}'s handler"
+        );
+        assert_eq!(
+            probert::stats(id).unwrap().hits,
+            CALLS_EACH,
+            "site {i}'s statistics"
+        );
+        probert::detach(id).unwrap();
+    }
+});
