@@ -148,11 +148,6 @@ pub(crate) fn inline_layout() -> InlineLayout {
     let slots = grace::slot_layout();
     let first = offset_of!(ConsumerList, first);
     InlineLayout {
-        // The arena is mapped before any probe exists (0 before: refused).
-        probes: probe::PROBES
-            .get(0)
-            .map_or(0, |r| r as *const ProbeRecord as usize),
-        probe_size: size_of::<ProbeRecord>(),
         table: slots.table,
         slot_size: slots.size,
         slot_owner: slots.owner,
@@ -162,7 +157,7 @@ pub(crate) fn inline_layout() -> InlineLayout {
         hit_ways: slots.hit_ways,
         home_mul: slots.home_mul,
         home_shift: slots.home_shift,
-        probe_stub: offset_of!(ProbeRecord, stub),
+        probe_addr: offset_of!(ProbeRecord, addr),
         probe_report: offset_of!(ProbeRecord, report),
         probe_consumers: offset_of!(ProbeRecord, consumers),
         probe_clobbers: offset_of!(ProbeRecord, clobbers),
@@ -188,7 +183,6 @@ pub(crate) fn inline_layout() -> InlineLayout {
 mod tests {
     #[test]
     fn the_trampoline_is_emitted_for_the_real_layout() {
-        crate::probe::PROBES.init().unwrap();
         let l = super::inline_layout();
         crate::arch::emit_trampoline(0x7000_0000, &l, crate::arch::CpuState::detect()).unwrap();
     }

@@ -1077,14 +1077,14 @@ impl Sites {
         }))
     }
 
-    /// Builds a prepared site's stub for the probe record of index `record`: the site
+    /// Builds a prepared site's stub for probe record `record`: the site
     /// stub of a fast-capable site (if it cannot be built, the site is trap
     /// only), or the out-of-line stub its first instruction needs.
     pub(crate) fn build(
         &mut self,
         pool: &mut Pool,
         mut p: PreparedSite,
-        record: u32,
+        record: usize,
     ) -> Result<BuiltSite> {
         if let (Some(end), Some(ret_len)) = (p.run, p.exit) {
             // The instructions up to the `ret`'s end (padding after it, where
@@ -1454,8 +1454,7 @@ impl Sites {
     /// Demotes the fast-capable site at `probe`, because a probe is wanted
     /// at an instruction inside its run: switches it to its trap (the run's
     /// original bytes back, see [`TO_TRAP`](arch::TO_TRAP)), and builds a
-    /// site stub of its first instruction alone for its record (of index
-    /// `record`).
+    /// site stub of its first instruction alone for its record at `record`.
     /// From then on the trap path resumes there (and the fast path enters
     /// there if that instruction is long enough for the jump alone), so the
     /// rest of the run executes in place and may be probed. A site with a
@@ -1469,7 +1468,7 @@ impl Sites {
         &mut self,
         pool: &mut Pool,
         probe: usize,
-        record: u32,
+        record: usize,
         inside: usize,
     ) -> Result<(usize, Retired)> {
         let Some(s) = self.by_probe.get(&probe) else {

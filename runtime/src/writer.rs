@@ -44,7 +44,7 @@ use crate::error::{Error, Result};
 use crate::grace;
 use crate::hit::Handler;
 use crate::map::RetiredTables;
-use crate::probe::{ConsumerList, Entry, EntryKind, CONSUMERS, PROBES, REAP_PENDING};
+use crate::probe::{ConsumerList, Entry, EntryKind, ProbeRecord, CONSUMERS, PROBES, REAP_PENDING};
 use crate::region::{RegionDesc, RegionId, RegionOptions, Regions};
 use crate::site::{BuiltSite, Mode, Prepared, PreparedSite, Sites, TrapOnly};
 use crate::sys::{membarrier, threads};
@@ -607,7 +607,10 @@ impl WriterState {
         let mut built: Vec<BuiltSite> = Vec::with_capacity(prepared.len());
         for (p, &rec_idx) in prepared.into_iter().zip(&recs) {
             let at = p.probe;
-            match self.sites.build(&mut self.pool, p, rec_idx) {
+            let record = PROBES
+                .get(rec_idx as usize)
+                .map_or(0, |r| r as *const ProbeRecord as usize);
+            match self.sites.build(&mut self.pool, p, record) {
                 Ok(b) => built.push(b),
                 Err(e) => {
                     let index = reqs.iter().position(|r| r.addr == at).unwrap_or(0);
@@ -788,7 +791,12 @@ impl WriterState {
         let rec = PROBES
             .get(rec_idx as usize)
             .ok_or(Error::Internal("probe record out of range".into()))?;
-        let (resume, old) = self.sites.demote(&mut self.pool, probe, rec_idx, inside)?;
+        let (resume, old) = self.sites.demote(
+            &mut self.pool,
+            probe,
+            rec as *const ProbeRecord as usize,
+            inside,
+        )?;
         // Ordering: Release — the new stub was written before a trap handler
         // may resume in it (pairs with the validated load in
         // `view_speculative`; the stub's bytes are written by the kernel
@@ -1227,18 +1235,23 @@ impl WriterState {
         self.sites.set_overlay(vec![(patch, new)]);
         let built = match self.sites.prepare(&self.regions, &self.pool, probe) {
             Ok(Prepared::Site(p)) if p.patch == patch => match self.alloc_probe_record() {
-                Ok(rec) => match self.sites.build(&mut self.pool, p, rec) {
-                    Ok(b) if self.pool.flush().is_ok() => Some((b, rec)),
-                    Ok(b) => {
-                        b.unbuild(&mut self.pool);
-                        self.free_probes.push(rec);
-                        None
+                Ok(rec) => {
+                    let record = PROBES
+                        .get(rec as usize)
+                        .map_or(0, |r| r as *const ProbeRecord as usize);
+                    match self.sites.build(&mut self.pool, p, record) {
+                        Ok(b) if self.pool.flush().is_ok() => Some((b, rec)),
+                        Ok(b) => {
+                            b.unbuild(&mut self.pool);
+                            self.free_probes.push(rec);
+                            None
+                        }
+                        Err(_) => {
+                            self.free_probes.push(rec);
+                            None
+                        }
                     }
-                    Err(_) => {
-                        self.free_probes.push(rec);
-                        None
-                    }
-                },
+                }
                 Err(_) => None,
             },
             _ => None,

@@ -246,10 +246,10 @@ impl Pool {
 
     /// Builds and writes the site stub for the run `code` (the original
     /// bytes of the instructions the site's jump displaces, at `jump`) of the
-    /// probe record of index `record`: the fast path enters it, the trap path
+    /// probe record at `record`: the fast path enters it, the trap path
     /// resumes in its displaced instructions. A small slot if the stub fits,
     /// else a large one.
-    pub(crate) fn create_site(&mut self, code: &[u8], jump: usize, record: u32) -> Result<Stub> {
+    pub(crate) fn create_site(&mut self, code: &[u8], jump: usize, record: usize) -> Result<Stub> {
         let mut last = None;
         for class in 0..SIZES.len() as u8 {
             let (stub, trampoline) = self.alloc(jump, class)?;
@@ -265,14 +265,14 @@ impl Pool {
     }
 
     /// A new exit stub ([`arch::emit_exit_stub`]) for the exit run `code` at
-    /// `jump`, ending with a `ret` of `ret_len` bytes, naming the probe
-    /// record of index `record`: the site's jump and the trap path both enter at its start.
+    /// `jump`, ending with a `ret` of `ret_len` bytes, naming probe record
+    /// `record`: the site's jump and the trap path both enter at its start.
     pub(crate) fn create_exit(
         &mut self,
         code: &[u8],
         jump: usize,
         ret_len: usize,
-        record: u32,
+        record: usize,
     ) -> Result<Stub> {
         let mut last = None;
         for class in 0..SIZES.len() as u8 {

@@ -582,12 +582,12 @@ isolated!(hit_counts_stay_exact_when_consumers_share_hit_cache_ways, {
 });
 
 isolated!(hit_counts_stay_exact_while_signals_interrupt_the_stubs, {
-    // A site's stub hands its record to the trampoline on the stack, in the
-    // 128 bytes below the stack pointer that no signal frame takes. Here one
-    // thread calls two fast sites in turn while another interrupts it with
-    // signals as fast as it can, whose handler dirties a deep stack: a
-    // signal landing between a stub's store and the trampoline's load must
-    // not change which record (and consumer) the hit goes to.
+    // The fast path keeps its frame, and what it needs after the handler,
+    // on the interrupted code's stack, where a signal frame may land
+    // wherever the stack pointer does not cover it. Here one thread calls
+    // two fast sites in turn while another interrupts it with signals as
+    // fast as it can, whose handler dirties a deep stack: no hit may be
+    // lost, go to the other site's consumer, or crash.
     static CALLS: [AtomicU64; 2] = [const { AtomicU64::new(0) }; 2];
     static SIGNALS: AtomicU64 = AtomicU64::new(0);
     static TID: AtomicU64 = AtomicU64::new(0);

@@ -488,8 +488,8 @@ fn check_site(a: &Analysed, flow: &FunctionFlow, s: &super::Site) -> Result<(), 
         .expect("run bytes");
     let stub = s.jump + (1 << 30);
     // A small slot, else a large one, as the pool tries them.
-    emit_site_stub(code, s.jump, stub, 64, stub + 0x1000, 1)
-        .or_else(|_| emit_site_stub(code, s.jump, stub, 128, stub + 0x1000, 1))
+    emit_site_stub(code, s.jump, stub, 64, stub + 0x1000, 0x1000)
+        .or_else(|_| emit_site_stub(code, s.jump, stub, 128, stub + 0x1000, 0x1000))
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

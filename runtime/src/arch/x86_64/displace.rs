@@ -80,15 +80,14 @@ fn fits(bytes: &[u8], addr: usize, max_len: usize) -> Result<()> {
 
 /// The exit stub of a function's exit run (`code`: the original bytes of
 /// whole instructions mapped at `jump`, ending with a `ret` of `ret_len`
-/// bytes), in the slot at `slot` (`slot_len` bytes), for the probe record
-/// of index `record`:
+/// bytes), in the slot at `slot` (`slot_len` bytes), for probe record
+/// `record`:
 ///
 /// ```text
 /// slot:       <the instructions before the ret, relocated>
-///             jmp  +8
-///             .quad jump                  ; the data word
+///             jmp  +16
+///             .quad record, jump          ; the data words
 ///             lea  rsp, [rsp - 128]
-///             mov  dword [rsp - 0x60], record
 ///             call trampoline             ; the hit, at the ret
 /// ret_point:  ret [imm16]
 /// ```
@@ -103,7 +102,7 @@ pub fn emit_exit_stub(
     slot: usize,
     slot_len: usize,
     trampoline: usize,
-    record: u32,
+    record: usize,
 ) -> Result<Vec<u8>> {
     let body = code
         .len()
@@ -202,8 +201,7 @@ fn relocate_run(code: &[u8], addr: usize, at: usize, end: usize) -> Result<(Out,
 /// The whole per-site stub in the slot at `slot` (`slot_len` bytes) for the
 /// run `code` (the original bytes of whole instructions, mapped at `jump`,
 /// where the site's `jmp` goes): the data words and prologue of
-/// [`stub_prologue`] calling `trampoline` for the probe record of index
-/// `record`, then
+/// [`stub_prologue`] calling `trampoline` for probe record `record`, then
 /// [`emit_displaced`].
 pub fn emit_site_stub(
     code: &[u8],
@@ -211,7 +209,7 @@ pub fn emit_site_stub(
     slot: usize,
     slot_len: usize,
     trampoline: usize,
-    record: u32,
+    record: usize,
 ) -> Result<Vec<u8>> {
     let mut b = stub_prologue(slot, trampoline, record, jump)?;
     let room = slot_len.checked_sub(STUB_PROLOGUE).ok_or_else(|| {
@@ -604,7 +602,7 @@ mod tests {
     #[test]
     fn the_site_stub_starts_with_the_site_prologue_and_ends_with_its_fault_map() {
         let code = [0x55, 0x48, 0x89, 0xE5, 0x53];
-        let (stub, tramp, rec) = (AT, AT - 0x1000, 0x1234);
+        let (stub, tramp, rec) = (AT, AT - 0x1000, 0x7f00_1234_0000);
         let b = emit_site_stub(&code, ADDR, stub, 64, tramp, rec).unwrap();
         assert_eq!(
             b[..STUB_PROLOGUE],

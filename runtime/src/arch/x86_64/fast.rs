@@ -4,9 +4,9 @@
 //! # The per-site stub (a pool slot)
 //!
 //! ```text
-//! slot:       .quad site                ; the patch address it belongs to (data)
+//! slot:       .quad record              ; the probe record (data, never run)
+//!             .quad site                ; the patch address it belongs to
 //! entry:      lea  rsp, [rsp - 128]     ; step over the red zone
-//!             mov  dword [rsp - 0x60], record_index
 //!             call trampoline           ; pushes ret_point
 //! ret_point:  <displaced instructions>  ; relocated (see `displace`)
 //!             jmp  site_end
@@ -14,17 +14,6 @@
 //!
 //! The site jumps to `entry`. The trap path resumes at `ret_point` too, so
 //! a site whose instructions are being switched never runs them in place.
-//!
-//! The probe record's index travels as an immediate, stored on the stack
-//! where the trampoline's frame will have `regs.rsp` (within the 128 bytes
-//! below the stack pointer at every instruction until the trampoline moves
-//! the stack pointer below it, so no signal frame lands on it), and loaded
-//! from there by store forwarding: in real code, whose hits go to thousands
-//! of sites in turn, a load of a data word from the stub's line misses the
-//! data cache (the line was fetched as code), and the record's address was
-//! the head of the hit's chain of dependent loads (record → list →
-//! handler and hit cache). The site word is loaded too, but only to check
-//! the record: off that chain.
 //!
 //! # The trampoline (one per stub chunk, shared by its stubs)
 //!
@@ -59,7 +48,7 @@
 //! the full case dispatches:
 //!
 //! - **The inline case**, in assembly: the thread's home section slot is its
-//!   own and not in a section; the probe record still names this stub; its
+//!   own and not in a section; the probe record is still the site's; its
 //!   consumer list says it may be dispatched inline (one consumer of the
 //!   plain kind — the writer decides, so a new kind of consumer needs no
 //!   change here), whose classes were saved, and attached. It enters the
@@ -295,10 +284,6 @@ pub fn far_exit(_cx: SignalContext, ctx: &mut TrapContext<'_>) -> bool {
 /// `crate::fast::inline_layout`), and what it calls.
 #[derive(Clone, Copy, Debug)]
 pub struct InlineLayout {
-    /// The probe records (`probe::PROBES`): the first one's address and a
-    /// record's size (a power of two); a stub names its record by index.
-    pub probes: usize,
-    pub probe_size: usize,
     /// The read-side section table (`grace`): slot 0, slot size, fields,
     /// hit-cache ways, and the home hash `(tp * home_mul) >> home_shift`.
     pub table: usize,
@@ -312,12 +297,10 @@ pub struct InlineLayout {
     pub hit_ways: usize,
     pub home_mul: u64,
     pub home_shift: u32,
-    /// Fields of a probe record (`probe::ProbeRecord`): where the trap path
-    /// resumes (for a fast site, its stub's `ret_point`: the record is
-    /// still the stub's while it says so), the address handlers see as RIP,
-    /// the consumer list, the union of its consumers' clobber classes (a
-    /// 32-bit word).
-    pub probe_stub: usize,
+    /// Fields of a probe record (`probe::ProbeRecord`): the patch address
+    /// (the site's key), the address handlers see as RIP, the consumer
+    /// list, the union of its consumers' clobber classes (a 32-bit word).
+    pub probe_addr: usize,
     pub probe_report: usize,
     pub probe_consumers: usize,
     pub probe_clobbers: usize,
@@ -410,22 +393,15 @@ const XI_OPMASK: u32 = 1 << 5;
 const XI_ZMM_HI256: u32 = 1 << 6;
 const XI_HI16_ZMM: u32 = 1 << 7;
 
-/// The data word at the start of a site stub (the site), then the entry.
-pub const STUB_DATA: usize = 8;
+/// The data words at the start of a site stub (the record and the site),
+/// then the entry.
+pub const STUB_DATA: usize = 16;
 /// From a stub slot's start to `ret_point`: the data, `lea rsp, [rsp -
-/// 128]`, the store of the record's index and `call rel32`.
-pub const STUB_PROLOGUE: usize = STUB_DATA + 8 + 8 + 5;
-/// The site's data word, below `ret_point`.
-const STUB_SITE_BELOW_RET: i32 = STUB_PROLOGUE as i32;
-/// Where the stub stores the record's index, below its stack pointer after
-/// `lea rsp, [rsp - 128]`: the frame's `regs.rsp`, which the trampoline
-/// writes only after it has read the index (the lean case never does: its
-/// handlers cannot see the frame).
-const RECORD_INDEX_BELOW_SP: i32 = 8 + RET_POINT - RSP;
-// Within the red zone of the stack pointer at the store, after the call
-// (8 bytes lower) and after `pushfq` (16): no signal frame can take it
-// before `lea rsp, [rsp - RFLAGS]` leaves it above the stack pointer.
-const _: () = assert!(RECORD_INDEX_BELOW_SP <= 128 && RECORD_INDEX_BELOW_SP - 16 >= 4);
+/// 128]` and `call rel32`.
+pub const STUB_PROLOGUE: usize = STUB_DATA + 8 + 5;
+/// The record's and the site's data words, below `ret_point`.
+const STUB_RECORD_BELOW_RET: i32 = STUB_PROLOGUE as i32;
+const STUB_SITE_BELOW_RET: i32 = STUB_PROLOGUE as i32 - 8;
 
 /// Bytes of the trampoline (fits in this many bytes of the chunk).
 pub const TRAMPOLINE_SIZE: usize = 4096;
@@ -511,8 +487,8 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         return Err(Error::Internal("fast trampoline: bad inline layout".into()));
     }
     let (owner, seq) = (disp(l.slot_owner)?, disp(l.slot_seq)?);
-    let (p_stub, p_report, p_list, p_clobbers) = (
-        disp(l.probe_stub)?,
+    let (p_addr, p_report, p_list, p_clobbers) = (
+        disp(l.probe_addr)?,
         disp(l.probe_report)?,
         disp(l.probe_consumers)?,
         disp(l.probe_clobbers)?,
@@ -526,21 +502,15 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         disp(l.first_clobbers)?,
     );
     let state = disp(l.consumer_state)?;
-    if l.probes == 0 || !l.probe_size.is_power_of_two() {
-        return Err(Error::Internal("fast trampoline: no probe records".into()));
-    }
-    let probe_shift = l.probe_size.trailing_zeros() as i8;
     let slow = (Clobbers::VECTOR.0 | Clobbers::OPMASK.0 | Clobbers::X87.0) as i32;
     let mut a = VecAssembler::<X64Relocation>::new(at);
 
     // ---- entry: the flags and what a call may change ------------------------
     // The stub's `call` pushed ret_point; everything below it, down to the
     // frame's start, is the trampoline's (the stub stepped over the red
-    // zone, and left the record's index in `regs.rsp`). rsp = the registers
-    // (`FastFrame::regs`, `Regs` layout), of which the ABI's caller-saved
-    // ones are stored; rdi = the record, rdx = ret_point (which names the
-    // stub), esi = the record's classes. Nothing reads the stub's line as
-    // data unless the hit goes to the general dispatcher (the site's word).
+    // zone). rsp = the registers (`FastFrame::regs`, `Regs` layout), of
+    // which the ABI's caller-saved ones are stored; rdi = the record, rdx =
+    // the site, esi = the record's classes.
     dynasm!(a
         ; .arch x64
         ; pushfq                             // regs.rflags
@@ -562,11 +532,9 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; jz >no_df
         ; cld
         ; no_df:
-        ; mov edi, [rsp + RSP]
-        ; shl rdi, probe_shift
-        ; mov rax, QWORD l.probes as i64
-        ; add rdi, rax
-        ; mov rdx, [rsp + RET_POINT]
+        ; mov rcx, [rsp + RET_POINT]
+        ; mov rdi, [rcx - STUB_RECORD_BELOW_RET]
+        ; mov rdx, [rcx - STUB_SITE_BELOW_RET]
         // The classes to save: the record's, read before its list (x86
         // keeps loads in order; the writer widens them before it publishes
         // a list that needs more, see `writer::publish_list`). None, not
@@ -598,7 +566,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; inc rcx
         ; mov [r8 + seq], rcx
         ; mov r10, [rdi + p_list]
-        ; cmp [rdi + p_stub], rdx
+        ; cmp [rdi + p_addr], rdx
         ; jne >lean_leave
         ; test r10, r10
         ; jz >lean_leave
@@ -674,7 +642,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; inc rcx
         ; mov [r8 + seq], rcx
         ; jmp ->full
-        // As the full case's `evict`, with these registers (rdx, ret_point,
+        // As the full case's `evict`, with these registers (rdx, the site,
         // is no longer needed).
         ; lean_evict:
     );
@@ -710,8 +678,8 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
     );
 
     // ---- the full case: every register in the frame ----------------------------
-    // Registers from here: r15 = the registers, r13 = the record, rbx =
-    // ret_point (the stub), esi = the classes saved.
+    // Registers from here: r15 = the registers, r13 = the record, rbx = the
+    // site, esi = the classes saved.
     dynasm!(a
         ; .arch x64
         ; ->full:
@@ -749,11 +717,11 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; jnz ->general
         ; inc rcx
         ; mov [r12 + seq], rcx
-        // The record is still the stub's, with a list the inline case may
+        // The record is still the site's, with a list the inline case may
         // dispatch, whose one consumer's classes were saved, attached, and
         // owning its way of the hit cache.
         ; mov r14, [r13 + p_list]
-        ; cmp [r13 + p_stub], rbx
+        ; cmp [r13 + p_addr], rbx
         ; jne >leave_general
         ; test r14, r14
         ; jz >leave_general
@@ -767,7 +735,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; mov rax, [r14 + record]
         ; cmp DWORD [rax + state], l.state_active as i32
         ; jne >leave_general
-        // rbx held ret_point for the general path until here: from now on
+        // rbx held the site for the general path until here: from now on
         // the hit is the inline case's (a way held by another consumer is
         // taken over below, at `evict`).
         ; mov rax, [r14 + tag]
@@ -853,7 +821,7 @@ pub fn emit_trampoline(at: usize, l: &InlineLayout, cpu: CpuState) -> Result<Vec
         ; or esi, Clobbers::FRAME.0 as i32
         ; mov r12d, esi
         ; mov rdi, r13
-        ; mov rsi, [rbx - STUB_SITE_BELOW_RET]
+        ; mov rsi, rbx
         ; lea rdx, [r15 + FRAME_FROM_REGS]
         ; mov ecx, r12d
         ; mov rax, QWORD l.dispatch as i64
@@ -1308,21 +1276,18 @@ fn rel32(site: usize, from_end: usize, to: usize) -> Result<[u8; 4]> {
 }
 
 /// A stub's first [`STUB_PROLOGUE`] bytes, for the slot at `slot` of the
-/// site `site` (its patch address) and the probe record of index `record`:
-/// the data word, then `lea rsp, [rsp - 128]; mov dword [rsp - 0x60],
-/// record; call trampoline`.
+/// site `site` (its patch address) and probe record `record`: the data
+/// words, then `lea rsp, [rsp - 128]; call trampoline`.
 pub(super) fn stub_prologue(
     slot: usize,
     trampoline: usize,
-    record: u32,
+    record: usize,
     site: usize,
 ) -> Result<Vec<u8>> {
     let mut b = Vec::with_capacity(STUB_PROLOGUE + 32);
+    b.extend_from_slice(&(record as u64).to_le_bytes());
     b.extend_from_slice(&(site as u64).to_le_bytes());
-    b.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF]);
-    b.extend_from_slice(&[0xC7, 0x44, 0x24, (-RECORD_INDEX_BELOW_SP) as u8]);
-    b.extend_from_slice(&record.to_le_bytes());
-    b.push(0xE8);
+    b.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0xE8]);
     b.extend_from_slice(&rel32(site, slot + b.len() + 4, trampoline)?);
     debug_assert_eq!(b.len(), STUB_PROLOGUE);
     Ok(b)
@@ -1345,8 +1310,6 @@ mod tests {
 
     pub(crate) fn layout() -> InlineLayout {
         InlineLayout {
-            probes: 0x5555_0003_0000,
-            probe_size: 64,
             table: 0x5555_0001_0000,
             slot_size: 256,
             slot_owner: 0,
@@ -1356,7 +1319,7 @@ mod tests {
             hit_ways: 1024,
             home_mul: 0x9E37_79B9_7F4A_7C15,
             home_shift: 55,
-            probe_stub: 0x28,
+            probe_addr: 0,
             probe_report: 8,
             probe_consumers: 0x30,
             probe_clobbers: 0x38,
@@ -1486,15 +1449,14 @@ mod tests {
     #[test]
     fn stub_prologue_golden_bytes() {
         let (slot, tramp) = (0x50_0000, 0x4F_F000);
-        let b = stub_prologue(slot, tramp, 0x0004_5566, 0x40_1000).unwrap();
+        let b = stub_prologue(slot, tramp, 0x1122_3344_5566, 0x40_1000).unwrap();
         let call_rel = (tramp as i64 - (slot as i64 + STUB_PROLOGUE as i64)) as i32;
-        let mut expect = 0x40_1000u64.to_le_bytes().to_vec();
-        // lea rsp, [rsp - 0x80]; mov dword [rsp - 0x60], 0x45566; call
-        expect.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF]);
-        expect.extend_from_slice(&[0xC7, 0x44, 0x24, 0xA0, 0x66, 0x55, 0x04, 0x00, 0xE8]);
+        let mut expect = 0x1122_3344_5566u64.to_le_bytes().to_vec();
+        expect.extend_from_slice(&0x40_1000u64.to_le_bytes());
+        expect.extend_from_slice(&[0x48, 0x8D, 0xA4, 0x24, 0x80, 0xFF, 0xFF, 0xFF, 0xE8]);
         expect.extend_from_slice(&call_rel.to_le_bytes());
         assert_eq!(b, expect);
-        assert_eq!(stub_entry(slot), slot + 8);
+        assert_eq!(stub_entry(slot), slot + 16);
         assert_eq!(stub_resume(slot), slot + STUB_PROLOGUE);
     }
 
