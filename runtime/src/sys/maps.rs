@@ -180,13 +180,21 @@ impl Query {
         }
     }
 
-    /// [`executable_spans`] by queries: each span's mappings in turn.
+    /// [`executable_spans`] by queries: each span's mappings in turn, one
+    /// query per mapping while the spans stay in it (a batch's patches
+    /// mostly lie in a few).
     fn executable_spans(&self, spans: &[(usize, usize)]) -> Result<Vec<bool>, i32> {
         let mut out = Vec::with_capacity(spans.len());
+        let mut last: Option<(usize, usize, i32)> = None;
         for &(start, end) in spans {
             let mut at = start;
             while at < end {
-                match self.mapping(at)? {
+                let m = match last {
+                    Some(m) if m.0 <= at && at < m.1 => Some(m),
+                    _ => self.mapping(at)?,
+                };
+                last = m.or(last);
+                match m {
                     Some((_, e, prot)) if prot & libc::PROT_EXEC != 0 && e > at => at = e,
                     _ => break,
                 }
