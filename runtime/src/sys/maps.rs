@@ -8,8 +8,9 @@
 //! where the kernel has it (Linux 6.11): the kernel formats no text, and
 //! the answer costs a few hundred nanoseconds instead of tens of
 //! microseconds (a third of a single attach's time went to formatting and
-//! parsing the whole file). [`map_exec_near`] finds room for stub chunks within rel32 reach of
-//! the code they serve. [`reserve`] maps the never-unmapped arenas.
+//! parsing the whole file). [`map_exec_near`] finds room for stub chunks
+//! within rel32 reach of the code they serve. [`reserve`] maps the
+//! never-unmapped arenas.
 //!
 //! # Safety
 //!
@@ -106,7 +107,8 @@ const QUERY_READABLE: u64 = 0x01;
 const QUERY_WRITABLE: u64 = 0x02;
 const QUERY_EXECUTABLE: u64 = 0x04;
 
-/// Whether `PROCMAP_QUERY` works here: unknown, yes, no.
+/// Whether `PROCMAP_QUERY` works here: unknown, yes, no. A hint: either
+/// way of asking gives the same answer, so every access is Relaxed.
 static QUERY_STATE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(QUERY_UNKNOWN);
 const QUERY_UNKNOWN: u8 = 0;
 const QUERY_YES: u8 = 1;
@@ -122,18 +124,26 @@ impl Query {
     /// `None` where the kernel is known not to have the query, or the file
     /// cannot be opened (the text walk then reports why).
     fn open() -> Option<Query> {
+        // Ordering: Relaxed — a hint (see `QUERY_STATE`).
         if QUERY_STATE.load(Ordering::Relaxed) == QUERY_NO {
             return None;
         }
         open_maps().ok().map(|fd| Query { fd })
     }
 
-    /// Whether `errno` says the query is not there (older kernels), and
-    /// remembers it: the callers fall back to the text.
+    /// Whether `errno` says the query is not there (older kernels); the
+    /// callers fall back to the text. Remembered unless a query has worked
+    /// before (then it was this call's, and only this call falls back).
     fn unsupported(errno: i32) -> bool {
         let no = matches!(errno, libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP);
         if no {
-            QUERY_STATE.store(QUERY_NO, Ordering::Relaxed);
+            // Ordering: Relaxed — a hint (see `QUERY_STATE`).
+            let _ = QUERY_STATE.compare_exchange(
+                QUERY_UNKNOWN,
+                QUERY_NO,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
         }
         no
     }
@@ -160,6 +170,7 @@ impl Query {
         });
         match r {
             Ok(_) => {
+                // Ordering: Relaxed — a hint (see `QUERY_STATE`).
                 QUERY_STATE.store(QUERY_YES, Ordering::Relaxed);
                 let f = q.vma_flags;
                 let prot = [
@@ -173,6 +184,7 @@ impl Query {
                 Ok(Some((q.vma_start as usize, q.vma_end as usize, prot)))
             }
             Err(libc::ENOENT) => {
+                // Ordering: Relaxed — a hint (see `QUERY_STATE`).
                 QUERY_STATE.store(QUERY_YES, Ordering::Relaxed);
                 Ok(None)
             }
