@@ -37,6 +37,11 @@ pub(crate) fn protection_of(addr: usize) -> Result<Option<i32>, i32> {
             Err(_) => {}
         }
     }
+    protection_of_text(addr)
+}
+
+/// [`protection_of`] from the text of `/proc/self/maps`.
+fn protection_of_text(addr: usize) -> Result<Option<i32>, i32> {
     let mut found = None;
     for_each_mapping(|m| {
         if m.start <= addr && addr < m.end {
@@ -60,6 +65,11 @@ pub(crate) fn executable_spans(spans: &[(usize, usize)]) -> Result<Vec<bool>, i3
             Err(_) => {}
         }
     }
+    executable_spans_text(spans)
+}
+
+/// [`executable_spans`] from the text of `/proc/self/maps`.
+fn executable_spans_text(spans: &[(usize, usize)]) -> Result<Vec<bool>, i32> {
     // How far each span is covered by executable mappings so far (the
     // mappings come in address order).
     let mut covered: Vec<usize> = spans.iter().map(|&(s, _)| s).collect();
@@ -865,13 +875,18 @@ mod tests {
         assert!(compared > 5, "only {compared} mappings compared");
         assert!(before.iter().any(|l| l.0 <= rx && rx < l.1));
         assert_eq!(q.mapping(test_pages::NEVER_MAPPED).expect("query"), None);
+        let spans = [
+            (rx, rx + 16),
+            (rx + 8, rx + 9),
+            (rw, rw + 1),
+            (NEVER_MAPPED, NEVER_MAPPED + 1),
+        ];
+        let text = executable_spans_text(&spans).expect("maps");
+        assert_eq!(text[..3], [true, true, false]);
+        assert_eq!(q.executable_spans(&spans), Ok(text));
         assert_eq!(
-            q.executable_spans(&[
-                (rx, rx + 16),
-                (rw, rw + 1),
-                (NEVER_MAPPED, NEVER_MAPPED + 1)
-            ]),
-            Ok(vec![true, false, false])
+            protection_of_text(rw),
+            q.mapping(rw).map(|m| m.map(|m| m.2))
         );
     }
 
